@@ -1,0 +1,5 @@
+import sys
+
+from hybridopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""`hybridopt` command line, generated from the config dataclasses.
+
+    hybridopt distill [--epochs 20] [--teacher DIR] [--data FILE...] ...
+    hybridopt teacher [--data FILE...] [--out DIR] ...
+
+User errors print one line, `hybridopt: error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+
+from hybridopt import __version__
+from hybridopt.config import DistillConfig, TeacherConfig, default_teacher_config
+from hybridopt.errors import UserError
+
+
+_PATH_FIELDS = frozenset({"teacher", "data", "out", "resume", "metrics_out"})
+
+
+def _base_type(tp):
+    """`int | None` -> int; `list[str]` -> str."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _base_type(next(a for a in typing.get_args(tp) if a is not type(None)))
+    if origin is list:
+        return typing.get_args(tp)[0]
+    return tp
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
+    """One `--flag` per dataclass field, with its help, type and default."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        default = getattr(defaults, f.name) if defaults is not None else (
+            f.default if f.default is not MISSING else f.default_factory())
+        tp = _base_type(hints[f.name])
+        help_text = meta.get("help", "")
+        if tp is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction if default else "store_true",
+                                default=default, help=help_text)
+            continue
+        kwargs = {"type": tp, "default": default, "help": help_text + (f" (default: {default})" if default not in (None, []) else "")}
+        if "nargs" in meta:
+            kwargs["nargs"] = meta["nargs"]
+        if meta.get("nargs") == "?":
+            kwargs["const"] = meta.get("const")
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        metavar = "PATH" if f.name in _PATH_FIELDS else f.name.upper()
+        parser.add_argument(f"--{f.name}", metavar=metavar, **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as the rest of our user errors
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hybridopt", description="Distil a language model into a small low-bit Llama student.")
+    parser.add_argument("--version", action="version", version=f"hybridopt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("distill", help="distil a teacher into a small student",
+                       description=DistillConfig.__doc__)
+    add_dataclass_arguments(p, DistillConfig)
+    p = sub.add_parser("teacher", help="train the default teacher (or one on your data)",
+                       description=TeacherConfig.__doc__)
+    add_dataclass_arguments(p, TeacherConfig, defaults=default_teacher_config())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        if args.command == "distill":
+            from hybridopt.recipes.pipeline import run_distill
+
+            run_distill(DistillConfig(**values))
+        else:
+            from hybridopt.recipes.teacher import train_teacher
+
+            cfg = TeacherConfig(**values)
+            train_teacher(cfg, cfg.out)
+    except UserError as e:
+        print(f"hybridopt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hybridopt: interrupted; the last checkpoint is saved, continue with --resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        # Disk full, permissions: the environment, not a bug. Checkpoints are written atomically.
+        print(f"hybridopt: error: {e.strerror or e} ({e.filename or 'no file'})", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Distillation losses: pure functions of logits.
+
+The knowledge-distillation objective (Hinton et al. 2015, "Distilling the Knowledge in a Neural
+Network") mixes the hard-label cross-entropy with the KL divergence between temperature-softened
+teacher and student distributions:
+
+    L = alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+The `T^2` factor keeps the KL term's gradient scale independent of `T`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Knowledge-distillation loss, averaged over tokens whose label is not `IGNORE_INDEX`.
+
+    Args:
+        student_logits: `(B, T, V)` student logits.
+        labels: `(B, T)` next-token targets, `IGNORE_INDEX` where there is none.
+        teacher_logits: `(B, T, V)` teacher logits, or None for plain cross-entropy.
+        alpha: weight of the cross-entropy term.
+        temperature: softmax temperature `T` of the KL term.
+
+    Returns:
+        `(loss, parts)` where `parts` holds the detached `ce` and `kl` terms (kl is the per-token
+        KL at temperature `T`, before the `T^2` factor).
+    """
+    V = student_logits.size(-1)
+    logits = student_logits.reshape(-1, V).float()  # (N, V)
+    flat_labels = labels.reshape(-1)  # (N,)
+    mask = flat_labels != IGNORE_INDEX
+    ce = F.cross_entropy(logits, flat_labels, ignore_index=IGNORE_INDEX)
+    if teacher_logits is None or alpha == 1.0:
+        zero = ce.new_zeros(())
+        return ce, {"ce": ce.detach(), "kl": zero}
+    assert teacher_logits.shape == student_logits.shape, (teacher_logits.shape, student_logits.shape)
+    t = teacher_logits.reshape(-1, V).float()[mask] / temperature  # (M, V)
+    s = logits[mask] / temperature  # (M, V)
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
+    return loss, {"ce": ce.detach(), "kl": kl.detach()}

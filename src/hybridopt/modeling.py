@@ -1,0 +1,93 @@
+"""Teacher loading and student construction (Hugging Face `transformers` models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+
+from hybridopt.config import StudentConfig, TeacherConfig
+from hybridopt.errors import UserError
+from hybridopt.tokenizer import load_tokenizer
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    """The longest sequence a model config admits, whatever the architecture calls it."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the output head: the size of the distribution the student must match."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a local causal LM and its tokenizer, frozen and in eval mode.
+
+    Raises:
+        UserError: the folder is missing, has no config or weights, or has no tokenizer.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--teacher '{path}' is not a directory; pass a local Hugging Face model folder")
+    if not (path / "config.json").is_file():
+        raise UserError(f"--teacher '{path}' has no config.json; save the model there with save_pretrained")
+    tokenizer = load_tokenizer(path)
+    try:
+        AutoConfig.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for broken folders
+        raise UserError(f"cannot load the teacher in '{path}': {str(e).splitlines()[0]}") from None
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def student_config(teacher_config: PretrainedConfig, teacher_vocab: int, cfg: StudentConfig,
+                   tokenizer: PreTrainedTokenizerBase, max_positions: int) -> LlamaConfig:
+    """A Llama config sharing the teacher's vocabulary, with the size asked for in `cfg`."""
+    return LlamaConfig(
+        vocab_size=teacher_vocab,
+        hidden_size=cfg.student_hidden,
+        intermediate_size=cfg.student_intermediate,
+        num_hidden_layers=cfg.student_layers,
+        num_attention_heads=cfg.student_heads,
+        num_key_value_heads=cfg.student_kv_heads or cfg.student_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def teacher_llama_config(cfg: TeacherConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """The Llama config of a teacher trained from scratch by `hybridopt teacher`."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised Llama model; the same seed gives the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

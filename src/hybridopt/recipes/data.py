@@ -1,0 +1,48 @@
+"""Corpus -> train/validation token blocks, shared by the teacher and distillation recipes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from hybridopt.corpus import Document, embedded_corpus, load_documents, split_documents
+from hybridopt.dataset import TokenBlocks, cached_token_stream
+from hybridopt.utils import cache_dir
+
+
+def embedded_corpus_cached() -> list[Document]:
+    """`embedded_corpus()`, cached per Python version (the stdlib is what it reads)."""
+    key = f"py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    path = cache_dir() / "corpus" / f"embedded-{key}.jsonl"
+    if path.exists():
+        return [Document(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
+    docs = embedded_corpus()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in docs), encoding="utf-8")
+    tmp.replace(path)
+    return docs
+
+
+def corpus_documents(data: list[str]) -> tuple[list[Document], str]:
+    """The user's files when given, else the embedded corpus; with a short description."""
+    if data:
+        docs = load_documents(data)
+        return docs, f"{len(docs)} documents from {len(data)} path(s)"
+    docs = embedded_corpus_cached()
+    return docs, f"embedded Python-docs corpus, {len(docs)} documents"
+
+
+def token_splits(docs: list[Document], tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                 val_fraction: float) -> tuple[TokenBlocks, TokenBlocks]:
+    """Document-level split, tokenized (cached by content hash) and cut into blocks of `seq_len`."""
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    cache = cache_dir() / "tokens"
+    train = cached_token_stream(train_docs, tokenizer, cache, "tokenizing train split")
+    val = cached_token_stream(val_docs, tokenizer, cache, "tokenizing validation split")
+    return TokenBlocks(train, seq_len, "train"), TokenBlocks(val, seq_len, "validation")
+
+

@@ -1,0 +1,237 @@
+"""The distillation recipe: one training run of a student, with or without a teacher.
+
+`DistillRecipe` is the loop (`setup`, `train`, `evaluate`, `save_checkpoint`, `cleanup`); the
+same loop trains the no-teacher baseline and the default teacher (teacher=None, CE only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from hybridopt.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from hybridopt.config import TrainConfig
+from hybridopt.dataset import TokenBlocks
+from hybridopt.losses import kd_loss
+from hybridopt.metrics import MetricsLogger
+from hybridopt.sampler import ShuffledBatchSampler
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+class DistillRecipe:
+    """Train `model` on `train_data`, distilling from `teacher` when one is given.
+
+    Args:
+        cfg: loop settings (epochs, lr, batch size...).
+        model: the student, already on `device`.
+        train_data: training blocks.
+        val_data: validation blocks.
+        out_dir: where the checkpoint and metrics go.
+        teacher: frozen teacher in eval mode, or None for plain cross-entropy.
+        alpha: weight of the cross-entropy term (1 when there is no teacher).
+        temperature: KD softmax temperature.
+        metrics_path: per-epoch metrics CSV, or None to write no metrics files.
+        name: prefix of printed lines (empty for the main student).
+        config_dict: the resolved run config, stored in every checkpoint.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_data: TokenBlocks, val_data: TokenBlocks,
+                 out_dir: Path, device: torch.device, teacher: torch.nn.Module | None = None, alpha: float = 1.0,
+                 temperature: float = 1.0, metrics_path: Path | None = None, name: str = "",
+                 config_dict: dict | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.teacher = teacher
+        self.alpha = alpha if teacher is not None else 1.0
+        self.temperature = temperature
+        self.train_data = train_data
+        self.val_data = val_data
+        self.out_dir = Path(out_dir)
+        self.device = device
+        self.metrics_path = metrics_path
+        self.prefix = f"[{name}] " if name else ""
+        self.config_dict = config_dict or asdict(cfg)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume: bool = False) -> None:
+        """Build optimizer, scheduler and sampler; restore all of them from the checkpoint on resume."""
+        cfg = self.cfg
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95),
+        )
+        self.sampler = ShuffledBatchSampler(len(self.train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(warmup, self.total_steps, cfg.min_lr_ratio)
+        )
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.epoch_loss_sum, self.epoch_loss_steps, self.skipped_steps = 0.0, 0, 0
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        if resume:
+            state = load_checkpoint(self.out_dir)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            pos = state["position"]
+            self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+            self.epoch_loss_sum, self.epoch_loss_steps = pos["epoch_loss_sum"], pos["epoch_loss_steps"]
+            self.skipped_steps, self.elapsed = pos["skipped_steps"], pos["elapsed"]
+            self.history = state["history"]
+            set_rng_state(state["rng"])
+        self.metrics = None
+        if self.metrics_path is not None:
+            self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
+
+    # ------------------------------------------------------------------ loop
+    def _loss_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = self.model(input_ids=input_ids).logits  # (B, T, V)
+        teacher_logits = None
+        if self.teacher is not None and self.alpha < 1.0:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, T, V)
+        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature)
+
+    def train(self, stop_after_epoch: int | None = None) -> list[dict]:
+        """Run the remaining epochs; return the per-epoch history.
+
+        Args:
+            stop_after_epoch: stop (after checkpointing) once this many epochs are done, as an
+                interruption would; used to test resume.
+        """
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.prefix + "training",
+                   unit="step", leave=False, disable=None, dynamic_ncols=True)
+        try:
+            while self.epoch < cfg.epochs:
+                if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
+                    break
+                self.model.train()
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                start = time.perf_counter()
+                for indices in self.sampler:
+                    input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
+                    loss, parts = self._loss_step(input_ids, labels)
+                    if not torch.isfinite(loss):
+                        # A poisoned batch must not reach the weights: skip it and keep the schedule.
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.skipped_steps += 1
+                        tqdm.write(f"{self.prefix}warning: non-finite loss at step {self.global_step}; step skipped")
+                        grad_norm = float("nan")
+                    else:
+                        loss.backward()
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.epoch_loss_sum += loss.item()
+                        self.epoch_loss_steps += 1
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.scheduler.step()
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                    if self.metrics:
+                        self.metrics.log("step", {
+                            "step": self.global_step, "epoch": self.epoch + 1, "loss": loss.item(),
+                            "ce": parts["ce"].item(), "kl": parts["kl"].item(), "lr": lr, "grad_norm": grad_norm,
+                            "tokens": self.global_step * cfg.batch_size * cfg.seq_len,
+                            "elapsed_s": self.elapsed + time.perf_counter() - start,
+                        })
+                self.elapsed += time.perf_counter() - start
+                self._end_epoch()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+        return self.history
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        self.epoch += 1
+        self.step_in_epoch = 0
+        mean_loss = self.epoch_loss_sum / max(1, self.epoch_loss_steps)
+        self.epoch_loss_sum, self.epoch_loss_steps = 0.0, 0
+        lr = self.scheduler.get_last_lr()[0]
+        row = {"epoch": self.epoch, "step": self.global_step, "loss": mean_loss, "lr": lr}
+        line = f"{self.prefix}Epoch {self.epoch}, Loss: {mean_loss:.6f}, LR: {lr:.6f}"
+        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+            ev = self.evaluate()
+            row.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
+            line += f", Val Loss: {ev['loss']:.6f}, Val PPL: {ev['ppl']:.2f}"
+        row["elapsed_s"] = self.elapsed
+        self.history.append(row)
+        tqdm.write(line)
+        if self.metrics:
+            self.metrics.log("epoch", row)
+        self.save_checkpoint()
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Token-averaged cross-entropy and perplexity of `model` (default: the student) on the validation split."""
+        return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device)
+
+    # ------------------------------------------------------------------ state
+    def save_checkpoint(self) -> Path:
+        """Atomically save model, optimizer, scheduler, RNG and data position."""
+        return save_checkpoint(self.out_dir, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "position": {
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "epoch_loss_sum": self.epoch_loss_sum, "epoch_loss_steps": self.epoch_loss_steps,
+                "skipped_steps": self.skipped_steps, "elapsed": self.elapsed,
+            },
+            "history": self.history,
+            "config": self.config_dict,
+        })
+
+    def cleanup(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, data: TokenBlocks, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Cross-entropy (nats per token) and perplexity of a causal LM over every block of `data`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        idx = list(range(start, min(start + batch_size, len(data))))
+        input_ids, labels = (t.to(device) for t in data.batch(idx))
+        logits = model(input_ids=input_ids).logits  # (B, T, V)
+        V = logits.size(-1)
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), reduction="sum").item()
+        count += labels.numel()
+    model.train(was_training)
+    loss = total / count
+    ppl = math.exp(loss) if loss < 700 else float("inf")
+    return {"loss": loss, "ppl": ppl, "tokens": count}

@@ -1,0 +1,151 @@
+"""`hybridopt distill` end to end: teacher, data, student, optional no-teacher baseline, report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
+from hybridopt.config import DistillConfig
+from hybridopt.errors import UserError
+from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
+from hybridopt.recipes.data import corpus_documents, token_splits
+from hybridopt.recipes.distill import DistillRecipe, evaluate_lm
+from hybridopt.recipes.teacher import ensure_default_teacher
+from hybridopt.utils import resolve_device, seed_everything
+
+RUNS_ROOT = Path("hybridopt-runs")
+RUN_CONFIG = "run_config.json"
+RESULTS = "results.json"
+
+
+def resolve_out_dir(cfg: DistillConfig) -> tuple[Path, bool, DistillConfig]:
+    """Pick the run folder; on `--resume`, load that run's saved config (it wins over flags).
+
+    Returns:
+        `(out_dir, resuming, config)`.
+    """
+    if cfg.resume:
+        if cfg.resume == "latest":
+            runs = sorted(p for p in RUNS_ROOT.glob("distill-*") if (p / RUN_CONFIG).is_file())
+            if not runs:
+                raise UserError(f"--resume found no run under '{RUNS_ROOT}'; pass the run folder: --resume DIR")
+            out = runs[-1]
+        else:
+            out = Path(cfg.resume)
+        if not (out / RUN_CONFIG).is_file():
+            raise UserError(f"--resume '{out}' is not a hybridopt run folder (no {RUN_CONFIG})")
+        saved = json.loads((out / RUN_CONFIG).read_text())
+        names = {f.name for f in fields(DistillConfig)}
+        saved = DistillConfig(**{k: v for k, v in saved.items() if k in names and k != "resume"})
+        saved.device = cfg.device if cfg.device != "auto" else saved.device
+        return out, True, saved
+    out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("distill-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        if (out / RUN_CONFIG).exists() or (out / CHECKPOINT_NAME).exists():
+            raise UserError(f"--out '{out}' already holds a run; continue it with --resume {out} or choose another --out")
+        raise UserError(f"--out '{out}' exists and is not empty; choose another --out")
+    return out, False, cfg
+
+
+def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict:
+    """Distil a teacher into a student; train the no-teacher baseline; save and report.
+
+    Args:
+        cfg: the run config (flags).
+        stop_after_epoch: stop both runs after this many epochs, checkpointed, as an interruption would.
+
+    Returns:
+        The results dictionary also written to `<out>/results.json`.
+    """
+    out, resuming, cfg = resolve_out_dir(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    teacher_dir = Path(cfg.teacher) if cfg.teacher else ensure_default_teacher()
+    teacher, tokenizer = load_teacher(teacher_dir, device)
+    ctx = context_length(teacher.config)
+    if ctx is not None and cfg.seq_len > ctx:
+        raise UserError(f"--seq_len {cfg.seq_len} exceeds the teacher's context length {ctx}; use --seq_len {ctx} or less")
+
+    docs, desc = corpus_documents(cfg.data)
+    train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
+    if len(train) < cfg.batch_size:
+        raise UserError(f"the training split has {len(train)} sequences, fewer than --batch_size {cfg.batch_size}; "
+                        "add text or lower --batch_size or --seq_len")
+    out.mkdir(parents=True, exist_ok=True)
+    config_dict = {**asdict(cfg), "resume": None, "out": str(out), "teacher_path": str(teacher_dir)}
+    if not resuming:
+        atomic_write(out / RUN_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
+
+    s_config = student_config(teacher.config, vocab_size(teacher), cfg, tokenizer, max_positions=ctx or cfg.seq_len)
+    student = build_model(s_config, cfg.seed).to(device)
+    print(f"Teacher: {teacher_dir} ({num_parameters(teacher) / 1e6:.2f}M parameters)")
+    print(f"Student: Llama, {num_parameters(student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
+          f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")
+    print(f"Data: {desc}; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens, "
+          f"sequences of {cfg.seq_len}")
+    teacher_eval = evaluate_lm(teacher, val, cfg.batch_size, device)
+    print(f"Teacher validation loss {teacher_eval['loss']:.4f}, perplexity {teacher_eval['ppl']:.2f}")
+
+    metrics = Path(cfg.metrics_out) if cfg.metrics_out else out / "metrics.csv"
+    recipe = DistillRecipe(cfg, student, train, val, out, device, teacher=teacher, alpha=cfg.alpha,
+                           temperature=cfg.temperature, metrics_path=metrics if cfg.save_metrics else None,
+                           config_dict=config_dict)
+    recipe.setup(resume=resuming and (out / CHECKPOINT_NAME).exists())
+    print(f"Distilling: {cfg.epochs} epochs x {recipe.steps_per_epoch} steps, batch {cfg.batch_size}, "
+          f"alpha {cfg.alpha}, temperature {cfg.temperature}")
+    recipe.train(stop_after_epoch)
+    recipe.cleanup()
+    if recipe.epoch < cfg.epochs:
+        return {"interrupted_at_epoch": recipe.epoch}
+    student_eval = recipe.evaluate()
+    student.save_pretrained(out / "student", safe_serialization=True)
+    tokenizer.save_pretrained(out / "student")
+
+    results = {
+        "teacher": {**teacher_eval, "path": str(teacher_dir), "parameters": num_parameters(teacher)},
+        "student": {**student_eval, "parameters": num_parameters(student), "path": str(out / "student"),
+                    "steps": recipe.global_step, "skipped_steps": recipe.skipped_steps,
+                    "train_seconds": recipe.elapsed, "history": recipe.history},
+        "config": config_dict,
+    }
+    if cfg.baseline:
+        baseline = build_model(s_config, cfg.seed).to(device)  # same initial weights as the student
+        base_dir = out / "baseline"
+        base_dir.mkdir(exist_ok=True)
+        base_metrics = metrics.with_name(f"{metrics.stem}_baseline.csv") if cfg.save_metrics else None
+        base = DistillRecipe(cfg, baseline, train, val, base_dir, device, teacher=None, metrics_path=base_metrics,
+                             name="baseline", config_dict={**config_dict, "alpha": 1.0, "teacher_path": None})
+        base.setup(resume=resuming and (base_dir / CHECKPOINT_NAME).exists())
+        print(f"Baseline: the same student without a teacher (cross-entropy only), same seed and steps")
+        base.train(stop_after_epoch)
+        base.cleanup()
+        if base.epoch < cfg.epochs:
+            return {"interrupted_at_epoch": base.epoch}
+        results["baseline"] = {**base.evaluate(), "steps": base.global_step, "train_seconds": base.elapsed,
+                               "history": base.history}
+
+    print_report(results)
+    atomic_write(out / RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    print(f"Student saved to {out / 'student'}; results in {out / RESULTS}")
+    return results
+
+
+def print_report(results: dict) -> None:
+    """The validation table: teacher, distilled student and no-teacher student."""
+    rows = [("teacher", results["teacher"]), ("student (distilled)", results["student"])]
+    if "baseline" in results:
+        rows.append(("student (no teacher)", results["baseline"]))
+    tokens = results["student"]["tokens"]
+    print(f"\nValidation on {tokens:,} held-out tokens:")
+    print(f"  {'model':<22}{'loss':>10}{'perplexity':>12}")
+    for name, r in rows:
+        print(f"  {name:<22}{r['loss']:>10.4f}{r['ppl']:>12.2f}")
+    if "baseline" in results:
+        gain = results["baseline"]["loss"] - results["student"]["loss"]
+        print(f"  distillation {'lowers' if gain > 0 else 'raises'} validation loss by {abs(gain):.4f} nats/token "
+              "against the no-teacher student")

@@ -1,0 +1,87 @@
+"""The teacher recipe: a byte-level BPE tokenizer and a small Llama teacher trained from scratch.
+
+`hybridopt distill` without `--teacher` uses the default teacher: this recipe with the default
+config on the embedded corpus, cached under a key of corpus and config, trained on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
+from hybridopt.config import TeacherConfig, default_teacher_config
+from hybridopt.corpus import corpus_fingerprint, split_documents
+from hybridopt.modeling import build_model, num_parameters, teacher_llama_config
+from hybridopt.recipes.data import corpus_documents, token_splits
+from hybridopt.recipes.distill import DistillRecipe
+from hybridopt.tokenizer import train_bpe_tokenizer
+from hybridopt.utils import cache_dir, resolve_device, seed_everything
+
+INFO_NAME = "teacher_info.json"
+
+
+def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
+    """Cache entry of a teacher: named by its corpus and its training config."""
+    cfg_hash = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return cache_dir() / "teachers" / f"teacher-{fingerprint[:8]}-{cfg_hash}"
+
+
+def train_teacher(cfg: TeacherConfig, out: Path | None = None) -> Path:
+    """Train a tokenizer and teacher; save both in Hugging Face format to `out`.
+
+    Work happens in `<out>.partial/`, which holds a checkpoint: an interrupted run resumes there,
+    and `out` appears (by rename) only when the teacher is complete.
+
+    Returns:
+        The teacher directory.
+    """
+    docs, desc = corpus_documents(cfg.data)
+    fingerprint = corpus_fingerprint(docs)
+    out = Path(out) if out else teacher_cache_path(cfg, fingerprint)
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    resume = (work / CHECKPOINT_NAME).exists()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    train_docs, _ = split_documents(docs, cfg.val_fraction)
+    print(f"Teacher corpus: {desc}; training a {cfg.vocab_size}-token byte-level BPE tokenizer")
+    tokenizer = train_bpe_tokenizer((d.text for d in train_docs), cfg.vocab_size)
+    tokenizer.save_pretrained(work)
+    train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
+    model = build_model(teacher_llama_config(cfg, tokenizer), cfg.seed).to(device)
+    print(f"Teacher: Llama, {num_parameters(model) / 1e6:.2f}M parameters, {cfg.layers} layers x {cfg.hidden} hidden; "
+          f"{train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens"
+          + (f"; resuming from {work}" if resume else ""))
+    recipe = DistillRecipe(cfg, model, train, val, work, device, name="teacher", config_dict=asdict(cfg))
+    recipe.setup(resume=resume)
+    recipe.train()
+    recipe.cleanup()
+    result = recipe.evaluate()
+    model.save_pretrained(work, safe_serialization=True)
+    info = {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_tokens": result["tokens"],
+            "parameters": num_parameters(model), "corpus": desc, "corpus_fingerprint": fingerprint,
+            "config": asdict(cfg)}
+    atomic_write(work / INFO_NAME, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    (work / CHECKPOINT_NAME).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    print(f"Teacher saved to {out} (validation loss {result['loss']:.4f}, perplexity {result['ppl']:.2f})")
+    return out
+
+
+def ensure_default_teacher() -> Path:
+    """The default teacher's directory, training it first (once, with progress) if it is missing."""
+    cfg = default_teacher_config()
+    docs, _ = corpus_documents([])
+    path = teacher_cache_path(cfg, corpus_fingerprint(docs))
+    if (path / "config.json").is_file() and (path / INFO_NAME).is_file():
+        return path
+    print(f"No default teacher cached yet: training one on the embedded corpus into {path} "
+          "(one time; about 4 minutes on 2 CPU cores)")
+    return train_teacher(cfg, path)

@@ -1,0 +1,54 @@
+"""Shared fixtures: a private cache, a tiny real-text corpus and a tiny teacher trained on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="hybridopt-test-cache-")
+
+
+def pytest_configure(config):
+    # Never touch the user's cache: every test run gets its own, removed at the end.
+    os.environ["HYBRIDOPT_CACHE"] = _CACHE
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """About 40 pydoc topics as JSONL: real English, shipped with Python, a few hundred KB."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "topics.jsonl"
+    names = sorted(topics)[:40]
+    path.write_text("".join(json.dumps({"text": topics[n]}) + "\n" for n in names), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, corpus_file) -> Path:
+    """A 2-layer, 64-wide teacher trained for a few seconds on `corpus_file`."""
+    from hybridopt.config import TeacherConfig
+    from hybridopt.recipes.teacher import train_teacher
+
+    cfg = TeacherConfig(data=[str(corpus_file)], vocab_size=512, hidden=64, layers=2, intermediate=192, heads=2,
+                        context=128, seq_len=64, batch_size=16, epochs=4, max_steps_per_epoch=60, lr=5e-3,
+                        eval_every=4, device="cpu")
+    return train_teacher(cfg, tmp_path_factory.mktemp("teacher") / "tiny-teacher")
+
+
+def tiny_distill_args(teacher: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """CLI arguments of a distillation run that takes a few seconds on CPU."""
+    return ["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+            "--student_hidden", "32", "--student_layers", "1", "--student_intermediate", "64",
+            "--student_heads", "2", "--seq_len", "32", "--batch_size", "8", "--epochs", "3",
+            "--max_steps_per_epoch", "5", "--eval_every", "1", "--device", "cpu", *extra]
