@@ -145,5 +145,5 @@ class TeacherConfig(TrainConfig):
 
 
 def default_teacher_config() -> TeacherConfig:
-    """The default teacher: ~5.5M parameters, trained for ~4 minutes on 2 CPU cores."""
-    return TeacherConfig(epochs=1, max_steps_per_epoch=420, batch_size=8, seq_len=256, lr=3e-3, eval_every=1)
+    """The default teacher: 5.5M parameters, 640 steps (~1.3M tokens), about 4 minutes on 2 CPU cores."""
+    return TeacherConfig(epochs=10, max_steps_per_epoch=64, batch_size=16, seq_len=128, lr=4e-3, eval_every=5)

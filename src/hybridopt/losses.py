@@ -38,16 +38,23 @@ def kd_loss(
         KL at temperature `T`, before the `T^2` factor).
     """
     V = student_logits.size(-1)
-    logits = student_logits.reshape(-1, V).float()  # (N, V)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # half logits are upcast
+    logits = student_logits.reshape(-1, V).to(dtype)  # (N, V)
     flat_labels = labels.reshape(-1)  # (N,)
-    mask = flat_labels != IGNORE_INDEX
     ce = F.cross_entropy(logits, flat_labels, ignore_index=IGNORE_INDEX)
     if teacher_logits is None or alpha == 1.0:
-        zero = ce.new_zeros(())
-        return ce, {"ce": ce.detach(), "kl": zero}
+        return ce, {"ce": ce.detach(), "kl": ce.new_zeros(())}
     assert teacher_logits.shape == student_logits.shape, (teacher_logits.shape, student_logits.shape)
-    t = teacher_logits.reshape(-1, V).float()[mask] / temperature  # (M, V)
-    s = logits[mask] / temperature  # (M, V)
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    teacher_flat = teacher_logits.reshape(-1, V).to(dtype)
+    mask = flat_labels != IGNORE_INDEX
+    if not bool(mask.all()):
+        logits, teacher_flat = logits[mask], teacher_flat[mask]  # (M, V)
+    # KL(p_t || p_s) = H(p_t, p_s) - H(p_t): the soft-target cross-entropy minus the teacher's entropy,
+    # which has no gradient. About twice as fast on CPU as `F.kl_div` on two log-softmaxes.
+    with torch.no_grad():
+        log_p_t = F.log_softmax(teacher_flat / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        neg_entropy = (p_t * log_p_t).sum(-1).mean()
+    kl = F.cross_entropy(logits / temperature, p_t) + neg_entropy
     loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
     return loss, {"ce": ce.detach(), "kl": kl.detach()}

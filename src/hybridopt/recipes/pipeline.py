@@ -65,13 +65,18 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     out, resuming, cfg = resolve_out_dir(cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    teacher_dir = Path(cfg.teacher) if cfg.teacher else ensure_default_teacher()
-    teacher, tokenizer = load_teacher(teacher_dir, device)
+    # Cheap checks of user input first, before any long work (the default teacher trains for minutes).
+    if cfg.teacher:
+        teacher_dir = Path(cfg.teacher)
+        teacher, tokenizer = load_teacher(teacher_dir, device)
+    docs, desc = corpus_documents(cfg.data)
+    if not cfg.teacher:
+        teacher_dir = ensure_default_teacher()
+        teacher, tokenizer = load_teacher(teacher_dir, device)
     ctx = context_length(teacher.config)
     if ctx is not None and cfg.seq_len > ctx:
         raise UserError(f"--seq_len {cfg.seq_len} exceeds the teacher's context length {ctx}; use --seq_len {ctx} or less")
 
-    docs, desc = corpus_documents(cfg.data)
     train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
     if len(train) < cfg.batch_size:
         raise UserError(f"the training split has {len(train)} sequences, fewer than --batch_size {cfg.batch_size}; "

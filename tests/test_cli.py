@@ -1,0 +1,107 @@
+"""The command line as a user meets it: output format, saved artefacts, and bad input."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import tiny_distill_args
+from hybridopt.cli import main
+
+EPOCH_LINE = re.compile(r"^Epoch (\d+), Loss: \d+\.\d{6}, LR: \d+\.\d{6}(, Val Loss: \d+\.\d{6}, Val PPL: \d+\.\d{2})?$")
+
+
+def test_distill_prints_seed_lines_saves_student_and_reports(tiny_teacher, corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--save_metrics")) == 0
+    stdout = capsys.readouterr().out
+    epochs = [line for line in stdout.splitlines() if line.startswith("Epoch ")]
+    assert [EPOCH_LINE.match(line).group(1) for line in epochs] == ["1", "2", "3"]
+    assert "student (distilled)" in stdout and "student (no teacher)" in stdout and "teacher" in stdout
+
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    tokenizer = AutoTokenizer.from_pretrained(out / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    assert student.config.vocab_size == teacher.config.vocab_size
+    assert student.config.hidden_size == 32 and student.config.num_hidden_layers == 1
+    assert (out / "student" / "model.safetensors").is_file()
+    assert tokenizer("def f")["input_ids"] == AutoTokenizer.from_pretrained(tiny_teacher)("def f")["input_ids"]
+
+    results = json.loads((out / "results.json").read_text())
+    for key in ("teacher", "student", "baseline"):
+        assert results[key]["ppl"] == pytest.approx(2.718281828 ** results[key]["loss"], rel=1e-6)
+    assert results["student"]["steps"] == results["baseline"]["steps"] == 15
+    assert results["config"]["epochs"] == 3
+    with open(out / "metrics_steps.csv", newline="") as f:
+        steps = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in steps] == list(range(1, 16))
+    with open(out / "metrics.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_seed_shim_runs_the_same_command():
+    shim = Path(__file__).parents[1] / "distillation.py"
+    proc = subprocess.run([sys.executable, str(shim), "--hybrid", "--epochs", "20"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("hybridopt: error: --hybrid is not available yet (it comes with issue 5, "
+                                   "the hybrid optimizer); run without it")
+
+
+def _bad(argv, capsys, match):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors exit from inside the parser
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert re.match(r"hybridopt( distill)?: error: ", err) and "\n" not in err and "Traceback" not in err
+    assert re.search(match, err), err
+
+
+def test_bad_numbers(capsys, tmp_path):
+    _bad(["distill", "--epochs", "0"], capsys, "--epochs must be positive")
+    _bad(["distill", "--batch_size", "-4"], capsys, "--batch_size must be positive")
+    _bad(["distill", "--epochs", "two"], capsys, "invalid int value")
+    _bad(["distill", "--student_heads", "3"], capsys, "must divide --student_hidden")
+    for flag in ("--qat", "--ternary", "--hybrid"):
+        _bad(["distill", flag], capsys, f"{flag} is not available yet")
+    _bad(["distill", "--data_clusters", "8"], capsys, "--data_clusters is not available yet")
+
+
+def test_bad_paths(capsys, tmp_path, tiny_teacher, corpus_file):
+    _bad(["distill", "--teacher", str(tiny_teacher), "--data", str(tmp_path / "missing.txt")], capsys, "does not exist")
+    _bad(["distill", "--teacher", str(tmp_path / "nope")], capsys, "is not a directory")
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text((tiny_teacher / "config.json").read_text())
+    _bad(["distill", "--teacher", str(no_tok)], capsys, "has no tokenizer")
+    (tmp_path / "empty.txt").write_text("")
+    _bad(["distill", "--teacher", str(tiny_teacher), "--data", str(tmp_path / "empty.txt")], capsys, "contains no text")
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02binary")
+    _bad(["distill", "--teacher", str(tiny_teacher), "--data", str(tmp_path / "bin.txt")], capsys, "looks binary")
+    (tmp_path / "latin.txt").write_bytes(b"Gr\xfc\xdfe aus K\xf6ln")
+    _bad(["distill", "--teacher", str(tiny_teacher), "--data", str(tmp_path / "latin.txt")], capsys, "not valid UTF-8")
+    _bad(["distill", "--teacher", str(tiny_teacher), "--data", str(corpus_file), "--seq_len", "4096"], capsys,
+         "exceeds the teacher's context length 128")
+    _bad(["distill", "--resume", str(tmp_path)], capsys, "is not a hybridopt run folder")
+
+
+def test_existing_run_is_never_overwritten(tiny_teacher, corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--epochs", "1", "--no-baseline", "--save_metrics")) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    _bad(tiny_distill_args(tiny_teacher, corpus_file, out), capsys, "already holds a run; continue it with --resume")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hybridopt", "distill", "--data", str(tmp_path / "x.txt")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"hybridopt: error: --data path '{tmp_path / 'x.txt'}' does not exist"
