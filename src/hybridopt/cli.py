@@ -16,7 +16,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from hybridopt import __version__
-from hybridopt.config import DistillConfig, TeacherConfig, default_teacher_config
+from hybridopt.config import DistillConfig, GenerateConfig, InspectConfig, TeacherConfig, default_teacher_config
 from hybridopt.errors import UserError
 
 
@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("teacher", help="train the default teacher (or one on your data)",
                        description=TeacherConfig.__doc__)
     add_dataclass_arguments(p, TeacherConfig, defaults=default_teacher_config())
+    p = sub.add_parser("generate", help="sample text from a student (packed or full precision)",
+                       description=GenerateConfig.__doc__)
+    add_dataclass_arguments(p, GenerateConfig)
+    p = sub.add_parser("inspect", help="show the precision plan, sizes and measured errors of an export",
+                       description=InspectConfig.__doc__)
+    p.add_argument("path", metavar="DIR", help=InspectConfig.__dataclass_fields__["path"].metadata["help"])
     return parser
 
 
@@ -87,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             from hybridopt.recipes.pipeline import run_distill
 
             run_distill(DistillConfig(**values))
-        else:
+        elif args.command == "teacher":
             from hybridopt.recipes.teacher import train_teacher
 
             cfg = TeacherConfig(**values)
             train_teacher(cfg, cfg.out)
+        elif args.command == "generate":
+            _generate(GenerateConfig(**values))
+        else:
+            _inspect(InspectConfig(**values))
     except UserError as e:
         print(f"hybridopt: error: {e}", file=sys.stderr)
         return 2
@@ -103,6 +113,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybridopt: error: {e.strerror or e} ({e.filename or 'no file'})", file=sys.stderr)
         return 2
     return 0
+
+
+def _generate(cfg: GenerateConfig) -> None:
+    from hybridopt.generate import generate_text, load_model
+    from hybridopt.utils import resolve_device
+
+    model, tokenizer, what = load_model(cfg.model, resolve_device(cfg.device))
+    print(f"[{what}]", file=sys.stderr)
+    print(generate_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed))
+
+
+def _inspect(cfg: InspectConfig) -> None:
+    import json
+    from pathlib import Path
+
+    from hybridopt.export import PACKED_NAME
+    from hybridopt.recipes.quant_report import REPORT_NAME, describe_export, format_report
+
+    path = Path(cfg.path)
+    folder = path / "export" if (path / "export" / PACKED_NAME).is_file() else path
+    if not (folder / PACKED_NAME).is_file():
+        raise UserError(f"'{path}' holds no packed export ({PACKED_NAME}); run distill with --qat, --ternary or --bits")
+    print(f"{folder / PACKED_NAME}:")
+    print(describe_export(folder / PACKED_NAME))
+    if (folder / REPORT_NAME).is_file():
+        print()
+        print(format_report(json.loads((folder / REPORT_NAME).read_text())))
 
 
 if __name__ == "__main__":

@@ -94,12 +94,27 @@ class DistillConfig(TrainConfig, StudentConfig):
     baseline: bool = _arg(True, "also train the same student without a teacher (CE only, same seed and steps) and report it; --no-baseline skips it", flag="baseline")
     save_metrics: bool = _arg(False, "write per-step and per-epoch metrics (CSV and JSONL)")
     metrics_out: str | None = _arg(None, "per-epoch metrics CSV path (per-step rows go to <stem>_steps.csv, both to <stem>.jsonl); implies --save_metrics")
+    # Quantization (the seed's --qat / --ternary): QAT trains through the quantizer, PTQ quantizes after training.
+    qat: bool = _arg(False, "quantization-aware training: 1-bit weights alone, ternary with --ternary, any width with --bits")
+    ternary: bool = _arg(False, "1.58-bit ternary weights; without --qat, quantize after training (post-training quantization)")
+    bits: float | None = _arg(None, "weight bits of the quantized linears: 1, 1.58, 2, 4 or 8 (default: 1 with --qat, 1.58 with --ternary); alone it means post-training quantization")
+    group_size: int | None = _arg(None, "inputs per weight scale (default: one scale per output channel)")
+    act_bits: int | None = _arg(None, "also quantize layer inputs to 8 bits per token (BitNet); only 8 is supported", choices=[8])
+    quantize_head: bool = _arg(False, "also quantize the LM head (embeddings always stay in higher precision)")
+    export_dtype: str = _arg("float16", "dtype of the tensors the export does not pack (embeddings, norms, head)", choices=["float16", "float32"])
     # The seed's later features: accepted so the seed's command lines parse, refused until they land.
     hybrid: bool = _arg(False, "use the hybrid optimizer (not available yet)", pending="issue 5, the hybrid optimizer")
-    qat: bool = _arg(False, "quantization-aware training, 1-bit alone or ternary with --ternary (not available yet)", pending="issue 4, quantization-aware training")
-    ternary: bool = _arg(False, "1.58-bit ternary weights (not available yet)", pending="issue 4, quantization-aware training")
     data_clusters: int | None = _arg(None, "number of k-means data clusters (not available yet)", pending="issue 6, data clustering")
     param_clusters: int | None = _arg(None, "number of parameter clusters for mixed precision (not available yet)", pending="issue 6, parameter clustering")
+
+    @property
+    def weight_bits(self) -> float | None:
+        """The quantized width this run asks for, or None for a full-precision run."""
+        if self.bits is not None:
+            return self.bits
+        if self.ternary:
+            return 1.58
+        return 1.0 if self.qat else None
 
     def __post_init__(self):
         TrainConfig.__post_init__(self)
@@ -116,6 +131,18 @@ class DistillConfig(TrainConfig, StudentConfig):
             raise UserError(f"--val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
         if self.metrics_out:
             self.save_metrics = True
+        if self.bits is not None:
+            from hybridopt.quantizers import canonical_bits
+
+            try:
+                self.bits = canonical_bits(self.bits)
+            except ValueError as e:
+                raise UserError(f"--bits: {e}") from None
+            if self.ternary and self.bits != 1.58:
+                raise UserError(f"--ternary conflicts with --bits {self.bits:g}; pass one of them")
+        if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
+            raise UserError("--group_size, --act_bits and --quantize_head need --qat, --ternary or --bits")
+        _positive("group_size", self.group_size)
 
 
 @dataclass
@@ -147,3 +174,36 @@ class TeacherConfig(TrainConfig):
 def default_teacher_config() -> TeacherConfig:
     """The default teacher: 5.5M parameters, 512 steps (~1M tokens), about 4 minutes on 2 CPU cores."""
     return TeacherConfig(epochs=8, max_steps_per_epoch=64, batch_size=16, seq_len=128, lr=4e-3, eval_every=4)
+
+
+@dataclass
+class GenerateConfig:
+    """`hybridopt generate`: sample text from a student (packed export or Hugging Face folder)."""
+
+    model: str = _arg("", "a run folder, its export/ folder (packed) or any Hugging Face causal-LM folder")
+    prompt: str = _arg("", "text to continue")
+    max_new_tokens: int = _arg(60, "tokens to generate")
+    temperature: float = _arg(0.0, "sampling temperature; 0 = greedy")
+    top_k: int = _arg(0, "sample among the k most likely tokens; 0 = all")
+    seed: int = _arg(0, "random seed for sampling")
+    device: str = _arg("cpu", "cpu, cuda, cuda:N or auto")
+
+    def __post_init__(self):
+        if not self.model:
+            raise UserError("--model is required: a run folder, an export folder or a Hugging Face model folder")
+        _positive("max_new_tokens", self.max_new_tokens)
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be non-negative, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top_k must be non-negative, got {self.top_k}")
+
+
+@dataclass
+class InspectConfig:
+    """`hybridopt inspect`: the precision plan, sizes and measured errors of an exported student."""
+
+    path: str = _arg("", "a run folder or its export/ folder")
+
+    def __post_init__(self):
+        if not self.path:
+            raise UserError("--path is required: a run folder or its export/ folder")

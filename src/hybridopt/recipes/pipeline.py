@@ -12,9 +12,12 @@ import torch
 from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
 from hybridopt.config import DistillConfig
 from hybridopt.errors import UserError
+from hybridopt.export import export_packed
 from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.recipes.data import corpus_documents, token_splits
+from hybridopt.qat import QATConfig, quantize_
 from hybridopt.recipes.distill import DistillRecipe, evaluate_lm
+from hybridopt.recipes.quant_report import format_report, quantization_report, save_report
 from hybridopt.recipes.teacher import ensure_default_teacher
 from hybridopt.utils import resolve_device, seed_everything
 
@@ -88,11 +91,15 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
 
     s_config = student_config(teacher.config, vocab_size(teacher), cfg, tokenizer, max_positions=ctx or cfg.seq_len)
     student = build_model(s_config, cfg.seed).to(device)
+    qcfg = quant_config(cfg)
     print(f"Teacher: {teacher_dir} ({num_parameters(teacher) / 1e6:.2f}M parameters)")
     print(f"Student: Llama, {num_parameters(student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
           f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")
     print(f"Data: {desc}; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens, "
           f"sequences of {cfg.seq_len}")
+    if qcfg and cfg.qat:
+        names = _quantize(student, qcfg)
+        print(f"Replaced {len(names)} Linear modules with QATLinear ({qcfg.describe()}; quantization-aware training)")
     teacher_eval = evaluate_lm(teacher, val, cfg.batch_size, device)
     print(f"Teacher validation loss {teacher_eval['loss']:.4f}, perplexity {teacher_eval['ppl']:.2f}")
 
@@ -107,10 +114,22 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     recipe.cleanup()
     if recipe.epoch < cfg.epochs:
         return {"interrupted_at_epoch": recipe.epoch}
+    if qcfg and not cfg.qat:
+        names = _quantize(student, qcfg)
+        print(f"Replaced {len(names)} Linear modules with QATLinear ({qcfg.describe()}; post-training quantization)")
     student_eval = recipe.evaluate()
     student.save_pretrained(out / "student", safe_serialization=True)
     tokenizer.save_pretrained(out / "student")
 
+    quant_report = None
+    if qcfg:
+        export_dir = out / "export"
+        path = export_packed(student, export_dir, tokenizer, getattr(torch, cfg.export_dtype))
+        quant_report = quantization_report(student, out / "student", export_dir, val, cfg.batch_size, device,
+                                           "QAT" if cfg.qat else "PTQ")
+        save_report(quant_report, export_dir)
+        print(f"Exported the packed student to {path}")
+        print(format_report(quant_report))
     results = {
         "teacher": {**teacher_eval, "path": str(teacher_dir), "parameters": num_parameters(teacher)},
         "student": {**student_eval, "parameters": num_parameters(student), "path": str(out / "student"),
@@ -118,8 +137,12 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
                     "train_seconds": recipe.elapsed, "history": recipe.history},
         "config": config_dict,
     }
+    if quant_report:
+        results["quantization"] = quant_report
     if cfg.baseline:
         baseline = build_model(s_config, cfg.seed).to(device)  # same initial weights as the student
+        if qcfg and cfg.qat:
+            _quantize(baseline, qcfg)
         base_dir = out / "baseline"
         base_dir.mkdir(exist_ok=True)
         base_metrics = metrics.with_name(f"{metrics.stem}_baseline.csv") if cfg.save_metrics else None
@@ -131,6 +154,8 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
         base.cleanup()
         if base.epoch < cfg.epochs:
             return {"interrupted_at_epoch": base.epoch}
+        if qcfg and not cfg.qat:
+            _quantize(baseline, qcfg)
         results["baseline"] = {**base.evaluate(), "steps": base.global_step, "train_seconds": base.elapsed,
                                "history": base.history}
 
@@ -138,6 +163,21 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     atomic_write(out / RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     print(f"Student saved to {out / 'student'}; results in {out / RESULTS}")
     return results
+
+
+def quant_config(cfg: DistillConfig) -> QATConfig | None:
+    """The quantization the flags ask for: --qat alone is 1-bit, --ternary 1.58-bit, --bits any width."""
+    if cfg.weight_bits is None:
+        return None
+    return QATConfig(bits=cfg.weight_bits, group_size=cfg.group_size, act_bits=cfg.act_bits,
+                     include_head=cfg.quantize_head)
+
+
+def _quantize(model: torch.nn.Module, qcfg: QATConfig) -> list[str]:
+    try:
+        return quantize_(model, qcfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def print_report(results: dict) -> None:

@@ -1,0 +1,168 @@
+"""The packed export format: one safetensors file, truly packed low-bit weights, no pickle.
+
+`<dir>/model.packed.safetensors` holds, for every quantized linear `name`:
+
+    name.weight.packed   uint8 (ceil(n / 5) bytes for ternary, ceil(n * bits / 8) otherwise)
+    name.weight.scale    float16 (out, n_groups)
+
+and every other tensor (embeddings, norms, LM head unless quantized) in `float16` (or float32).
+The safetensors `__metadata__` header carries:
+
+    format          "hybridopt-packed"
+    format_version  "1"
+    config          the Hugging Face model config (JSON)
+    quant           {"name.weight": {"bits", "shape", "group_size", "packing", "act_bits"}} (JSON)
+    sha256          digest of every tensor's bytes in key order, to reject corrupted files
+
+`config.json` and the tokenizer are written beside it so `hybridopt generate` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from hybridopt.checkpoint import atomic_write
+from hybridopt.errors import UserError
+from hybridopt.packing import pack_sign, pack_signed, pack_ternary, unpack_sign, unpack_signed, unpack_ternary
+from hybridopt.qat import ActQuantLinear, qat_layers
+from hybridopt.quantizers import TERNARY, dequantize_weight, quantize_weight
+
+PACKED_NAME = "model.packed.safetensors"
+FORMAT = "hybridopt-packed"
+FORMAT_VERSION = "1"
+
+
+def _pack(q: torch.Tensor, bits: float) -> tuple[torch.Tensor, str]:
+    if bits == TERNARY:
+        return pack_ternary(q), "ternary5"
+    if bits == 1.0:
+        return pack_sign(q), "sign1"
+    return pack_signed(q, int(bits)), f"int{int(bits)}"
+
+
+def _unpack(packed: torch.Tensor, packing: str, numel: int) -> torch.Tensor:
+    if packing == "ternary5":
+        return unpack_ternary(packed, numel)
+    if packing == "sign1":
+        return unpack_sign(packed, numel)
+    if packing in ("int2", "int4", "int8"):
+        return unpack_signed(packed, int(packing[3:]), numel)
+    raise ValueError(f"unknown packing {packing!r}")
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_packed(model: torch.nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+                  dtype: torch.dtype = torch.float16) -> Path:
+    """Write `model` (with `QATLinear` layers) as a packed safetensors file; return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = qat_layers(model)
+    assert layers, "export_packed needs a model with QATLinear layers (see hybridopt.qat.quantize_)"
+    tensors: dict[str, torch.Tensor] = {}
+    quant: dict[str, dict] = {}
+    for name, layer in layers.items():
+        q, scale = quantize_weight(layer.weight, layer.bits, layer.group_size)
+        packed, packing = _pack(q.cpu(), layer.bits)
+        key = f"{name}.weight"
+        tensors[f"{key}.packed"] = packed
+        tensors[f"{key}.scale"] = scale.half().cpu()
+        quant[key] = {"bits": layer.bits, "shape": list(q.shape), "group_size": layer.group_size,
+                      "packing": packing, "act_bits": layer.act_bits}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    head = model.get_output_embeddings()
+    head_key = next((n + ".weight" for n, m in model.named_modules() if m is head), None)
+    for key, t in model.state_dict().items():
+        if key in quant or (tied and key == head_key and key not in quant):
+            continue
+        t = t.detach().cpu()
+        tensors[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json_string(),
+                "quant": json.dumps(quant), "dtype": str(dtype).removeprefix("torch."), "sha256": _digest(tensors)}
+    path = out_dir / PACKED_NAME
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    model.config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return path
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a packed file, verified; `UserError` if truncated, corrupted or foreign."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PACKED_NAME
+    if not path.is_file():
+        raise UserError(f"'{path}' does not exist; export a model first (hybridopt distill --ternary --qat)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"'{path}' is truncated or corrupted ({str(e).splitlines()[0]}); export it again") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not a hybridopt packed model (no '{FORMAT}' header)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"'{path}' has format version {metadata.get('format_version')}; this hybridopt reads {FORMAT_VERSION}")
+    if _digest(tensors) != metadata.get("sha256"):
+        raise UserError(f"'{path}' is corrupted (its checksum does not match); export it again")
+    return metadata, tensors
+
+
+def load_packed(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild a working Hugging Face model from a packed file, weights dequantized."""
+    metadata, tensors = read_packed(path)
+    config_dict = json.loads(metadata["config"])
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    model = AutoModelForCausalLM.from_config(config)
+    state = {}
+    quant = json.loads(metadata["quant"])
+    for key, info in quant.items():
+        try:
+            q = _unpack(tensors[f"{key}.packed"], info["packing"], math.prod(info["shape"])).reshape(info["shape"])
+            state[key] = dequantize_weight(q, tensors[f"{key}.scale"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"'{path}' is corrupted: tensor {key} cannot be unpacked ({e})") from None
+    for key, t in tensors.items():
+        if not key.endswith((".packed", ".scale")):
+            state[key] = t.float()
+    result = model.load_state_dict(state, strict=False)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in result.missing_keys if not (tied and k.startswith("lm_head"))]
+    if missing or result.unexpected_keys:
+        raise UserError(f"'{path}' does not match its config: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    if tied:
+        model.tie_weights()
+    for key, info in quant.items():
+        if info.get("act_bits"):
+            name = key.removesuffix(".weight")
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, child)
+            new = ActQuantLinear(old.in_features, old.out_features, old.bias is not None, act_bits=info["act_bits"])
+            new.weight, new.bias = old.weight, old.bias
+            setattr(parent, child, new)
+    return model.to(device).eval()
+
+
+def safetensors_tensor_bytes(path: str | Path) -> dict[str, int]:
+    """Bytes each tensor occupies in a safetensors file, read from its header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}

@@ -1,0 +1,105 @@
+"""Weight and activation quantizers: pure functions, per output channel or per group of inputs.
+
+For a weight `W` of shape `(out, in)`, split each row into groups of `g` inputs (one group per row
+when `group_size` is None) and compute one scale `s` per group:
+
+* 1-bit (BinaryConnect / XNOR-Net scaling):   s = mean|W|,  q = sign(W) in {-1, +1}
+* 1.58-bit ternary (BitNet b1.58 absmean):     s = mean|W|,  q = clip(round(W / (s + eps)), -1, 1)
+* b-bit symmetric uniform, b in {2, 4, 8}:     s = max|W| / (2^(b-1) - 1),
+                                               q = clip(round(W / s), -2^(b-1), 2^(b-1) - 1)
+
+and `Q(W) = q * s`. Scales are rounded to float16 before use, because the export stores them in
+float16: the quantized model seen in training is bit-for-bit the one that is exported.
+
+Training uses the straight-through estimator (Bengio et al. 2013): the forward pass sees `Q(W)`,
+the backward pass treats `Q` as the identity, so the latent full-precision weights get the gradient
+of the quantized forward. Activations can be quantized to 8 bits per token with absmax scaling,
+as in BitNet (Wang et al. 2023; Ma et al. 2024, "The Era of 1-bit LLMs").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+TERNARY = 1.58
+SUPPORTED_BITS = (1.0, TERNARY, 2.0, 4.0, 8.0)
+_EPS = 1e-5
+_FP16_TINY = 2.0**-14  # smallest normal float16: scales below it would flush towards zero
+
+
+def canonical_bits(bits: float) -> float:
+    """Map 1.58, 1.585 or log2(3) to `TERNARY`; reject unsupported widths."""
+    if math.isclose(bits, TERNARY, abs_tol=0.01):
+        return TERNARY
+    if float(bits) not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported weight bit width {bits}; choose 1, 1.58 (ternary), 2, 4 or 8")
+    return float(bits)
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """`(out, in)` -> `(out, n_groups, g)`."""
+    out_f, in_f = w.shape
+    g = group_size or in_f
+    if in_f % g:
+        raise ValueError(f"group size {g} does not divide the input width {in_f}")
+    return w.reshape(out_f, in_f // g, g)
+
+
+def quantize_weight(w: torch.Tensor, bits: float, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes and float16-representable scales of a 2-D weight.
+
+    Args:
+        w: `(out, in)` weight.
+        bits: 1, 1.58 (ternary), 2, 4 or 8.
+        group_size: inputs per scale; None for one scale per output channel.
+
+    Returns:
+        `(q, scale)`: `q` is int8 `(out, in)`; `scale` is float32 `(out, n_groups)` holding float16 values.
+    """
+    bits = canonical_bits(bits)
+    wg = _grouped(w.detach().float(), group_size)  # (out, G, g)
+    absw = wg.abs()
+    if bits in (1.0, TERNARY):
+        scale = absw.mean(-1, keepdim=True)
+    else:
+        scale = absw.amax(-1, keepdim=True) / (2 ** (int(bits) - 1) - 1)
+    scale = scale.clamp_min(_FP16_TINY).half().float()  # (out, G, 1), exactly representable in float16
+    if bits == 1.0:
+        q = torch.where(wg >= 0, 1.0, -1.0)
+    elif bits == TERNARY:
+        q = (wg / (scale + _EPS)).round().clamp(-1, 1)
+    else:
+        qmax = 2 ** (int(bits) - 1) - 1
+        q = (wg / scale).round().clamp(-qmax - 1, qmax)
+    return q.to(torch.int8).reshape(w.shape), scale.squeeze(-1)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`q * scale`, broadcasting one scale over each group: `(out, in)` float32."""
+    out_f, in_f = q.shape
+    n_groups = scale.shape[1]
+    return (q.float().reshape(out_f, n_groups, in_f // n_groups) * scale.float().unsqueeze(-1)).reshape(out_f, in_f)
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: float, group_size: int | None = None) -> torch.Tensor:
+    """`Q(W)` in the forward pass, identity gradient in the backward pass (STE)."""
+    q, scale = quantize_weight(w, bits, group_size)
+    wq = dequantize_weight(q, scale).to(w.dtype)
+    return w + (wq - w).detach()
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-token absmax quantization of `(..., features)` activations to `bits` bits, with STE."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = qmax / x.detach().abs().amax(-1, keepdim=True).clamp_min(_EPS)
+    xq = (x.detach() * scale).round().clamp(-qmax - 1, qmax) / scale
+    return x + (xq - x).detach()
+
+
+def relative_error(w: torch.Tensor, bits: float, group_size: int | None = None) -> float:
+    """`||W - Q(W)||_F / ||W||_F`: the weight-level quantization error of one layer."""
+    q, scale = quantize_weight(w, bits, group_size)
+    w = w.detach().float()
+    return float((w - dequantize_weight(q, scale)).norm() / w.norm().clamp_min(1e-12))
