@@ -68,9 +68,12 @@ def test_bad_numbers(capsys, tmp_path):
     _bad(["distill", "--batch_size", "-4"], capsys, "--batch_size must be positive")
     _bad(["distill", "--epochs", "two"], capsys, "invalid int value")
     _bad(["distill", "--student_heads", "3"], capsys, "must divide --student_hidden")
-    for flag in ("--qat", "--ternary", "--hybrid"):
-        _bad(["distill", flag], capsys, f"{flag} is not available yet")
+    _bad(["distill", "--hybrid"], capsys, "--hybrid is not available yet")
     _bad(["distill", "--data_clusters", "8"], capsys, "--data_clusters is not available yet")
+    _bad(["distill", "--bits", "3"], capsys, "--bits: unsupported weight bit width 3")
+    _bad(["distill", "--ternary", "--bits", "4"], capsys, "--ternary conflicts with --bits 4")
+    _bad(["distill", "--act_bits", "4"], capsys, "invalid choice")
+    _bad(["distill", "--group_size", "32"], capsys, "need --qat, --ternary or --bits")
 
 
 def test_bad_paths(capsys, tmp_path, tiny_teacher, corpus_file):

@@ -1,0 +1,69 @@
+"""The packed export: real sizes, exact logits after reload, and corrupted files refused."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hybridopt.errors import UserError
+from hybridopt.export import PACKED_NAME, export_packed, load_packed, safetensors_tensor_bytes
+from hybridopt.qat import QATConfig, quantize_
+from hybridopt.quantizers import TERNARY
+
+
+def _qat_model(bits, act_bits=None, group_size=None, tie=False):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=32, tie_word_embeddings=tie))
+    quantize_(model, QATConfig(bits=bits, act_bits=act_bits, group_size=group_size))
+    return model.eval()
+
+
+@pytest.mark.parametrize("bits,act_bits,group_size,tie", [
+    (1, None, None, False), (TERNARY, None, None, False), (TERNARY, 8, 32, True), (2, None, None, False),
+    (4, 8, 16, False), (8, None, None, False)])
+def test_exported_logits_equal_qat_logits(tmp_path, bits, act_bits, group_size, tie):
+    model = _qat_model(bits, act_bits, group_size, tie)
+    export_packed(model, tmp_path, dtype=torch.float32)
+    loaded = load_packed(tmp_path)
+    x = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-5)
+
+
+def test_packed_sizes_are_real(tmp_path):
+    model = _qat_model(TERNARY)
+    export_packed(model, tmp_path)
+    sizes = safetensors_tensor_bytes(tmp_path / PACKED_NAME)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert sizes[f"{q}.packed"] == -(-64 * 64 // 5)  # 5 trits per byte
+    assert sizes[f"{q}.scale"] == 64 * 2  # float16 per output channel
+    assert "lm_head.weight" in sizes and sizes["lm_head.weight"] == 200 * 64 * 2
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["model_type"] == "llama"
+
+
+def test_one_bit_export_is_packed_bits(tmp_path):
+    export_packed(_qat_model(1), tmp_path)
+    sizes = safetensors_tensor_bytes(tmp_path / PACKED_NAME)
+    assert sizes["model.layers.0.mlp.up_proj.weight.packed"] == 128 * 64 // 8
+
+
+def test_truncated_and_corrupted_files_are_refused(tmp_path):
+    export_packed(_qat_model(TERNARY), tmp_path)
+    path = tmp_path / PACKED_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupted"):
+        load_packed(tmp_path)
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(UserError, match="checksum"):
+        load_packed(tmp_path)
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(UserError, match="truncated or corrupted"):
+        load_packed(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_packed(tmp_path / "elsewhere")
