@@ -61,3 +61,18 @@ def test_flag_semantics(tiny_teacher, corpus_file, tmp_path, capsys, flags, mode
 def test_inspect_without_export(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "holds no packed export" in capsys.readouterr().err
+
+
+def test_export_command_packs_a_full_precision_run(tiny_teacher, corpus_file, tmp_path, capsys):
+    run = tmp_path / "fp"
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, run, "--epochs", "1", "--no-baseline")) == 0
+    assert not (run / "export").exists()
+    capsys.readouterr()
+    assert main(["export", "--model", str(run), "--bits", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Packed 7 Linear modules (2-bit weights" in out and "bits/weight" in out
+    report = json.loads((run / "export" / "quant_report.json").read_text())
+    assert report["bits"] == [2.0] and "val_loss_exported" not in report
+    assert main(["generate", "--model", str(run / "export"), "--prompt", "for", "--max_new_tokens", "4"]) == 0
+    assert main(["export", "--model", str(tmp_path / "nothing")]) == 2
+    assert "holds no Hugging Face model" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from hybridopt import __version__
-from hybridopt.config import DistillConfig, GenerateConfig, InspectConfig, TeacherConfig, default_teacher_config
+from hybridopt.config import DistillConfig, ExportConfig, GenerateConfig, InspectConfig, TeacherConfig, default_teacher_config
 from hybridopt.errors import UserError
 
 
@@ -34,27 +34,39 @@ def _base_type(tp):
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
-    """One `--flag` per dataclass field, with its help, type and default."""
+    """One `--flag` per dataclass field, with its help, type and default, grouped by the class declaring it."""
     hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        meta = dict(f.metadata)
-        default = getattr(defaults, f.name) if defaults is not None else (
-            f.default if f.default is not MISSING else f.default_factory())
-        tp = _base_type(hints[f.name])
-        help_text = meta.get("help", "")
-        if tp is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction if default else "store_true",
-                                default=default, help=help_text)
+    by_name = {f.name: f for f in fields(cls)}
+    for owner in [c for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]:
+        own = [n for n in vars(owner).get("__annotations__", {}) if n in by_name]
+        if not own:
             continue
-        kwargs = {"type": tp, "default": default, "help": help_text + (f" (default: {default})" if default not in (None, []) else "")}
-        if "nargs" in meta:
-            kwargs["nargs"] = meta["nargs"]
-        if meta.get("nargs") == "?":
-            kwargs["const"] = meta.get("const")
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        metavar = "PATH" if f.name in _PATH_FIELDS else f.name.upper()
-        parser.add_argument(f"--{f.name}", metavar=metavar, **kwargs)
+        title = (owner.__doc__ or owner.__name__).strip().splitlines()[0]
+        group = parser.add_argument_group(title if owner is not cls else "run")
+        for name in own:
+            _add_field(group, by_name.pop(name), hints[name], defaults)
+
+
+def _add_field(parser, f, hint, defaults) -> None:
+    meta = dict(f.metadata)
+    default = getattr(defaults, f.name) if defaults is not None else (
+        f.default if f.default is not MISSING else f.default_factory())
+    tp = _base_type(hint)
+    help_text = meta.get("help", "")
+    if tp is bool:
+        parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction if default else "store_true",
+                            default=default, help=help_text)
+        return
+    kwargs = {"type": tp, "default": default,
+              "help": help_text + (f" (default: {default})" if default not in (None, []) else "")}
+    if "nargs" in meta:
+        kwargs["nargs"] = meta["nargs"]
+    if meta.get("nargs") == "?":
+        kwargs["const"] = meta.get("const")
+    if meta.get("choices"):
+        kwargs["choices"] = meta["choices"]
+    metavar = "PATH" if f.name in _PATH_FIELDS else f.name.upper()
+    parser.add_argument(f"--{f.name}", metavar=metavar, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("teacher", help="train the default teacher (or one on your data)",
                        description=TeacherConfig.__doc__)
     add_dataclass_arguments(p, TeacherConfig, defaults=default_teacher_config())
+    p = sub.add_parser("export", help="pack a trained student (or any Llama-style model) to low bits",
+                       description=ExportConfig.__doc__)
+    add_dataclass_arguments(p, ExportConfig)
     p = sub.add_parser("generate", help="sample text from a student (packed or full precision)",
                        description=GenerateConfig.__doc__)
     add_dataclass_arguments(p, GenerateConfig)
@@ -98,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = TeacherConfig(**values)
             train_teacher(cfg, cfg.out)
+        elif args.command == "export":
+            from hybridopt.recipes.export_student import export_student
+
+            export_student(ExportConfig(**values))
         elif args.command == "generate":
             _generate(GenerateConfig(**values))
         else:

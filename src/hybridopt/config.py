@@ -207,3 +207,28 @@ class InspectConfig:
     def __post_init__(self):
         if not self.path:
             raise UserError("--path is required: a run folder or its export/ folder")
+
+
+@dataclass
+class ExportConfig:
+    """`hybridopt export`: pack a trained student (a run folder or any Llama-style HF folder) to low bits."""
+
+    model: str = _arg("", "a distill run folder (its quantization settings are reused) or a Hugging Face causal-LM folder")
+    out: str | None = _arg(None, "output folder (default: <run>/export, or <model>-packed)")
+    bits: float | None = _arg(None, "weight bits: 1, 1.58, 2, 4 or 8 (default: the run's; 1.58 for a plain model)")
+    group_size: int | None = _arg(None, "inputs per weight scale (default: the run's, else one per output channel)")
+    act_bits: int | None = _arg(None, "quantize layer inputs to 8 bits per token", choices=[8])
+    quantize_head: bool = _arg(False, "also quantize the LM head")
+    export_dtype: str = _arg("float16", "dtype of the unpacked tensors", choices=["float16", "float32"])
+
+    def __post_init__(self):
+        if not self.model:
+            raise UserError("--model is required: a run folder or a Hugging Face model folder")
+        if self.bits is not None:
+            from hybridopt.quantizers import canonical_bits
+
+            try:
+                self.bits = canonical_bits(self.bits)
+            except ValueError as e:
+                raise UserError(f"--bits: {e}") from None
+        _positive("group_size", self.group_size)

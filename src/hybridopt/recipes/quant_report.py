@@ -26,9 +26,12 @@ from hybridopt.recipes.distill import evaluate_lm
 REPORT_NAME = "quant_report.json"
 
 
-def quantization_report(model: torch.nn.Module, fp32_dir: Path, export_dir: Path, val: TokenBlocks,
+def quantization_report(model: torch.nn.Module, fp32_dir: Path, export_dir: Path, val: TokenBlocks | None,
                         batch_size: int, device: torch.device, mode: str) -> dict:
-    """Measure the export in `export_dir` against the FP32 latent model saved in `fp32_dir`."""
+    """Measure the export in `export_dir` against the FP32 latent model saved in `fp32_dir`.
+
+    Without `val`, the task-level (validation loss) fields are left out.
+    """
     layers = qat_layers(model)
     fp32_bytes = safetensors_tensor_bytes(fp32_dir / "model.safetensors")
     packed_bytes = safetensors_tensor_bytes(export_dir / PACKED_NAME)
@@ -40,12 +43,8 @@ def quantization_report(model: torch.nn.Module, fp32_dir: Path, export_dir: Path
     packed_file = (export_dir / PACKED_NAME).stat().st_size
     errors = {name: relative_error(m.weight, m.bits, m.group_size) for name, m in layers.items()}
 
-    latent = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32).to(device)
-    exported = load_packed(export_dir, device)
-    fp_eval = evaluate_lm(latent, val, batch_size, device)
-    q_eval = evaluate_lm(exported, val, batch_size, device)
     bits = sorted({m.bits for m in layers.values()})
-    return {
+    report = {
         "mode": mode,
         "bits": bits,
         "quantized_layers": len(layers),
@@ -59,12 +58,15 @@ def quantization_report(model: torch.nn.Module, fp32_dir: Path, export_dir: Path
         "file_compression": fp32_file / packed_file,
         "weight_rel_error_mean": sum(errors.values()) / len(errors),
         "weight_rel_error_per_layer": errors,
-        "val_loss_fp_latent": fp_eval["loss"],
-        "val_ppl_fp_latent": fp_eval["ppl"],
-        "val_loss_exported": q_eval["loss"],
-        "val_ppl_exported": q_eval["ppl"],
-        "val_loss_gap": q_eval["loss"] - fp_eval["loss"],
     }
+    if val is not None:
+        latent = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32).to(device)
+        fp_eval = evaluate_lm(latent, val, batch_size, device)
+        q_eval = evaluate_lm(load_packed(export_dir, device), val, batch_size, device)
+        report.update(val_loss_fp_latent=fp_eval["loss"], val_ppl_fp_latent=fp_eval["ppl"],
+                      val_loss_exported=q_eval["loss"], val_ppl_exported=q_eval["ppl"],
+                      val_loss_gap=q_eval["loss"] - fp_eval["loss"])
+    return report
 
 
 def save_report(report: dict, export_dir: Path) -> Path:
@@ -84,9 +86,11 @@ def format_report(report: dict) -> str:
         f"  whole model   : {report['file_fp32_bytes']:,} B FP32 file -> {report['file_packed_bytes']:,} B packed file "
         f"= {report['file_compression']:.2f}x",
         f"  weight error  : mean ||W - Q(W)|| / ||W|| = {report['weight_rel_error_mean']:.4f}",
-        f"  task error    : val loss {report['val_loss_fp_latent']:.4f} (FP latent) -> {report['val_loss_exported']:.4f} "
-        f"(exported), perplexity {report['val_ppl_fp_latent']:.2f} -> {report['val_ppl_exported']:.2f}",
     ]
+    if "val_loss_exported" in report:
+        lines.append(f"  task error    : val loss {report['val_loss_fp_latent']:.4f} (FP latent) -> "
+                     f"{report['val_loss_exported']:.4f} (exported), perplexity {report['val_ppl_fp_latent']:.2f} -> "
+                     f"{report['val_ppl_exported']:.2f}")
     return "\n".join(lines)
 
 

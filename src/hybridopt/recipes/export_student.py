@@ -1,0 +1,41 @@
+"""`hybridopt export`: pack an already-trained student, from a run folder or any HF causal-LM folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hybridopt.config import ExportConfig
+from hybridopt.errors import UserError
+from hybridopt.export import export_packed
+from hybridopt.generate import load_model
+from hybridopt.qat import QATConfig, quantize_
+from hybridopt.recipes.quant_report import format_report, quantization_report, save_report
+
+
+def export_student(cfg: ExportConfig) -> Path:
+    """Quantize the model in `cfg.model` as asked (or as its run was trained) and write the packed file."""
+    src = Path(cfg.model)
+    run_config = src / "run_config.json"
+    saved = json.loads(run_config.read_text()) if run_config.is_file() else {}
+    fp_dir = src / "student" if (src / "student" / "config.json").is_file() else src
+    if not (fp_dir / "config.json").is_file():
+        raise UserError(f"--model '{src}' holds no Hugging Face model (config.json) nor a run's student/ folder")
+    bits = cfg.bits or saved.get("bits") or (1.58 if saved.get("ternary") else 1.0 if saved.get("qat") else 1.58)
+    qcfg = QATConfig(bits=bits, group_size=cfg.group_size or saved.get("group_size"),
+                     act_bits=cfg.act_bits or saved.get("act_bits"),
+                     include_head=cfg.quantize_head or bool(saved.get("quantize_head")))
+    model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
+    try:
+        names = quantize_(model, qcfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    out = Path(cfg.out) if cfg.out else (src / "export" if saved else src.with_name(src.name + "-packed"))
+    path = export_packed(model, out, tokenizer, getattr(torch, cfg.export_dtype))
+    report = quantization_report(model, fp_dir, out, None, 1, torch.device("cpu"), "QAT" if saved.get("qat") else "PTQ")
+    save_report(report, out)
+    print(f"Packed {len(names)} Linear modules ({qcfg.describe()}) into {path}")
+    print(format_report(report))
+    return path
