@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybridopt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hybridopt: interrupted; the last checkpoint is saved, continue with --resume", file=sys.stderr)
+        hint = {"distill": "; the checkpoint is saved, continue with --resume",
+                "teacher": "; the checkpoint is saved, the same command continues"}.get(args.command, "")
+        print(f"hybridopt: interrupted{hint}", file=sys.stderr)
         return 130
     except OSError as e:
         # Disk full, permissions: the environment, not a bug. Checkpoints are written atomically.

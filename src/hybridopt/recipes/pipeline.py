@@ -121,15 +121,7 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     student.save_pretrained(out / "student", safe_serialization=True)
     tokenizer.save_pretrained(out / "student")
 
-    quant_report = None
-    if qcfg:
-        export_dir = out / "export"
-        path = export_packed(student, export_dir, tokenizer, getattr(torch, cfg.export_dtype))
-        quant_report = quantization_report(student, out / "student", export_dir, val, cfg.batch_size, device,
-                                           "QAT" if cfg.qat else "PTQ")
-        save_report(quant_report, export_dir)
-        print(f"Exported the packed student to {path}")
-        print(format_report(quant_report))
+    quant_report = _export(student, tokenizer, qcfg, cfg, out, val, device) if qcfg else None
     results = {
         "teacher": {**teacher_eval, "path": str(teacher_dir), "parameters": num_parameters(teacher)},
         "student": {**student_eval, "parameters": num_parameters(student), "path": str(out / "student"),
@@ -140,29 +132,50 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     if quant_report:
         results["quantization"] = quant_report
     if cfg.baseline:
-        baseline = build_model(s_config, cfg.seed).to(device)  # same initial weights as the student
-        if qcfg and cfg.qat:
-            _quantize(baseline, qcfg)
-        base_dir = out / "baseline"
-        base_dir.mkdir(exist_ok=True)
-        base_metrics = metrics.with_name(f"{metrics.stem}_baseline.csv") if cfg.save_metrics else None
-        base = DistillRecipe(cfg, baseline, train, val, base_dir, device, teacher=None, metrics_path=base_metrics,
-                             name="baseline", config_dict={**config_dict, "alpha": 1.0, "teacher_path": None})
-        base.setup(resume=resuming and (base_dir / CHECKPOINT_NAME).exists())
-        print(f"Baseline: the same student without a teacher (cross-entropy only), same seed and steps")
-        base.train(stop_after_epoch)
-        base.cleanup()
-        if base.epoch < cfg.epochs:
-            return {"interrupted_at_epoch": base.epoch}
-        if qcfg and not cfg.qat:
-            _quantize(baseline, qcfg)
-        results["baseline"] = {**base.evaluate(), "steps": base.global_step, "train_seconds": base.elapsed,
-                               "history": base.history}
+        baseline = _run_baseline(cfg, s_config, qcfg, train, val, out, device, resuming, metrics, config_dict,
+                                 stop_after_epoch)
+        if baseline is None:
+            return {"interrupted_at_epoch": stop_after_epoch}
+        results["baseline"] = baseline
 
     print_report(results)
     atomic_write(out / RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     print(f"Student saved to {out / 'student'}; results in {out / RESULTS}")
     return results
+
+
+def _export(student, tokenizer, qcfg: QATConfig, cfg: DistillConfig, out: Path, val, device) -> dict:
+    """Write the packed student to `<out>/export/`, measure it, print and return the report."""
+    export_dir = out / "export"
+    path = export_packed(student, export_dir, tokenizer, getattr(torch, cfg.export_dtype))
+    report = quantization_report(student, out / "student", export_dir, val, cfg.batch_size, device,
+                                 "QAT" if cfg.qat else "PTQ")
+    save_report(report, export_dir)
+    print(f"Exported the packed student to {path}")
+    print(format_report(report))
+    return report
+
+
+def _run_baseline(cfg, s_config, qcfg, train, val, out, device, resuming, metrics, config_dict,
+                  stop_after_epoch) -> dict | None:
+    """The same student, seed, data order, steps and quantization, without a teacher; None if interrupted."""
+    baseline = build_model(s_config, cfg.seed).to(device)  # same initial weights as the student
+    if qcfg and cfg.qat:
+        _quantize(baseline, qcfg)
+    base_dir = out / "baseline"
+    base_dir.mkdir(exist_ok=True)
+    base_metrics = metrics.with_name(f"{metrics.stem}_baseline.csv") if cfg.save_metrics else None
+    base = DistillRecipe(cfg, baseline, train, val, base_dir, device, teacher=None, metrics_path=base_metrics,
+                         name="baseline", config_dict={**config_dict, "alpha": 1.0, "teacher_path": None})
+    base.setup(resume=resuming and (base_dir / CHECKPOINT_NAME).exists())
+    print("Baseline: the same student without a teacher (cross-entropy only), same seed and steps")
+    base.train(stop_after_epoch)
+    base.cleanup()
+    if base.epoch < cfg.epochs:
+        return None
+    if qcfg and not cfg.qat:
+        _quantize(baseline, qcfg)
+    return {**base.evaluate(), "steps": base.global_step, "train_seconds": base.elapsed, "history": base.history}
 
 
 def quant_config(cfg: DistillConfig) -> QATConfig | None:
