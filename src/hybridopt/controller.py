@@ -1,0 +1,113 @@
+"""The meta-learned controller: training-state features in, a learning-rate multiplier and a
+trust-radius multiplier out, trained online from hypergradients.
+
+Features (`TrainingState.features`, 6 values, each normalised by running statistics and clipped to
+[-5, 5] so the network never saturates): log loss, log gradient norm, loss trend (EMA of the change in
+log loss), log gradient-norm variance, log step, and the data cluster of the batch (0 when unknown).
+
+Outputs are log multipliers `a = (log m_lr, log m_radius)`, clamped to [log 0.1, log 10] in the forward
+pass with a straight-through gradient, plus a quadratic pull back inside the bounds, so a saturated
+output can always come back (it never sticks at a bound).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LOG_BOUND = math.log(10.0)
+NUM_FEATURES = 6
+
+
+@dataclass
+class TrainingState:
+    """What the controller sees at one step (the design document's `TrainingState`)."""
+
+    loss: float
+    gradient_magnitude: float
+    loss_trend: float = 0.0
+    gradient_variance: float = 0.0
+    step: int = 0
+    cluster_id: int | None = None
+    num_clusters: int = 0
+
+    def features(self) -> torch.Tensor:
+        """Raw (unnormalised) feature vector, shape `(6,)`."""
+        cluster = 0.0 if self.cluster_id is None or not self.num_clusters else (self.cluster_id + 1) / self.num_clusters
+        return torch.tensor([
+            math.log(max(self.loss, 1e-8)) if math.isfinite(self.loss) else 0.0,
+            math.log(max(self.gradient_magnitude, 1e-12)),
+            self.loss_trend,
+            math.log(max(self.gradient_variance, 1e-12)),
+            math.log1p(self.step),
+            cluster,
+        ], dtype=torch.float32)
+
+
+class RunningNorm(nn.Module):
+    """Exponential running mean/variance of feature vectors; `forward` standardises and clips."""
+
+    def __init__(self, dim: int, beta: float = 0.99):
+        super().__init__()
+        self.beta = beta
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        if self.count == 0:
+            self.mean.copy_(x)
+        else:
+            delta = x - self.mean
+            self.mean.add_(delta, alpha=1 - self.beta)
+            self.var.mul_(self.beta).add_(delta * delta, alpha=1 - self.beta)
+        self.count.add_(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / (self.var.sqrt() + 1e-3)).clamp(-5.0, 5.0)
+
+
+class AuxiliaryNN(nn.Module):
+    """6 -> hidden -> 2 MLP predicting log learning-rate and log trust-radius multipliers.
+
+    The output layer starts at zero, so an untrained controller predicts multipliers of exactly 1.
+    """
+
+    def __init__(self, hidden_size: int = 16):
+        super().__init__()
+        self.norm = RunningNorm(NUM_FEATURES)
+        self.net = nn.Sequential(nn.Linear(NUM_FEATURES, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 2))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def raw(self, features: torch.Tensor) -> torch.Tensor:
+        """Unclamped log multipliers `(..., 2)` for normalised features."""
+        return self.net(features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Log multipliers clamped to [log 0.1, log 10], straight-through outside the bounds."""
+        z = self.raw(features)
+        return z + (z.clamp(-LOG_BOUND, LOG_BOUND) - z).detach()
+
+    @torch.no_grad()
+    def predict(self, state: TrainingState) -> tuple[float, float]:
+        """`(lr multiplier, radius multiplier)` for one training state (does not update statistics)."""
+        a = self(self.norm(state.features()))
+        return math.exp(a[0].item()), math.exp(a[1].item())
+
+    def predict_learning_rate(self, state: TrainingState) -> float:
+        """The design document's API: the learning-rate multiplier for `state`."""
+        return self.predict(state)[0]
+
+    def predict_trust_radius(self, state: TrainingState) -> float:
+        """The trust-radius multiplier for `state`."""
+        return self.predict(state)[1]
+
+    @staticmethod
+    def bound_penalty(z: torch.Tensor) -> torch.Tensor:
+        """Quadratic pull back inside [-log 10, log 10] for raw outputs beyond the bounds."""
+        return (torch.relu(z.abs() - LOG_BOUND) ** 2).sum()
