@@ -46,10 +46,9 @@ def test_distill_prints_seed_lines_saves_student_and_reports(tiny_teacher, corpu
 
 def test_seed_shim_runs_the_same_command():
     shim = Path(__file__).parents[1] / "distillation.py"
-    proc = subprocess.run([sys.executable, str(shim), "--hybrid", "--epochs", "20"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(shim), "--hybrid", "--epochs", "0"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("hybridopt: error: --hybrid is not available yet (it comes with issue 5, "
-                                   "the hybrid optimizer); run without it")
+    assert proc.stderr.strip() == "hybridopt: error: --epochs must be positive, got 0"
 
 
 def _bad(argv, capsys, match):
@@ -68,7 +67,7 @@ def test_bad_numbers(capsys, tmp_path):
     _bad(["distill", "--batch_size", "-4"], capsys, "--batch_size must be positive")
     _bad(["distill", "--epochs", "two"], capsys, "invalid int value")
     _bad(["distill", "--student_heads", "3"], capsys, "must divide --student_hidden")
-    _bad(["distill", "--hybrid"], capsys, "--hybrid is not available yet")
+    _bad(["distill", "--hybrid", "--trust_radius", "0"], capsys, "--trust_radius must be positive")
     _bad(["distill", "--data_clusters", "8"], capsys, "--data_clusters is not available yet")
     _bad(["distill", "--bits", "3"], capsys, "--bits: unsupported weight bit width 3")
     _bad(["distill", "--ternary", "--bits", "4"], capsys, "--ternary conflicts with --bits 4")
@@ -108,3 +107,20 @@ def test_process_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"hybridopt: error: --data path '{tmp_path / 'x.txt'}' does not exist"
+
+
+def test_hybrid_prints_trust_radius_and_the_summary_block(tiny_teacher, corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--hybrid", "--no-baseline", "--save_metrics")) == 0
+    stdout = capsys.readouterr().out
+    lines = [line for line in stdout.splitlines() if line.startswith("Epoch ")]
+    assert len(lines) == 3
+    assert all(re.match(r"^Epoch \d+, Loss: \d+\.\d{6}, LR: \d+\.\d{6}, Trust Radius: \d+\.\d{6}", ln) for ln in lines)
+    block = stdout[stdout.index("HYBRID OPTIMIZATION SUMMARY"):]
+    summary = json.loads((out / "results.json").read_text())["student"]["hybrid"]
+    assert f"Total Steps: {summary['total_steps']}\n" in block and summary["total_steps"] == 15
+    assert f"Avg Learning Rate Multiplier: {summary['avg_lr_multiplier']:.2f}x" in block
+    assert f"Constraint Activation Rate: {100 * summary['constraint_activation_rate']:.1f}%" in block
+    with open(out / "metrics_steps.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"lr_mult", "trust_radius", "clipped"} <= set(rows[0]) and rows[-1]["lr_mult"] != ""

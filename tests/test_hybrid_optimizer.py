@@ -18,7 +18,8 @@ def _regression(lr, steps=400, seed=0, **kw):
     y = X @ torch.randn(20, 1, generator=g) + 0.1 * torch.randn(2000, 1, generator=g)
     torch.manual_seed(seed)
     model = torch.nn.Linear(20, 1)
-    opt = HybridOptimizer(model.parameters(), lr=lr, **kw)
+    # A controller rate of 1e-2 lets the log-multiplier move about 1e-2 per step: 10x within 400 steps.
+    opt = HybridOptimizer(model.parameters(), lr=lr, **{"controller_lr": 1e-2, **kw})
     for _ in range(steps):
         idx = torch.randint(0, 2000, (32,), generator=g)
         loss = torch.nn.functional.mse_loss(model(X[idx]), y[idx])

@@ -64,9 +64,14 @@ class TrainConfig:
     eval_every: int = _arg(5, "evaluate on the validation split every N epochs (and after the last)")
     seed: int = _arg(0, "random seed for initialisation, shuffling and everything else")
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto", choices=None)
+    hybrid: bool = _arg(False, "use the hybrid optimizer: Adam with a meta-learned learning-rate multiplier and trust region")
+    trust_radius: float = _arg(0.1, "with --hybrid: initial trust radius, relative to the parameter norm")
+    trust_region: bool = _arg(True, "with --hybrid: bound each update's norm by the trust radius; --no-trust_region turns it off")
+    adapt_radius: bool = _arg(False, "with --hybrid: also adapt the radius from actual vs predicted loss decrease (the design document's rule; noisy on minibatches)")
+    controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the auxiliary network (the design document's 1e-3; bounds how fast the multipliers move, about this much in log space per step)")
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "seq_len", "lr", "eval_every"):
+        for name in ("epochs", "batch_size", "seq_len", "lr", "eval_every", "trust_radius", "controller_lr"):
             _positive(name, getattr(self, name))
         if self.max_steps_per_epoch < 0:
             raise UserError(f"--max_steps_per_epoch must be 0 (full pass) or positive, got {self.max_steps_per_epoch}")
@@ -103,7 +108,6 @@ class DistillConfig(TrainConfig, StudentConfig):
     quantize_head: bool = _arg(False, "also quantize the LM head (embeddings always stay in higher precision)")
     export_dtype: str = _arg("float16", "dtype of the tensors the export does not pack (embeddings, norms, head)", choices=["float16", "float32"])
     # The seed's later features: accepted so the seed's command lines parse, refused until they land.
-    hybrid: bool = _arg(False, "use the hybrid optimizer (not available yet)", pending="issue 5, the hybrid optimizer")
     data_clusters: int | None = _arg(None, "number of k-means data clusters (not available yet)", pending="issue 6, data clustering")
     param_clusters: int | None = _arg(None, "number of parameter clusters for mixed precision (not available yet)", pending="issue 6, parameter clustering")
 

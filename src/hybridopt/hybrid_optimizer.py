@@ -77,7 +77,7 @@ class HybridOptimizer(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, base: str = "adam", use_controller: bool = True,
                  learn_controller: bool = True, use_trust_region: bool = True, trust_radius: float = 0.1,
-                 trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-2,
+                 trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-3,
                  controller_hidden: int = 16, trace_decay: float = 0.9, signal_ema: float = 0.9,
                  num_clusters: int = 0):
         if lr <= 0 or trust_radius <= 0:

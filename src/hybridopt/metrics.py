@@ -8,8 +8,9 @@ from pathlib import Path
 
 from hybridopt.checkpoint import atomic_write
 
-STEP_FIELDS = ("step", "epoch", "loss", "ce", "kl", "lr", "grad_norm", "tokens", "elapsed_s")
-EPOCH_FIELDS = ("epoch", "step", "loss", "lr", "val_loss", "val_ppl", "elapsed_s")
+STEP_FIELDS = ("step", "epoch", "loss", "ce", "kl", "lr", "grad_norm", "tokens", "elapsed_s", "lr_mult",
+               "trust_radius", "clipped")
+EPOCH_FIELDS = ("epoch", "step", "loss", "lr", "val_loss", "val_ppl", "elapsed_s", "lr_mult", "trust_radius")
 
 
 class MetricsLogger:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from hybridopt.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from hybridopt.config import TrainConfig
 from hybridopt.dataset import TokenBlocks
+from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.losses import kd_loss
 from hybridopt.metrics import MetricsLogger
 from hybridopt.sampler import ShuffledBatchSampler
@@ -75,10 +76,13 @@ class DistillRecipe:
         cfg = self.cfg
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.95),
-        )
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.hybrid:
+            self.optimizer = HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), use_trust_region=cfg.trust_region,
+                                             trust_radius=cfg.trust_radius, adapt_radius=cfg.adapt_radius,
+                                             controller_lr=cfg.controller_lr)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
         self.sampler = ShuffledBatchSampler(len(self.train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -144,7 +148,10 @@ class DistillRecipe:
                     else:
                         loss.backward()
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-                        self.optimizer.step()
+                        if cfg.hybrid:
+                            self.optimizer.step(loss=loss.item())
+                        else:
+                            self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                         self.epoch_loss_sum += loss.item()
                         self.epoch_loss_steps += 1
@@ -157,9 +164,9 @@ class DistillRecipe:
                     if self.metrics:
                         self.metrics.log("step", {
                             "step": self.global_step, "epoch": self.epoch + 1, "loss": loss.item(),
-                            "ce": parts["ce"].item(), "kl": parts["kl"].item(), "lr": lr, "grad_norm": grad_norm,
-                            "tokens": self.global_step * cfg.batch_size * cfg.seq_len,
-                            "elapsed_s": self.elapsed + time.perf_counter() - start,
+                            "ce": parts["ce"].item(), "kl": parts["kl"].item(), "lr": lr * self.lr_multiplier(),
+                            "grad_norm": grad_norm, "tokens": self.global_step * cfg.batch_size * cfg.seq_len,
+                            "elapsed_s": self.elapsed + time.perf_counter() - start, **self.hybrid_metrics(),
                         })
                 self.elapsed += time.perf_counter() - start
                 self._end_epoch()
@@ -176,9 +183,11 @@ class DistillRecipe:
         self.step_in_epoch = 0
         mean_loss = self.epoch_loss_sum / max(1, self.epoch_loss_steps)
         self.epoch_loss_sum, self.epoch_loss_steps = 0.0, 0
-        lr = self.scheduler.get_last_lr()[0]
-        row = {"epoch": self.epoch, "step": self.global_step, "loss": mean_loss, "lr": lr}
+        lr = self.scheduler.get_last_lr()[0] * self.lr_multiplier()
+        row = {"epoch": self.epoch, "step": self.global_step, "loss": mean_loss, "lr": lr, **self.hybrid_metrics()}
         line = f"{self.prefix}Epoch {self.epoch}, Loss: {mean_loss:.6f}, LR: {lr:.6f}"
+        if self.cfg.hybrid:
+            line += f", Trust Radius: {row['trust_radius']:.6f}"
         if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
             ev = self.evaluate()
             row.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
@@ -189,6 +198,16 @@ class DistillRecipe:
         if self.metrics:
             self.metrics.log("epoch", row)
         self.save_checkpoint()
+
+    def lr_multiplier(self) -> float:
+        """The hybrid controller's current learning-rate multiplier (1 for AdamW)."""
+        return self.optimizer.hybrid["lr_mult"] if self.cfg.hybrid else 1.0
+
+    def hybrid_metrics(self) -> dict:
+        if not self.cfg.hybrid:
+            return {}
+        s = self.optimizer.summary()
+        return {"lr_mult": s["lr_multiplier"], "trust_radius": s["trust_radius"], "clipped": int(self.optimizer.hybrid["clipped"])}
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()

@@ -118,6 +118,8 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
         names = _quantize(student, qcfg)
         print(f"Replaced {len(names)} Linear modules with QATLinear ({qcfg.describe()}; post-training quantization)")
     student_eval = recipe.evaluate()
+    if cfg.hybrid:
+        print(hybrid_summary(recipe))
     student.save_pretrained(out / "student", safe_serialization=True)
     tokenizer.save_pretrained(out / "student")
 
@@ -126,7 +128,8 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
         "teacher": {**teacher_eval, "path": str(teacher_dir), "parameters": num_parameters(teacher)},
         "student": {**student_eval, "parameters": num_parameters(student), "path": str(out / "student"),
                     "steps": recipe.global_step, "skipped_steps": recipe.skipped_steps,
-                    "train_seconds": recipe.elapsed, "history": recipe.history},
+                    "train_seconds": recipe.elapsed, "history": recipe.history,
+                    **({"hybrid": recipe.optimizer.summary()} if cfg.hybrid else {})},
         "config": config_dict,
     }
     if quant_report:
@@ -176,6 +179,21 @@ def _run_baseline(cfg, s_config, qcfg, train, val, out, device, resuming, metric
     if qcfg and not cfg.qat:
         _quantize(baseline, qcfg)
     return {**base.evaluate(), "steps": base.global_step, "train_seconds": base.elapsed, "history": base.history}
+
+
+def hybrid_summary(recipe: DistillRecipe) -> str:
+    """The design document's summary block, every figure from this run."""
+    s = recipe.optimizer.summary()
+    bar = "=" * 60
+    return "\n".join([
+        bar, "HYBRID OPTIMIZATION SUMMARY", bar,
+        f"Total Steps: {s['total_steps']}",
+        f"Final Loss: {recipe.history[-1]['loss']:.6f}",
+        f"Avg Learning Rate Multiplier: {s['avg_lr_multiplier']:.2f}x",
+        f"Constraint Activation Rate: {100 * s['constraint_activation_rate']:.1f}%",
+        f"Final Trust Radius: {s['trust_radius']:.6f}",
+        bar,
+    ])
 
 
 def quant_config(cfg: DistillConfig) -> QATConfig | None:

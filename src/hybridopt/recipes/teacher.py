@@ -24,9 +24,20 @@ from hybridopt.utils import cache_dir, resolve_device, seed_everything
 INFO_NAME = "teacher_info.json"
 
 
+# Settings that change the trained teacher. New settings join this list only when they are not at a
+# default that reproduces older teachers, so adding a flag does not retrain everybody's default teacher.
+_KEY_FIELDS = ("data", "vocab_size", "hidden", "layers", "intermediate", "heads", "context", "val_fraction", "epochs",
+               "max_steps_per_epoch", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+               "grad_clip", "seed")
+
+
 def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
-    """Cache entry of a teacher: named by its corpus and its training config."""
-    cfg_hash = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    """Cache entry of a teacher: named by its corpus and the settings that shape it."""
+    values = asdict(cfg)
+    key = {k: values[k] for k in _KEY_FIELDS}
+    if cfg.hybrid:
+        key.update({k: values[k] for k in ("hybrid", "trust_radius", "trust_region", "adapt_radius", "controller_lr")})
+    cfg_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return cache_dir() / "teachers" / f"teacher-{fingerprint[:8]}-{cfg_hash}"
 
 

@@ -1,0 +1,136 @@
+"""The design document's API (`hybrid_optimization.py`), thin over `HybridOptimizer`.
+
+    config = HybridTrainingConfig(base_learning_rate=1e-3)
+    manager = HybridOptimizationManager(config)
+    for step, (batch, cluster_id) in enumerate(loader):
+        loss = model(**batch).loss
+        loss.backward()
+        metrics = manager.optimization_step(model, loss, None, cluster_id, step)
+        model.zero_grad()
+    print(manager.summary_text())
+
+Every switch really switches its component off: `use_auxiliary_nn=False` fixes the multipliers at 1,
+`use_trust_region=False` removes the bound, `use_clustering=False` hides the batch's cluster from the
+controller, `use_quantization=False` keeps full-precision linears (True swaps them for `QATLinear` at
+`target_bits` on the first step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hybridopt.controller import AuxiliaryNN, TrainingState  # noqa: F401  (re-exported for seed users)
+from hybridopt.hybrid_optimizer import HybridOptimizer
+from hybridopt.qat import QATConfig, qat_layers, quantize_
+
+
+@dataclass
+class HybridTrainingConfig:
+    """The design document's configuration, with its field names.
+
+    Defaults differ from the document where a measurement says so: `initial_trust_radius` is relative to
+    the parameter norm (0.1), `trust_radius_adaptation` is off (noisy on minibatches, see
+    `HybridOptimizer`).
+    """
+
+    use_quantization: bool = True
+    use_clustering: bool = True
+    use_auxiliary_nn: bool = True
+    use_trust_region: bool = True
+    data_clusters: int = 8
+    parameter_clusters: int = 4
+    initial_trust_radius: float = 0.1
+    trust_radius_adaptation: bool = False
+    base_learning_rate: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    target_bits: float = 1.58
+    quantizer_scale: float = 1.0
+    auxiliary_nn_hidden_size: int = 16
+    auxiliary_nn_learning_rate: float = 0.001
+
+    def __post_init__(self):
+        if self.quantizer_scale != 1.0:
+            raise ValueError("quantizer_scale other than 1.0 is not supported: scales are absmean/absmax per channel")
+
+
+class HybridOptimizationManager:
+    """Orchestrates QAT, the controller and the trust region for a model, one `optimization_step` at a time."""
+
+    def __init__(self, config: HybridTrainingConfig):
+        self.config = config
+        self.optimizer: HybridOptimizer | None = None
+        self.model: torch.nn.Module | None = None
+
+    def prepare(self, model: torch.nn.Module) -> HybridOptimizer:
+        """Swap in QAT layers (if asked) and build the optimizer; called by the first step."""
+        c = self.config
+        if c.use_quantization and not qat_layers(model):
+            quantize_(model, QATConfig(bits=c.target_bits))
+        self.model = model
+        self.optimizer = HybridOptimizer(
+            model.parameters(), lr=c.base_learning_rate, betas=(c.momentum, 0.999), weight_decay=c.weight_decay,
+            use_controller=c.use_auxiliary_nn, use_trust_region=c.use_trust_region,
+            trust_radius=c.initial_trust_radius, adapt_radius=c.trust_radius_adaptation,
+            controller_lr=c.auxiliary_nn_learning_rate, controller_hidden=c.auxiliary_nn_hidden_size,
+            num_clusters=c.data_clusters if c.use_clustering else 0)
+        return self.optimizer
+
+    def optimization_step(self, model: torch.nn.Module, loss: torch.Tensor | float,
+                          gradients: list[torch.Tensor] | None = None, cluster_id: int | None = None,
+                          step: int | None = None) -> dict:
+        """Apply one update from `gradients` (default: the parameters' `.grad`); return its metrics."""
+        if self.optimizer is None or model is not self.model:
+            self.prepare(model)
+        if gradients is not None:
+            for p, g in zip(model.parameters(), gradients):
+                p.grad = g
+        self.optimizer.set_cluster(cluster_id if self.config.use_clustering else None)
+        loss_value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        self.optimizer.step(loss=loss_value)
+        s = self.optimizer.summary()
+        lr = self.optimizer.param_groups[0]["lr"] * s["lr_multiplier"]
+        return {"step": s["total_steps"] if step is None else step, "loss": loss_value, "learning_rate": lr,
+                "lr_multiplier": s["lr_multiplier"], "trust_radius": s["trust_radius"],
+                "constraint_active": bool(self.optimizer.hybrid["clipped"])}
+
+    def summary_text(self) -> str:
+        """The design document's summary block."""
+        s = self.optimizer.summary()
+        bar = "=" * 60
+        return "\n".join([bar, "HYBRID OPTIMIZATION SUMMARY", bar, f"Total Steps: {s['total_steps']}",
+                          f"Avg Learning Rate Multiplier: {s['avg_lr_multiplier']:.2f}x",
+                          f"Constraint Activation Rate: {100 * s['constraint_activation_rate']:.1f}%",
+                          f"Final Trust Radius: {s['trust_radius']:.6f}", bar])
+
+
+class ConstrainedOptimizer:
+    """Momentum updates bounded by an absolute trust radius: `||delta theta||_2 <= constraint_radius`.
+
+    Thin over `HybridOptimizer(base="sgd")` with the controller off; the radius given per call is
+    converted to the optimizer's parameter-relative radius.
+    """
+
+    def __init__(self, parameters, momentum: float = 0.9):
+        self.params = list(parameters)
+        self._opt = HybridOptimizer(self.params, lr=1.0, betas=(momentum, 0.0), base="sgd", use_controller=False)
+
+    def step(self, parameters=None, gradients: list[torch.Tensor] | None = None, learning_rate: float = 1e-3,
+             constraint_radius: float = 0.01) -> dict:
+        """One constrained step; returns the update norm and whether the constraint was active."""
+        params = list(parameters) if parameters is not None else self.params
+        assert [id(p) for p in params] == [id(p) for p in self.params], "pass the parameters given at construction"
+        if gradients is not None:
+            for p, g in zip(params, gradients):
+                p.grad = g
+        before = [p.detach().clone() for p in params]
+        pnorm = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in params))
+        self._opt.param_groups[0]["lr"] = learning_rate
+        self._opt.hybrid["radius"] = constraint_radius / max(pnorm, 1e-3)
+        self._opt.step()
+        norm = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(params, before)))
+        return {"update_norm": norm, "constraint_active": bool(self._opt.hybrid["clipped"]),
+                "constraint_radius": constraint_radius}

@@ -1,0 +1,47 @@
+"""HybridOptimizer as a drop-in where PyTorch users put optimizers."""
+
+import pytest
+import torch
+
+from hybridopt.hybrid_optimizer import HybridOptimizer
+
+
+def test_hugging_face_trainer_accepts_it(tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16))
+    data = [{"input_ids": torch.randint(0, 64, (12,)), "labels": None} for _ in range(32)]
+    for row in data:
+        row["labels"] = row["input_ids"].clone()
+    opt = HybridOptimizer(model.parameters(), lr=3e-3)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=12, report_to=[],
+                             logging_steps=100, save_strategy="no", use_cpu=True, disable_tqdm=True)
+    result = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train()
+    assert result.global_step == 12
+    assert opt.summary()["total_steps"] == 12
+
+
+def test_lightning_configure_optimizers():
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.layer(x), y)
+
+        def configure_optimizers(self):
+            return HybridOptimizer(self.parameters(), lr=1e-2)
+
+    x = torch.randn(64, 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    module = Module()
+    pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               accelerator="cpu").fit(module, loader)
+    assert module.optimizers().optimizer.summary()["total_steps"] == 8
