@@ -45,3 +45,21 @@ def test_lightning_configure_optimizers():
     pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                accelerator="cpu").fit(module, loader)
     assert module.optimizers().optimizer.summary()["total_steps"] == 8
+
+
+def test_grad_scaler_steps_after_unscaling():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = HybridOptimizer(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(16, 4)
+    before = model.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt, loss=loss.item())
+        scaler.update()
+    assert opt.summary()["total_steps"] == 3
+    # Unscaled: the first Adam step moves each weight by about lr, not by lr times the scale.
+    assert (model.weight.detach() - before).abs().max() < 0.05

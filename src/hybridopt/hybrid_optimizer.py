@@ -24,6 +24,11 @@ Two fixes make this usable on minibatches:
   learning rate shared by the last ~1/(1-\gamma) steps: h_t = g_t \cdot s_{t-1};
 * noise and scale: h_t is normalised to a cosine, cos(g_t, s_{t-1}) in [-1, 1], and smoothed by an EMA.
 
+  Measured on the noisy regression of the tests (400 steps, start lr 0.03, near the best fixed rate):
+  the trace (gamma 0.9) ends at loss 0.0094 with multiplier 0.15, the one-step rule (gamma 0) at 0.0097
+  with 0.45; from lr 1e-3 and 1.0 both reach the bounds alike. On the default distillation run the
+  controller still drifts below 1 (see the README): the trace damps the bias, it does not remove it.
+
 Steps on which the trust region clipped the update are *masked* for the learning-rate head (the
 learning rate did not set the step length, so it gets neither credit nor blame); their signal trains
 the radius head instead (\partial L / \partial a_{t-1,2} = the same cosine while the constraint binds).
