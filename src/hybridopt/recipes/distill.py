@@ -139,15 +139,17 @@ class DistillRecipe:
                 for indices in self.sampler:
                     input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
                     loss, parts = self._loss_step(input_ids, labels)
-                    if not torch.isfinite(loss):
+                    grad_norm = float("nan")
+                    if torch.isfinite(loss):
+                        loss.backward()
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+                    if not math.isfinite(grad_norm):
                         # A poisoned batch must not reach the weights: skip it and keep the schedule.
                         self.optimizer.zero_grad(set_to_none=True)
                         self.skipped_steps += 1
-                        tqdm.write(f"{self.prefix}warning: non-finite loss at step {self.global_step}; step skipped")
-                        grad_norm = float("nan")
+                        tqdm.write(f"{self.prefix}warning: non-finite loss or gradient at step {self.global_step}; "
+                                   "step skipped")
                     else:
-                        loss.backward()
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
                         if cfg.hybrid:
                             self.optimizer.step(loss=loss.item())
                         else:
