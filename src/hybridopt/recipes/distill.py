@@ -80,7 +80,7 @@ class DistillRecipe:
         if cfg.hybrid:
             self.optimizer = HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), use_trust_region=cfg.trust_region,
                                              trust_radius=cfg.trust_radius, adapt_radius=cfg.adapt_radius,
-                                             controller_lr=cfg.controller_lr)
+                                             controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
         self.sampler = ShuffledBatchSampler(len(self.train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
