@@ -90,7 +90,11 @@ class AuxiliaryNN(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Log multipliers clamped to [log 0.1, log 10], straight-through outside the bounds."""
-        z = self.raw(features)
+        return self.clamp(self.raw(features))
+
+    @staticmethod
+    def clamp(z: torch.Tensor) -> torch.Tensor:
+        """Clamp raw outputs to the bounds in the forward pass, identity gradient (it never sticks)."""
         return z + (z.clamp(-LOG_BOUND, LOG_BOUND) - z).detach()
 
     @torch.no_grad()

@@ -97,14 +97,21 @@ class HybridOptimizationManager:
                 "lr_multiplier": s["lr_multiplier"], "trust_radius": s["trust_radius"],
                 "constraint_active": bool(self.optimizer.hybrid["clipped"])}
 
-    def summary_text(self) -> str:
+    def summary_text(self, final_loss: float | None = None) -> str:
         """The design document's summary block."""
-        s = self.optimizer.summary()
-        bar = "=" * 60
-        return "\n".join([bar, "HYBRID OPTIMIZATION SUMMARY", bar, f"Total Steps: {s['total_steps']}",
-                          f"Avg Learning Rate Multiplier: {s['avg_lr_multiplier']:.2f}x",
-                          f"Constraint Activation Rate: {100 * s['constraint_activation_rate']:.1f}%",
-                          f"Final Trust Radius: {s['trust_radius']:.6f}", bar])
+        return format_summary(self.optimizer.summary(), final_loss)
+
+
+def format_summary(summary: dict, final_loss: float | None = None) -> str:
+    """The design document's `HYBRID OPTIMIZATION SUMMARY` block from `HybridOptimizer.summary()`."""
+    bar = "=" * 60
+    lines = [bar, "HYBRID OPTIMIZATION SUMMARY", bar, f"Total Steps: {summary['total_steps']}"]
+    if final_loss is not None:
+        lines.append(f"Final Loss: {final_loss:.6f}")
+    lines += [f"Avg Learning Rate Multiplier: {summary['avg_lr_multiplier']:.2f}x",
+              f"Constraint Activation Rate: {100 * summary['constraint_activation_rate']:.1f}%",
+              f"Final Trust Radius: {summary['trust_radius']:.6f}", bar]
+    return "\n".join(lines)
 
 
 class ConstrainedOptimizer:

@@ -141,7 +141,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         if not (self.use_controller and self.learn_controller) or h["prev_features"] is None:
             return
         z = self.controller.raw(torch.tensor(h["prev_features"]))
-        a = z + (z.clamp(-math.log(10), math.log(10)) - z).detach()
+        a = AuxiliaryNN.clamp(z)
         # Masking: a clipped step credits the radius head, an unclipped one the learning-rate head.
         head = 1 if (h["clipped"] and self.use_trust_region) else 0
         surrogate = h["signal"] * a[head] + AuxiliaryNN.bound_penalty(z)

@@ -13,6 +13,7 @@ from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
 from hybridopt.config import DistillConfig
 from hybridopt.errors import UserError
 from hybridopt.export import export_packed
+from hybridopt.hybrid_optimization import format_summary
 from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.recipes.data import corpus_documents, token_splits
 from hybridopt.qat import QATConfig, quantize_
@@ -119,7 +120,7 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
         print(f"Replaced {len(names)} Linear modules with QATLinear ({qcfg.describe()}; post-training quantization)")
     student_eval = recipe.evaluate()
     if cfg.hybrid:
-        print(hybrid_summary(recipe))
+        print(format_summary(recipe.optimizer.summary(), final_loss=recipe.history[-1]["loss"]))
     student.save_pretrained(out / "student", safe_serialization=True)
     tokenizer.save_pretrained(out / "student")
 
@@ -179,21 +180,6 @@ def _run_baseline(cfg, s_config, qcfg, train, val, out, device, resuming, metric
     if qcfg and not cfg.qat:
         _quantize(baseline, qcfg)
     return {**base.evaluate(), "steps": base.global_step, "train_seconds": base.elapsed, "history": base.history}
-
-
-def hybrid_summary(recipe: DistillRecipe) -> str:
-    """The design document's summary block, every figure from this run."""
-    s = recipe.optimizer.summary()
-    bar = "=" * 60
-    return "\n".join([
-        bar, "HYBRID OPTIMIZATION SUMMARY", bar,
-        f"Total Steps: {s['total_steps']}",
-        f"Final Loss: {recipe.history[-1]['loss']:.6f}",
-        f"Avg Learning Rate Multiplier: {s['avg_lr_multiplier']:.2f}x",
-        f"Constraint Activation Rate: {100 * s['constraint_activation_rate']:.1f}%",
-        f"Final Trust Radius: {s['trust_radius']:.6f}",
-        bar,
-    ])
 
 
 def quant_config(cfg: DistillConfig) -> QATConfig | None:
