@@ -58,7 +58,7 @@ def _add_field(parser, f, hint, defaults) -> None:
                             default=default, help=help_text)
         return
     kwargs = {"type": tp, "default": default,
-              "help": help_text + (f" (default: {default})" if default not in (None, []) else "")}
+              "help": help_text + (f" (default: {default})" if default not in (None, [], "") else "")}
     if "nargs" in meta:
         kwargs["nargs"] = meta["nargs"]
     if meta.get("nargs") == "?":
