@@ -23,6 +23,16 @@ def _positive(name: str, value: float | int | None) -> None:
         raise UserError(f"--{name} must be positive, got {value}")
 
 
+def _canonical_bits(bits: float) -> float:
+    """`--bits` as the quantizers name it (1.585 -> 1.58), or a user error."""
+    from hybridopt.quantizers import canonical_bits
+
+    try:
+        return canonical_bits(bits)
+    except ValueError as e:
+        raise UserError(f"--bits: {e}") from None
+
+
 @dataclass
 class StudentConfig:
     """Shape of the Llama-style student. Defaults are multiples of 256 (llama.cpp's ternary types need it)."""
@@ -137,12 +147,7 @@ class DistillConfig(TrainConfig, StudentConfig):
         if self.metrics_out:
             self.save_metrics = True
         if self.bits is not None:
-            from hybridopt.quantizers import canonical_bits
-
-            try:
-                self.bits = canonical_bits(self.bits)
-            except ValueError as e:
-                raise UserError(f"--bits: {e}") from None
+            self.bits = _canonical_bits(self.bits)
             if self.ternary and self.bits != 1.58:
                 raise UserError(f"--ternary conflicts with --bits {self.bits:g}; pass one of them")
         if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
@@ -230,10 +235,5 @@ class ExportConfig:
         if not self.model:
             raise UserError("--model is required: a run folder or a Hugging Face model folder")
         if self.bits is not None:
-            from hybridopt.quantizers import canonical_bits
-
-            try:
-                self.bits = canonical_bits(self.bits)
-            except ValueError as e:
-                raise UserError(f"--bits: {e}") from None
+            self.bits = _canonical_bits(self.bits)
         _positive("group_size", self.group_size)

@@ -192,11 +192,11 @@ class HybridOptimizer(torch.optim.Optimizer):
 
         updates = [self._direction(p, group) for p, group in pairs]  # u_t, before the trust region
         unorm = math.sqrt(sum(float(u.pow(2).sum()) for u in updates))
-        pnorm = math.sqrt(sum(float(p.pow(2).sum()) for p, _ in pairs))
         h["clipped"] = False
         if self.use_trust_region:
             mu = h["radius"] * h["radius_mult"]
             if self.trust_mode == "global":
+                pnorm = math.sqrt(sum(float(p.pow(2).sum()) for p, _ in pairs))
                 limit = mu * max(pnorm, 1e-3)
                 if unorm > limit:
                     torch._foreach_mul_(updates, limit / unorm)
@@ -210,9 +210,10 @@ class HybridOptimizer(torch.optim.Optimizer):
                         h["clipped"] = True
         h["active_steps"] += int(h["clipped"])
         h["lr_mult_sum"] += h["lr_mult"]
-        dot = sum(float(torch.vdot(g.flatten().float(), u.flatten().float())) for g, u in zip(grads, updates))
-        h["pred_decrease"] = -dot  # first-order predicted decrease of the loss
-        h["prev_loss"] = loss_value if math.isfinite(loss_value) else None
+        if self.adapt_radius and self.use_trust_region:  # the only reader of the predicted decrease
+            dot = sum(float(torch.vdot(g.flatten().float(), u.flatten().float())) for g, u in zip(grads, updates))
+            h["pred_decrease"] = -dot  # first-order predicted decrease of the loss
+            h["prev_loss"] = loss_value if math.isfinite(loss_value) else None
         for (p, _), u in zip(pairs, updates):
             p.add_(u)
             st = self.state[p]

@@ -11,7 +11,8 @@ from hybridopt.config import ExportConfig
 from hybridopt.errors import UserError
 from hybridopt.export import export_packed
 from hybridopt.generate import load_model
-from hybridopt.qat import QATConfig, quantize_
+from hybridopt.qat import QATConfig
+from hybridopt.recipes.pipeline import apply_quantization
 from hybridopt.recipes.quant_report import format_report, quantization_report, save_report
 
 
@@ -28,10 +29,7 @@ def export_student(cfg: ExportConfig) -> Path:
                      act_bits=cfg.act_bits or saved.get("act_bits"),
                      include_head=cfg.quantize_head or bool(saved.get("quantize_head")))
     model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
-    try:
-        names = quantize_(model, qcfg)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    names = apply_quantization(model, qcfg)
     out = Path(cfg.out) if cfg.out else (src / "export" if saved else src.with_name(src.name + "-packed"))
     path = export_packed(model, out, tokenizer, getattr(torch, cfg.export_dtype))
     report = quantization_report(model, fp_dir, out, None, 1, torch.device("cpu"), "QAT" if saved.get("qat") else "PTQ")

@@ -99,8 +99,7 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     print(f"Data: {desc}; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens, "
           f"sequences of {cfg.seq_len}")
     if qcfg and cfg.qat:
-        names = _quantize(student, qcfg)
-        print(f"Replaced {len(names)} Linear modules with QATLinear ({qcfg.describe()}; quantization-aware training)")
+        apply_quantization(student, qcfg, announce="quantization-aware training")
     teacher_eval = evaluate_lm(teacher, val, cfg.batch_size, device)
     print(f"Teacher validation loss {teacher_eval['loss']:.4f}, perplexity {teacher_eval['ppl']:.2f}")
 
@@ -116,8 +115,7 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     if recipe.epoch < cfg.epochs:
         return {"interrupted_at_epoch": recipe.epoch}
     if qcfg and not cfg.qat:
-        names = _quantize(student, qcfg)
-        print(f"Replaced {len(names)} Linear modules with QATLinear ({qcfg.describe()}; post-training quantization)")
+        apply_quantization(student, qcfg, announce="post-training quantization")
     student_eval = recipe.evaluate()
     if cfg.hybrid:
         print(format_summary(recipe.optimizer.summary(), final_loss=recipe.history[-1]["loss"]))
@@ -165,7 +163,7 @@ def _run_baseline(cfg, s_config, qcfg, train, val, out, device, resuming, metric
     """The same student, seed, data order, steps and quantization, without a teacher; None if interrupted."""
     baseline = build_model(s_config, cfg.seed).to(device)  # same initial weights as the student
     if qcfg and cfg.qat:
-        _quantize(baseline, qcfg)
+        apply_quantization(baseline, qcfg)
     base_dir = out / "baseline"
     base_dir.mkdir(exist_ok=True)
     base_metrics = metrics.with_name(f"{metrics.stem}_baseline.csv") if cfg.save_metrics else None
@@ -178,7 +176,7 @@ def _run_baseline(cfg, s_config, qcfg, train, val, out, device, resuming, metric
     if base.epoch < cfg.epochs:
         return None
     if qcfg and not cfg.qat:
-        _quantize(baseline, qcfg)
+        apply_quantization(baseline, qcfg)
     return {**base.evaluate(), "steps": base.global_step, "train_seconds": base.elapsed, "history": base.history}
 
 
@@ -190,11 +188,15 @@ def quant_config(cfg: DistillConfig) -> QATConfig | None:
                      include_head=cfg.quantize_head)
 
 
-def _quantize(model: torch.nn.Module, qcfg: QATConfig) -> list[str]:
+def apply_quantization(model: torch.nn.Module, qcfg: QATConfig, announce: str | None = None) -> list[str]:
+    """`quantize_` with user-facing errors; prints the "Replaced N Linear modules" line when `announce` is set."""
     try:
-        return quantize_(model, qcfg)
+        names = quantize_(model, qcfg)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if announce:
+        print(f"Replaced {len(names)} Linear modules with QATLinear ({qcfg.describe()}; {announce})")
+    return names
 
 
 def print_report(results: dict) -> None:

@@ -38,7 +38,7 @@ def quantization_report(model: torch.nn.Module, fp32_dir: Path, export_dir: Path
     keys = [f"{name}.weight" for name in layers]
     linear_fp32 = sum(fp32_bytes[k] for k in keys)
     linear_packed = sum(packed_bytes[f"{k}.packed"] + packed_bytes[f"{k}.scale"] for k in keys)
-    n_weights = sum(layers[k.removesuffix(".weight")].weight.numel() for k in keys)
+    n_weights = sum(m.weight.numel() for m in layers.values())
     fp32_file = (fp32_dir / "model.safetensors").stat().st_size
     packed_file = (export_dir / PACKED_NAME).stat().st_size
     errors = {name: relative_error(m.weight, m.bits, m.group_size) for name, m in layers.items()}
