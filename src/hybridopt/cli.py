@@ -149,7 +149,8 @@ def _inspect(cfg: InspectConfig) -> None:
     import json
     from pathlib import Path
 
-    from hybridopt.export import PACKED_NAME
+    from hybridopt.export import PACKED_NAME, read_packed
+    from hybridopt.precision_plan import PrecisionPlan
     from hybridopt.recipes.quant_report import REPORT_NAME, describe_export, format_report
 
     path = Path(cfg.path)
@@ -158,6 +159,10 @@ def _inspect(cfg: InspectConfig) -> None:
         raise UserError(f"'{path}' holds no packed export ({PACKED_NAME}); run distill with --qat, --ternary or --bits")
     print(f"{folder / PACKED_NAME}:")
     print(describe_export(folder / PACKED_NAME))
+    metadata, _ = read_packed(folder / PACKED_NAME)
+    if "precision_plan" in metadata:
+        print()
+        print(PrecisionPlan.from_json(metadata["precision_plan"]).format())
     if (folder / REPORT_NAME).is_file():
         print()
         print(format_report(json.loads((folder / REPORT_NAME).read_text())))

@@ -118,9 +118,14 @@ class DistillConfig(TrainConfig, StudentConfig):
     act_bits: int | None = _arg(None, "also quantize layer inputs to 8 bits per token (BitNet); only 8 is supported", choices=[8])
     quantize_head: bool = _arg(False, "also quantize the LM head (embeddings always stay in higher precision)")
     export_dtype: str = _arg("float16", "dtype of the tensors the export does not pack (embeddings, norms, head)", choices=["float16", "float32"])
-    # The seed's later features: accepted so the seed's command lines parse, refused until they land.
-    data_clusters: int | None = _arg(None, "number of k-means data clusters (not available yet)", pending="issue 6, data clustering")
-    param_clusters: int | None = _arg(None, "number of parameter clusters for mixed precision (not available yet)", pending="issue 6, parameter clustering")
+    # Clustering (the seed's --data_clusters / --param_clusters).
+    data_clusters: int | None = _arg(None, "cluster the training sequences into K groups (faiss k-means on teacher features) and sample batches by cluster; alone: 8", nargs="?", const=8)
+    cluster_sampling: str = _arg("proportional", "with --data_clusters: proportional (clusters in proportion to size, unbiased), balanced (equal per cluster, importance-weighted), single (one cluster per batch) or iid (ignore clusters)", choices=["proportional", "balanced", "single", "iid"])
+    param_clusters: int | None = _arg(None, "mixed precision: group the quantized layers into K sensitivity clusters (Fisher-weighted quantization error) and give each a width under --avg_bits; alone: 4", nargs="?", const=4)
+    avg_bits: float | None = _arg(None, "with --param_clusters: average stored bits per weight allowed (packed ternary costs 1.6); default the base width, e.g. 1.58 = all ternary")
+    plan_method: str = _arg("sensitivity", "with --param_clusters: sensitivity (the exact budgeted plan) or random (the plan's widths shuffled among layers: a control)", choices=["sensitivity", "random"])
+    plan_after_epochs: int = _arg(1, "with --param_clusters and --qat: full-precision epochs before the plan is measured and QAT starts (Fisher of a random network says little)")
+    calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information is estimated on")
 
     @property
     def weight_bits(self) -> float | None:
@@ -134,11 +139,7 @@ class DistillConfig(TrainConfig, StudentConfig):
     def __post_init__(self):
         TrainConfig.__post_init__(self)
         StudentConfig.__post_init__(self)
-        for f in fields(self):
-            pending = f.metadata.get("pending")
-            value = getattr(self, f.name)
-            if pending and value not in (None, False):
-                raise UserError(f"--{f.name} is not available yet (it comes with {pending}); run without it")
+        self._check_clusters()
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
         _positive("temperature", self.temperature)
@@ -153,6 +154,24 @@ class DistillConfig(TrainConfig, StudentConfig):
         if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
             raise UserError("--group_size, --act_bits and --quantize_head need --qat, --ternary or --bits")
         _positive("group_size", self.group_size)
+
+    def _check_clusters(self) -> None:
+        if self.data_clusters is not None and self.data_clusters < 2:
+            raise UserError(f"--data_clusters must be at least 2, got {self.data_clusters}")
+        if self.data_clusters is None and self.cluster_sampling != "proportional":
+            raise UserError("--cluster_sampling needs --data_clusters")
+        if self.param_clusters is None:
+            if self.avg_bits is not None or self.plan_method != "sensitivity":
+                raise UserError("--avg_bits and --plan_method need --param_clusters")
+            return
+        _positive("param_clusters", self.param_clusters)
+        _positive("calibration_batches", self.calibration_batches)
+        if self.weight_bits is None:
+            raise UserError("--param_clusters needs a quantized run: add --ternary (with --qat for QAT) or --bits")
+        if self.avg_bits is not None and self.avg_bits < self.weight_bits - 1e-9:
+            raise UserError(f"--avg_bits {self.avg_bits:g} is below the run's base width {self.weight_bits:g}")
+        if self.qat and not 0 <= self.plan_after_epochs < self.epochs:
+            raise UserError(f"--plan_after_epochs must lie in [0, --epochs), got {self.plan_after_epochs}")
 
 
 @dataclass

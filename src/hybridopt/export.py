@@ -13,6 +13,7 @@ The safetensors `__metadata__` header carries:
     config          the Hugging Face model config (JSON)
     quant           {"name.weight": {"bits", "shape", "group_size", "packing", "act_bits"}} (JSON)
     sha256          digest of every tensor's bytes in key order, to reject corrupted files
+    precision_plan  (mixed precision only) the sensitivity-clustered plan the widths came from (JSON)
 
 `config.json` and the tokenizer are written beside it so `hybridopt generate` needs nothing else.
 """
@@ -68,8 +69,11 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def export_packed(model: torch.nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
-                  dtype: torch.dtype = torch.float16) -> Path:
-    """Write `model` (with `QATLinear` layers) as a packed safetensors file; return its path."""
+                  dtype: torch.dtype = torch.float16, plan=None) -> Path:
+    """Write `model` (with `QATLinear` layers) as a packed safetensors file; return its path.
+
+    `plan` (a `PrecisionPlan`), when the widths came from one, is stored in the metadata for `inspect`.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = qat_layers(model)
@@ -94,6 +98,8 @@ def export_packed(model: torch.nn.Module, out_dir: str | Path, tokenizer: PreTra
         tensors[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json_string(),
                 "quant": json.dumps(quant), "dtype": str(dtype).removeprefix("torch."), "sha256": _digest(tensors)}
+    if plan is not None:
+        metadata["precision_plan"] = plan.to_json()
     path = out_dir / PACKED_NAME
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     model.config.save_pretrained(out_dir)

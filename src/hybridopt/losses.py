@@ -23,6 +23,7 @@ def kd_loss(
     teacher_logits: torch.Tensor | None = None,
     alpha: float = 0.5,
     temperature: float = 2.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Knowledge-distillation loss, averaged over tokens whose label is not `IGNORE_INDEX`.
 
@@ -32,11 +33,16 @@ def kd_loss(
         teacher_logits: `(B, T, V)` teacher logits, or None for plain cross-entropy.
         alpha: weight of the cross-entropy term.
         temperature: softmax temperature `T` of the KL term.
+        weights: `(B,)` per-sequence importance weights (cluster-balanced sampling); the loss is then
+            `sum_i w_i l_i / B` over sequences, `l_i` their token-mean losses, so that its expectation
+            under the sampler is the unweighted objective.
 
     Returns:
         `(loss, parts)` where `parts` holds the detached `ce` and `kl` terms (kl is the per-token
         KL at temperature `T`, before the `T^2` factor).
     """
+    if weights is not None:
+        return _weighted_kd_loss(student_logits, labels, teacher_logits, alpha, temperature, weights)
     V = student_logits.size(-1)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # half logits are upcast
     logits = student_logits.reshape(-1, V).to(dtype)  # (N, V)
@@ -56,5 +62,31 @@ def kd_loss(
         p_t = log_p_t.exp()
         neg_entropy = (p_t * log_p_t).sum(-1).mean()
     kl = F.cross_entropy(logits / temperature, p_t) + neg_entropy
+    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
+    return loss, {"ce": ce.detach(), "kl": kl.detach()}
+
+
+def _weighted_kd_loss(student_logits, labels, teacher_logits, alpha, temperature, weights):
+    """`kd_loss` with per-sequence weights: token-mean loss per sequence, then `mean(w_i * l_i)`."""
+    B, T, V = student_logits.shape
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    logits = student_logits.to(dtype)
+    mask = (labels != IGNORE_INDEX).to(dtype)  # (B, T)
+    tokens = mask.sum(1).clamp_min(1)  # (B,)
+    w = weights.to(dtype) / B
+
+    def reduce(per_token: torch.Tensor) -> torch.Tensor:  # (B, T) -> weighted scalar
+        return ((per_token * mask).sum(1) / tokens * w).sum()
+
+    ce_tok = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction="none").reshape(B, T)
+    ce = reduce(ce_tok)
+    if teacher_logits is None or alpha == 1.0:
+        return ce, {"ce": ce.detach(), "kl": ce.new_zeros(())}
+    with torch.no_grad():
+        log_p_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # (B, T, V)
+        p_t = log_p_t.exp()
+    kl_tok = (p_t * (log_p_t - F.log_softmax(logits / temperature, dim=-1))).sum(-1)  # (B, T)
+    kl = reduce(kl_tok)
     loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
     return loss, {"ce": ce.detach(), "kl": kl.detach()}

@@ -10,7 +10,8 @@ from hybridopt.checkpoint import atomic_write
 
 STEP_FIELDS = ("step", "epoch", "loss", "ce", "kl", "lr", "grad_norm", "tokens", "elapsed_s", "lr_mult",
                "trust_radius", "clipped")
-EPOCH_FIELDS = ("epoch", "step", "loss", "lr", "val_loss", "val_ppl", "elapsed_s", "lr_mult", "trust_radius")
+EPOCH_FIELDS = ("epoch", "step", "loss", "lr", "val_loss", "val_ppl", "elapsed_s", "lr_mult", "trust_radius",
+                "val_loss_worst_cluster", "val_loss_cluster_spread")
 
 
 class MetricsLogger:

@@ -26,21 +26,34 @@ class QATConfig:
         group_size: inputs per scale; None for one scale per output channel.
         act_bits: quantize the inputs of each QAT layer to this many bits per token (8), or None.
         include_head: also quantize the LM head.
+        layer_bits: per-layer widths overriding `bits` (a mixed-precision plan), by module name.
     """
 
     bits: float = TERNARY
     group_size: int | None = None
     act_bits: int | None = None
     include_head: bool = False
+    layer_bits: dict[str, float] | None = None
 
     def __post_init__(self):
         self.bits = canonical_bits(self.bits)
+        if self.layer_bits:
+            self.layer_bits = {n: canonical_bits(b) for n, b in self.layer_bits.items()}
         if self.act_bits not in (None, 8):
             raise ValueError(f"activation bits must be 8 or None, got {self.act_bits}")
 
     def describe(self) -> str:
-        name = "ternary (1.58-bit)" if self.bits == TERNARY else f"{int(self.bits)}-bit"
-        parts = [f"{name} weights", f"per group of {self.group_size}" if self.group_size else "per output channel"]
+        def name(b):
+            return "ternary (1.58-bit)" if b == TERNARY else f"{int(b)}-bit"
+
+        if self.layer_bits:
+            widths = sorted(set(self.layer_bits.values()))
+            mix = ", ".join(f"{name(b)} x{list(self.layer_bits.values()).count(b)}" for b in widths)
+            first = (f"{name(widths[0])} weights (precision plan)" if len(widths) == 1
+                     else f"mixed-precision weights ({mix})")
+        else:
+            first = f"{name(self.bits)} weights"
+        parts = [first, f"per group of {self.group_size}" if self.group_size else "per output channel"]
         if self.act_bits:
             parts.append(f"{self.act_bits}-bit activations")
         return ", ".join(parts)
@@ -62,13 +75,14 @@ class QATLinear(nn.Linear):
         return F.linear(x, fake_quantize_weight(self.weight, self.bits, self.group_size), self.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QATConfig) -> "QATLinear":
-        """A QAT layer sharing `linear`'s parameters (no copy: optimizers keep working)."""
+    def from_linear(cls, linear: nn.Linear, config: QATConfig, bits: float | None = None) -> "QATLinear":
+        """A QAT layer sharing `linear`'s parameters (no copy: optimizers keep working); `bits` overrides the config's."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
-        new.bits, new.group_size, new.act_bits = config.bits, config.group_size, config.act_bits
+        new.bits = canonical_bits(bits) if bits is not None else config.bits
+        new.group_size, new.act_bits = config.group_size, config.act_bits
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -95,6 +109,9 @@ def quantizable_linears(model: nn.Module, include_head: bool = False) -> list[st
 def quantize_(model: nn.Module, config: QATConfig) -> list[str]:
     """Swap the quantizable linears of `model` for `QATLinear`, in place.
 
+    Layers already swapped are left alone, unless `config.layer_bits` names them: then their width is
+    updated (a precision plan applied to a QAT model).
+
     Returns:
         The names of the replaced modules.
 
@@ -106,12 +123,15 @@ def quantize_(model: nn.Module, config: QATConfig) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
+        bits = (config.layer_bits or {}).get(name)
         if isinstance(linear, QATLinear):
+            if bits is not None:
+                linear.bits = bits
             continue
         if config.group_size and linear.in_features % config.group_size:
             raise ValueError(f"--group_size {config.group_size} does not divide the input width "
                              f"{linear.in_features} of {name}")
-        setattr(parent, child, QATLinear.from_linear(linear, config))
+        setattr(parent, child, QATLinear.from_linear(linear, config, bits))
     leftover = [n for n, m in model.named_modules() if type(m) is nn.Linear and n in names]
     assert not leftover, f"QAT left linears unquantized: {leftover}"
     return names

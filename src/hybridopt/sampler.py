@@ -51,3 +51,132 @@ class ShuffledBatchSampler(Sampler[list[int]]):
     def load_state_dict(self, state: dict) -> None:
         self.seed = state["seed"]
         self.set_epoch(state["epoch"], state["start_step"])
+
+
+SAMPLING_MODES = ("proportional", "balanced", "single", "iid")
+
+
+def randomized_rounding(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Integers `c` with `sum(c) == round(sum(x))` and `E[c] == x`, each `c_k` in `{floor(x_k), ceil(x_k)}`.
+
+    Systematic sampling of the fractional parts: one uniform offset `u`, and cluster `k` gets an extra
+    unit for every point `u + j` that falls in its slice of the cumulative fractions.
+    """
+    x = x.double()
+    base = x.floor()
+    cum = torch.cumsum(x - base, 0)
+    cum = torch.cat([cum.new_zeros(1), cum])
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    extra = torch.ceil(cum[1:] - u - 1e-9) - torch.ceil(cum[:-1] - u - 1e-9)
+    return (base + extra.clamp(0, 1)).long()
+
+
+class ClusterStratifiedBatchSampler(Sampler[list[int]]):
+    """Batches drawn cluster by cluster, so every batch covers the data's clusters as asked.
+
+    Modes (`p_k = |C_k| / N` is the size share of cluster k, `q_k` the expected share of the batch):
+
+    * `proportional`: `q_k = p_k`; per-batch counts by randomised rounding of `B p_k`, so the batch
+      loss stays an unbiased estimate of `L = sum_k p_k L_k` with unit weights.
+    * `balanced`: `q_k = 1/K`; every cluster equally represented; `example_weights` returns
+      `p_k / q_k` so the weighted batch mean is still unbiased for `L`.
+    * `single`: the whole batch from one cluster, drawn with probability `p_k` (unbiased, unit
+      weights, but higher gradient variance; kept as an ablation of the design document's rule).
+    * `iid`: clusters ignored, `B` examples uniformly without replacement.
+
+    Within a cluster, examples are drawn uniformly without replacement (with replacement only when a
+    cluster is smaller than its count). Batch `step` of `epoch` depends only on `(seed, epoch, step)`:
+    there is no state carried between batches, so a resumed run replays the exact same batches.
+    The sampler knows nothing about ranks; sharding across processes wraps it.
+
+    Args:
+        labels: cluster id of every training example, `(N,)`, ids in `[0, K)`.
+        batch_size: examples per batch.
+        seed: base seed.
+        mode: one of `SAMPLING_MODES`.
+        max_batches: batches per epoch; 0 or None for `N // batch_size`.
+    """
+
+    def __init__(self, labels, batch_size: int, seed: int, mode: str = "proportional",
+                 max_batches: int | None = None):
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        assert self.labels.dim() == 1 and len(self.labels) > 0 and batch_size > 0 and int(self.labels.min()) >= 0
+        self.num_items = len(self.labels)
+        self.batch_size = min(batch_size, self.num_items)
+        self.seed, self.mode = seed, mode
+        self.max_batches = max_batches or None
+        self.num_clusters = int(self.labels.max()) + 1
+        self.members = [torch.nonzero(self.labels == k).flatten() for k in range(self.num_clusters)]
+        self.sizes = torch.tensor([len(m) for m in self.members], dtype=torch.float64)
+        self.p = self.sizes / self.num_items
+        if mode == "balanced":
+            nonempty = self.sizes > 0
+            self.q = nonempty.double() / nonempty.sum()
+        else:
+            self.q = self.p.clone()
+        # p_k / q_k: 1 for every mode but `balanced` (0 for empty clusters, never drawn).
+        self.cluster_weights = torch.where(self.q > 0, self.p / self.q.clamp_min(1e-300), 0.0).float()
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        full = self.num_items // self.batch_size
+        return min(full, self.max_batches) if self.max_batches else full
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + step) % 2**63)
+
+    def counts(self, g: torch.Generator) -> torch.Tensor:
+        """Examples per cluster in one batch, `(K,)` summing to the batch size."""
+        if self.mode == "single":
+            k = int(torch.multinomial(self.p.float(), 1, generator=g))
+            c = torch.zeros(self.num_clusters, dtype=torch.long)
+            c[k] = self.batch_size
+            return c
+        return randomized_rounding(self.batch_size * self.q, g)
+
+    def batch_at(self, step: int) -> list[int]:
+        """The indices of batch `step` of the current epoch."""
+        g = self._generator(step)
+        if self.mode == "iid":
+            return torch.randperm(self.num_items, generator=g)[: self.batch_size].tolist()
+        out = []
+        for k, c in enumerate(self.counts(g).tolist()):
+            if c == 0:
+                continue
+            m = self.members[k]
+            pick = torch.randperm(len(m), generator=g)[:c] if c <= len(m) else torch.randint(len(m), (c,), generator=g)
+            out.append(m[pick])
+        return torch.cat(out).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, len(self)):
+            yield self.batch_at(step)
+
+    def example_weights(self, indices: list[int]) -> torch.Tensor:
+        """`p_k / q_k` of each example's cluster, `(B,)`: the weights that keep the batch mean unbiased."""
+        return self.cluster_weights[self.labels[torch.as_tensor(indices)]]
+
+    @property
+    def weighted(self) -> bool:
+        """Whether some example weight differs from 1 (only `balanced` over unequal clusters)."""
+        return bool((self.cluster_weights[self.q > 0] != 1).any())
+
+    def batch_cluster(self, indices: list[int]) -> int | None:
+        """The cluster of a cluster-pure batch, None for a mixed one."""
+        ks = self.labels[torch.as_tensor(indices)].unique()
+        return int(ks[0]) if len(ks) == 1 else None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed, "mode": self.mode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = state["seed"]
+        assert state.get("mode", self.mode) == self.mode, "resuming with a different sampling mode"
+        self.set_epoch(state["epoch"], state["start_step"])

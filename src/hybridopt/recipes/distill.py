@@ -21,7 +21,7 @@ from hybridopt.dataset import TokenBlocks
 from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.losses import kd_loss
 from hybridopt.metrics import MetricsLogger
-from hybridopt.sampler import ShuffledBatchSampler
+from hybridopt.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -51,12 +51,17 @@ class DistillRecipe:
         metrics_path: per-epoch metrics CSV, or None to write no metrics files.
         name: prefix of printed lines (empty for the main student).
         config_dict: the resolved run config, stored in every checkpoint.
+        train_clusters: cluster id of every training block, to sample batches by cluster; None for
+            plain shuffling.
+        val_clusters: cluster id of every validation block, to report validation loss per cluster.
+        sampling: `ClusterStratifiedBatchSampler` mode when `train_clusters` is given.
     """
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_data: TokenBlocks, val_data: TokenBlocks,
                  out_dir: Path, device: torch.device, teacher: torch.nn.Module | None = None, alpha: float = 1.0,
                  temperature: float = 1.0, metrics_path: Path | None = None, name: str = "",
-                 config_dict: dict | None = None):
+                 config_dict: dict | None = None, train_clusters=None, val_clusters=None,
+                 sampling: str = "proportional"):
         self.cfg = cfg
         self.model = model
         self.teacher = teacher
@@ -69,6 +74,7 @@ class DistillRecipe:
         self.metrics_path = metrics_path
         self.prefix = f"[{name}] " if name else ""
         self.config_dict = config_dict or asdict(cfg)
+        self.train_clusters, self.val_clusters, self.sampling = train_clusters, val_clusters, sampling
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False) -> None:
@@ -77,13 +83,18 @@ class DistillRecipe:
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.train_clusters is not None:
+            self.sampler = ClusterStratifiedBatchSampler(self.train_clusters, cfg.batch_size, cfg.seed, self.sampling,
+                                                         cfg.max_steps_per_epoch)
+        else:
+            self.sampler = ShuffledBatchSampler(len(self.train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
         if cfg.hybrid:
             self.optimizer = HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), use_trust_region=cfg.trust_region,
                                              trust_radius=cfg.trust_radius, adapt_radius=cfg.adapt_radius,
-                                             controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace)
+                                             controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace,
+                                             num_clusters=getattr(self.sampler, "num_clusters", 0))
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-        self.sampler = ShuffledBatchSampler(len(self.train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
@@ -110,13 +121,22 @@ class DistillRecipe:
             self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
 
     # ------------------------------------------------------------------ loop
-    def _loss_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def _loss_step(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         logits = self.model(input_ids=input_ids).logits  # (B, T, V)
         teacher_logits = None
         if self.teacher is not None and self.alpha < 1.0:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, T, V)
-        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature)
+        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights)
+
+    def batch_loss(self, indices: list[int]) -> tuple[torch.Tensor, dict]:
+        """The training objective on the blocks `indices` (importance-weighted when the sampler asks)."""
+        input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
+        weights = None
+        if getattr(self.sampler, "weighted", False):
+            weights = self.sampler.example_weights(indices).to(self.device)
+        return self._loss_step(input_ids, labels, weights)
 
     def train(self, stop_after_epoch: int | None = None) -> list[dict]:
         """Run the remaining epochs; return the per-epoch history.
@@ -137,8 +157,7 @@ class DistillRecipe:
                 self.sampler.set_epoch(self.epoch, self.step_in_epoch)
                 start = time.perf_counter()
                 for indices in self.sampler:
-                    input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
-                    loss, parts = self._loss_step(input_ids, labels)
+                    loss, parts = self.batch_loss(indices)
                     grad_norm = float("nan")
                     if torch.isfinite(loss):
                         loss.backward()
@@ -151,6 +170,8 @@ class DistillRecipe:
                                    "step skipped")
                     else:
                         if cfg.hybrid:
+                            if self.train_clusters is not None:
+                                self.optimizer.set_cluster(self.sampler.batch_cluster(indices))
                             self.optimizer.step(loss=loss.item())
                         else:
                             self.optimizer.step()
@@ -194,6 +215,14 @@ class DistillRecipe:
             ev = self.evaluate()
             row.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
             line += f", Val Loss: {ev['loss']:.6f}, Val PPL: {ev['ppl']:.2f}"
+            if "cluster_loss" in ev:
+                losses = ev["cluster_loss"]
+                seen = [k for k, v in enumerate(losses) if not math.isnan(v)]  # clusters with validation blocks
+                worst = max(seen, key=lambda k: losses[k])
+                spread = losses[worst] - min(losses[k] for k in seen)
+                row.update(val_loss_clusters=losses, val_loss_worst_cluster=losses[worst],
+                           val_loss_cluster_spread=spread)
+                line += f", worst cluster {worst}: {losses[worst]:.4f} (spread {spread:.4f})"
         row["elapsed_s"] = self.elapsed
         self.history.append(row)
         tqdm.write(line)
@@ -215,7 +244,7 @@ class DistillRecipe:
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Token-averaged cross-entropy and perplexity of `model` (default: the student) on the validation split."""
-        return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device)
+        return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device, self.val_clusters)
 
     # ------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
@@ -240,19 +269,37 @@ class DistillRecipe:
 
 
 @torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, data: TokenBlocks, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Cross-entropy (nats per token) and perplexity of a causal LM over every block of `data`."""
+def evaluate_lm(model: torch.nn.Module, data: TokenBlocks, batch_size: int, device: torch.device,
+                clusters=None) -> dict:
+    """Cross-entropy (nats per token) and perplexity of a causal LM over every block of `data`.
+
+    With `clusters` (the cluster of every block), also `cluster_loss`: the loss of each cluster's
+    blocks; their size-weighted mean is checked to equal the overall loss.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    per_block = []
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(start + batch_size, len(data))))
         input_ids, labels = (t.to(device) for t in data.batch(idx))
         logits = model(input_ids=input_ids).logits  # (B, T, V)
-        V = logits.size(-1)
-        total += torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), reduction="sum").item()
-        count += labels.numel()
+        B, T, V = logits.shape
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), reduction="none")
+        per_block.append(ce.reshape(B, T).double().sum(1).cpu())
     model.train(was_training)
-    loss = total / count
+    sums = torch.cat(per_block)  # (N,) summed loss of each block
+    count = len(data) * data.seq_len
+    loss = float(sums.sum()) / count
     ppl = math.exp(loss) if loss < 700 else float("inf")
-    return {"loss": loss, "ppl": ppl, "tokens": count}
+    result = {"loss": loss, "ppl": ppl, "tokens": count}
+    if clusters is not None:
+        labels = torch.as_tensor(clusters, dtype=torch.long)
+        k = int(labels.max()) + 1
+        blocks = torch.bincount(labels, minlength=k).double()
+        cluster_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, sums)
+        nonempty = blocks > 0
+        cluster_loss = torch.where(nonempty, cluster_sum / (blocks.clamp_min(1) * data.seq_len), float("nan"))
+        weighted = float((cluster_loss[nonempty] * blocks[nonempty]).sum() / blocks.sum())
+        assert math.isclose(weighted, loss, rel_tol=1e-9), f"per-cluster losses do not add up: {weighted} != {loss}"
+        result["cluster_loss"] = cluster_loss.tolist()
+    return result

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 
 from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
+from hybridopt.clustering import DataClusters, cluster_data, format_cluster_report
 from hybridopt.config import DistillConfig
 from hybridopt.errors import UserError
 from hybridopt.export import export_packed
 from hybridopt.hybrid_optimization import format_summary
 from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.recipes.data import corpus_documents, token_splits
-from hybridopt.qat import QATConfig, quantize_
+from hybridopt.precision_plan import PrecisionPlan, plan_for_model
+from hybridopt.qat import QATConfig, quantizable_linears, quantize_
 from hybridopt.recipes.distill import DistillRecipe, evaluate_lm
 from hybridopt.recipes.quant_report import format_report, quantization_report, save_report
 from hybridopt.recipes.teacher import ensure_default_teacher
-from hybridopt.utils import resolve_device, seed_everything
+from hybridopt.utils import cache_dir, resolve_device, seed_everything
 
 RUNS_ROOT = Path("hybridopt-runs")
 RUN_CONFIG = "run_config.json"
 RESULTS = "results.json"
+PLAN_NAME = "precision_plan.json"
 
 
 def resolve_out_dir(cfg: DistillConfig) -> tuple[Path, bool, DistillConfig]:
@@ -98,31 +101,39 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
           f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")
     print(f"Data: {desc}; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens, "
           f"sequences of {cfg.seq_len}")
-    if qcfg and cfg.qat:
+    if qcfg and cfg.qat and not cfg.param_clusters:
         apply_quantization(student, qcfg, announce="quantization-aware training")
-    teacher_eval = evaluate_lm(teacher, val, cfg.batch_size, device)
+    clusters = None
+    if cfg.data_clusters:
+        clusters = cluster_data(teacher, train, val, cfg.data_clusters, cfg.seed, cfg.batch_size, device,
+                                cache_dir() / "clusters")
+        print(format_cluster_report(clusters, train, tokenizer))
+        print(f"Cluster sampling: {cfg.cluster_sampling}")
+    teacher_eval = evaluate_lm(teacher, val, cfg.batch_size, device, clusters.val_labels if clusters else None)
     print(f"Teacher validation loss {teacher_eval['loss']:.4f}, perplexity {teacher_eval['ppl']:.2f}")
 
     metrics = Path(cfg.metrics_out) if cfg.metrics_out else out / "metrics.csv"
     recipe = DistillRecipe(cfg, student, train, val, out, device, teacher=teacher, alpha=cfg.alpha,
                            temperature=cfg.temperature, metrics_path=metrics if cfg.save_metrics else None,
-                           config_dict=config_dict)
+                           config_dict=config_dict, **_cluster_args(cfg, clusters))
     recipe.setup(resume=resuming and (out / CHECKPOINT_NAME).exists())
     print(f"Distilling: {cfg.epochs} epochs x {recipe.steps_per_epoch} steps, batch {cfg.batch_size}, "
           f"alpha {cfg.alpha}, temperature {cfg.temperature}")
-    recipe.train(stop_after_epoch)
+    plan = _train(recipe, cfg, qcfg, out, stop_after_epoch)
     recipe.cleanup()
     if recipe.epoch < cfg.epochs:
         return {"interrupted_at_epoch": recipe.epoch}
     if qcfg and not cfg.qat:
-        apply_quantization(student, qcfg, announce="post-training quantization")
+        if cfg.param_clusters:
+            plan = _plan(recipe, cfg, qcfg, out)
+        apply_quantization(student, _with_plan(qcfg, plan), announce="post-training quantization")
     student_eval = recipe.evaluate()
     if cfg.hybrid:
         print(format_summary(recipe.optimizer.summary(), final_loss=recipe.history[-1]["loss"]))
     student.save_pretrained(out / "student", safe_serialization=True)
     tokenizer.save_pretrained(out / "student")
 
-    quant_report = _export(student, tokenizer, qcfg, cfg, out, val, device) if qcfg else None
+    quant_report = _export(student, tokenizer, qcfg, cfg, out, val, device, plan) if qcfg else None
     results = {
         "teacher": {**teacher_eval, "path": str(teacher_dir), "parameters": num_parameters(teacher)},
         "student": {**student_eval, "parameters": num_parameters(student), "path": str(out / "student"),
@@ -133,9 +144,15 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     }
     if quant_report:
         results["quantization"] = quant_report
+    if plan:
+        results["precision_plan"] = asdict(plan)
+    if clusters is not None:
+        results["data_clusters"] = {"k": clusters.num_clusters, "sizes": clusters.sizes.tolist(),
+                                    "seconds": clusters.seconds, "sampling": cfg.cluster_sampling,
+                                    "teacher_val_loss_clusters": teacher_eval["cluster_loss"]}
     if cfg.baseline:
         baseline = _run_baseline(cfg, s_config, qcfg, train, val, out, device, resuming, metrics, config_dict,
-                                 stop_after_epoch)
+                                 stop_after_epoch, clusters, plan)
         if baseline is None:
             return {"interrupted_at_epoch": stop_after_epoch}
         results["baseline"] = baseline
@@ -146,10 +163,60 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     return results
 
 
-def _export(student, tokenizer, qcfg: QATConfig, cfg: DistillConfig, out: Path, val, device) -> dict:
+def _cluster_args(cfg: DistillConfig, clusters: DataClusters | None) -> dict:
+    if clusters is None:
+        return {}
+    return {"train_clusters": clusters.labels, "val_clusters": clusters.val_labels, "sampling": cfg.cluster_sampling}
+
+
+def _with_plan(qcfg: QATConfig, plan: PrecisionPlan | None) -> QATConfig:
+    return replace(qcfg, layer_bits=plan.layer_bits) if plan else qcfg
+
+
+def _plan(recipe: DistillRecipe, cfg: DistillConfig, qcfg: QATConfig, out: Path | None) -> PrecisionPlan:
+    """Measure layer sensitivities on calibration batches of the recipe's objective; solve, print, save the plan."""
+    n = len(recipe.train_data)
+    g = torch.Generator().manual_seed(cfg.seed + 1)  # fixed calibration batches, apart from the training order
+    order = torch.randperm(n, generator=g).tolist()
+    B = min(cfg.batch_size, n)
+    batches = [order[i * B : (i + 1) * B] for i in range(min(cfg.calibration_batches, n // B))]
+    names = quantizable_linears(recipe.model, qcfg.include_head)
+    plan = plan_for_model(recipe.model, names, batches, lambda b: recipe.batch_loss(b)[0], qcfg.bits,
+                          qcfg.group_size, cfg.param_clusters, cfg.avg_bits, cfg.seed, cfg.plan_method)
+    print(plan.format())
+    if out is not None:
+        atomic_write(out / PLAN_NAME, lambda tmp: Path(tmp).write_text(plan.to_json()))
+    return plan
+
+
+def _train(recipe: DistillRecipe, cfg: DistillConfig, qcfg: QATConfig | None, out: Path | None,
+           stop_after_epoch: int | None, plan: PrecisionPlan | None = None) -> PrecisionPlan | None:
+    """Run the recipe's remaining epochs. With --param_clusters and --qat, the first --plan_after_epochs
+    epochs train in full precision; then the plan is measured (or read back on resume, or given) and
+    QAT continues with it. Returns the plan, if any."""
+    if not (qcfg and cfg.qat and cfg.param_clusters):
+        recipe.train(stop_after_epoch)
+        return plan
+    switch = cfg.plan_after_epochs
+    if recipe.epoch < switch:
+        recipe.train(switch if stop_after_epoch is None else min(switch, stop_after_epoch))
+        if recipe.epoch < switch:
+            return plan
+    if plan is None and out is not None and (out / PLAN_NAME).is_file():
+        plan = PrecisionPlan.from_json((out / PLAN_NAME).read_text())
+    if plan is None:
+        plan = _plan(recipe, cfg, qcfg, out)
+    apply_quantization(recipe.model, _with_plan(qcfg, plan),
+                       announce=None if recipe.prefix else f"quantization-aware training from epoch {switch + 1}")
+    recipe.train(stop_after_epoch)
+    return plan
+
+
+def _export(student, tokenizer, qcfg: QATConfig, cfg: DistillConfig, out: Path, val, device,
+            plan: PrecisionPlan | None = None) -> dict:
     """Write the packed student to `<out>/export/`, measure it, print and return the report."""
     export_dir = out / "export"
-    path = export_packed(student, export_dir, tokenizer, getattr(torch, cfg.export_dtype))
+    path = export_packed(student, export_dir, tokenizer, getattr(torch, cfg.export_dtype), plan)
     report = quantization_report(student, out / "student", export_dir, val, cfg.batch_size, device,
                                  "QAT" if cfg.qat else "PTQ")
     save_report(report, export_dir)
@@ -159,24 +226,26 @@ def _export(student, tokenizer, qcfg: QATConfig, cfg: DistillConfig, out: Path, 
 
 
 def _run_baseline(cfg, s_config, qcfg, train, val, out, device, resuming, metrics, config_dict,
-                  stop_after_epoch) -> dict | None:
-    """The same student, seed, data order, steps and quantization, without a teacher; None if interrupted."""
+                  stop_after_epoch, clusters=None, plan=None) -> dict | None:
+    """The same student, seed, data order, steps and quantization (precision plan included), without a
+    teacher; None if interrupted."""
     baseline = build_model(s_config, cfg.seed).to(device)  # same initial weights as the student
-    if qcfg and cfg.qat:
+    if qcfg and cfg.qat and not cfg.param_clusters:
         apply_quantization(baseline, qcfg)
     base_dir = out / "baseline"
     base_dir.mkdir(exist_ok=True)
     base_metrics = metrics.with_name(f"{metrics.stem}_baseline.csv") if cfg.save_metrics else None
     base = DistillRecipe(cfg, baseline, train, val, base_dir, device, teacher=None, metrics_path=base_metrics,
-                         name="baseline", config_dict={**config_dict, "alpha": 1.0, "teacher_path": None})
+                         name="baseline", config_dict={**config_dict, "alpha": 1.0, "teacher_path": None},
+                         **_cluster_args(cfg, clusters))
     base.setup(resume=resuming and (base_dir / CHECKPOINT_NAME).exists())
     print("Baseline: the same student without a teacher (cross-entropy only), same seed and steps")
-    base.train(stop_after_epoch)
+    _train(base, cfg, qcfg, None, stop_after_epoch, plan)
     base.cleanup()
     if base.epoch < cfg.epochs:
         return None
     if qcfg and not cfg.qat:
-        apply_quantization(baseline, qcfg)
+        apply_quantization(baseline, _with_plan(qcfg, plan))
     return {**base.evaluate(), "steps": base.global_step, "train_seconds": base.elapsed, "history": base.history}
 
 

@@ -1,0 +1,189 @@
+"""K-means with faiss, for data clusters (training sequences) and parameter clusters (layers).
+
+Data clusters: each training sequence is described by the teacher's last hidden states, mean-pooled
+over its tokens and L2-normalised (the teacher is loaded anyway, and its representation groups text by
+topic and style better than token counts do). Spherical k-means (cosine similarity), k-means++
+initialisation, a fixed seed, trained on at most 256 points per centroid, then every sequence is
+assigned to its nearest centroid in chunks. Validation sequences are assigned to the same centroids,
+so validation loss can be reported per cluster.
+
+Labels and centroids are cached under the cache directory, keyed by a hash of the teacher's weights,
+the token streams and the clustering settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hybridopt.dataset import TokenBlocks
+from hybridopt.errors import UserError
+
+MAX_POINTS_PER_CENTROID = 256
+_ASSIGN_CHUNK = 65536
+
+
+def _faiss():
+    import faiss
+
+    # faiss and torch each bring an OpenMP runtime; keep faiss to torch's thread count, not every core.
+    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
+    return faiss
+
+
+def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20, spherical: bool = True,
+           what: str = "points") -> tuple[np.ndarray, np.ndarray]:
+    """Cluster the rows of `x` into `k` groups with faiss; return `(centroids (k, d), labels (n,))`.
+
+    Raises:
+        UserError: `k` is larger than the number of points, or than the number of distinct points.
+    """
+    faiss = _faiss()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if k < 1:
+        raise UserError(f"the number of clusters must be at least 1, got {k}")
+    if k > n:
+        raise UserError(f"cannot make {k} clusters of {n} {what}; ask for at most {n}")
+    distinct = len(np.unique(x, axis=0))
+    if k > distinct:
+        raise UserError(f"only {distinct} of the {n} {what} are distinct, too few for {k} clusters; "
+                        f"ask for at most {distinct}")
+    init = {}
+    if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):  # faiss >= 1.13; older ones sample at random
+        init["init_method"] = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, verbose=False,
+                      max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1, **init)
+    km.train(x)
+    return km.centroids.copy(), assign(x, km.centroids, spherical)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, spherical: bool = True) -> np.ndarray:
+    """Nearest centroid of every row of `x` (inner product when spherical, else L2), in chunks."""
+    faiss = _faiss()
+    index = faiss.IndexFlatIP(centroids.shape[1]) if spherical else faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels = np.empty(len(x), dtype=np.int64)
+    for start in range(0, len(x), _ASSIGN_CHUNK):
+        chunk = np.ascontiguousarray(x[start : start + _ASSIGN_CHUNK], dtype=np.float32)
+        labels[start : start + len(chunk)] = index.search(chunk, 1)[1][:, 0]
+    return labels
+
+
+@torch.no_grad()
+def sequence_features(model: torch.nn.Module, data: TokenBlocks, batch_size: int, device: torch.device,
+                      desc: str = "features") -> np.ndarray:
+    """Mean-pooled last hidden states of `model` over each block of `data`, L2-normalised: `(N, d)`."""
+    was_training = model.training
+    model.eval()
+    feats = []
+    for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+        input_ids, _ = data.batch(list(range(start, min(start + batch_size, len(data)))))
+        hidden = model(input_ids=input_ids.to(device), output_hidden_states=True).hidden_states[-1]  # (B, T, d)
+        feats.append(torch.nn.functional.normalize(hidden.float().mean(1), dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(feats).numpy()
+
+
+@dataclass
+class DataClusters:
+    """K-means clusters of the training sequences.
+
+    Attributes:
+        labels: cluster of every training sequence, `(N,)`.
+        val_labels: nearest cluster of every validation sequence, `(N_val,)`.
+        centroids: `(K, d)` unit vectors.
+        representatives: per cluster, the training sequences closest to its centroid (best first).
+        seconds: time spent computing features and clustering (0 when read from the cache).
+        cached: whether the result came from the cache.
+    """
+
+    labels: np.ndarray
+    val_labels: np.ndarray
+    centroids: np.ndarray
+    representatives: list[list[int]]
+    seconds: float = 0.0
+    cached: bool = False
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.num_clusters)
+
+
+def _cache_key(model: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: int, seed: int) -> str:
+    h = hashlib.sha256(f"data-clusters-v1 k={k} seed={seed} T={train.seq_len}".encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    for stream in (train.stream, val.stream):
+        h.update(stream.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: int, seed: int,
+                 batch_size: int, device: torch.device, cache: Path | None = None) -> DataClusters:
+    """Cluster the training sequences by teacher features; assign the validation sequences; cache both."""
+    if k > len(train):
+        raise UserError(f"--data_clusters {k} exceeds the {len(train)} training sequences; "
+                        f"ask for at most {len(train)} or lower --seq_len")
+    path = None
+    if cache is not None:
+        path = cache / f"{_cache_key(teacher, train, val, k, seed)}.npz"
+        if path.exists():
+            z = np.load(path)
+            reps = [list(r[r >= 0]) for r in z["representatives"]]
+            return DataClusters(z["labels"], z["val_labels"], z["centroids"], reps, cached=True)
+    start = time.perf_counter()
+    feats = sequence_features(teacher, train, batch_size, device, "clustering: teacher features")
+    val_feats = sequence_features(teacher, val, batch_size, device, "clustering: validation features")
+    centroids, labels = kmeans(feats, k, seed, what="training sequences")
+    sizes = np.bincount(labels, minlength=k)
+    if (sizes == 0).any():
+        keep = np.flatnonzero(sizes)
+        print(f"warning: k-means left {k - len(keep)} of {k} data clusters empty; using {len(keep)}")
+        centroids = centroids[keep]
+        labels = assign(feats, centroids)
+    val_labels = assign(val_feats, centroids)
+    sims = feats @ centroids.T  # (N, K)
+    reps = []
+    for c in range(len(centroids)):
+        members = np.flatnonzero(labels == c)
+        reps.append(list(members[np.argsort(-sims[members, c])][:3]))
+    result = DataClusters(labels, val_labels, centroids, reps, seconds=time.perf_counter() - start)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        padded = np.full((len(reps), 3), -1, dtype=np.int64)
+        for i, r in enumerate(reps):
+            padded[i, : len(r)] = r
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, labels=labels, val_labels=val_labels, centroids=centroids, representatives=padded)
+        tmp.replace(path)
+    return result
+
+
+def format_cluster_report(clusters: DataClusters, train: TokenBlocks, tokenizer, snippets: int = 2,
+                          width: int = 70) -> str:
+    """Cluster sizes (min / median / max) and the sequences nearest each centroid, as printed at start."""
+    sizes = clusters.sizes
+    how = "read from the cache" if clusters.cached else f"{clusters.seconds:.1f} s (teacher features + faiss k-means)"
+    lines = [f"Data clusters: {clusters.num_clusters} k-means clusters of {len(clusters.labels):,} training "
+             f"sequences, {how}; sizes min {sizes.min()}, median {int(np.median(sizes))}, max {sizes.max()}"]
+    for c in range(clusters.num_clusters):
+        texts = []
+        for i in clusters.representatives[c][:snippets]:
+            text = " ".join(tokenizer.decode(train[int(i)][:-1].tolist()).split())
+            texts.append(repr(text[:width] + ("..." if len(text) > width else "")))
+        lines.append(f"  cluster {c} ({sizes[c]} sequences, {sizes[c] / len(clusters.labels):.1%}): " + " | ".join(texts))
+        if sizes[c] < 2:
+            lines.append(f"  warning: cluster {c} holds a single sequence; balanced sampling repeats it")
+    return "\n".join(lines)
