@@ -144,6 +144,7 @@ def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks,
             reps = [list(r[r >= 0]) for r in z["representatives"]]
             return DataClusters(z["labels"], z["val_labels"], z["centroids"], reps, cached=True)
     start = time.perf_counter()
+    batch_size = max(batch_size, 64)  # inference only: bigger batches amortise the per-call overhead
     feats = sequence_features(teacher, train, batch_size, device, "clustering: teacher features")
     val_feats = sequence_features(teacher, val, batch_size, device, "clustering: validation features")
     centroids, labels = kmeans(feats, k, seed, what="training sequences")

@@ -7,8 +7,9 @@ r"""Sensitivity-clustered mixed precision: which quantized layer gets which bit 
 
    with the diagonal Fisher estimated from squared gradients of the training loss on a few
    calibration batches (the second-order term of the loss change a perturbation w -> Q_b(w) causes).
-2. Clusters. Layers are grouped by k-means (faiss) on their log-sensitivity vectors
-   (log S_l(b) over the candidate widths): layers in a group react alike to quantization.
+2. Clusters. Layers are grouped by k-means (faiss) on their log-sensitivity-per-weight vectors
+   (log S_l(b) / n_l over the candidate widths): layers in a group react alike to quantization and
+   gain about as much per extra bit.
 3. Budget. One width per group, minimising \sum_groups \sum_{l in group} S_l(b_group) subject to
    the average stored bits per weight staying within `--avg_bits`. Solved exactly by dynamic
    programming over the Pareto front of (bits, sensitivity); the same solver without groups gives the
@@ -211,7 +212,9 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
     costs = _costs(numel, bits, unit)
     budget = int(budget_bits * total / unit)
 
-    logs = np.log(np.array([[max(table[n][b], 1e-30) for b in bits] for n in names], dtype=np.float32))
+    # Per-weight sensitivity: layers grouped together then gain about as much per extra bit, which is
+    # what makes one width per group close to the per-layer optimum.
+    logs = np.log(np.array([[max(table[n][b] / numel[n], 1e-38) for b in bits] for n in names], dtype=np.float64))
     logs = logs - logs.mean(0, keepdims=True)
     _, labels = kmeans(logs, num_clusters, seed, spherical=False, what="quantized layers")
     groups = [[n for n, l in zip(names, labels) if l == g] for g in range(num_clusters)]
