@@ -6,7 +6,7 @@ with one sentence naming the flag. The resolved config is saved with every check
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from hybridopt.errors import UserError
 

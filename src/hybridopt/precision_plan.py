@@ -163,9 +163,11 @@ class PrecisionPlan:
             counts[b] = counts.get(b, 0) + 1
         mix = ", ".join(f"{bits_name(b)} x{n}" for b, n in sorted(counts.items()))
         gap = self.sensitivity / self.optimum_sensitivity - 1 if self.optimum_sensitivity > 0 else 0.0
+        budget = f"budget {self.avg_bits:g} bits/weight"
+        if self.budget_bits > self.avg_bits + 1e-9:
+            budget += f", raised to {self.budget_bits:.2f} since packed ternary stores 1.6"
         lines = [
-            f"Precision plan ({self.method}, {len(self.groups)} parameter clusters, budget {self.avg_bits:g} bits/weight"
-            f" -> {self.budget_bits:.3f} stored): {mix}",
+            f"Precision plan ({self.method}, {len(self.groups)} parameter clusters, {budget}): {mix}",
             f"  stored bits/weight {self.stored_bits:.3f} codes + {self.scale_bits:.3f} scales = "
             f"{self.stored_bits + self.scale_bits:.3f}",
             f"  Fisher-weighted error {self.sensitivity:.4g} (all {bits_name(min(self.layer_bits.values()))}: "

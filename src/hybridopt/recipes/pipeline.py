@@ -96,6 +96,11 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     s_config = student_config(teacher.config, vocab_size(teacher), cfg, tokenizer, max_positions=ctx or cfg.seq_len)
     student = build_model(s_config, cfg.seed).to(device)
     qcfg = quant_config(cfg)
+    if cfg.param_clusters:
+        n_layers = len(quantizable_linears(student, qcfg.include_head))
+        if cfg.param_clusters > n_layers:  # found now, not after the first epoch
+            raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {n_layers} quantized layers; "
+                            f"ask for at most {n_layers}")
     print(f"Teacher: {teacher_dir} ({num_parameters(teacher) / 1e6:.2f}M parameters)")
     print(f"Student: Llama, {num_parameters(student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
           f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")

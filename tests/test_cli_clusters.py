@@ -1,0 +1,105 @@
+"""`distill --data_clusters --param_clusters` as a user runs it: reports, mixed-precision export, resume."""
+
+import json
+
+import pytest
+
+from conftest import tiny_distill_args
+from hybridopt.cli import main
+from hybridopt.config import DistillConfig
+from hybridopt.export import load_packed, read_packed
+from hybridopt.recipes.pipeline import run_distill
+
+
+@pytest.fixture(scope="module")
+def clustered_run(tiny_teacher, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clusters") / "run"
+    code = main(tiny_distill_args(tiny_teacher, corpus_file, out, "--hybrid", "--data_clusters", "4",
+                                  "--param_clusters", "3", "--avg_bits", "3", "--ternary", "--qat",
+                                  "--no-baseline", "--student_hidden", "64", "--student_intermediate", "128"))
+    assert code == 0
+    return out
+
+
+def test_the_issue_command_reports_clusters_and_the_plan(clustered_run, capsys):
+    results = json.loads((clustered_run / "results.json").read_text())
+    dc = results["data_clusters"]
+    assert dc["k"] == 4 and sum(dc["sizes"]) > 0 and dc["sampling"] == "proportional"
+    plan = results["precision_plan"]
+    assert len(plan["groups"]) == 3 and plan["stored_bits"] <= plan["budget_bits"] + 1e-9
+    # A 3-bit budget buys some wider layers but not all: all-4-bit weights alone would cost 4 bits/weight.
+    assert set(plan["layer_bits"].values()) - {1.58} and 1.58 in plan["layer_bits"].values()
+    last = results["student"]["history"][-1]
+    assert len(last["val_loss_clusters"]) == 4
+    assert last["val_loss_worst_cluster"] == max(v for v in last["val_loss_clusters"] if v == v)
+
+    # The export stores each layer at its planned width, and the plan itself.
+    metadata, _ = read_packed(clustered_run / "export")
+    quant = json.loads(metadata["quant"])
+    assert {k.removesuffix(".weight"): v["bits"] for k, v in quant.items()} == plan["layer_bits"]
+    assert json.loads(metadata["precision_plan"])["layer_bits"] == plan["layer_bits"]
+    report = json.loads((clustered_run / "export" / "quant_report.json").read_text())
+    assert len(report["bits"]) >= 2
+    assert results["student"]["loss"] == pytest.approx(report["val_loss_exported"], abs=1e-4)
+    load_packed(clustered_run / "export")
+
+    assert main(["inspect", str(clustered_run)]) == 0
+    out = capsys.readouterr().out
+    assert "Precision plan (sensitivity, 3 parameter clusters, budget 3 bits/weight" in out
+    assert "ternary5" in out and ("int4" in out or "int8" in out)
+    assert main(["generate", "--model", str(clustered_run), "--prompt", "The", "--max_new_tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+
+
+def test_printed_reports(tiny_teacher, corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--data_clusters", "3", "--cluster_sampling",
+                                  "single", "--param_clusters", "2", "--ternary", "--epochs", "2",
+                                  "--no-baseline")) == 0
+    stdout = capsys.readouterr().out
+    assert "Data clusters: 3 k-means clusters of " in stdout and "sizes min " in stdout
+    assert stdout.count("  cluster ") >= 3 + 2  # three data clusters, two parameter clusters
+    assert "Cluster sampling: single" in stdout
+    assert "worst cluster" in stdout
+    # PTQ: the plan is measured after training, then applied; --avg_bits defaults to all ternary.
+    assert stdout.index("Precision plan") > stdout.index("Epoch 2")
+    assert "Replaced 7 Linear modules with QATLinear (ternary (1.58-bit) weights (precision plan)" in stdout
+
+
+def _cfg(teacher, data, out, **kw):
+    base = dict(teacher=str(teacher), data=[str(data)], out=str(out), student_hidden=32, student_layers=1,
+                student_intermediate=64, student_heads=2, seq_len=32, batch_size=8, epochs=4,
+                max_steps_per_epoch=3, eval_every=1, device="cpu", data_clusters=3, cluster_sampling="balanced",
+                param_clusters=2, avg_bits=3.0, ternary=True, qat=True, hybrid=True, plan_after_epochs=2)
+    return DistillConfig(**{**base, **kw})
+
+
+def _strip_time(history):
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
+
+
+@pytest.mark.parametrize("stop", [1, 3])  # the plan is measured after epoch 2
+def test_resume_before_and_after_the_plan_matches_an_uninterrupted_run(tiny_teacher, corpus_file, tmp_path, stop):
+    straight = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "straight"))
+    assert run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "resumed"), stop_after_epoch=stop) == {
+        "interrupted_at_epoch": stop}
+    assert (tmp_path / "resumed" / "precision_plan.json").exists() == (stop >= 2)
+    resumed = run_distill(DistillConfig(resume=str(tmp_path / "resumed")))
+    for key in ("student", "baseline"):
+        assert resumed[key]["loss"] == straight[key]["loss"]
+        assert _strip_time(resumed[key]["history"]) == _strip_time(straight[key]["history"])
+    assert resumed["precision_plan"]["layer_bits"] == straight["precision_plan"]["layer_bits"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--data_clusters", "100000"], "--data_clusters 100000 exceeds the"),
+    (["--data_clusters", "1"], "--data_clusters must be at least 2"),
+    (["--param_clusters", "3"], "--param_clusters needs a quantized run"),
+    (["--param_clusters", "50", "--ternary", "--qat"], "--param_clusters 50 exceeds the 7 quantized layers"),
+    (["--ternary", "--param_clusters", "--avg_bits", "1"], "--avg_bits 1 is below the run's base width 1.58"),
+    (["--cluster_sampling", "single"], "--cluster_sampling needs --data_clusters"),
+])
+def test_bad_cluster_flags_exit_2_with_one_sentence(tiny_teacher, corpus_file, tmp_path, capsys, flags, message):
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "run", *flags)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

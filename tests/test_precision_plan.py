@@ -1,0 +1,127 @@
+"""Mixed precision: the budget solver (never over budget, optimal by brute force), sensitivities, plans."""
+
+import itertools
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridopt.errors import UserError
+from hybridopt.precision_plan import (PrecisionPlan, build_plan, candidate_bits, fisher_diagonal, sensitivity,
+                                      solve_budget, stored_bits)
+
+options_st = st.lists(st.lists(st.tuples(st.integers(0, 40), st.floats(0, 100)), min_size=1, max_size=4),
+                      min_size=1, max_size=5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(options=options_st, budget=st.integers(0, 150))
+def test_solver_matches_brute_force_and_never_exceeds_the_budget(options, budget):
+    feasible = [(sum(o[j][1] for o, j in zip(options, ch)), ch)
+                for ch in itertools.product(*[range(len(o)) for o in options])
+                if sum(o[j][0] for o, j in zip(options, ch)) <= budget]
+    if not feasible:
+        with pytest.raises(ValueError, match="no assignment fits"):
+            solve_budget(options, budget)
+        return
+    choice, err = solve_budget(options, budget)
+    assert sum(o[j][0] for o, j in zip(options, choice)) <= budget
+    assert err == pytest.approx(sum(o[j][1] for o, j in zip(options, choice)))
+    assert err == pytest.approx(min(e for e, _ in feasible), abs=1e-9)
+
+
+def test_stored_bits_count_packed_ternary_honestly():
+    assert stored_bits(1.58) == Fraction(8, 5)
+    assert [stored_bits(b) for b in (1.0, 2.0, 4.0, 8.0)] == [1, 2, 4, 8]
+    assert candidate_bits(1.58) == (1.58, 2.0, 4.0, 8.0)
+    assert candidate_bits(1.0) == (1.0, 1.58, 2.0, 4.0, 8.0)
+    assert candidate_bits(4.0) == (4.0, 8.0)
+
+
+def test_sensitivity_is_fisher_weighted_quantization_error():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    assert sensitivity(w, torch.zeros_like(w), 1.58, None) == 0.0
+    ones = sensitivity(w, torch.ones_like(w), 1.58, None)
+    assert ones > sensitivity(w, torch.ones_like(w), 4.0, None) > sensitivity(w, torch.ones_like(w), 8.0, None) > 0
+    fisher = torch.zeros_like(w)
+    fisher[0] = 1.0  # only the first row matters
+    from hybridopt.quantizers import dequantize_weight, quantize_weight
+
+    q, s = quantize_weight(w, 1.58)
+    assert sensitivity(w, fisher, 1.58, None) == pytest.approx(float((w - dequantize_weight(q, s))[0].pow(2).sum()))
+
+
+def test_fisher_diagonal_is_the_mean_squared_gradient():
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    batches = [torch.randn(5, 4) for _ in range(3)]
+    fisher = fisher_diagonal(lin, ["0"], batches, lambda x: lin(x).pow(2).sum())
+    assert lin[0].weight.grad is None  # gradients cleared: the training step is not disturbed
+    grads = []
+    for x in batches:
+        lin.zero_grad()
+        lin(x).pow(2).sum().backward()
+        grads.append(lin[0].weight.grad.clone())
+    assert torch.allclose(fisher["0"], torch.stack(grads).pow(2).mean(0))
+
+
+def _table(n_layers=8, seed=0):
+    """Synthetic sensitivities: layer l is 10^(l/2) times as sensitive; error falls ~4x per extra bit."""
+    g = torch.Generator().manual_seed(seed)
+    table, numel = {}, {}
+    for i in range(n_layers):
+        base = 10 ** (i / 2) * (1 + 0.1 * float(torch.rand((), generator=g)))
+        table[f"l{i}"] = {1.58: base, 2.0: base * 0.8, 4.0: base * 0.05, 8.0: base * 0.0002}
+        numel[f"l{i}"] = 256 * (1 + i % 2)
+    return table, numel
+
+
+@pytest.mark.parametrize("avg_bits", [1.58, 2.0, 2.5, 3.0, 4.0, 8.0])
+def test_plan_stays_within_budget_and_beats_the_random_control(avg_bits):
+    table, numel = _table()
+    plan = build_plan(table, numel, 3, avg_bits, scale_bits=0.0625, seed=0)
+    total = sum(numel.values())
+    stored = sum(stored_bits(plan.layer_bits[n]) * numel[n] for n in numel) / total
+    assert float(stored) == pytest.approx(plan.stored_bits)
+    assert stored <= max(Fraction(avg_bits).limit_denominator(1000), Fraction(8, 5))
+    assert len(plan.groups) == 3 and sorted(sum(plan.groups, [])) == sorted(table)
+    assert all(len({plan.layer_bits[n] for n in g}) == 1 for g in plan.groups)
+    assert plan.optimum_sensitivity <= plan.sensitivity + 1e-12 <= plan.uniform_sensitivity + 1e-12
+    if avg_bits == 1.58:
+        assert set(plan.layer_bits.values()) == {1.58}
+    if avg_bits >= 3.0:
+        assert plan.sensitivity < plan.uniform_sensitivity
+    rand = build_plan(table, numel, 3, avg_bits, 0.0625, seed=0, method="random")
+    assert rand.stored_bits == pytest.approx(plan.stored_bits)  # same bits, shuffled among same-size layers
+    assert rand.sensitivity >= plan.sensitivity - 1e-12
+    assert PrecisionPlan.from_json(plan.to_json()) == PrecisionPlan.from_json(plan.to_json())
+    assert PrecisionPlan.from_json(plan.to_json()).layer_bits == plan.layer_bits
+
+
+def test_more_sensitive_layers_get_more_bits():
+    table, numel = _table()
+    plan = build_plan(table, numel, 4, 3.0, 0.0625, seed=0)
+    by_layer = [plan.layer_bits[f"l{i}"] for i in range(8)]
+    assert by_layer == sorted(by_layer)  # sensitivity grows with i
+    assert by_layer[-1] > by_layer[0]
+
+
+def test_plan_guards():
+    table, numel = _table(3)
+    with pytest.raises(UserError, match="--param_clusters 5 exceeds the 3 quantized layers"):
+        build_plan(table, numel, 5, 2.0, 0.0)
+    with pytest.raises(UserError, match="below the base width"):
+        build_plan(table, numel, 2, 1.0, 0.0)
+
+
+def test_plan_format_names_widths_budget_and_gap():
+    table, numel = _table()
+    text = build_plan(table, numel, 3, 3.0, 0.0625).format()
+    assert "3 parameter clusters, budget 3 bits/weight" in text
+    assert "per-layer optimum" in text and "gap" in text
+    assert text.count("  cluster ") == 3
+    assert not math.isnan(float(text.split("stored bits/weight ")[1].split()[0]))
