@@ -2,8 +2,16 @@
 
     python benchmarks/precision_pareto.py [--epochs 20] [--clusters 4] [--out benchmarks/results]
 
-Every arm is `hybridopt distill --qat --param_clusters K --no-baseline --epochs N` on the embedded
-default, so all share the schedule (one full-precision epoch, then QAT with the plan):
+Two tables on the embedded default.
+
+Post-training quantization (PTQ): one full-precision `hybridopt distill --no-baseline --epochs N`
+student, measured once (Fisher on the calibration batches `distill` uses), then quantized by
+plans at several budgets and evaluated: the sensitivity plan with K parameter clusters, the
+per-layer optimum (every layer its own cluster), and random plans (the K-cluster plan's widths
+shuffled among same-shape layers; mean and range over `--random_seeds` shuffles).
+
+Quantization-aware training (QAT): every arm is `hybridopt distill --qat --param_clusters K
+--no-baseline --epochs N`, so all share the schedule (one full-precision epoch, then QAT with the plan):
 
 * uniform ternary: `--ternary --avg_bits 1.58` (the plan can only be all-ternary);
 * plan at a budget B: `--ternary --avg_bits B`;
@@ -11,7 +19,7 @@ default, so all share the schedule (one full-precision epoch, then QAT with the 
   of the same shape: same bits, placement not by sensitivity);
 * uniform 4-bit: `--bits 4 --avg_bits 4`.
 
-Writes `precision_pareto.json` and `precision_pareto.md` under --out.
+Writes `precision_pareto_ptq.{json,md}` and (unless --skip_qat) `precision_pareto.{json,md}` under --out.
 """
 
 from __future__ import annotations
@@ -20,12 +28,82 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
+import copy
+import statistics
+
+import torch
+from transformers import AutoModelForCausalLM
+
 from hybridopt.config import DistillConfig
-from hybridopt.recipes.pipeline import run_distill
+from hybridopt.modeling import load_teacher
+from hybridopt.precision_plan import build_plan, measure_layers
+from hybridopt.qat import TERNARY, QATConfig, quantizable_linears, quantize_
+from hybridopt.recipes.data import corpus_documents, token_splits
+from hybridopt.recipes.distill import DistillRecipe, evaluate_lm
+from hybridopt.recipes.pipeline import calibration_batches, run_distill
+from hybridopt.recipes.teacher import ensure_default_teacher
+
+
+def mix_name(layer_bits: dict[str, float]) -> str:
+    widths = list(layer_bits.values())
+    return ", ".join(f"{'ternary' if b == TERNARY else f'{b:g}-bit'} x{widths.count(b)}" for b in sorted(set(widths)))
+
+
+def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: int, runs: Path) -> list[dict]:
+    """Rows of the PTQ table: one full-precision student, many plans."""
+    run_dir = runs / "fp"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = DistillConfig(epochs=epochs, baseline=False, out=str(run_dir))
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_distill(cfg)
+    device = torch.device("cpu")
+    teacher, tokenizer = load_teacher(ensure_default_teacher(), device)
+    docs, _ = corpus_documents([])
+    train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
+    student = AutoModelForCausalLM.from_pretrained(str(run_dir / "student"), dtype=torch.float32)
+    recipe = DistillRecipe(cfg, student, train, val, runs / "scratch", device, teacher=teacher, alpha=cfg.alpha,
+                           temperature=cfg.temperature, metrics_path=None)
+    names = quantizable_linears(student)
+    batches = calibration_batches(len(train), cfg)
+    measured = {base: measure_layers(student, names, batches, lambda b: recipe.batch_loss(b)[0], base, None)
+                for base in (TERNARY, 4.0)}
+
+    def evaluate(layer_bits: dict[str, float] | None) -> float:
+        model = copy.deepcopy(student)
+        if layer_bits is not None:
+            quantize_(model, QATConfig(bits=TERNARY, layer_bits=layer_bits))
+        return evaluate_lm(model, val, cfg.batch_size, device)["loss"]
+
+    def row(arm: str, plan, loss: float, **extra) -> dict:
+        r = {"arm": arm, "mix": mix_name(plan.layer_bits), "bits": plan.stored_bits + plan.scale_bits,
+             "fisher_error": plan.sensitivity, "val_loss": loss, **extra}
+        print(f"PTQ {arm}: val loss {loss:.4f} at {r['bits']:.3f} bits/weight ({r['mix']})", file=sys.stderr)
+        return r
+
+    rows = [{"arm": "full precision", "mix": "fp32", "bits": 32.0, "fisher_error": 0.0, "val_loss": evaluate(None)}]
+    for base in (TERNARY, 4.0, 8.0):
+        table, numel, scale_bits = measured[min(base, 4.0)]
+        plan = build_plan(table, numel, 1, base, scale_bits)
+        rows.append(row(f"uniform {mix_name(plan.layer_bits).split(' x')[0]}", plan, evaluate(plan.layer_bits)))
+    table, numel, scale_bits = measured[TERNARY]
+    for budget in budgets:
+        plan = build_plan(table, numel, clusters, budget, scale_bits)
+        rows.append(row(f"plan, K={clusters}, budget {budget:g}", plan, evaluate(plan.layer_bits)))
+        optimum = build_plan(table, numel, len(names), budget, scale_bits)
+        rows.append(row(f"per-layer optimum, budget {budget:g}", optimum, evaluate(optimum.layer_bits)))
+        shuffled = [build_plan(table, numel, clusters, budget, scale_bits, seed=s, method="random")
+                    for s in range(random_seeds)]
+        losses = [evaluate(p.layer_bits) for p in shuffled]
+        rows.append(row(f"random, budget {budget:g}", shuffled[0], statistics.mean(losses),
+                        fisher_error_mean=statistics.mean(p.sensitivity for p in shuffled),
+                        val_loss_min=min(losses), val_loss_max=max(losses), seeds=random_seeds))
+        rows[-1]["fisher_error"] = rows[-1].pop("fisher_error_mean")
+    return rows
 
 
 def arms(budgets: list[float]) -> dict[str, dict]:
@@ -42,12 +120,29 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--clusters", type=int, default=4)
     parser.add_argument("--budgets", type=float, nargs="+", default=[2.0, 3.0])
+    parser.add_argument("--ptq_budgets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 4.0])
+    parser.add_argument("--random_seeds", type=int, default=5)
+    parser.add_argument("--skip_qat", action="store_true", help="only the PTQ table")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     out = Path(args.out)
+    ptq = ptq_table(args.epochs, args.clusters, args.ptq_budgets, args.random_seeds, out / "runs" / "precision-ptq")
+    (out / "precision_pareto_ptq.json").write_text(json.dumps(ptq, indent=2))
+    lines = ["| arm (PTQ) | widths | bits/weight (codes + scales) | Fisher-weighted error | val loss | val ppl |",
+             "|---|---|---|---|---|---|"]
+    for r in ptq:
+        loss = f"{r['val_loss']:.4f}"
+        if "val_loss_min" in r:
+            loss += f" ({r['val_loss_min']:.4f}-{r['val_loss_max']:.4f}, {r['seeds']} shuffles)"
+        lines.append(f"| {r['arm']} | {r['mix']} | {r['bits']:.3f} | {r['fisher_error']:.3g} | {loss} | "
+                     f"{math.exp(r['val_loss']):.2f} |")
+    (out / "precision_pareto_ptq.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.skip_qat:
+        return
     rows = []
     for name, flags in arms(args.budgets).items():
         run_dir = out / "runs" / "precision" / name.replace(", ", "-").replace(" ", "-")

@@ -23,7 +23,6 @@ An `--avg_bits` of 1.58 (the design document's target) therefore means every lay
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -254,15 +253,22 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
     )
 
 
-def plan_for_model(model: torch.nn.Module, names: list[str], batches: Iterable, loss_fn, base_bits: float,
-                   group_size: int | None, num_clusters: int, avg_bits: float | None, seed: int,
-                   method: str = "sensitivity") -> PrecisionPlan:
-    """Fisher on `batches`, sensitivity of every layer in `names`, and the plan (the pipeline's entry point)."""
+def measure_layers(model: torch.nn.Module, names: list[str], batches: Iterable, loss_fn, base_bits: float,
+                   group_size: int | None) -> tuple[dict[str, dict[float, float]], dict[str, int], float]:
+    """Fisher on `batches`, then what `build_plan` needs: `(sensitivity table, weights per layer, scale bits
+    per weight)`; measure once, plan at as many budgets as wanted."""
     fisher = fisher_diagonal(model, names, batches, loss_fn)
     table = sensitivity_table(model, fisher, candidate_bits(base_bits), group_size)
     numel = {n: model.get_submodule(n).weight.numel() for n in names}
     linears = [model.get_submodule(n) for n in names]
     scale_bits = sum(16 * m.out_features * m.in_features // (group_size or m.in_features) for m in linears)
-    scale_bits /= sum(numel.values())
+    return table, numel, scale_bits / sum(numel.values())
+
+
+def plan_for_model(model: torch.nn.Module, names: list[str], batches: Iterable, loss_fn, base_bits: float,
+                   group_size: int | None, num_clusters: int, avg_bits: float | None, seed: int,
+                   method: str = "sensitivity") -> PrecisionPlan:
+    """Measure the layers in `names` and plan (the pipeline's entry point)."""
+    table, numel, scale_bits = measure_layers(model, names, batches, loss_fn, base_bits, group_size)
     return build_plan(table, numel, num_clusters, base_bits if avg_bits is None else avg_bits, scale_bits, seed,
                       method)

@@ -217,7 +217,7 @@ class DistillRecipe:
             line += f", Val Loss: {ev['loss']:.6f}, Val PPL: {ev['ppl']:.2f}"
             if "cluster_loss" in ev:
                 losses = ev["cluster_loss"]
-                seen = [k for k, v in enumerate(losses) if not math.isnan(v)]  # clusters with validation blocks
+                seen = [k for k, v in enumerate(losses) if v is not None]  # clusters with validation blocks
                 worst = max(seen, key=lambda k: losses[k])
                 spread = losses[worst] - min(losses[k] for k in seen)
                 row.update(val_loss_clusters=losses, val_loss_worst_cluster=losses[worst],
@@ -244,7 +244,9 @@ class DistillRecipe:
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Token-averaged cross-entropy and perplexity of `model` (default: the student) on the validation split."""
-        return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device, self.val_clusters)
+        num_clusters = None if self.train_clusters is None else int(max(self.train_clusters)) + 1
+        return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device, self.val_clusters,
+                           num_clusters)
 
     # ------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
@@ -270,7 +272,7 @@ class DistillRecipe:
 
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, data: TokenBlocks, batch_size: int, device: torch.device,
-                clusters=None) -> dict:
+                clusters=None, num_clusters: int | None = None) -> dict:
     """Cross-entropy (nats per token) and perplexity of a causal LM over every block of `data`.
 
     With `clusters` (the cluster of every block), also `cluster_loss`: the loss of each cluster's
@@ -294,12 +296,13 @@ def evaluate_lm(model: torch.nn.Module, data: TokenBlocks, batch_size: int, devi
     result = {"loss": loss, "ppl": ppl, "tokens": count}
     if clusters is not None:
         labels = torch.as_tensor(clusters, dtype=torch.long)
-        k = int(labels.max()) + 1
+        k = max(int(labels.max()) + 1, num_clusters or 0)
         blocks = torch.bincount(labels, minlength=k).double()
         cluster_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, sums)
         nonempty = blocks > 0
-        cluster_loss = torch.where(nonempty, cluster_sum / (blocks.clamp_min(1) * data.seq_len), float("nan"))
+        cluster_loss = cluster_sum / (blocks.clamp_min(1) * data.seq_len)
         weighted = float((cluster_loss[nonempty] * blocks[nonempty]).sum() / blocks.sum())
         assert math.isclose(weighted, loss, rel_tol=1e-9), f"per-cluster losses do not add up: {weighted} != {loss}"
-        result["cluster_loss"] = cluster_loss.tolist()
+        # None (JSON null) for a cluster without validation blocks: NaN is not JSON and never equals itself.
+        result["cluster_loss"] = [v if n else None for v, n in zip(cluster_loss.tolist(), nonempty.tolist())]
     return result

@@ -114,7 +114,8 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
                                 cache_dir() / "clusters")
         print(format_cluster_report(clusters, train, tokenizer))
         print(f"Cluster sampling: {cfg.cluster_sampling}")
-    teacher_eval = evaluate_lm(teacher, val, cfg.batch_size, device, clusters.val_labels if clusters else None)
+    teacher_eval = evaluate_lm(teacher, val, cfg.batch_size, device, clusters.val_labels if clusters else None,
+                               clusters.num_clusters if clusters else None)
     print(f"Teacher validation loss {teacher_eval['loss']:.4f}, perplexity {teacher_eval['ppl']:.2f}")
 
     metrics = Path(cfg.metrics_out) if cfg.metrics_out else out / "metrics.csv"
@@ -178,13 +179,17 @@ def _with_plan(qcfg: QATConfig, plan: PrecisionPlan | None) -> QATConfig:
     return replace(qcfg, layer_bits=plan.layer_bits) if plan else qcfg
 
 
+def calibration_batches(num_items: int, cfg: DistillConfig) -> list[list[int]]:
+    """The `--calibration_batches` training batches the precision plan measures: fixed by the seed, and
+    drawn apart from the training order."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
+    B = min(cfg.batch_size, num_items)
+    return [order[i * B : (i + 1) * B] for i in range(min(cfg.calibration_batches, num_items // B))]
+
+
 def _plan(recipe: DistillRecipe, cfg: DistillConfig, qcfg: QATConfig, out: Path | None) -> PrecisionPlan:
     """Measure layer sensitivities on calibration batches of the recipe's objective; solve, print, save the plan."""
-    n = len(recipe.train_data)
-    g = torch.Generator().manual_seed(cfg.seed + 1)  # fixed calibration batches, apart from the training order
-    order = torch.randperm(n, generator=g).tolist()
-    B = min(cfg.batch_size, n)
-    batches = [order[i * B : (i + 1) * B] for i in range(min(cfg.calibration_batches, n // B))]
+    batches = calibration_batches(len(recipe.train_data), cfg)
     names = quantizable_linears(recipe.model, qcfg.include_head)
     plan = plan_for_model(recipe.model, names, batches, lambda b: recipe.batch_loss(b)[0], qcfg.bits,
                           qcfg.group_size, cfg.param_clusters, cfg.avg_bits, cfg.seed, cfg.plan_method)
