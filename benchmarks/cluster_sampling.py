@@ -1,16 +1,19 @@
 """Measure cluster-aware sampling on the embedded default: gradient variance, clustering time, convergence.
 
-    python benchmarks/cluster_sampling.py [--epochs 20] [--clusters 8] [--batches 64] [--out benchmarks/results]
+    python benchmarks/cluster_sampling.py [--epochs 20] [--clusters 8] [--batches 64] [--seeds 0 1]
+                                          [--out benchmarks/results]
 
 Arms: plain shuffling (no clusters, the default run) and `--data_clusters K --cluster_sampling M` for
 M in proportional, balanced, single, iid; each `hybridopt distill --epochs N --no-baseline --eval_every 1`,
-same seed, teacher and data. Reported:
+same teacher and data, for every `--seed` (the seed sets the student's initialisation, the batches and
+the k-means clusters). Reported:
 
 * gradient variance: `E||g - mean g||^2` of the training objective's gradient over `--batches`
   batches of each mode, at three fixed students (initialisation, after 5 epochs of the plain run,
   the end of the plain run), as a ratio to `iid`;
 * clustering time (teacher features + faiss k-means) against the plain run's training time;
-* steps to reach the plain run's final validation loss (validation every epoch), and final losses.
+* per seed, steps to reach that seed's plain run's final validation loss (validation every epoch);
+  final losses as the mean and range over seeds.
 
 Writes `cluster_sampling.json` and `cluster_sampling.md` under --out.
 """
@@ -22,6 +25,7 @@ import contextlib
 import io
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--clusters", type=int, default=8)
     parser.add_argument("--batches", type=int, default=64)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
@@ -68,26 +73,30 @@ def main() -> None:
     runs.mkdir(parents=True)
     common = dict(epochs=args.epochs, baseline=False, eval_every=1)
 
-    # Plain run, interrupted after 5 epochs to keep that checkpoint, then finished.
-    arms = []
-    plain_dir = runs / "plain"
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        run_distill(DistillConfig(out=str(plain_dir), **common), stop_after_epoch=5)
-        mid_state = load_checkpoint(plain_dir)["model"]
-        res = run_distill(DistillConfig(resume=str(plain_dir)))
-    arms.append({"arm": "shuffled (no clusters)", "res": res, "wall": time.perf_counter() - start})
-    print(f"plain: val loss {res['student']['loss']:.4f}", file=sys.stderr)
-    for mode in SAMPLING_MODES:
+    # Per seed: the plain run (interrupted after 5 epochs to keep that checkpoint, then finished), then
+    # every sampling mode. The gradient variance uses the first seed's plain checkpoints.
+    arms = {}
+    for seed in args.seeds:
+        plain_dir = runs / f"plain-seed{seed}"
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            res = run_distill(DistillConfig(out=str(runs / mode), data_clusters=args.clusters, cluster_sampling=mode,
-                                            **common))
-        arms.append({"arm": mode, "res": res, "wall": time.perf_counter() - start})
-        print(f"{mode}: val loss {res['student']['loss']:.4f}", file=sys.stderr)
+            run_distill(DistillConfig(out=str(plain_dir), seed=seed, **common), stop_after_epoch=5)
+            if seed == args.seeds[0]:
+                first_plain, mid_state = plain_dir, load_checkpoint(plain_dir)["model"]
+            res = run_distill(DistillConfig(resume=str(plain_dir)))
+        arms.setdefault("shuffled (no clusters)", []).append({"seed": seed, "res": res,
+                                                              "wall": time.perf_counter() - start})
+        print(f"seed {seed} plain: val loss {res['student']['loss']:.4f}", file=sys.stderr)
+        for mode in SAMPLING_MODES:
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                res = run_distill(DistillConfig(out=str(runs / f"{mode}-seed{seed}"), seed=seed,
+                                                data_clusters=args.clusters, cluster_sampling=mode, **common))
+            arms.setdefault(mode, []).append({"seed": seed, "res": res, "wall": time.perf_counter() - start})
+            print(f"seed {seed} {mode}: val loss {res['student']['loss']:.4f}", file=sys.stderr)
 
     # Clustering time, measured cold (no cache) in this process.
-    cfg = DistillConfig(data_clusters=args.clusters, **common)
+    cfg = DistillConfig(data_clusters=args.clusters, seed=args.seeds[0], **common)
     device = torch.device("cpu")
     teacher, tokenizer = load_teacher(ensure_default_teacher(), device)
     docs, _ = corpus_documents([])
@@ -97,7 +106,7 @@ def main() -> None:
     # Gradient variance at three fixed students.
     s_config = student_config(teacher.config, vocab_size(teacher), cfg, tokenizer,
                               max_positions=context_length(teacher.config) or cfg.seq_len)
-    final_state = load_checkpoint(plain_dir)["model"]
+    final_state = load_checkpoint(first_plain)["model"]
     variance = {}
     for name, state in (("init", None), ("epoch 5", mid_state), (f"epoch {args.epochs}", final_state)):
         model = build_model(s_config, cfg.seed)
@@ -111,20 +120,23 @@ def main() -> None:
             variance[name][mode] = gradient_variance(recipe, recipe.sampler, args.batches)
         print(f"gradient variance at {name}: {variance[name]}", file=sys.stderr)
 
-    plain = arms[0]["res"]["student"]
-    target = plain["loss"]
+    plains = {r["seed"]: r["res"]["student"] for r in arms["shuffled (no clusters)"]}
+    plain = plains[args.seeds[0]]
     steps_per_epoch = plain["steps"] // args.epochs
     rows = []
-    for a in arms:
-        hist = a["res"]["student"]["history"]
-        reached = next((h["step"] for h in hist if h.get("val_loss", float("inf")) <= target + 1e-12), None)
-        rows.append({"arm": a["arm"], "val_loss": a["res"]["student"]["loss"], "steps_to_target": reached,
-                     "train_seconds": a["res"]["student"]["train_seconds"], "wall_seconds": a["wall"],
-                     "val_curve": [h.get("val_loss") for h in hist],
-                     "worst_cluster_val_loss": hist[-1].get("val_loss_worst_cluster"),
-                     "cluster_spread": hist[-1].get("val_loss_cluster_spread")})
+    for arm, runs_ in arms.items():
+        per_seed = []
+        for r in runs_:
+            hist, target = r["res"]["student"]["history"], plains[r["seed"]]["loss"]
+            reached = next((h["step"] for h in hist if h.get("val_loss", float("inf")) <= target + 1e-12), None)
+            per_seed.append({"seed": r["seed"], "val_loss": r["res"]["student"]["loss"], "target": target,
+                             "steps_to_target": reached, "train_seconds": r["res"]["student"]["train_seconds"],
+                             "wall_seconds": r["wall"], "val_curve": [h.get("val_loss") for h in hist],
+                             "worst_cluster_val_loss": hist[-1].get("val_loss_worst_cluster"),
+                             "cluster_spread": hist[-1].get("val_loss_cluster_spread")})
+        rows.append({"arm": arm, "seeds": per_seed})
     result = {"epochs": args.epochs, "steps_per_epoch": steps_per_epoch, "clusters": args.clusters,
-              "batches": args.batches, "target_val_loss": target, "cluster_sizes": clusters.sizes.tolist(),
+              "batches": args.batches, "seeds": args.seeds, "cluster_sizes": clusters.sizes.tolist(),
               "clustering_seconds": clusters.seconds, "plain_train_seconds": plain["train_seconds"],
               "gradient_variance": variance, "arms": rows}
     (out / "cluster_sampling.json").write_text(json.dumps(result, indent=2))
@@ -137,13 +149,19 @@ def main() -> None:
               f"{min(clusters.sizes)}-{max(clusters.sizes)}): {clusters.seconds:.1f} s, "
               f"{clusters.seconds / plain['train_seconds']:.1%} of the plain run's training time "
               f"({plain['train_seconds']:.0f} s); cached after the first run.", "",
-              f"| sampling | final val loss | steps to reach {target:.4f} | worst-cluster val loss | cluster spread |",
-              "|---|---|---|---|---|"]
+              f"Over seeds {', '.join(map(str, args.seeds))} ({args.epochs} epochs x {steps_per_epoch} steps; "
+              "target: the same seed's plain run's final validation loss):", "",
+              "| sampling | final val loss, mean (range) | steps to target, per seed | worst-cluster val loss, mean "
+              "| cluster spread, mean |", "|---|---|---|---|---|"]
     for r in rows:
-        reached = "not reached" if r["steps_to_target"] is None else str(r["steps_to_target"])
-        worst = "-" if r["worst_cluster_val_loss"] is None else f"{r['worst_cluster_val_loss']:.4f}"
-        spread = "-" if r["cluster_spread"] is None else f"{r['cluster_spread']:.4f}"
-        lines.append(f"| {r['arm']} | {r['val_loss']:.4f} | {reached} | {worst} | {spread} |")
+        losses = [s["val_loss"] for s in r["seeds"]]
+        reached = ", ".join("not reached" if s["steps_to_target"] is None else str(s["steps_to_target"])
+                            for s in r["seeds"])
+        worst = [s["worst_cluster_val_loss"] for s in r["seeds"] if s["worst_cluster_val_loss"] is not None]
+        spread = [s["cluster_spread"] for s in r["seeds"] if s["cluster_spread"] is not None]
+        lines.append(f"| {r['arm']} | {statistics.mean(losses):.4f} ({min(losses):.4f}-{max(losses):.4f}) | "
+                     f"{reached} | {f'{statistics.mean(worst):.4f}' if worst else '-'} | "
+                     f"{f'{statistics.mean(spread):.4f}' if spread else '-'} |")
     (out / "cluster_sampling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

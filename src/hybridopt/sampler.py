@@ -8,7 +8,30 @@ import torch
 from torch.utils.data import Sampler
 
 
-class ShuffledBatchSampler(Sampler[list[int]]):
+class _EpochBatchSampler(Sampler[list[int]]):
+    """What both samplers share: `num_items // batch_size` batches per epoch (optionally capped), an
+    epoch selected by `set_epoch`, and a start step to resume mid-epoch."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, max_batches: int | None):
+        assert num_items > 0 and batch_size > 0
+        self.num_items = num_items
+        self.batch_size = min(batch_size, num_items)
+        self.seed = seed
+        self.max_batches = max_batches or None
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the batches of `epoch` and skip its first `start_step`."""
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        full = self.num_items // self.batch_size
+        return min(full, self.max_batches) if self.max_batches else full
+
+
+class ShuffledBatchSampler(_EpochBatchSampler):
     """A fresh permutation each epoch, cut into full batches, optionally capped.
 
     The order depends only on `(seed, epoch)`, so a resumed run replays it exactly;
@@ -21,23 +44,10 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         max_batches: cap on batches per epoch; 0 or None for a full pass.
     """
 
+    weighted = False  # every example counts once: no importance weights
+
     def __init__(self, num_items: int, batch_size: int, seed: int, max_batches: int | None = None):
-        assert num_items > 0 and batch_size > 0
-        self.num_items = num_items
-        self.batch_size = min(batch_size, num_items)
-        self.seed = seed
-        self.max_batches = max_batches or None
-        self.epoch = 0
-        self.start_step = 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the permutation of `epoch` and skip its first `start_step` batches."""
-        self.epoch = epoch
-        self.start_step = start_step
-
-    def __len__(self) -> int:
-        full = self.num_items // self.batch_size
-        return min(full, self.max_batches) if self.max_batches else full
+        super().__init__(num_items, batch_size, seed, max_batches)
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -71,7 +81,7 @@ def randomized_rounding(x: torch.Tensor, generator: torch.Generator) -> torch.Te
     return (base + extra.clamp(0, 1)).long()
 
 
-class ClusterStratifiedBatchSampler(Sampler[list[int]]):
+class ClusterStratifiedBatchSampler(_EpochBatchSampler):
     """Batches drawn cluster by cluster, so every batch covers the data's clusters as asked.
 
     Modes (`p_k = |C_k| / N` is the size share of cluster k, `q_k` the expected share of the batch):
@@ -102,11 +112,9 @@ class ClusterStratifiedBatchSampler(Sampler[list[int]]):
         if mode not in SAMPLING_MODES:
             raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        assert self.labels.dim() == 1 and len(self.labels) > 0 and batch_size > 0 and int(self.labels.min()) >= 0
-        self.num_items = len(self.labels)
-        self.batch_size = min(batch_size, self.num_items)
-        self.seed, self.mode = seed, mode
-        self.max_batches = max_batches or None
+        assert self.labels.dim() == 1 and len(self.labels) > 0 and int(self.labels.min()) >= 0
+        super().__init__(len(self.labels), batch_size, seed, max_batches)
+        self.mode = mode
         self.num_clusters = int(self.labels.max()) + 1
         self.members = [torch.nonzero(self.labels == k).flatten() for k in range(self.num_clusters)]
         self.sizes = torch.tensor([len(m) for m in self.members], dtype=torch.float64)
@@ -118,16 +126,6 @@ class ClusterStratifiedBatchSampler(Sampler[list[int]]):
             self.q = self.p.clone()
         # p_k / q_k: 1 for every mode but `balanced` (0 for empty clusters, never drawn).
         self.cluster_weights = torch.where(self.q > 0, self.p / self.q.clamp_min(1e-300), 0.0).float()
-        self.epoch = 0
-        self.start_step = 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch = epoch
-        self.start_step = start_step
-
-    def __len__(self) -> int:
-        full = self.num_items // self.batch_size
-        return min(full, self.max_batches) if self.max_batches else full
 
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + step) % 2**63)

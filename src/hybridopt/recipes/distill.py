@@ -75,6 +75,7 @@ class DistillRecipe:
         self.prefix = f"[{name}] " if name else ""
         self.config_dict = config_dict or asdict(cfg)
         self.train_clusters, self.val_clusters, self.sampling = train_clusters, val_clusters, sampling
+        self.sampler = None  # built by setup()
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False) -> None:
@@ -134,7 +135,7 @@ class DistillRecipe:
         """The training objective on the blocks `indices` (importance-weighted when the sampler asks)."""
         input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
         weights = None
-        if getattr(self.sampler, "weighted", False):
+        if self.sampler is not None and self.sampler.weighted:
             weights = self.sampler.example_weights(indices).to(self.device)
         return self._loss_step(input_ids, labels, weights)
 
