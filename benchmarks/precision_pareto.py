@@ -54,8 +54,9 @@ def mix_name(layer_bits: dict[str, float]) -> str:
     return ", ".join(f"{'ternary' if b == TERNARY else f'{b:g}-bit'} x{widths.count(b)}" for b in sorted(set(widths)))
 
 
-def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: int, runs: Path) -> list[dict]:
-    """Rows of the PTQ table: one full-precision student, many plans."""
+def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: int,
+              runs: Path) -> tuple[list[dict], list[dict]]:
+    """Rows of the PTQ table (one full-precision student, many plans), and the one-layer table."""
     run_dir = runs / "fp"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = DistillConfig(epochs=epochs, baseline=False, out=str(run_dir))
@@ -103,7 +104,14 @@ def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: in
                         fisher_error_mean=statistics.mean(p.sensitivity for p in shuffled),
                         val_loss_min=min(losses), val_loss_max=max(losses), seeds=random_seeds))
         rows[-1]["fisher_error"] = rows[-1].pop("fisher_error_mean")
-    return rows
+    # The plan sums per-layer errors as if they were independent. Test that in context: every layer
+    # alone raised to 8 bits in the all-ternary model, and alone left ternary in the all-8-bit model.
+    ternary, eight = dict.fromkeys(names, TERNARY), dict.fromkeys(names, 8.0)
+    table = measured[TERNARY][0]
+    one_layer = [{"layer": n, "fisher_ternary": table[n][TERNARY], "fisher_8": table[n][8.0],
+                  "raised_to_8": evaluate({**ternary, n: 8.0}), "alone_ternary": evaluate({**eight, n: TERNARY})}
+                 for n in names]
+    return rows, one_layer
 
 
 def arms(budgets: list[float]) -> dict[str, dict]:
@@ -129,8 +137,9 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     out = Path(args.out)
-    ptq = ptq_table(args.epochs, args.clusters, args.ptq_budgets, args.random_seeds, out / "runs" / "precision-ptq")
-    (out / "precision_pareto_ptq.json").write_text(json.dumps(ptq, indent=2))
+    ptq, one_layer = ptq_table(args.epochs, args.clusters, args.ptq_budgets, args.random_seeds,
+                               out / "runs" / "precision-ptq")
+    (out / "precision_pareto_ptq.json").write_text(json.dumps({"arms": ptq, "one_layer": one_layer}, indent=2))
     lines = ["| arm (PTQ) | widths | bits/weight (codes + scales) | Fisher-weighted error | val loss | val ppl |",
              "|---|---|---|---|---|---|"]
     for r in ptq:
@@ -139,6 +148,15 @@ def main() -> None:
             loss += f" ({r['val_loss_min']:.4f}-{r['val_loss_max']:.4f}, {r['seeds']} shuffles)"
         lines.append(f"| {r['arm']} | {r['mix']} | {r['bits']:.3f} | {r['fisher_error']:.3g} | {loss} | "
                      f"{math.exp(r['val_loss']):.2f} |")
+    all_ternary = next(r["val_loss"] for r in ptq if r["arm"] == "uniform ternary")
+    all_eight = next(r["val_loss"] for r in ptq if r["arm"] == "uniform 8-bit")
+    lines += ["", f"One layer at a time (PTQ; all ternary: val loss {all_ternary:.4f}, all 8-bit: {all_eight:.4f}):",
+              "", "| layer | Fisher-weighted error, ternary | val loss, this layer alone 8-bit | "
+              "val loss, this layer alone ternary |", "|---|---|---|---|"]
+    for r in one_layer:
+        lines.append(f"| {r['layer'].removeprefix('model.')} | {r['fisher_ternary']:.3g} | "
+                     f"{r['raised_to_8']:.4f} ({r['raised_to_8'] - all_ternary:+.4f}) | "
+                     f"{r['alone_ternary']:.4f} ({r['alone_ternary'] - all_eight:+.4f}) |")
     (out / "precision_pareto_ptq.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.skip_qat:
