@@ -125,3 +125,18 @@ def test_plan_format_names_widths_budget_and_gap():
     assert "per-layer optimum" in text and "gap" in text
     assert text.count("  cluster ") == 3
     assert not math.isnan(float(text.split("stored bits/weight ")[1].split()[0]))
+
+
+def test_layer_clusters_follow_sensitivity_levels():
+    # Per-weight log-sensitivity levels of the default student's 14 layers after one epoch: two
+    # near-twins far below the rest (q/k of layer 0), two further below (q/k of layer 1), and a
+    # spread bulk. A single k-means++ start used to give each twin its own cluster and leave the bulk whole.
+    levels = {"q0": -32.1, "k0": -32.8, "v0": -28.1, "o0": -27.5, "gate0": -29.4, "up0": -29.6, "down0": -28.2,
+              "q1": -39.6, "k1": -39.2, "v1": -27.9, "o1": -25.5, "gate1": -29.0, "up1": -29.4, "down1": -26.9}
+    numel = {n: 131072 if n[:-1] in ("gate", "up", "down") else 65536 for n in levels}
+    noise = {1.58: 1.0, 2.0: 2.4, 4.0: 0.058, 8.0: 0.00018}  # error of each width relative to ternary
+    table = {n: {b: math.exp(lv) * numel[n] * r for b, r in noise.items()} for n, lv in levels.items()}
+    plan = build_plan(table, numel, 4, 3.0, 0.0625, seed=0)
+    group_of = {n: i for i, g in enumerate(plan.groups) for n in g}
+    assert group_of["q0"] == group_of["k0"] and group_of["q1"] == group_of["k1"] != group_of["q0"]
+    assert max(len(g) for g in plan.groups) <= 8

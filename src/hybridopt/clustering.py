@@ -38,8 +38,10 @@ def _faiss():
 
 
 def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20, spherical: bool = True,
-           what: str = "points") -> tuple[np.ndarray, np.ndarray]:
+           what: str = "points", nredo: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Cluster the rows of `x` into `k` groups with faiss; return `(centroids (k, d), labels (n,))`.
+
+    `nredo` restarts keep the clustering with the lowest k-means objective (worth it for small `x`).
 
     Raises:
         UserError: `k` is larger than the number of points, or than the number of distinct points.
@@ -58,7 +60,7 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20, spherical: bool = 
     init = {}
     if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):  # faiss >= 1.13; older ones sample at random
         init["init_method"] = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
-    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, verbose=False,
+    km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, verbose=False,
                       max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1, **init)
     km.train(x)
     return km.centroids.copy(), assign(x, km.centroids, spherical)

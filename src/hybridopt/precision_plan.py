@@ -35,6 +35,7 @@ from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, dequantize_weight, qua
 
 CANDIDATE_BITS = (TERNARY, 2.0, 4.0, 8.0)
 PLAN_METHODS = ("sensitivity", "random")
+KMEANS_RESTARTS = 16
 
 
 def stored_bits(bits: float) -> Fraction:
@@ -217,7 +218,8 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
     # what makes one width per group close to the per-layer optimum.
     logs = np.log(np.array([[max(table[n][b] / numel[n], 1e-38) for b in bits] for n in names], dtype=np.float64))
     logs = logs - logs.mean(0, keepdims=True)
-    _, labels = kmeans(logs, num_clusters, seed, spherical=False, what="quantized layers")
+    # A few layers: restarts are cheap, and one k-means++ start often strands a cluster on an outlier.
+    _, labels = kmeans(logs, num_clusters, seed, spherical=False, what="quantized layers", nredo=KMEANS_RESTARTS)
     groups = [[n for n, l in zip(names, labels) if l == g] for g in range(num_clusters)]
     groups = sorted((g for g in groups if g), key=lambda g: names.index(g[0]))
 
