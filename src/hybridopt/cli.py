@@ -41,7 +41,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults=None)
         own = [n for n in vars(owner).get("__annotations__", {}) if n in by_name]
         if not own:
             continue
-        title = (owner.__doc__ or owner.__name__).strip().splitlines()[0]
+        title = (owner.__doc__ or owner.__name__).strip().splitlines()[0].rstrip(".")
         group = parser.add_argument_group(title if owner is not cls else "run")
         for name in own:
             _add_field(group, by_name.pop(name), hints[name], defaults)
