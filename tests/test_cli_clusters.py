@@ -50,6 +50,11 @@ def test_the_issue_command_reports_clusters_and_the_plan(clustered_run, capsys):
     assert main(["generate", "--model", str(clustered_run), "--prompt", "The", "--max_new_tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("The")
 
+    # `hybridopt export RUN` packs the run again with its plan, not one width for every layer.
+    assert main(["export", "--model", str(clustered_run), "--out", str(clustered_run / "re-export")]) == 0
+    quant = json.loads(read_packed(clustered_run / "re-export")[0]["quant"])
+    assert {k.removesuffix(".weight"): v["bits"] for k, v in quant.items()} == plan["layer_bits"]
+
 
 def test_printed_reports(tiny_teacher, corpus_file, tmp_path, capsys):
     out = tmp_path / "run"
@@ -98,8 +103,16 @@ def test_resume_before_and_after_the_plan_matches_an_uninterrupted_run(tiny_teac
     (["--param_clusters", "50", "--ternary", "--qat"], "--param_clusters 50 exceeds the 7 quantized layers"),
     (["--ternary", "--param_clusters", "--avg_bits", "1"], "--avg_bits 1 is below the run's base width 1.58"),
     (["--cluster_sampling", "single"], "--cluster_sampling needs --data_clusters"),
+    (["--ternary", "--param_clusters", "--avg_bits", "nan"], "--avg_bits must be a finite number"),
+    # The plan applies the group size after training: the mismatch is found before it starts.
+    (["--ternary", "--qat", "--param_clusters", "--group_size", "24"], "--group_size 24 does not divide the input width 32"),
 ])
 def test_bad_cluster_flags_exit_2_with_one_sentence(tiny_teacher, corpus_file, tmp_path, capsys, flags, message):
     assert main(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "run", *flags)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bits_are_canonical_before_the_budget_check(tiny_teacher, corpus_file, tmp_path):
+    cfg = _cfg(tiny_teacher, corpus_file, tmp_path, ternary=False, bits=1.585, avg_bits=1.58)
+    assert cfg.bits == 1.58 and cfg.weight_bits == 1.58

@@ -88,12 +88,17 @@ def test_resume_replays_the_remaining_batches_exactly(mode):
     full.set_epoch(4)
     expected = list(full)
     first = ClusterStratifiedBatchSampler(LABELS, 16, seed=1, mode=mode, max_batches=9)
-    first.set_epoch(4, start_step=5)
-    state = first.state_dict()
+    first.set_epoch(4, start_step=2)
+    it = iter(first)
+    assert [next(it) for _ in range(3)] == expected[2:5]
+    state = first.state_dict()  # after handing out batches 2, 3 and 4
     resumed = ClusterStratifiedBatchSampler(LABELS, 16, seed=999, mode=mode, max_batches=9)
     resumed.load_state_dict(state)
     assert list(resumed) == expected[5:]
     assert len(full) == 9
+    relabelled = ClusterStratifiedBatchSampler(LABELS.flip(0), 16, seed=1, mode=mode, max_batches=9)
+    with pytest.raises(ValueError, match="different labels"):
+        relabelled.load_state_dict(state)
 
 
 @pytest.mark.parametrize("mode", SAMPLING_MODES)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridopt.clustering import assign, cluster_data, format_cluster_report, kmeans
+from hybridopt.clustering import DataClusters, assign, cluster_data, format_cluster_report, kmeans
 from hybridopt.errors import UserError
 
 
@@ -41,6 +41,11 @@ def test_kmeans_refuses_more_clusters_than_distinct_points():
     assert len(set(kmeans(x, 3, 0)[1])) == 3
 
 
+def test_kmeans_takes_any_run_seed():
+    x, _ = _blobs()
+    assert (kmeans(x, 3, seed=2**31 + 5)[1] == kmeans(x, 3, seed=5)[1]).all()  # faiss seeds are C ints
+
+
 def test_cluster_data_caches_and_assigns_validation(tiny_teacher, tmp_path):
     from hybridopt.dataset import TokenBlocks
     from hybridopt.modeling import load_teacher
@@ -63,6 +68,13 @@ def test_cluster_data_caches_and_assigns_validation(tiny_teacher, tmp_path):
     with pytest.raises(UserError, match="--data_clusters 61 exceeds the 60 training sequences"):
         cluster_data(teacher, train, val, 61, 0, 8, torch.device("cpu"))
 
+    # A damaged cache file is recomputed (and rewritten), not a crash.
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(path.read_bytes()[:100])
+    third = cluster_data(teacher, train, val, 4, 0, 8, torch.device("cpu"), cache=tmp_path)
+    assert not third.cached and (third.labels == first.labels).all()
+    assert cluster_data(teacher, train, val, 4, 0, 8, torch.device("cpu"), cache=tmp_path).cached
+
 
 def test_per_cluster_validation_losses_add_up_to_the_overall_loss(tiny_teacher):
     from hybridopt.dataset import TokenBlocks
@@ -80,3 +92,15 @@ def test_per_cluster_validation_losses_add_up_to_the_overall_loss(tiny_teacher):
     weighted = (7 * losses[0] + 3 * losses[2] + 2 * losses[3]) / 12
     assert weighted == pytest.approx(ev["loss"], rel=1e-9)
     assert len({round(v, 6) for v in (losses[0], losses[2], losses[3])}) == 3
+
+
+@pytest.mark.parametrize("sampling,flagged", [("proportional", None), ("balanced", "clusters 1, 2 hold"),
+                                              ("single", "clusters 0, 1, 2 hold")])
+def test_report_warns_about_clusters_too_small_for_the_sampling(sampling, flagged):
+    labels = np.array([0] * 7 + [1] * 2 + [2])
+    clusters = DataClusters(labels, labels, np.eye(3, dtype=np.float32), [[], [], []])
+    report = format_cluster_report(clusters, None, None, sampling=sampling, batch_size=8)
+    assert "sizes min 1, median 2, max 7" in report
+    assert ("warning" in report) == (flagged is not None)
+    if flagged:
+        assert flagged in report

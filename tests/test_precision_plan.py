@@ -98,8 +98,7 @@ def test_plan_stays_within_budget_and_beats_the_random_control(avg_bits):
     rand = build_plan(table, numel, 3, avg_bits, 0.0625, seed=0, method="random")
     assert rand.stored_bits == pytest.approx(plan.stored_bits)  # same bits, shuffled among same-size layers
     assert rand.sensitivity >= plan.sensitivity - 1e-12
-    assert PrecisionPlan.from_json(plan.to_json()) == PrecisionPlan.from_json(plan.to_json())
-    assert PrecisionPlan.from_json(plan.to_json()).layer_bits == plan.layer_bits
+    assert PrecisionPlan.from_json(plan.to_json()) == plan
 
 
 def test_more_sensitive_layers_get_more_bits():
@@ -134,7 +133,7 @@ def test_layer_clusters_follow_sensitivity_levels():
     levels = {"q0": -32.1, "k0": -32.8, "v0": -28.1, "o0": -27.5, "gate0": -29.4, "up0": -29.6, "down0": -28.2,
               "q1": -39.6, "k1": -39.2, "v1": -27.9, "o1": -25.5, "gate1": -29.0, "up1": -29.4, "down1": -26.9}
     numel = {n: 131072 if n[:-1] in ("gate", "up", "down") else 65536 for n in levels}
-    noise = {1.58: 1.0, 2.0: 2.4, 4.0: 0.058, 8.0: 0.00018}  # error of each width relative to ternary
+    noise = {1.58: 1.0, 2.0: 0.65, 4.0: 0.058, 8.0: 0.00018}  # error of each width relative to ternary
     table = {n: {b: math.exp(lv) * numel[n] * r for b, r in noise.items()} for n, lv in levels.items()}
     plan = build_plan(table, numel, 4, 3.0, 0.0625, seed=0)
     group_of = {n: i for i, g in enumerate(plan.groups) for n in g}

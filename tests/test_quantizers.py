@@ -23,7 +23,7 @@ def reference_quantize(w: list[list[float]], bits: float, group: int) -> list[li
         qrow = []
         for g in range(0, len(row), group):
             chunk = row[g:g + group]
-            if bits in (1.0, TERNARY):
+            if bits in (1.0, TERNARY, 2.0):
                 s = _fp16(sum(abs(v) for v in chunk) / len(chunk))
             else:
                 s = _fp16(max(abs(v) for v in chunk) / (2 ** (int(bits) - 1) - 1))
@@ -32,6 +32,8 @@ def reference_quantize(w: list[list[float]], bits: float, group: int) -> list[li
                     q = 1.0 if v >= 0 else -1.0
                 elif bits == TERNARY:
                     q = max(-1.0, min(1.0, float(round(v / (s + 1e-5)))))
+                elif bits == 2.0:
+                    q = max(-2.0, min(1.0, float(round(v / s))))
                 else:
                     qmax = 2 ** (int(bits) - 1) - 1
                     q = max(-qmax - 1.0, min(float(qmax), float(round(v / s))))
@@ -57,6 +59,7 @@ def test_levels_and_scales():
     assert set(quantize_weight(w, 1)[0].unique().tolist()) == {-1, 1}
     assert set(quantize_weight(w, TERNARY)[0].unique().tolist()) <= {-1, 0, 1}
     assert quantize_weight(w, 4)[0].abs().max() <= 8
+    assert set(quantize_weight(w, 2)[0].unique().tolist()) == {-2, -1, 0, 1}
     q, s = quantize_weight(w, TERNARY, group_size=16)
     assert s.shape == (16, 4) and torch.equal(s, s.half().float())
     torch.testing.assert_close(quantize_weight(w, TERNARY)[1][:, 0], w.abs().mean(1).half().float())
@@ -64,7 +67,7 @@ def test_levels_and_scales():
 
 def test_more_bits_less_error():
     w = torch.randn(64, 256)
-    errors = [relative_error(w, b) for b in (1, TERNARY, 4, 8)]
+    errors = [relative_error(w, b) for b in (1, TERNARY, 2, 4, 8)]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] < 0.01
 

@@ -1,3 +1,4 @@
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,19 @@ def test_resume_mid_epoch_replays_the_tail(n, b, start):
     s.set_epoch(7, start)
     restored.load_state_dict(s.state_dict())
     assert list(restored) == full[start:]
+
+
+def test_state_counts_the_batches_handed_out():
+    s = ShuffledBatchSampler(100, 10, seed=3)
+    s.set_epoch(2)
+    it = iter(s)
+    head = [next(it) for _ in range(4)]
+    restored = ShuffledBatchSampler(100, 10, seed=0)
+    restored.load_state_dict(s.state_dict())
+    s.set_epoch(2)
+    assert head + list(restored) == list(s)
+    with pytest.raises(ValueError, match="different batch_size"):
+        ShuffledBatchSampler(100, 5, seed=3).load_state_dict(s.state_dict())
 
 
 def test_epochs_differ():

@@ -14,34 +14,43 @@ the token streams and the clustering settings.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
+from hybridopt.checkpoint import atomic_write
 from hybridopt.dataset import TokenBlocks
 from hybridopt.errors import UserError
 
 MAX_POINTS_PER_CENTROID = 256
+KMEANS_ITERATIONS = 20
 _ASSIGN_CHUNK = 65536
+_CACHE_VERSION = "data-clusters-v2"
 
 
 def _faiss():
+    # Imported on first use: faiss loads its own OpenMP runtime, which runs that only plain training never need.
     import faiss
 
-    # faiss and torch each bring an OpenMP runtime; keep faiss to torch's thread count, not every core.
+    # faiss and torch each bring an OpenMP runtime; keep faiss to torch's thread count, not every core
+    # (torch's count can change between calls, so this is set on each use, not once).
     faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
     return faiss
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20, spherical: bool = True,
-           what: str = "points", nredo: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_ITERATIONS, spherical: bool = True,
+           what: str = "points", nredo: int = 1, flag: str = "k") -> tuple[np.ndarray, np.ndarray]:
     """Cluster the rows of `x` into `k` groups with faiss; return `(centroids (k, d), labels (n,))`.
 
     `nredo` restarts keep the clustering with the lowest k-means objective (worth it for small `x`).
+    `what` names the points and `flag` the option that set `k`, for the error messages.
 
     Raises:
         UserError: `k` is larger than the number of points, or than the number of distinct points.
@@ -50,18 +59,16 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20, spherical: bool = 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if k < 1:
-        raise UserError(f"the number of clusters must be at least 1, got {k}")
+        raise UserError(f"{flag} must be at least 1, got {k}")
     if k > n:
-        raise UserError(f"cannot make {k} clusters of {n} {what}; ask for at most {n}")
+        raise UserError(f"{flag} {k}: cannot make {k} clusters of {n} {what}; ask for at most {n}")
     distinct = len(np.unique(x, axis=0))
     if k > distinct:
-        raise UserError(f"only {distinct} of the {n} {what} are distinct, too few for {k} clusters; "
+        raise UserError(f"{flag} {k}: only {distinct} of the {n} {what} are distinct, too few for {k} clusters; "
                         f"ask for at most {distinct}")
-    init = {}
-    if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):  # faiss >= 1.13; older ones sample at random
-        init["init_method"] = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
-    km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, verbose=False,
-                      max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1, **init)
+    km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=seed % 2**31, spherical=spherical, verbose=False,
+                      max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1,
+                      init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS)
     km.train(x)
     return km.centroids.copy(), assign(x, km.centroids, spherical)
 
@@ -87,7 +94,8 @@ def sequence_features(model: torch.nn.Module, data: TokenBlocks, batch_size: int
     feats = []
     for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         input_ids, _ = data.batch(list(range(start, min(start + batch_size, len(data)))))
-        hidden = model(input_ids=input_ids.to(device), output_hidden_states=True).hidden_states[-1]  # (B, T, d)
+        # The backbone alone: its last hidden state (after the final norm) without the (B, T, V) logits.
+        hidden = model.base_model(input_ids=input_ids.to(device)).last_hidden_state  # (B, T, d)
         feats.append(torch.nn.functional.normalize(hidden.float().mean(1), dim=-1).cpu())
     model.train(was_training)
     return torch.cat(feats).numpy()
@@ -123,13 +131,49 @@ class DataClusters:
 
 
 def _cache_key(model: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: int, seed: int) -> str:
-    h = hashlib.sha256(f"data-clusters-v1 k={k} seed={seed} T={train.seq_len}".encode())
+    """A hash of everything the clusters depend on: settings, faiss, the teacher (config and weights), the data."""
+    import faiss
+
+    settings = (f"{_CACHE_VERSION} k={k} seed={seed} T={train.seq_len} niter={KMEANS_ITERATIONS} "
+                f"max_points={MAX_POINTS_PER_CENTROID} init=kmeans++ spherical faiss={faiss.__version__} "
+                f"features=mean-last-hidden")
+    h = hashlib.sha256(settings.encode())
+    h.update(model.config.to_json_string(use_diff=False).encode())
     for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for stream in (train.stream, val.stream):
+        h.update(f"{tuple(stream.shape)} {stream.dtype}".encode())
         h.update(stream.numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+def _read_cache(path: Path) -> DataClusters | None:
+    """The cached clusters at `path`, or None if there are none or the file is damaged (then they are recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            reps = [list(r[r >= 0]) for r in z["representatives"]]
+            return DataClusters(z["labels"], z["val_labels"], z["centroids"], reps, cached=True)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        print(f"warning: ignoring the damaged cluster cache {path} ({e}); clustering again", file=sys.stderr)
+        return None
+
+
+def _write_cache(path: Path, clusters: DataClusters) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    padded = np.full((clusters.num_clusters, 3), -1, dtype=np.int64)
+    for i, r in enumerate(clusters.representatives):
+        padded[i, : len(r)] = r
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare temporary name
+            np.savez(f, labels=clusters.labels, val_labels=clusters.val_labels, centroids=clusters.centroids,
+                     representatives=padded)
+
+    atomic_write(path, write)
 
 
 def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: int, seed: int,
@@ -141,19 +185,18 @@ def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks,
     path = None
     if cache is not None:
         path = cache / f"{_cache_key(teacher, train, val, k, seed)}.npz"
-        if path.exists():
-            z = np.load(path)
-            reps = [list(r[r >= 0]) for r in z["representatives"]]
-            return DataClusters(z["labels"], z["val_labels"], z["centroids"], reps, cached=True)
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
     start = time.perf_counter()
-    batch_size = max(batch_size, 64)  # inference only: bigger batches amortise the per-call overhead
     feats = sequence_features(teacher, train, batch_size, device, "clustering: teacher features")
     val_feats = sequence_features(teacher, val, batch_size, device, "clustering: validation features")
-    centroids, labels = kmeans(feats, k, seed, what="training sequences")
+    centroids, labels = kmeans(feats, k, seed, what="training sequences", flag="--data_clusters")
     sizes = np.bincount(labels, minlength=k)
     if (sizes == 0).any():
         keep = np.flatnonzero(sizes)
-        print(f"warning: k-means left {k - len(keep)} of {k} data clusters empty; using {len(keep)}")
+        print(f"warning: k-means left {k - len(keep)} of {k} data clusters empty; using {len(keep)}",
+              file=sys.stderr)
         centroids = centroids[keep]
         labels = assign(feats, centroids)
     val_labels = assign(val_feats, centroids)
@@ -164,19 +207,15 @@ def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks,
         reps.append(list(members[np.argsort(-sims[members, c])][:3]))
     result = DataClusters(labels, val_labels, centroids, reps, seconds=time.perf_counter() - start)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        padded = np.full((len(reps), 3), -1, dtype=np.int64)
-        for i, r in enumerate(reps):
-            padded[i, : len(r)] = r
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, labels=labels, val_labels=val_labels, centroids=centroids, representatives=padded)
-        tmp.replace(path)
+        _write_cache(path, result)
     return result
 
 
-def format_cluster_report(clusters: DataClusters, train: TokenBlocks, tokenizer, snippets: int = 2,
-                          width: int = 70) -> str:
-    """Cluster sizes (min / median / max) and the sequences nearest each centroid, as printed at start."""
+def format_cluster_report(clusters: DataClusters, train: TokenBlocks, tokenizer: PreTrainedTokenizerBase,
+                          snippets: int = 2, width: int = 70, sampling: str = "proportional",
+                          batch_size: int = 0) -> str:
+    """Cluster sizes (min / median / max) and the sequences nearest each centroid, as printed at start;
+    a warning for each cluster too small for what `sampling` draws from it per batch of `batch_size`."""
     sizes = clusters.sizes
     how = "read from the cache" if clusters.cached else f"{clusters.seconds:.1f} s (teacher features + faiss k-means)"
     lines = [f"Data clusters: {clusters.num_clusters} k-means clusters of {len(clusters.labels):,} training "
@@ -187,6 +226,11 @@ def format_cluster_report(clusters: DataClusters, train: TokenBlocks, tokenizer,
             text = " ".join(tokenizer.decode(train[int(i)][:-1].tolist()).split())
             texts.append(repr(text[:width] + ("..." if len(text) > width else "")))
         lines.append(f"  cluster {c} ({sizes[c]} sequences, {sizes[c] / len(clusters.labels):.1%}): " + " | ".join(texts))
-        if sizes[c] < 2:
-            lines.append(f"  warning: cluster {c} holds a single sequence; balanced sampling repeats it")
+    # Examples one batch takes from a cluster: more than the cluster holds means repeats within the batch.
+    need = {"balanced": -(-batch_size // clusters.num_clusters), "single": batch_size}.get(sampling, 0)
+    small = [int(c) for c in np.flatnonzero(sizes < need)]
+    if small:
+        lines.append(f"  warning: {sampling} sampling draws {need} sequences per batch from a cluster, more than "
+                     f"cluster{'s' if len(small) > 1 else ''} {', '.join(map(str, small))} "
+                     f"hold{'' if len(small) > 1 else 's'}; those batches repeat sequences")
     return "\n".join(lines)

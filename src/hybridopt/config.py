@@ -6,6 +6,7 @@ with one sentence naming the flag. The resolved config is saved with every check
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from hybridopt.errors import UserError
@@ -122,7 +123,7 @@ class DistillConfig(TrainConfig, StudentConfig):
     data_clusters: int | None = _arg(None, "cluster the training sequences into K groups (faiss k-means on teacher features) and sample batches by cluster; alone: 8", nargs="?", const=8)
     cluster_sampling: str = _arg("proportional", "with --data_clusters: proportional (clusters in proportion to size, unbiased), balanced (equal per cluster, importance-weighted), single (one cluster per batch) or iid (ignore clusters)", choices=["proportional", "balanced", "single", "iid"])
     param_clusters: int | None = _arg(None, "mixed precision: group the quantized layers into K sensitivity clusters (Fisher-weighted quantization error) and give each a width under --avg_bits; alone: 4", nargs="?", const=4)
-    avg_bits: float | None = _arg(None, "with --param_clusters: average stored bits per weight allowed (packed ternary costs 1.6); default the base width, e.g. 1.58 = all ternary")
+    avg_bits: float | None = _arg(None, "with --param_clusters: average stored code bits per weight allowed (packed ternary costs 1.6; the float16 scales come on top and are reported); default the base width, e.g. 1.58 = all ternary")
     plan_method: str = _arg("sensitivity", "with --param_clusters: sensitivity (the exact budgeted plan) or random (the plan's widths shuffled among layers: a control)", choices=["sensitivity", "random"])
     plan_after_epochs: int = _arg(1, "with --param_clusters and --qat: full-precision epochs before the plan is measured and QAT starts (Fisher of a random network says little)")
     calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information is estimated on")
@@ -139,6 +140,8 @@ class DistillConfig(TrainConfig, StudentConfig):
     def __post_init__(self):
         TrainConfig.__post_init__(self)
         StudentConfig.__post_init__(self)
+        if self.bits is not None:
+            self.bits = _canonical_bits(self.bits)
         self._check_clusters()
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
@@ -148,7 +151,6 @@ class DistillConfig(TrainConfig, StudentConfig):
         if self.metrics_out:
             self.save_metrics = True
         if self.bits is not None:
-            self.bits = _canonical_bits(self.bits)
             if self.ternary and self.bits != 1.58:
                 raise UserError(f"--ternary conflicts with --bits {self.bits:g}; pass one of them")
         if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
@@ -168,6 +170,8 @@ class DistillConfig(TrainConfig, StudentConfig):
         _positive("calibration_batches", self.calibration_batches)
         if self.weight_bits is None:
             raise UserError("--param_clusters needs a quantized run: add --ternary (with --qat for QAT) or --bits")
+        if self.avg_bits is not None and not math.isfinite(self.avg_bits):
+            raise UserError(f"--avg_bits must be a finite number of bits, got {self.avg_bits}")
         if self.avg_bits is not None and self.avg_bits < self.weight_bits - 1e-9:
             raise UserError(f"--avg_bits {self.avg_bits:g} is below the run's base width {self.weight_bits:g}")
         if self.qat and not 0 <= self.plan_after_epochs < self.epochs:

@@ -31,6 +31,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from hybridopt.clustering import kmeans
+from hybridopt.errors import UserError
 from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, dequantize_weight, quantize_weight
 
 CANDIDATE_BITS = (TERNARY, 2.0, 4.0, 8.0)
@@ -44,6 +46,7 @@ def stored_bits(bits: float) -> Fraction:
 
 
 def bits_name(bits: float) -> str:
+    """A width as the plan prints it: "ternary", "4-bit"."""
     return "ternary" if bits == TERNARY else f"{bits:g}-bit"
 
 
@@ -166,16 +169,19 @@ class PrecisionPlan:
         budget = f"budget {self.avg_bits:g} bits/weight"
         if self.budget_bits > self.avg_bits + 1e-9:
             budget += f", raised to {self.budget_bits:.2f} since packed ternary stores 1.6"
+        groups = "parameter clusters" if self.method == "sensitivity" else "width groups"
+        base = min(float(b) for b in next(iter(self.layer_sensitivity.values()))) if self.layer_sensitivity \
+            else min(self.layer_bits.values())
         lines = [
-            f"Precision plan ({self.method}, {len(self.groups)} parameter clusters, {budget}): {mix}",
+            f"Precision plan ({self.method}, {len(self.groups)} {groups}, {budget}): {mix}",
             f"  stored bits/weight {self.stored_bits:.3f} codes + {self.scale_bits:.3f} scales = "
             f"{self.stored_bits + self.scale_bits:.3f}",
-            f"  Fisher-weighted error {self.sensitivity:.4g} (all {bits_name(min(self.layer_bits.values()))}: "
+            f"  Fisher-weighted error {self.sensitivity:.4g} (all {bits_name(base)}: "
             f"{self.uniform_sensitivity:.4g}; per-layer optimum {self.optimum_sensitivity:.4g}, gap {gap:+.1%})",
         ]
         for i, (names, b) in enumerate(zip(self.groups, self.group_bits)):
             short = ", ".join(n.removeprefix("model.") for n in names)
-            lines.append(f"  cluster {i}: {bits_name(b):>8}  {short}")
+            lines.append(f"  {'cluster' if self.method == 'sensitivity' else 'group'} {i}: {bits_name(b):>8}  {short}")
         return "\n".join(lines)
 
 
@@ -196,9 +202,6 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
         seed: k-means seed, and the shuffle seed of `method="random"`.
         method: "sensitivity" or "random".
     """
-    from hybridopt.clustering import kmeans
-    from hybridopt.errors import UserError
-
     names = list(table)
     bits = tuple(sorted(next(iter(table.values()))))
     base = bits[0]

@@ -5,8 +5,13 @@ when `group_size` is None) and compute one scale `s` per group:
 
 * 1-bit (BinaryConnect / XNOR-Net scaling):   s = mean|W|,  q = sign(W) in {-1, +1}
 * 1.58-bit ternary (BitNet b1.58 absmean):     s = mean|W|,  q = clip(round(W / (s + eps)), -1, 1)
-* b-bit symmetric uniform, b in {2, 4, 8}:     s = max|W| / (2^(b-1) - 1),
+* 2-bit (absmean, all four codes):             s = mean|W|,  q = clip(round(W / s), -2, 1)
+* b-bit symmetric uniform, b in {4, 8}:        s = max|W| / (2^(b-1) - 1),
                                                q = clip(round(W / s), -2^(b-1), 2^(b-1) - 1)
+
+At 2 bits the absmax scale would leave `W / s` in [-1, 1], so the code -2 would go unused and the
+result would be ternary at a higher price; the absmean scale uses all four codes (on the default
+student, relative weight error 0.41 against ternary's 0.51 and absmax 2-bit's 0.81).
 
 and `Q(W) = q * s`. Scales are rounded to float16 before use, because the export stores them in
 float16: the quantized model seen in training is bit-for-bit the one that is exported.
@@ -61,7 +66,7 @@ def quantize_weight(w: torch.Tensor, bits: float, group_size: int | None = None)
     bits = canonical_bits(bits)
     wg = _grouped(w.detach().float(), group_size)  # (out, G, g)
     absw = wg.abs()
-    if bits in (1.0, TERNARY):
+    if bits in (1.0, TERNARY, 2.0):
         scale = absw.mean(-1, keepdim=True)
     else:
         scale = absw.amax(-1, keepdim=True) / (2 ** (int(bits) - 1) - 1)

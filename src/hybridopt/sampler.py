@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import torch
@@ -20,15 +21,45 @@ class _EpochBatchSampler(Sampler[list[int]]):
         self.max_batches = max_batches or None
         self.epoch = 0
         self.start_step = 0
+        self.step = 0  # the next batch of the epoch: batches already handed out are behind it
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the batches of `epoch` and skip its first `start_step`."""
         self.epoch = epoch
-        self.start_step = start_step
+        self.start_step = self.step = start_step
 
     def __len__(self) -> int:
         full = self.num_items // self.batch_size
         return min(full, self.max_batches) if self.max_batches else full
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, len(self)):
+            self.step = step + 1  # counted before the yield: a state saved after this batch resumes after it
+            yield self.batch_at(step)
+
+    def batch_at(self, step: int) -> list[int]:
+        raise NotImplementedError
+
+    def _identity(self) -> dict:
+        """What must match for a saved position to mean the same batches."""
+        return {"seed": self.seed, "num_items": self.num_items, "batch_size": self.batch_size,
+                "max_batches": self.max_batches}
+
+    def state_dict(self) -> dict:
+        """The position (epoch, next batch) and what the batches depend on."""
+        return {"epoch": self.epoch, "step": self.step, **self._identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the sampler must draw the same batches as the saved one.
+
+        Raises:
+            ValueError: the saved sampler had other data, batch size, cap, mode or clusters.
+        """
+        self.seed = state["seed"]
+        diff = [k for k, v in self._identity().items() if k in state and state[k] != v]
+        if diff:
+            raise ValueError(f"cannot resume this sampler from a state with different {', '.join(diff)}")
+        self.set_epoch(state["epoch"], state["step"])
 
 
 class ShuffledBatchSampler(_EpochBatchSampler):
@@ -50,17 +81,18 @@ class ShuffledBatchSampler(_EpochBatchSampler):
         super().__init__(num_items, batch_size, seed, max_batches)
 
     def __iter__(self) -> Iterator[list[int]]:
+        order = self._order()  # one permutation per epoch, not one per batch
+        for step in range(self.start_step, len(self)):
+            self.step = step + 1
+            yield order[step * self.batch_size : (step + 1) * self.batch_size].tolist()
+
+    def _order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_items, generator=g)
-        for b in range(self.start_step, len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+        return torch.randperm(self.num_items, generator=g)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = state["seed"]
-        self.set_epoch(state["epoch"], state["start_step"])
+    def batch_at(self, step: int) -> list[int]:
+        """The indices of batch `step` of the current epoch."""
+        return self._order()[step * self.batch_size : (step + 1) * self.batch_size].tolist()
 
 
 SAMPLING_MODES = ("proportional", "balanced", "single", "iid")
@@ -93,6 +125,9 @@ class ClusterStratifiedBatchSampler(_EpochBatchSampler):
     * `single`: the whole batch from one cluster, drawn with probability `p_k` (unbiased, unit
       weights, but higher gradient variance; kept as an ablation of the design document's rule).
     * `iid`: clusters ignored, `B` examples uniformly without replacement.
+
+    Every mode draws each batch afresh (examples can recur across the batches of an epoch), so `iid`
+    is the control for the stratified modes, not the per-epoch shuffle a run without clusters uses.
 
     Within a cluster, examples are drawn uniformly without replacement (with replacement only when a
     cluster is smaller than its count). Batch `step` of `epoch` depends only on `(seed, epoch, step)`:
@@ -153,10 +188,6 @@ class ClusterStratifiedBatchSampler(_EpochBatchSampler):
             out.append(m[pick])
         return torch.cat(out).tolist()
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, len(self)):
-            yield self.batch_at(step)
-
     def example_weights(self, indices: list[int]) -> torch.Tensor:
         """`p_k / q_k` of each example's cluster, `(B,)`: the weights that keep the batch mean unbiased."""
         return self.cluster_weights[self.labels[torch.as_tensor(indices)]]
@@ -171,10 +202,6 @@ class ClusterStratifiedBatchSampler(_EpochBatchSampler):
         ks = self.labels[torch.as_tensor(indices)].unique()
         return int(ks[0]) if len(ks) == 1 else None
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed, "mode": self.mode}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = state["seed"]
-        assert state.get("mode", self.mode) == self.mode, "resuming with a different sampling mode"
-        self.set_epoch(state["epoch"], state["start_step"])
+    def _identity(self) -> dict:
+        digest = hashlib.sha256(self.labels.numpy().tobytes()).hexdigest()[:16]
+        return {**super()._identity(), "mode": self.mode, "labels": digest}

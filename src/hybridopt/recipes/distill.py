@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from hybridopt.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from hybridopt.config import TrainConfig
 from hybridopt.dataset import TokenBlocks
+from hybridopt.errors import UserError
 from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.losses import kd_loss
 from hybridopt.metrics import MetricsLogger
@@ -117,6 +118,11 @@ class DistillRecipe:
             self.skipped_steps, self.elapsed = pos["skipped_steps"], pos["elapsed"]
             self.history = state["history"]
             set_rng_state(state["rng"])
+            if "sampler" in state:  # the same batches: same data, batch size, mode and clusters
+                try:
+                    self.sampler.load_state_dict(state["sampler"])
+                except ValueError as e:
+                    raise UserError(f"cannot resume '{self.out_dir}': {e} (the data clusters or data changed)") from None
         self.metrics = None
         if self.metrics_path is not None:
             self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
@@ -131,11 +137,12 @@ class DistillRecipe:
                 teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, T, V)
         return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights)
 
-    def batch_loss(self, indices: list[int]) -> tuple[torch.Tensor, dict]:
-        """The training objective on the blocks `indices` (importance-weighted when the sampler asks)."""
+    def batch_loss(self, indices: list[int], weighted: bool = True) -> tuple[torch.Tensor, dict]:
+        """The training objective on the blocks `indices`: importance-weighted when the sampler asks and
+        `weighted` is True (batches the sampler drew); False for batches drawn uniformly elsewhere."""
         input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
         weights = None
-        if self.sampler is not None and self.sampler.weighted:
+        if weighted and self.sampler is not None and self.sampler.weighted:
             weights = self.sampler.example_weights(indices).to(self.device)
         return self._loss_step(input_ids, labels, weights)
 
@@ -262,6 +269,7 @@ class DistillRecipe:
                 "skipped_steps": self.skipped_steps, "elapsed": self.elapsed,
             },
             "history": self.history,
+            "sampler": self.sampler.state_dict(),
             "config": self.config_dict,
         })
 

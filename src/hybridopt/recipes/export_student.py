@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,8 +12,9 @@ from hybridopt.config import ExportConfig
 from hybridopt.errors import UserError
 from hybridopt.export import export_packed
 from hybridopt.generate import load_model
+from hybridopt.precision_plan import PrecisionPlan
 from hybridopt.qat import QATConfig
-from hybridopt.recipes.pipeline import apply_quantization
+from hybridopt.recipes.pipeline import PLAN_NAME, apply_quantization
 from hybridopt.recipes.quant_report import format_report, quantization_report, save_report
 
 
@@ -28,10 +30,17 @@ def export_student(cfg: ExportConfig) -> Path:
     qcfg = QATConfig(bits=bits, group_size=cfg.group_size or saved.get("group_size"),
                      act_bits=cfg.act_bits or saved.get("act_bits"),
                      include_head=cfg.quantize_head or bool(saved.get("quantize_head")))
+    plan = None
+    if (src / PLAN_NAME).is_file():  # a mixed-precision run: its layers were trained at the plan's widths
+        if cfg.bits is None:
+            plan = PrecisionPlan.from_json((src / PLAN_NAME).read_text())
+            qcfg = replace(qcfg, layer_bits=plan.layer_bits)
+        else:
+            print(f"--bits {cfg.bits:g}: every layer at that width, not the run's precision plan ({src / PLAN_NAME})")
     model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
     names = apply_quantization(model, qcfg)
     out = Path(cfg.out) if cfg.out else (src / "export" if saved else src.with_name(src.name + "-packed"))
-    path = export_packed(model, out, tokenizer, getattr(torch, cfg.export_dtype))
+    path = export_packed(model, out, tokenizer, getattr(torch, cfg.export_dtype), plan)
     report = quantization_report(model, fp_dir, out, None, 1, torch.device("cpu"), "QAT" if saved.get("qat") else "PTQ")
     save_report(report, out)
     print(f"Packed {len(names)} Linear modules ({qcfg.describe()}) into {path}")

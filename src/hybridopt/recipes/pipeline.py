@@ -96,11 +96,15 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     s_config = student_config(teacher.config, vocab_size(teacher), cfg, tokenizer, max_positions=ctx or cfg.seq_len)
     student = build_model(s_config, cfg.seed).to(device)
     qcfg = quant_config(cfg)
-    if cfg.param_clusters:
-        n_layers = len(quantizable_linears(student, qcfg.include_head))
-        if cfg.param_clusters > n_layers:  # found now, not after the first epoch
-            raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {n_layers} quantized layers; "
-                            f"ask for at most {n_layers}")
+    if cfg.param_clusters:  # the plan is applied later: find bad sizes now, not after the first epoch
+        names = quantizable_linears(student, qcfg.include_head)
+        if cfg.param_clusters > len(names):
+            raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {len(names)} quantized layers; "
+                            f"ask for at most {len(names)}")
+        for name in names:
+            width = student.get_submodule(name).in_features
+            if qcfg.group_size and width % qcfg.group_size:
+                raise UserError(f"--group_size {qcfg.group_size} does not divide the input width {width} of {name}")
     print(f"Teacher: {teacher_dir} ({num_parameters(teacher) / 1e6:.2f}M parameters)")
     print(f"Student: Llama, {num_parameters(student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
           f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")
@@ -112,7 +116,7 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     if cfg.data_clusters:
         clusters = cluster_data(teacher, train, val, cfg.data_clusters, cfg.seed, cfg.batch_size, device,
                                 cache_dir() / "clusters")
-        print(format_cluster_report(clusters, train, tokenizer))
+        print(format_cluster_report(clusters, train, tokenizer, sampling=cfg.cluster_sampling, batch_size=cfg.batch_size))
         print(f"Cluster sampling: {cfg.cluster_sampling}")
     teacher_eval = evaluate_lm(teacher, val, cfg.batch_size, device, clusters.val_labels if clusters else None,
                                clusters.num_clusters if clusters else None)
@@ -191,7 +195,8 @@ def _plan(recipe: DistillRecipe, cfg: DistillConfig, qcfg: QATConfig, out: Path 
     """Measure layer sensitivities on calibration batches of the recipe's objective; solve, print, save the plan."""
     batches = calibration_batches(len(recipe.train_data), cfg)
     names = quantizable_linears(recipe.model, qcfg.include_head)
-    plan = plan_for_model(recipe.model, names, batches, lambda b: recipe.batch_loss(b)[0], qcfg.bits,
+    # Calibration batches are drawn uniformly, so the plain objective (no sampler importance weights).
+    plan = plan_for_model(recipe.model, names, batches, lambda b: recipe.batch_loss(b, weighted=False)[0], qcfg.bits,
                           qcfg.group_size, cfg.param_clusters, cfg.avg_bits, cfg.seed, cfg.plan_method)
     print(plan.format())
     if out is not None:
