@@ -27,8 +27,8 @@ def test_the_issue_command_reports_clusters_and_the_plan(clustered_run, capsys):
     assert dc["k"] == 4 and sum(dc["sizes"]) > 0 and dc["sampling"] == "proportional"
     plan = results["precision_plan"]
     assert len(plan["groups"]) == 3 and plan["stored_bits"] <= plan["budget_bits"] + 1e-9
-    # A 3-bit budget buys some wider layers but not all: all-4-bit weights alone would cost 4 bits/weight.
-    assert set(plan["layer_bits"].values()) - {1.58} and 1.58 in plan["layer_bits"].values()
+    # A 3-bit budget buys some layers 4 or 8 bits but not all (all-4-bit would cost 4 bits/weight): a mixture.
+    assert len(set(plan["layer_bits"].values())) >= 2 and max(plan["layer_bits"].values()) >= 4
     last = results["student"]["history"][-1]
     assert len(last["val_loss_clusters"]) == 4
     assert last["val_loss_worst_cluster"] == max(v for v in last["val_loss_clusters"] if v is not None)
@@ -46,7 +46,8 @@ def test_the_issue_command_reports_clusters_and_the_plan(clustered_run, capsys):
     assert main(["inspect", str(clustered_run)]) == 0
     out = capsys.readouterr().out
     assert "Precision plan (sensitivity, 3 parameter clusters, budget 3 bits/weight" in out
-    assert "ternary5" in out and ("int4" in out or "int8" in out)
+    packings = {1.58: "ternary5", 2.0: "int2", 4.0: "int4", 8.0: "int8"}
+    assert all(packings[b] in out for b in plan["layer_bits"].values())  # each planned width's packing is listed
     assert main(["generate", "--model", str(clustered_run), "--prompt", "The", "--max_new_tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("The")
 

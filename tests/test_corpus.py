@@ -50,6 +50,14 @@ def test_reads_txt_jsonl_parquet_and_folders(tmp_path):
     docs = load_documents([str(tmp_path)])
     texts = [d.text for d in docs]
     assert texts == ["First paragraph.\n\nSecond one.", "héllo wörld", "two", "from parquet"]
+    # Ids (and so the split) do not depend on where the files lie.
+    assert [d.id for d in docs] == ["a.txt#0", "b.jsonl:1", "b.jsonl:3", "c.parquet@0"]
+    moved = tmp_path / "elsewhere" / "data"
+    moved.mkdir(parents=True)
+    for f in ("a.txt", "b.jsonl", "c.parquet"):
+        (moved / f).write_bytes((tmp_path / f).read_bytes())
+    assert load_documents([str(moved)]) == docs
+    assert [d.id for d in load_documents([str(moved / "a.txt")])] == ["a.txt#0"]
 
 
 @pytest.mark.parametrize("name,content,message", [

@@ -110,7 +110,7 @@ def load_documents(paths: list[str]) -> list[Document]:
     Directories are searched recursively for those suffixes. Every user error (missing path,
     binary or non-UTF-8 file, no text) raises `UserError` naming the file.
     """
-    files: list[Path] = []
+    files: list[tuple[Path, str]] = []  # (file, its name in document ids)
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
@@ -119,15 +119,15 @@ def load_documents(paths: list[str]) -> list[Document]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
             if not found:
                 raise UserError(f"--data directory '{raw}' holds no {', '.join(SUPPORTED_SUFFIXES)} files")
-            files.extend(found)
+            files.extend((p, p.relative_to(path).as_posix()) for p in found)
         elif path.suffix.lower() in SUPPORTED_SUFFIXES:
-            files.append(path)
+            files.append((path, path.name))
         else:
             raise UserError(
                 f"--data file '{raw}' has an unsupported suffix; use {', '.join(SUPPORTED_SUFFIXES)}"
             )
     docs: list[Document] = []
-    for path in files:
+    for path, name in files:
         suffix = path.suffix.lower()
         if suffix == ".txt":
             new = _read_txt(path)
@@ -137,7 +137,9 @@ def load_documents(paths: list[str]) -> list[Document]:
             new = _read_parquet(path)
         if not new:
             raise UserError(f"--data file '{path}' contains no text")
-        docs.extend(new)
+        # Ids name the file relative to the --data argument, not where it lies: the same files give
+        # the same train/validation split from any folder or machine.
+        docs.extend(Document(name + d.id[len(str(path)):], d.text) for d in new)
     return docs
 
 
