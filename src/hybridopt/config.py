@@ -216,9 +216,9 @@ class GenerateConfig:
     model: str = _arg("", "a run folder, its export/ folder (packed) or any Hugging Face causal-LM folder")
     prompt: str = _arg("", "text to continue")
     max_new_tokens: int = _arg(60, "tokens to generate")
-    temperature: float = _arg(0.0, "sampling temperature; 0 = greedy")
-    top_k: int = _arg(0, "sample among the k most likely tokens; 0 = all")
-    seed: int = _arg(0, "random seed for sampling")
+    temperature: float = _arg(0.8, "sampling temperature; 0 = greedy (tiny students often repeat one token when greedy)")
+    top_k: int = _arg(40, "sample among the k most likely tokens; 0 = all")
+    seed: int = _arg(0, "random seed for sampling (the same seed gives the same text)")
     device: str = _arg("cpu", "cpu, cuda, cuda:N or auto")
 
     def __post_init__(self):
