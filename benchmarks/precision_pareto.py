@@ -17,7 +17,7 @@ Quantization-aware training (QAT): every arm is `hybridopt distill --qat --param
 * plan at a budget B: `--ternary --avg_bits B`;
 * random at B: `--ternary --avg_bits B --plan_method random` (the plan's widths shuffled among layers
   of the same shape: same bits, placement not by sensitivity);
-* uniform 4-bit: `--bits 4 --avg_bits 4`.
+* uniform 2-bit and 4-bit: `--bits 2 --avg_bits 2`, `--bits 4 --avg_bits 4`.
 
 Writes `precision_pareto_ptq.{json,md}` and (unless --skip_qat) `precision_pareto.{json,md}` under --out.
 """
@@ -87,8 +87,9 @@ def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: in
         return r
 
     rows = [{"arm": "full precision", "mix": "fp32", "bits": 32.0, "fisher_error": 0.0, "val_loss": evaluate(None)}]
-    for base in (TERNARY, 4.0, 8.0):
-        table, numel, scale_bits = measured[min(base, 4.0)]
+    for base in (TERNARY, 2.0, 4.0, 8.0):
+        table, numel, scale_bits = measured[min(base, 4.0) if base != 2.0 else TERNARY]
+        table = {n: {b: e for b, e in t.items() if b >= base} for n, t in table.items()}  # base = the floor
         plan = build_plan(table, numel, 1, base, scale_bits)
         rows.append(row(f"uniform {mix_name(plan.layer_bits).split(' x')[0]}", plan, evaluate(plan.layer_bits)))
     table, numel, scale_bits = measured[TERNARY]
@@ -119,6 +120,7 @@ def arms(budgets: list[float]) -> dict[str, dict]:
     for b in budgets:
         out[f"plan, budget {b:g}"] = {"ternary": True, "avg_bits": b}
         out[f"random, budget {b:g}"] = {"ternary": True, "avg_bits": b, "plan_method": "random"}
+    out["uniform 2-bit"] = {"bits": 2.0, "avg_bits": 2.0}
     out["uniform 4-bit"] = {"bits": 4.0, "avg_bits": 4.0}
     return out
 
