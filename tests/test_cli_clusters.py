@@ -107,6 +107,8 @@ def test_resume_before_and_after_the_plan_matches_an_uninterrupted_run(tiny_teac
     (["--ternary", "--param_clusters", "--avg_bits", "nan"], "--avg_bits must be a finite number"),
     # The plan applies the group size after training: the mismatch is found before it starts.
     (["--ternary", "--qat", "--param_clusters", "--group_size", "24"], "--group_size 24 does not divide the input width 32"),
+    (["--ternary", "--group_size", "24"], "--group_size 24 does not divide the input width 32"),  # PTQ: before training
+    (["--data_clusters", "--seed", str(2**40)], "--seed must lie in [0, 2**32)"),
 ])
 def test_bad_cluster_flags_exit_2_with_one_sentence(tiny_teacher, corpus_file, tmp_path, capsys, flags, message):
     assert main(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "run", *flags)) == 2

@@ -58,6 +58,9 @@ def test_reads_txt_jsonl_parquet_and_folders(tmp_path):
         (moved / f).write_bytes((tmp_path / f).read_bytes())
     assert load_documents([str(moved)]) == docs
     assert [d.id for d in load_documents([str(moved / "a.txt")])] == ["a.txt#0"]
+    # Files of the same name from two folders keep distinct ids.
+    twice = load_documents([str(moved / "a.txt"), str(tmp_path / "a.txt")])
+    assert [d.id for d in twice] == ["elsewhere/data/a.txt#0", "a.txt#0"]
 
 
 @pytest.mark.parametrize("name,content,message", [

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from hybridopt.config import DistillConfig
+from hybridopt.errors import UserError
 from hybridopt.recipes.pipeline import run_distill
 
 
@@ -79,3 +80,15 @@ def test_non_finite_batches_are_skipped_not_applied(tiny_teacher, corpus_file, t
     res = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "nan", epochs=2, baseline=False))
     assert res["student"]["skipped_steps"] == 2 and res["student"]["steps"] == 8
     assert res["student"]["loss"] == res["student"]["loss"]  # not NaN
+
+
+def test_resume_refuses_changed_data(tiny_teacher, corpus_file, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(corpus_file.read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "run"
+    run_distill(_cfg(tiny_teacher, data, out, baseline=False, save_metrics=False), stop_after_epoch=1)
+    first, rest = corpus_file.read_text(encoding="utf-8").split("\n", 1)
+    data.write_text(json.dumps({"text": json.loads(first)["text"].upper()}) + "\n" + rest, encoding="utf-8")
+    with pytest.raises(UserError, match="tokens differ from this run's"):
+        run_distill(DistillConfig(resume=str(out)))
+    assert (out / "checkpoint.pt").exists()  # nothing already written is lost

@@ -14,6 +14,7 @@ the token streams and the clustering settings.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 import zipfile
@@ -94,11 +95,21 @@ def sequence_features(model: torch.nn.Module, data: TokenBlocks, batch_size: int
     feats = []
     for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         input_ids, _ = data.batch(list(range(start, min(start + batch_size, len(data)))))
-        # The backbone alone: its last hidden state (after the final norm) without the (B, T, V) logits.
-        hidden = model.base_model(input_ids=input_ids.to(device)).last_hidden_state  # (B, T, d)
+        hidden = _last_hidden(model, input_ids.to(device))  # (B, T, d)
         feats.append(torch.nn.functional.normalize(hidden.float().mean(1), dim=-1).cpu())
     model.train(was_training)
     return torch.cat(feats).numpy()
+
+
+def _last_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden state (after the final norm): from the backbone alone when the model has one, which
+    skips the (B, T, V) logits; otherwise from the full model's hidden states."""
+    backbone = model.base_model
+    if backbone is not model:
+        out = backbone(input_ids=input_ids, return_dict=True)
+        if getattr(out, "last_hidden_state", None) is not None:
+            return out.last_hidden_state
+    return model(input_ids=input_ids, output_hidden_states=True, return_dict=True).hidden_states[-1]
 
 
 @dataclass
@@ -138,9 +149,10 @@ def _cache_key(model: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: 
                 f"max_points={MAX_POINTS_PER_CENTROID} init=kmeans++ spherical faiss={faiss.__version__} "
                 f"features=mean-last-hidden")
     h = hashlib.sha256(settings.encode())
-    h.update(model.config.to_json_string(use_diff=False).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}  # not where it was loaded from
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
         h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for stream in (train.stream, val.stream):

@@ -24,6 +24,11 @@ def _positive(name: str, value: float | int | None) -> None:
         raise UserError(f"--{name} must be positive, got {value}")
 
 
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:  # NumPy's range; torch, faiss and the samplers derive their seeds from it
+        raise UserError(f"--seed must lie in [0, 2**32), got {seed}")
+
+
 def _canonical_bits(bits: float) -> float:
     """`--bits` as the quantizers name it (1.585 -> 1.58), or a user error."""
     from hybridopt.quantizers import canonical_bits
@@ -95,6 +100,7 @@ class TrainConfig:
             raise UserError(f"--grad_clip must be non-negative (0 disables), got {self.grad_clip}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"--min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        _check_seed(self.seed)
 
 
 @dataclass
@@ -229,6 +235,7 @@ class GenerateConfig:
             raise UserError(f"--temperature must be non-negative, got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"--top_k must be non-negative, got {self.top_k}")
+        _check_seed(self.seed)
 
 
 @dataclass

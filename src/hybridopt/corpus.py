@@ -110,7 +110,8 @@ def load_documents(paths: list[str]) -> list[Document]:
     Directories are searched recursively for those suffixes. Every user error (missing path,
     binary or non-UTF-8 file, no text) raises `UserError` naming the file.
     """
-    files: list[tuple[Path, str]] = []  # (file, its name in document ids)
+    files: list[Path] = []
+    roots: list[Path] = []  # what each argument names: the folder itself, or the file's folder
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
@@ -119,15 +120,22 @@ def load_documents(paths: list[str]) -> list[Document]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
             if not found:
                 raise UserError(f"--data directory '{raw}' holds no {', '.join(SUPPORTED_SUFFIXES)} files")
-            files.extend((p, p.relative_to(path).as_posix()) for p in found)
+            files.extend(found)
+            roots.append(path)
         elif path.suffix.lower() in SUPPORTED_SUFFIXES:
-            files.append((path, path.name))
+            files.append(path)
+            roots.append(path.parent)
         else:
             raise UserError(
                 f"--data file '{raw}' has an unsupported suffix; use {', '.join(SUPPORTED_SUFFIXES)}"
             )
+    # Ids name each file relative to the arguments' common folder, not where it lies: the same files
+    # give the same train/validation split from any folder or machine, and files of the same name given
+    # from different folders keep distinct ids.
+    common = os.path.commonpath([r.absolute() for r in roots])
     docs: list[Document] = []
-    for path, name in files:
+    for path in files:
+        name = Path(os.path.relpath(path.absolute(), common)).as_posix()
         suffix = path.suffix.lower()
         if suffix == ".txt":
             new = _read_txt(path)
@@ -137,8 +145,6 @@ def load_documents(paths: list[str]) -> list[Document]:
             new = _read_parquet(path)
         if not new:
             raise UserError(f"--data file '{path}' contains no text")
-        # Ids name the file relative to the --data argument, not where it lies: the same files give
-        # the same train/validation split from any folder or machine.
         docs.extend(Document(name + d.id[len(str(path)):], d.text) for d in new)
     return docs
 

@@ -59,7 +59,7 @@ class _EpochBatchSampler(Sampler[list[int]]):
         diff = [k for k, v in self._identity().items() if k in state and state[k] != v]
         if diff:
             raise ValueError(f"cannot resume this sampler from a state with different {', '.join(diff)}")
-        self.set_epoch(state["epoch"], state["step"])
+        self.set_epoch(state["epoch"], state.get("step", state.get("start_step", 0)))  # older state dicts said "start_step"
 
 
 class ShuffledBatchSampler(_EpochBatchSampler):

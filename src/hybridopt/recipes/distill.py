@@ -6,7 +6,9 @@ same loop trains the no-teacher baseline and the default teacher (teacher=None, 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -70,6 +72,7 @@ class DistillRecipe:
         self.temperature = temperature
         self.train_data = train_data
         self.val_data = val_data
+        self._digest: str | None = None
         self.out_dir = Path(out_dir)
         self.device = device
         self.metrics_path = metrics_path
@@ -118,11 +121,17 @@ class DistillRecipe:
             self.skipped_steps, self.elapsed = pos["skipped_steps"], pos["elapsed"]
             self.history = state["history"]
             set_rng_state(state["rng"])
-            if "sampler" in state:  # the same batches: same data, batch size, mode and clusters
+            if state.get("data", self._data_digest()) != self._data_digest():
+                raise UserError(f"cannot resume '{self.out_dir}': its training or validation tokens differ from "
+                                "this run's (other --data, tokenizer or --seq_len); start a new run")
+            if "sampler" in state:  # the same batches: same batch size, mode and clusters
                 try:
                     self.sampler.load_state_dict(state["sampler"])
                 except ValueError as e:
-                    raise UserError(f"cannot resume '{self.out_dir}': {e} (the data clusters or data changed)") from None
+                    raise UserError(f"cannot resume '{self.out_dir}': {e} (the data clusters changed)") from None
+            if "data" not in state:
+                print(f"warning: the checkpoint in '{self.out_dir}' predates data checks; resuming without "
+                      "verifying that the data is unchanged", file=sys.stderr)
         self.metrics = None
         if self.metrics_path is not None:
             self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
@@ -270,8 +279,19 @@ class DistillRecipe:
             },
             "history": self.history,
             "sampler": self.sampler.state_dict(),
+            "data": self._data_digest(),
             "config": self.config_dict,
         })
+
+    def _data_digest(self) -> str:
+        """A hash of the training and validation token streams, checked on resume."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for data in (self.train_data, self.val_data):
+                h.update(f"{data.seq_len} {len(data.stream)}".encode())
+                h.update(data.stream.numpy().tobytes())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
 
     def cleanup(self) -> None:
         if self.metrics:

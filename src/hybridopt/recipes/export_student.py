@@ -33,7 +33,11 @@ def export_student(cfg: ExportConfig) -> Path:
     plan = None
     if (src / PLAN_NAME).is_file():  # a mixed-precision run: its layers were trained at the plan's widths
         if cfg.bits is None:
-            plan = PrecisionPlan.from_json((src / PLAN_NAME).read_text())
+            try:
+                plan = PrecisionPlan.from_json((src / PLAN_NAME).read_text())
+            except (OSError, ValueError, TypeError) as e:
+                raise UserError(f"the run's precision plan {src / PLAN_NAME} is unreadable ({e}); "
+                                "pass --bits for one width, or train the run again") from None
             qcfg = replace(qcfg, layer_bits=plan.layer_bits)
         else:
             print(f"--bits {cfg.bits:g}: every layer at that width, not the run's precision plan ({src / PLAN_NAME})")

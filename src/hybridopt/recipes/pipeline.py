@@ -96,9 +96,9 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     s_config = student_config(teacher.config, vocab_size(teacher), cfg, tokenizer, max_positions=ctx or cfg.seq_len)
     student = build_model(s_config, cfg.seed).to(device)
     qcfg = quant_config(cfg)
-    if cfg.param_clusters:  # the plan is applied later: find bad sizes now, not after the first epoch
+    if qcfg:  # PTQ and plans quantize after training starts: find bad sizes now, not after training
         names = quantizable_linears(student, qcfg.include_head)
-        if cfg.param_clusters > len(names):
+        if cfg.param_clusters and cfg.param_clusters > len(names):
             raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {len(names)} quantized layers; "
                             f"ask for at most {len(names)}")
         for name in names:
