@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridopt.quantizers import (
-    TERNARY, canonical_bits, dequantize_weight, fake_quantize_activations, fake_quantize_weight, quantize_weight,
+    TERNARY, canonical_bits, code_offset, dequantize_weight, fake_quantize_activations, fake_quantize_weight, quantize_weight,
     relative_error)
 
 
@@ -23,8 +23,10 @@ def reference_quantize(w: list[list[float]], bits: float, group: int) -> list[li
         qrow = []
         for g in range(0, len(row), group):
             chunk = row[g:g + group]
-            if bits in (1.0, TERNARY, 2.0):
+            if bits in (1.0, TERNARY):
                 s = _fp16(sum(abs(v) for v in chunk) / len(chunk))
+            elif bits == 2.0:
+                s = _fp16(max(abs(v) for v in chunk) / 2)
             else:
                 s = _fp16(max(abs(v) for v in chunk) / (2 ** (int(bits) - 1) - 1))
             for v in chunk:
@@ -33,7 +35,7 @@ def reference_quantize(w: list[list[float]], bits: float, group: int) -> list[li
                 elif bits == TERNARY:
                     q = max(-1.0, min(1.0, float(round(v / (s + 1e-5)))))
                 elif bits == 2.0:
-                    q = max(-2.0, min(1.0, float(round(v / s))))
+                    q = max(-2.0, min(1.0, float(round(v / s - 0.5)))) + 0.5
                 else:
                     qmax = 2 ** (int(bits) - 1) - 1
                     q = max(-qmax - 1.0, min(float(qmax), float(round(v / s))))
@@ -51,7 +53,7 @@ def test_matches_reference(bits, rows, groups, group, per_channel, seed):
     q, scale = quantize_weight(w, bits, g)
     want = torch.tensor(reference_quantize(w.tolist(), bits, g or w.shape[1]))
     # torch.round and Python's round both round half to even; values on a tie are vanishingly rare here.
-    torch.testing.assert_close(dequantize_weight(q, scale), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dequantize_weight(q, scale, code_offset(bits)), want, rtol=0, atol=1e-6)
 
 
 def test_levels_and_scales():
@@ -60,6 +62,8 @@ def test_levels_and_scales():
     assert set(quantize_weight(w, TERNARY)[0].unique().tolist()) <= {-1, 0, 1}
     assert quantize_weight(w, 4)[0].abs().max() <= 8
     assert set(quantize_weight(w, 2)[0].unique().tolist()) == {-2, -1, 0, 1}
+    # 2-bit levels are symmetric (-3s/2, -s/2, s/2, 3s/2): no row is biased to one sign.
+    torch.testing.assert_close(fake_quantize_weight(-w, 2), -fake_quantize_weight(w, 2))
     q, s = quantize_weight(w, TERNARY, group_size=16)
     assert s.shape == (16, 4) and torch.equal(s, s.half().float())
     torch.testing.assert_close(quantize_weight(w, TERNARY)[1][:, 0], w.abs().mean(1).half().float())

@@ -11,7 +11,9 @@ The safetensors `__metadata__` header carries:
     format          "hybridopt-packed"
     format_version  "1"
     config          the Hugging Face model config (JSON)
-    quant           {"name.weight": {"bits", "shape", "group_size", "packing", "act_bits"}} (JSON)
+    quant           {"name.weight": {"bits", "shape", "group_size", "packing", "act_bits"}} (JSON);
+                    packing is "ternary5", "sign1", "int2mid" (2-bit codes -2..1 meaning (q + 1/2) * scale),
+                    "int4" or "int8" (q * scale)
     sha256          digest of every tensor's bytes in key order, to reject corrupted files
     precision_plan  (mixed precision only) the sensitivity-clustered plan the widths came from (JSON)
 
@@ -47,6 +49,8 @@ def _pack(q: torch.Tensor, bits: float) -> tuple[torch.Tensor, str]:
         return pack_ternary(q), "ternary5"
     if bits == 1.0:
         return pack_sign(q), "sign1"
+    if bits == 2.0:
+        return pack_signed(q, 2), "int2mid"  # codes -2..1 stand for the levels -1.5..1.5 (code_offset)
     return pack_signed(q, int(bits)), f"int{int(bits)}"
 
 
@@ -55,8 +59,8 @@ def _unpack(packed: torch.Tensor, packing: str, numel: int) -> torch.Tensor:
         return unpack_ternary(packed, numel)
     if packing == "sign1":
         return unpack_sign(packed, numel)
-    if packing in ("int2", "int4", "int8"):
-        return unpack_signed(packed, int(packing[3:]), numel)
+    if packing in ("int2", "int2mid", "int4", "int8"):
+        return unpack_signed(packed, int(packing[3]), numel)
     raise ValueError(f"unknown packing {packing!r}")
 
 
@@ -141,7 +145,8 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> torch.n
     for key, info in quant.items():
         try:
             q = _unpack(tensors[f"{key}.packed"], info["packing"], math.prod(info["shape"])).reshape(info["shape"])
-            state[key] = dequantize_weight(q, tensors[f"{key}.scale"])
+            # "int2mid" codes sit half a step off zero; files from before it ("int2") decode as plain codes.
+            state[key] = dequantize_weight(q, tensors[f"{key}.scale"], 0.5 if info["packing"] == "int2mid" else 0.0)
         except (KeyError, ValueError, RuntimeError) as e:
             raise UserError(f"'{path}' is corrupted: tensor {key} cannot be unpacked ({e})") from None
     for key, t in tensors.items():

@@ -33,7 +33,7 @@ import torch
 
 from hybridopt.clustering import kmeans
 from hybridopt.errors import UserError
-from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, dequantize_weight, quantize_weight
+from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, code_offset, dequantize_weight, quantize_weight
 
 CANDIDATE_BITS = (TERNARY, 2.0, 4.0, 8.0)
 PLAN_METHODS = ("sensitivity", "random")
@@ -76,7 +76,7 @@ def fisher_diagonal(model: torch.nn.Module, names: list[str], batches: Iterable,
 def sensitivity(weight: torch.Tensor, fisher: torch.Tensor, bits: float, group_size: int | None) -> float:
     """`sum_i F_ii (w_i - Q_b(w_i))^2` for one layer."""
     q, scale = quantize_weight(weight, bits, group_size)
-    err = weight.detach().float() - dequantize_weight(q, scale)
+    err = weight.detach().float() - dequantize_weight(q, scale, code_offset(bits))
     return float((fisher * err.pow(2)).sum())
 
 
