@@ -67,3 +67,25 @@ def test_truncated_and_corrupted_files_are_refused(tmp_path):
         load_packed(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         load_packed(tmp_path / "elsewhere")
+
+
+def test_two_bit_files_from_before_the_mid_rise_grid_still_load(tmp_path):
+    """'int2' (written before 2-bit moved to the (q + 1/2) grid) decodes as plain q * scale."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hybridopt.packing import unpack_signed
+
+    export_packed(_qat_model(2), tmp_path, dtype=torch.float32)
+    path = tmp_path / PACKED_NAME
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    quant = json.loads(metadata["quant"])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert quant[key]["packing"] == "int2mid"
+    for info in quant.values():
+        info["packing"] = "int2"
+    save_file(tensors, path, metadata={**metadata, "quant": json.dumps(quant)})
+    q = unpack_signed(tensors[f"{key}.packed"], 2, 64 * 64).reshape(64, 64).float()
+    want = q * tensors[f"{key}.scale"].float()  # one scale per output row
+    torch.testing.assert_close(load_packed(tmp_path).state_dict()[key], want)
