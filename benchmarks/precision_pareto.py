@@ -26,32 +26,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import math
 import shutil
+import statistics
 import sys
 from pathlib import Path
-
-import copy
-import statistics
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from hybridopt.config import DistillConfig
 from hybridopt.modeling import load_teacher
-from hybridopt.precision_plan import build_plan, measure_layers
+from hybridopt.precision_plan import build_plan, measure_layers, mix_name
 from hybridopt.qat import TERNARY, QATConfig, quantizable_linears, quantize_
 from hybridopt.recipes.data import corpus_documents, token_splits
 from hybridopt.recipes.distill import DistillRecipe, evaluate_lm
 from hybridopt.recipes.pipeline import calibration_batches, run_distill
 from hybridopt.recipes.teacher import ensure_default_teacher
-
-
-def mix_name(layer_bits: dict[str, float]) -> str:
-    widths = list(layer_bits.values())
-    return ", ".join(f"{'ternary' if b == TERNARY else f'{b:g}-bit'} x{widths.count(b)}" for b in sorted(set(widths)))
 
 
 def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: int,

@@ -7,6 +7,7 @@ so every token after the first is predicted exactly once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -87,6 +88,13 @@ class TokenBlocks(Dataset):
         """Gather blocks into `(input_ids, labels)`, each `(B, T)`."""
         blocks = torch.stack([self[int(i)] for i in indices])  # (B, T+1)
         return blocks[:, :-1], blocks[:, 1:]
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A hash of the block length and the token stream: equal digests, equal blocks."""
+        h = hashlib.sha256(f"T={self.seq_len} {tuple(self.stream.shape)} {self.stream.dtype}".encode())
+        h.update(self.stream.numpy().tobytes())
+        return h.hexdigest()
 
     @property
     def num_tokens(self) -> int:

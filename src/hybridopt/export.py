@@ -37,7 +37,7 @@ from hybridopt.checkpoint import atomic_write
 from hybridopt.errors import UserError
 from hybridopt.packing import pack_sign, pack_signed, pack_ternary, unpack_sign, unpack_signed, unpack_ternary
 from hybridopt.qat import ActQuantLinear, qat_layers
-from hybridopt.quantizers import TERNARY, dequantize_weight, quantize_weight
+from hybridopt.quantizers import TERNARY, code_offset, dequantize_weight, quantize_weight
 
 PACKED_NAME = "model.packed.safetensors"
 FORMAT = "hybridopt-packed"
@@ -146,7 +146,8 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> torch.n
         try:
             q = _unpack(tensors[f"{key}.packed"], info["packing"], math.prod(info["shape"])).reshape(info["shape"])
             # "int2mid" codes sit half a step off zero; files from before it ("int2") decode as plain codes.
-            state[key] = dequantize_weight(q, tensors[f"{key}.scale"], 0.5 if info["packing"] == "int2mid" else 0.0)
+            offset = code_offset(info["bits"]) if info["packing"] == "int2mid" else 0.0
+            state[key] = dequantize_weight(q, tensors[f"{key}.scale"], offset)
         except (KeyError, ValueError, RuntimeError) as e:
             raise UserError(f"'{path}' is corrupted: tensor {key} cannot be unpacked ({e})") from None
     for key, t in tensors.items():

@@ -50,6 +50,12 @@ def bits_name(bits: float) -> str:
     return "ternary" if bits == TERNARY else f"{bits:g}-bit"
 
 
+def mix_name(layer_bits: dict[str, float]) -> str:
+    """How many layers get each width: "ternary x12, 4-bit x2"."""
+    widths = list(layer_bits.values())
+    return ", ".join(f"{bits_name(b)} x{widths.count(b)}" for b in sorted(set(widths)))
+
+
 def candidate_bits(floor: float) -> tuple[float, ...]:
     """Candidate widths at or above the run's base width (ternary, 2, 4, 8; plus 1 for 1-bit runs)."""
     return tuple(b for b in SUPPORTED_BITS if b >= floor and (b in CANDIDATE_BITS or b == floor))
@@ -161,10 +167,6 @@ class PrecisionPlan:
 
     def format(self) -> str:
         """The block `distill` and `inspect` print."""
-        counts = {}
-        for b in self.layer_bits.values():
-            counts[b] = counts.get(b, 0) + 1
-        mix = ", ".join(f"{bits_name(b)} x{n}" for b, n in sorted(counts.items()))
         gap = self.sensitivity / self.optimum_sensitivity - 1 if self.optimum_sensitivity > 0 else 0.0
         budget = f"budget {self.avg_bits:g} bits/weight"
         if self.budget_bits > self.avg_bits + 1e-9:
@@ -173,7 +175,7 @@ class PrecisionPlan:
         base = min(float(b) for b in next(iter(self.layer_sensitivity.values()))) if self.layer_sensitivity \
             else min(self.layer_bits.values())
         lines = [
-            f"Precision plan ({self.method}, {len(self.groups)} {groups}, {budget}): {mix}",
+            f"Precision plan ({self.method}, {len(self.groups)} {groups}, {budget}): {mix_name(self.layer_bits)}",
             f"  stored bits/weight {self.stored_bits:.3f} codes + {self.scale_bits:.3f} scales = "
             f"{self.stored_bits + self.scale_bits:.3f}",
             f"  Fisher-weighted error {self.sensitivity:.4g} (all {bits_name(base)}: "

@@ -106,6 +106,16 @@ def quantizable_linears(model: nn.Module, include_head: bool = False) -> list[st
             if isinstance(m, nn.Linear) and (include_head or m is not head)]
 
 
+def check_group_size(model: nn.Module, config: QATConfig) -> None:
+    """Raise ValueError if `config.group_size` does not divide the input width of a layer QAT would cover."""
+    if not config.group_size:
+        return
+    for name in quantizable_linears(model, config.include_head):
+        width = model.get_submodule(name).in_features
+        if width % config.group_size:
+            raise ValueError(f"--group_size {config.group_size} does not divide the input width {width} of {name}")
+
+
 def quantize_(model: nn.Module, config: QATConfig) -> list[str]:
     """Swap the quantizable linears of `model` for `QATLinear`, in place.
 
@@ -118,6 +128,7 @@ def quantize_(model: nn.Module, config: QATConfig) -> list[str]:
     Raises:
         ValueError: a layer's input width is not divisible by `config.group_size`.
     """
+    check_group_size(model, config)  # before any swap: a refused model is left as it was
     names = quantizable_linears(model, config.include_head)
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -128,9 +139,6 @@ def quantize_(model: nn.Module, config: QATConfig) -> list[str]:
             if bits is not None:
                 linear.bits = bits
             continue
-        if config.group_size and linear.in_features % config.group_size:
-            raise ValueError(f"--group_size {config.group_size} does not divide the input width "
-                             f"{linear.in_features} of {name}")
         setattr(parent, child, QATLinear.from_linear(linear, config, bits))
     leftover = [n for n, m in model.named_modules() if type(m) is nn.Linear and n in names]
     assert not leftover, f"QAT left linears unquantized: {leftover}"

@@ -79,20 +79,20 @@ class ShuffledBatchSampler(_EpochBatchSampler):
 
     def __init__(self, num_items: int, batch_size: int, seed: int, max_batches: int | None = None):
         super().__init__(num_items, batch_size, seed, max_batches)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self._order()  # one permutation per epoch, not one per batch
-        for step in range(self.start_step, len(self)):
-            self.step = step + 1
-            yield order[step * self.batch_size : (step + 1) * self.batch_size].tolist()
-
-    def _order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_items, generator=g)
+        self._perm_key: tuple[int, int] | None = None
+        self._perm: torch.Tensor | None = None
 
     def batch_at(self, step: int) -> list[int]:
         """The indices of batch `step` of the current epoch."""
         return self._order()[step * self.batch_size : (step + 1) * self.batch_size].tolist()
+
+    def _order(self) -> torch.Tensor:
+        """The permutation of the current epoch, drawn once per (seed, epoch), not once per batch."""
+        key = (self.seed, self.epoch)
+        if self._perm_key != key:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm_key, self._perm = key, torch.randperm(self.num_items, generator=g)
+        return self._perm
 
 
 SAMPLING_MODES = ("proportional", "balanced", "single", "iid")

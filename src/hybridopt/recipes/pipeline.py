@@ -18,7 +18,7 @@ from hybridopt.hybrid_optimization import format_summary
 from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.recipes.data import corpus_documents, token_splits
 from hybridopt.precision_plan import PrecisionPlan, plan_for_model
-from hybridopt.qat import QATConfig, quantizable_linears, quantize_
+from hybridopt.qat import QATConfig, check_group_size, quantizable_linears, quantize_
 from hybridopt.recipes.distill import DistillRecipe, evaluate_lm
 from hybridopt.recipes.quant_report import format_report, quantization_report, save_report
 from hybridopt.recipes.teacher import ensure_default_teacher
@@ -97,14 +97,14 @@ def run_distill(cfg: DistillConfig, stop_after_epoch: int | None = None) -> dict
     student = build_model(s_config, cfg.seed).to(device)
     qcfg = quant_config(cfg)
     if qcfg:  # PTQ and plans quantize after training starts: find bad sizes now, not after training
-        names = quantizable_linears(student, qcfg.include_head)
-        if cfg.param_clusters and cfg.param_clusters > len(names):
-            raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {len(names)} quantized layers; "
-                            f"ask for at most {len(names)}")
-        for name in names:
-            width = student.get_submodule(name).in_features
-            if qcfg.group_size and width % qcfg.group_size:
-                raise UserError(f"--group_size {qcfg.group_size} does not divide the input width {width} of {name}")
+        try:
+            check_group_size(student, qcfg)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        n_layers = len(quantizable_linears(student, qcfg.include_head))
+        if cfg.param_clusters and cfg.param_clusters > n_layers:
+            raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {n_layers} quantized layers; "
+                            f"ask for at most {n_layers}")
     print(f"Teacher: {teacher_dir} ({num_parameters(teacher) / 1e6:.2f}M parameters)")
     print(f"Student: Llama, {num_parameters(student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
           f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")
