@@ -45,7 +45,9 @@ def test_the_issue_command_reports_clusters_and_the_plan(clustered_run, capsys):
 
     assert main(["inspect", str(clustered_run)]) == 0
     out = capsys.readouterr().out
-    assert "Precision plan (sensitivity, 3 parameter clusters, budget 3 bits/weight" in out
+    assert "Precision plan (measured, 3 parameter clusters, budget 3 bits/weight" in out
+    assert f"calibration loss in context {plan['measured_loss']:.4f}, the lowest of" in out
+    assert plan["measured_loss"] <= min(plan["fisher_choice_loss"], plan["uniform_loss"])
     packings = {1.58: "ternary5", 2.0: "int2", 4.0: "int4", 8.0: "int8"}
     assert all(packings[b] in out for b in plan["layer_bits"].values())  # each planned width's packing is listed
     assert main(["generate", "--model", str(clustered_run), "--prompt", "The", "--max_new_tokens", "5"]) == 0

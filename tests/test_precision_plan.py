@@ -1,5 +1,6 @@
 """Mixed precision: the budget solver (never over budget, optimal by brute force), sensitivities, plans."""
 
+import copy
 import itertools
 import math
 from fractions import Fraction
@@ -10,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridopt.errors import UserError
-from hybridopt.precision_plan import (PrecisionPlan, build_plan, candidate_bits, fisher_diagonal, sensitivity,
-                                      solve_budget, stored_bits)
+from hybridopt.precision_plan import (PrecisionPlan, build_plan, candidate_bits, fisher_diagonal, in_context_loss,
+                                      measured_candidates, sensitivity, solve_budget, stored_bits)
+from hybridopt.qat import QATConfig, quantize_
 
 options_st = st.lists(st.lists(st.tuples(st.integers(0, 40), st.floats(0, 100)), min_size=1, max_size=4),
                       min_size=1, max_size=5)
@@ -139,3 +141,71 @@ def test_layer_clusters_follow_sensitivity_levels():
     group_of = {n: i for i, g in enumerate(plan.groups) for n in g}
     assert group_of["q0"] == group_of["k0"] and group_of["q1"] == group_of["k1"] != group_of["q0"]
     assert max(len(g) for g in plan.groups) <= 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(options=options_st, budget=st.integers(0, 150), limit=st.integers(1, 20))
+def test_measured_candidates_fit_the_budget_and_include_every_uniform_choice(options, budget, limit):
+    feasible = [ch for ch in itertools.product(*[range(len(o)) for o in options])
+                if sum(o[j][0] for o, j in zip(options, ch)) <= budget]
+    if not feasible:
+        return
+    best, _ = solve_budget(options, budget)
+    cands = measured_candidates(options, budget, best, limit)
+    assert len(set(cands)) == len(cands) and set(cands) <= set(feasible)
+    uniform = [ch for ch in feasible if len(set(ch)) == 1]
+    assert set(uniform) <= set(cands) and len(cands) <= max(limit, len(uniform))
+    if len(feasible) <= limit:
+        assert set(cands) == set(feasible)
+
+
+def test_measured_candidates_fall_back_to_neighbours_of_the_best_when_there_are_too_many():
+    options = [[(1, 4.0), (2, 1.0), (4, 0.1), (8, 0.0)]] * 9  # 4**9 choices: too many to enumerate
+    best, _ = solve_budget(options, 20)
+    cands = measured_candidates(options, 20, best, limit=1000)
+    assert tuple(best) in cands and (0,) * 9 in cands and (1,) * 9 in cands
+    assert all(sum(a != b for a, b in zip(ch, best)) <= 1 or len(set(ch)) == 1 for ch in cands)
+
+
+def test_measured_plan_picks_the_lowest_measured_loss_not_the_lowest_fisher_error():
+    table, numel = _table()
+    fisher = build_plan(table, numel, 3, 3.0, 0.0625, seed=0)
+    assert len(set(fisher.layer_bits.values())) > 1  # the Fisher-optimal plan mixes widths
+    seen = []
+
+    def interacting(layer_bits):
+        """Losses that add up like the Fisher error, plus a penalty for every mixture of widths."""
+        seen.append(dict(layer_bits))
+        return sum(table[n][b] for n, b in layer_bits.items()) + 1e6 * (len(set(layer_bits.values())) > 1)
+
+    plan = build_plan(table, numel, 3, 3.0, 0.0625, seed=0, method="measured", measure=interacting)
+    assert len(set(plan.layer_bits.values())) == 1 and plan.stored_bits <= plan.budget_bits
+    assert plan.measured_loss == min(interacting(b) for b in seen[: plan.measured_count])
+    assert plan.fisher_choice_loss == interacting(fisher.layer_bits) > plan.measured_loss
+    assert plan.groups == fisher.groups and plan.measured_count == len(seen[: plan.measured_count])
+    # With losses that do add up, measuring agrees with the solver.
+    additive = build_plan(table, numel, 3, 3.0, 0.0625, seed=0, method="measured",
+                          measure=lambda lb: sum(table[n][b] for n, b in lb.items()))
+    assert additive.layer_bits == fisher.layer_bits and additive.measured_loss == pytest.approx(fisher.sensitivity)
+    assert "calibration loss in context" in plan.format() and PrecisionPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(ValueError, match="needs a measure function"):
+        build_plan(table, numel, 3, 3.0, 0.0625, method="measured")
+
+
+def test_in_context_loss_matches_the_quantized_model_and_restores_the_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    batches = [torch.randn(4, 16) for _ in range(3)]
+    loss_fn = lambda x: model(x).pow(2).mean()  # noqa: E731
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    measure = in_context_loss(model, batches, loss_fn, None)
+    layer_bits = {"0": 1.58, "2": 4.0}
+    got = measure(layer_bits)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and model[0].weight.grad is None
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, QATConfig(bits=1.58, layer_bits=layer_bits))  # both linears, at their planned widths
+    with torch.no_grad():
+        want = sum(float(quantized(x).pow(2).mean()) for x in batches) / len(batches)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert got != pytest.approx(measure({"0": 8.0, "2": 8.0}), rel=1e-4)  # the widths matter

@@ -130,7 +130,7 @@ class DistillConfig(TrainConfig, StudentConfig):
     cluster_sampling: str = _arg("proportional", "with --data_clusters: proportional (clusters in proportion to size, unbiased), balanced (equal per cluster, importance-weighted), single (one cluster per batch) or iid (ignore clusters)", choices=["proportional", "balanced", "single", "iid"])
     param_clusters: int | None = _arg(None, "mixed precision: group the quantized layers into K sensitivity clusters (Fisher-weighted quantization error) and give each a width under --avg_bits; alone: 4", nargs="?", const=4)
     avg_bits: float | None = _arg(None, "with --param_clusters: average stored code bits per weight allowed (packed ternary costs 1.6; the float16 scales come on top and are reported); default the base width, e.g. 1.58 = all ternary")
-    plan_method: str = _arg("sensitivity", "with --param_clusters: sensitivity (the exact budgeted plan) or random (the plan's widths shuffled among layers: a control)", choices=["sensitivity", "random"])
+    plan_method: str = _arg("measured", "with --param_clusters: measured (of the width assignments within budget, the one with the lowest calibration loss in context), sensitivity (the one with the lowest Fisher-weighted error) or random (the sensitivity plan's widths shuffled among layers: a control)", choices=["measured", "sensitivity", "random"])
     plan_after_epochs: int = _arg(1, "with --param_clusters and --qat: full-precision epochs before the plan is measured and QAT starts (Fisher of a random network says little)")
     calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information is estimated on")
 
@@ -169,7 +169,7 @@ class DistillConfig(TrainConfig, StudentConfig):
         if self.data_clusters is None and self.cluster_sampling != "proportional":
             raise UserError("--cluster_sampling needs --data_clusters")
         if self.param_clusters is None:
-            if self.avg_bits is not None or self.plan_method != "sensitivity":
+            if self.avg_bits is not None or self.plan_method != "measured":
                 raise UserError("--avg_bits and --plan_method need --param_clusters")
             return
         _positive("param_clusters", self.param_clusters)

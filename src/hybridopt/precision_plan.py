@@ -14,6 +14,11 @@ r"""Sensitivity-clustered mixed precision: which quantized layer gets which bit 
    the average stored bits per weight staying within `--avg_bits`. Solved exactly by dynamic
    programming over the Pareto front of (bits, sensitivity); the same solver without groups gives the
    per-layer optimum, and the plan reports its gap to it.
+4. In context (`method="measured"`). The sum in 3 treats each layer's error as independent, and on a
+   trained student it is not: raising one layer of an all-ternary model to 8 bits can raise the loss.
+   So every assignment of widths to the groups that fits the budget (the lowest-error ones and every
+   uniform one, at most `MAX_MEASURED`) is applied to the model and its loss measured on the
+   calibration batches; the lowest wins.
 
 Bits are counted as stored: packed ternary is 8/5 = 1.6 bits per weight (5 trits per byte), b-bit is
 b bits; the float16 scales add 16 bits per group of inputs whatever the width, reported separately.
@@ -22,7 +27,9 @@ An `--avg_bits` of 1.58 (the design document's target) therefore means every lay
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -36,8 +43,10 @@ from hybridopt.errors import UserError
 from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, code_offset, dequantize_weight, quantize_weight
 
 CANDIDATE_BITS = (TERNARY, 2.0, 4.0, 8.0)
-PLAN_METHODS = ("sensitivity", "random")
+PLAN_METHODS = ("measured", "sensitivity", "random")
 KMEANS_RESTARTS = 16
+MAX_MEASURED = 64  # assignments measured in context, at most
+_MAX_ENUMERATED = 4**8  # beyond this many assignments, only the neighbours of the lowest-error one
 
 
 def stored_bits(bits: float) -> Fraction:
@@ -124,6 +133,53 @@ def solve_budget(options: list[list[tuple[int, float]]], budget: int) -> tuple[l
     return list(best[2]), best[1]
 
 
+def measured_candidates(options: list[list[tuple[int, float]]], budget: int, best: list[int],
+                        limit: int = MAX_MEASURED) -> list[tuple[int, ...]]:
+    """The choices worth measuring in context: every uniform choice (the same option index for every
+    item) that fits the budget, then the lowest-error feasible choices, `limit` in all. Where there are
+    too many choices to enumerate, the lowest-error one (`best`) and every feasible choice that differs
+    from it in one item stand in for the latter."""
+    cost = lambda ch: sum(o[j][0] for o, j in zip(options, ch))  # noqa: E731
+    error = lambda ch: sum(o[j][1] for o, j in zip(options, ch))  # noqa: E731
+    uniform = [(j,) * len(options) for j in range(min(len(o) for o in options))]
+    uniform = [ch for ch in uniform if cost(ch) <= budget]
+    if math.prod(len(o) for o in options) <= _MAX_ENUMERATED:
+        others = itertools.product(*(range(len(o)) for o in options))
+    else:
+        others = [tuple(best)] + [tuple(best[:i]) + (j,) + tuple(best[i + 1:])
+                                  for i, o in enumerate(options) for j in range(len(o)) if j != best[i]]
+    rest = sorted((ch for ch in others if len(set(ch)) > 1 and cost(ch) <= budget), key=error)
+    return uniform + rest[: max(limit - len(uniform), 0)]
+
+
+def in_context_loss(model: torch.nn.Module, batches: Iterable, loss_fn: Callable[[object], torch.Tensor],
+                    group_size: int | None) -> Callable[[dict[str, float]], float]:
+    """A function that quantizes the named layers of `model` to the given widths, returns the mean of
+    `loss_fn` over `batches`, and puts the full-precision weights back."""
+    batches = list(batches)
+    quantized: dict[tuple[str, float], torch.Tensor] = {}  # (layer, bits) -> Q_b(W), each computed once
+
+    @torch.no_grad()
+    def loss(layer_bits: dict[str, float]) -> float:
+        weights = {n: model.get_submodule(n).weight for n in layer_bits}
+        originals = {n: w.detach().clone() for n, w in weights.items()}
+        was_training = model.training
+        model.eval()
+        try:
+            for n, b in layer_bits.items():
+                if (n, b) not in quantized:
+                    q, scale = quantize_weight(originals[n], b, group_size)
+                    quantized[n, b] = dequantize_weight(q, scale, code_offset(b)).to(originals[n].dtype)
+                weights[n].copy_(quantized[n, b])
+            return float(sum(float(loss_fn(batch)) for batch in batches) / max(len(batches), 1))
+        finally:
+            for n, w in weights.items():
+                w.copy_(originals[n])
+            model.train(was_training)
+
+    return loss
+
+
 # --------------------------------------------------------------------------- plan
 @dataclass
 class PrecisionPlan:
@@ -140,8 +196,13 @@ class PrecisionPlan:
         sensitivity: total Fisher-weighted error of the plan.
         optimum_sensitivity: the same for the best per-layer assignment (no clusters) under the budget.
         uniform_sensitivity: the same with every layer at the base width.
-        method: "sensitivity" (the solver) or "random" (widths shuffled among layers, a control).
+        method: "measured" (the assignment with the lowest loss in context), "sensitivity" (the one with
+            the lowest Fisher-weighted error) or "random" (the sensitivity plan's widths shuffled, a control).
         layer_sensitivity: `{layer: {bits: S}}` the plan was solved from.
+        measured_loss: with "measured", the plan's loss on the calibration batches, in context.
+        fisher_choice_loss: the same for the assignment with the lowest Fisher-weighted error.
+        uniform_loss: the same with every layer at the base width.
+        measured_count: assignments measured.
     """
 
     layer_bits: dict[str, float]
@@ -156,6 +217,10 @@ class PrecisionPlan:
     uniform_sensitivity: float
     method: str = "sensitivity"
     layer_sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    measured_loss: float | None = None
+    fisher_choice_loss: float | None = None
+    uniform_loss: float | None = None
+    measured_count: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -171,7 +236,7 @@ class PrecisionPlan:
         budget = f"budget {self.avg_bits:g} bits/weight"
         if self.budget_bits > self.avg_bits + 1e-9:
             budget += f", raised to {self.budget_bits:.2f} since packed ternary stores 1.6"
-        groups = "parameter clusters" if self.method == "sensitivity" else "width groups"
+        groups = "width groups" if self.method == "random" else "parameter clusters"
         base = min(float(b) for b in next(iter(self.layer_sensitivity.values()))) if self.layer_sensitivity \
             else min(self.layer_bits.values())
         lines = [
@@ -181,9 +246,13 @@ class PrecisionPlan:
             f"  Fisher-weighted error {self.sensitivity:.4g} (all {bits_name(base)}: "
             f"{self.uniform_sensitivity:.4g}; per-layer optimum {self.optimum_sensitivity:.4g}, gap {gap:+.1%})",
         ]
+        if self.measured_loss is not None:
+            lines.append(f"  calibration loss in context {self.measured_loss:.4f}, the lowest of {self.measured_count} "
+                         f"assignments within budget (lowest Fisher-weighted error: {self.fisher_choice_loss:.4f}; "
+                         f"all {bits_name(base)}: {self.uniform_loss:.4f})")
         for i, (names, b) in enumerate(zip(self.groups, self.group_bits)):
             short = ", ".join(n.removeprefix("model.") for n in names)
-            lines.append(f"  {'cluster' if self.method == 'sensitivity' else 'group'} {i}: {bits_name(b):>8}  {short}")
+            lines.append(f"  {'group' if self.method == 'random' else 'cluster'} {i}: {bits_name(b):>8}  {short}")
         return "\n".join(lines)
 
 
@@ -192,7 +261,8 @@ def _costs(numel: dict[str, int], bits: tuple[float, ...], unit: Fraction) -> di
 
 
 def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_clusters: int, avg_bits: float,
-               scale_bits: float, seed: int = 0, method: str = "sensitivity") -> PrecisionPlan:
+               scale_bits: float, seed: int = 0, method: str = "sensitivity",
+               measure: Callable[[dict[str, float]], float] | None = None) -> PrecisionPlan:
     """Cluster layers by log-sensitivity and assign one width per cluster under the bit budget.
 
     Args:
@@ -202,8 +272,14 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
         avg_bits: nominal average bits per weight; the base width's nominal value means all-base.
         scale_bits: float16 scale bits per weight (reported only).
         seed: k-means seed, and the shuffle seed of `method="random"`.
-        method: "sensitivity" or "random".
+        method: "measured", "sensitivity" or "random".
+        measure: with "measured", the loss of the model with the given `{layer: bits}` applied
+            (`in_context_loss`).
     """
+    if method not in PLAN_METHODS:
+        raise ValueError(f"unknown plan method {method!r}")
+    if method == "measured" and measure is None:
+        raise ValueError("the measured plan needs a measure function")
     names = list(table)
     bits = tuple(sorted(next(iter(table.values()))))
     base = bits[0]
@@ -231,6 +307,18 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
     group_opts = [[(sum(costs[n][j] for n in g), sum(table[n][b] for n in g)) for j, b in enumerate(bits)]
                   for g in groups]
     choice, err = solve_budget(group_opts, budget)
+    measured = {}
+    if method == "measured":
+        candidates = measured_candidates(group_opts, budget, choice)
+        if tuple(choice) not in candidates:  # a tie in error the enumeration broke the other way
+            candidates.append(tuple(choice))
+        losses = [measure({n: bits[j] for g, j in zip(groups, ch) for n in g}) for ch in candidates]
+        best = min(range(len(candidates)), key=losses.__getitem__)
+        measured = {"measured_loss": losses[best], "measured_count": len(candidates),
+                    "fisher_choice_loss": losses[candidates.index(tuple(choice))],
+                    "uniform_loss": losses[candidates.index((0,) * len(groups))]}
+        choice = list(candidates[best])
+        err = sum(group_opts[g][j][1] for g, j in enumerate(choice))
     group_bits = [bits[j] for j in choice]
     layer_bits = {n: b for g, b in zip(groups, group_bits) for n in g}
     _, optimum = solve_budget([[(costs[n][j], table[n][b]) for j, b in enumerate(bits)] for n in names], budget)
@@ -249,14 +337,12 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
         groups = [[n for n in names if layer_bits[n] == b] for b in sorted(set(layer_bits.values()))]
         group_bits = sorted(set(layer_bits.values()))
         err = sum(table[n][layer_bits[n]] for n in names)
-    elif method != "sensitivity":
-        raise ValueError(f"unknown plan method {method!r}")
     stored = float(sum(stored_bits(layer_bits[n]) * numel[n] for n in names) / total)
     return PrecisionPlan(
         layer_bits=layer_bits, groups=groups, group_bits=group_bits, avg_bits=avg_bits,
         budget_bits=float(budget_bits), stored_bits=stored, scale_bits=scale_bits, sensitivity=err,
         optimum_sensitivity=optimum, uniform_sensitivity=sum(table[n][base] for n in names), method=method,
-        layer_sensitivity={n: {f"{b:g}": table[n][b] for b in bits} for n in names},
+        layer_sensitivity={n: {f"{b:g}": table[n][b] for b in bits} for n in names}, **measured,
     )
 
 
@@ -274,8 +360,13 @@ def measure_layers(model: torch.nn.Module, names: list[str], batches: Iterable, 
 
 def plan_for_model(model: torch.nn.Module, names: list[str], batches: Iterable, loss_fn, base_bits: float,
                    group_size: int | None, num_clusters: int, avg_bits: float | None, seed: int,
-                   method: str = "sensitivity") -> PrecisionPlan:
-    """Measure the layers in `names` and plan (the pipeline's entry point)."""
+                   method: str = "measured", eval_fn=None) -> PrecisionPlan:
+    """Measure the layers in `names` and plan (the pipeline's entry point).
+
+    `loss_fn(batch)` is the objective the Fisher information is taken of; `eval_fn(batch)` (default
+    `loss_fn`) the loss the "measured" method compares assignments by."""
+    batches = list(batches)
     table, numel, scale_bits = measure_layers(model, names, batches, loss_fn, base_bits, group_size)
+    measure = in_context_loss(model, batches, eval_fn or loss_fn, group_size) if method == "measured" else None
     return build_plan(table, numel, num_clusters, base_bits if avg_bits is None else avg_bits, scale_bits, seed,
-                      method)
+                      method, measure)

@@ -153,6 +153,11 @@ class DistillRecipe:
             weights = self.sampler.example_weights(indices).to(self.device)
         return self._loss_step(input_ids, labels, weights)
 
+    def batch_ce(self, indices: list[int]) -> torch.Tensor:
+        """The model's plain cross-entropy on the training blocks `indices` (what validation reports)."""
+        input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
+        return kd_loss(self.model(input_ids=input_ids).logits, labels)[0]
+
     def train(self, stop_after_epoch: int | None = None) -> list[dict]:
         """Run the remaining epochs; return the per-epoch history.
 

@@ -192,12 +192,14 @@ def calibration_batches(num_items: int, cfg: DistillConfig) -> list[list[int]]:
 
 
 def _plan(recipe: DistillRecipe, cfg: DistillConfig, qcfg: QATConfig, out: Path | None) -> PrecisionPlan:
-    """Measure layer sensitivities on calibration batches of the recipe's objective; solve, print, save the plan."""
+    """Measure layer sensitivities on calibration batches of the recipe's objective, and (--plan_method
+    measured) the student's cross-entropy there under each candidate plan; solve, print, save the plan."""
     batches = calibration_batches(len(recipe.train_data), cfg)
     names = quantizable_linears(recipe.model, qcfg.include_head)
     # Calibration batches are drawn uniformly, so the plain objective (no sampler importance weights).
     plan = plan_for_model(recipe.model, names, batches, lambda b: recipe.batch_loss(b, weighted=False)[0], qcfg.bits,
-                          qcfg.group_size, cfg.param_clusters, cfg.avg_bits, cfg.seed, cfg.plan_method)
+                          qcfg.group_size, cfg.param_clusters, cfg.avg_bits, cfg.seed, cfg.plan_method,
+                          eval_fn=recipe.batch_ce)
     print(plan.format())
     if out is not None:
         atomic_write(out / PLAN_NAME, lambda tmp: Path(tmp).write_text(plan.to_json()))
