@@ -40,7 +40,7 @@ import torch
 
 from hybridopt.clustering import kmeans
 from hybridopt.errors import UserError
-from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, code_offset, dequantize_weight, quantize_weight
+from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, quantize_dequantize
 
 CANDIDATE_BITS = (TERNARY, 2.0, 4.0, 8.0)
 PLAN_METHODS = ("measured", "sensitivity", "random")
@@ -90,8 +90,7 @@ def fisher_diagonal(model: torch.nn.Module, names: list[str], batches: Iterable,
 
 def sensitivity(weight: torch.Tensor, fisher: torch.Tensor, bits: float, group_size: int | None) -> float:
     """`sum_i F_ii (w_i - Q_b(w_i))^2` for one layer."""
-    q, scale = quantize_weight(weight, bits, group_size)
-    err = weight.detach().float() - dequantize_weight(q, scale, code_offset(bits))
+    err = weight.detach().float() - quantize_dequantize(weight, bits, group_size)
     return float((fisher * err.pow(2)).sum())
 
 
@@ -168,8 +167,7 @@ def in_context_loss(model: torch.nn.Module, batches: Iterable, loss_fn: Callable
         try:
             for n, b in layer_bits.items():
                 if (n, b) not in quantized:
-                    q, scale = quantize_weight(originals[n], b, group_size)
-                    quantized[n, b] = dequantize_weight(q, scale, code_offset(b)).to(originals[n].dtype)
+                    quantized[n, b] = quantize_dequantize(originals[n], b, group_size)
                 weights[n].copy_(quantized[n, b])
             return float(sum(float(loss_fn(batch)) for batch in batches) / max(len(batches), 1))
         finally:

@@ -100,10 +100,15 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, offset: float = 0.0)
     return (codes * scale.float().unsqueeze(-1)).reshape(out_f, in_f)
 
 
+def quantize_dequantize(w: torch.Tensor, bits: float, group_size: int | None = None) -> torch.Tensor:
+    """`Q(W)`: the weights the quantized layer computes with, `(out, in)` float32, no gradient."""
+    q, scale = quantize_weight(w, bits, group_size)
+    return dequantize_weight(q, scale, code_offset(bits))
+
+
 def fake_quantize_weight(w: torch.Tensor, bits: float, group_size: int | None = None) -> torch.Tensor:
     """`Q(W)` in the forward pass, identity gradient in the backward pass (STE)."""
-    q, scale = quantize_weight(w, bits, group_size)
-    wq = dequantize_weight(q, scale, code_offset(bits)).to(w.dtype)
+    wq = quantize_dequantize(w, bits, group_size).to(w.dtype)
     return w + (wq - w).detach()
 
 
@@ -117,6 +122,5 @@ def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 def relative_error(w: torch.Tensor, bits: float, group_size: int | None = None) -> float:
     """`||W - Q(W)||_F / ||W||_F`: the weight-level quantization error of one layer."""
-    q, scale = quantize_weight(w, bits, group_size)
-    w = w.detach().float()
-    return float((w - dequantize_weight(q, scale, code_offset(bits))).norm() / w.norm().clamp_min(1e-12))
+    w_float = w.detach().float()
+    return float((w_float - quantize_dequantize(w, bits, group_size)).norm() / w_float.norm().clamp_min(1e-12))
