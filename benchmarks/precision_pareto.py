@@ -1,4 +1,4 @@
-"""Validation loss against stored bits: the sensitivity plan vs uniform widths vs a random plan.
+"""Validation loss against stored bits: the measured and Fisher plans vs uniform widths vs a random plan.
 
     python benchmarks/precision_pareto.py [--epochs 20] [--clusters 4] [--out benchmarks/results]
 
@@ -6,17 +6,20 @@ Two tables on the embedded default.
 
 Post-training quantization (PTQ): one full-precision `hybridopt distill --no-baseline --epochs N`
 student, measured once (Fisher on the calibration batches `distill` uses), then quantized by
-plans at several budgets and evaluated: the sensitivity plan with K parameter clusters, the
-per-layer optimum (every layer its own cluster), and random plans (the K-cluster plan's widths
-shuffled among same-shape layers; mean and range over `--random_seeds` shuffles).
+plans at several budgets and evaluated: the Fisher plan with K parameter clusters (the width
+assignment with the lowest Fisher-weighted error), the measured plan (the same clusters, the
+assignment with the lowest cross-entropy on the calibration batches), the per-layer optimum of the
+Fisher error (every layer its own cluster), and random plans (the Fisher plan's widths shuffled among
+same-shape layers; mean and range over `--random_seeds` shuffles).
 
 Quantization-aware training (QAT): every arm is `hybridopt distill --qat --param_clusters K
 --no-baseline --epochs N`, so all share the schedule (one full-precision epoch, then QAT with the plan):
 
 * uniform ternary: `--ternary --avg_bits 1.58` (the plan can only be all-ternary);
-* plan at a budget B: `--ternary --avg_bits B`;
-* random at B: `--ternary --avg_bits B --plan_method random` (the plan's widths shuffled among layers
-  of the same shape: same bits, placement not by sensitivity);
+* measured plan at a budget B: `--ternary --avg_bits B` (the default `--plan_method measured`);
+* Fisher plan at B: `--ternary --avg_bits B --plan_method sensitivity`;
+* random at B: `--ternary --avg_bits B --plan_method random` (the Fisher plan's widths shuffled among
+  layers of the same shape: same bits, placement not by sensitivity);
 * uniform 2-bit and 4-bit: `--bits 2 --avg_bits 2`, `--bits 4 --avg_bits 4`.
 
 Writes `precision_pareto_ptq.{json,md}` and (unless --skip_qat) `precision_pareto.{json,md}` under --out.
@@ -40,7 +43,7 @@ from transformers import AutoModelForCausalLM
 
 from hybridopt.config import DistillConfig
 from hybridopt.modeling import load_teacher
-from hybridopt.precision_plan import build_plan, measure_layers, mix_name
+from hybridopt.precision_plan import build_plan, in_context_loss, measure_layers, mix_name
 from hybridopt.qat import TERNARY, QATConfig, quantizable_linears, quantize_
 from hybridopt.recipes.data import corpus_documents, token_splits
 from hybridopt.recipes.distill import DistillRecipe, evaluate_lm
@@ -67,6 +70,7 @@ def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: in
     batches = calibration_batches(len(train), cfg)
     measured = {base: measure_layers(student, names, batches, lambda b: recipe.batch_loss(b)[0], base, None)
                 for base in (TERNARY, 4.0)}
+    calibration_ce = in_context_loss(student, batches, recipe.batch_ce, None)  # what `distill` measures plans by
 
     def evaluate(layer_bits: dict[str, float] | None) -> float:
         model = copy.deepcopy(student)
@@ -89,7 +93,10 @@ def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: in
     table, numel, scale_bits = measured[TERNARY]
     for budget in budgets:
         plan = build_plan(table, numel, clusters, budget, scale_bits)
-        rows.append(row(f"plan, K={clusters}, budget {budget:g}", plan, evaluate(plan.layer_bits)))
+        rows.append(row(f"Fisher plan, K={clusters}, budget {budget:g}", plan, evaluate(plan.layer_bits)))
+        chosen = build_plan(table, numel, clusters, budget, scale_bits, method="measured", measure=calibration_ce)
+        rows.append(row(f"measured plan, K={clusters}, budget {budget:g}", chosen, evaluate(chosen.layer_bits),
+                        calibration_loss=chosen.measured_loss, candidates=chosen.measured_count))
         optimum = build_plan(table, numel, len(names), budget, scale_bits)
         rows.append(row(f"per-layer optimum, budget {budget:g}", optimum, evaluate(optimum.layer_bits)))
         shuffled = [build_plan(table, numel, clusters, budget, scale_bits, seed=s, method="random")
@@ -112,7 +119,8 @@ def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: in
 def arms(budgets: list[float]) -> dict[str, dict]:
     out = {"uniform ternary": {"ternary": True, "avg_bits": 1.58}}
     for b in budgets:
-        out[f"plan, budget {b:g}"] = {"ternary": True, "avg_bits": b}
+        out[f"measured plan, budget {b:g}"] = {"ternary": True, "avg_bits": b}
+        out[f"Fisher plan, budget {b:g}"] = {"ternary": True, "avg_bits": b, "plan_method": "sensitivity"}
         out[f"random, budget {b:g}"] = {"ternary": True, "avg_bits": b, "plan_method": "random"}
     out["uniform 2-bit"] = {"bits": 2.0, "avg_bits": 2.0}
     out["uniform 4-bit"] = {"bits": 4.0, "avg_bits": 4.0}

@@ -132,7 +132,7 @@ class DistillConfig(TrainConfig, StudentConfig):
     avg_bits: float | None = _arg(None, "with --param_clusters: average stored code bits per weight allowed (packed ternary costs 1.6; the float16 scales come on top and are reported); default the base width, e.g. 1.58 = all ternary")
     plan_method: str = _arg("measured", "with --param_clusters: measured (of the width assignments within budget, the one with the lowest calibration loss in context), sensitivity (the one with the lowest Fisher-weighted error) or random (the sensitivity plan's widths shuffled among layers: a control)", choices=["measured", "sensitivity", "random"])
     plan_after_epochs: int = _arg(1, "with --param_clusters and --qat: full-precision epochs before the plan is measured and QAT starts (Fisher of a random network says little)")
-    calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information is estimated on")
+    calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information and the in-context loss are measured on")
 
     @property
     def weight_bits(self) -> float | None:
