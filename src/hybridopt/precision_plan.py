@@ -358,7 +358,7 @@ def measure_layers(model: torch.nn.Module, names: list[str], batches: Iterable, 
 
 def plan_for_model(model: torch.nn.Module, names: list[str], batches: Iterable, loss_fn, base_bits: float,
                    group_size: int | None, num_clusters: int, avg_bits: float | None, seed: int,
-                   method: str = "measured", eval_fn=None) -> PrecisionPlan:
+                   method: str = "measured", eval_fn: Callable[[object], torch.Tensor] | None = None) -> PrecisionPlan:
     """Measure the layers in `names` and plan (the pipeline's entry point).
 
     `loss_fn(batch)` is the objective the Fisher information is taken of; `eval_fn(batch)` (default
