@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hybridopt.hybrid_optimizer import HybridOptimizer
+
+from common import default_student_config  # benchmarks/common.py, beside this script
 
 
 def _timed_steps(model, opt, x, n, hybrid):
@@ -42,9 +44,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=512)
-    x = torch.randint(0, 4096, (16, 128), generator=torch.Generator().manual_seed(0))
+    cfg = default_student_config()
+    x = torch.randint(0, cfg.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0))
     runs = {}
     for name in ("adamw", "hybrid"):
         torch.manual_seed(0)

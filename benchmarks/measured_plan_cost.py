@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hybridopt.losses import kd_loss
 from hybridopt.precision_plan import in_context_loss
 from hybridopt.qat import TERNARY, quantizable_linears
+
+from common import default_student_config  # benchmarks/common.py, beside this script
 
 
 def main() -> None:
@@ -31,12 +33,11 @@ def main() -> None:
     parser.add_argument("--calibration_batches", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=512)
+    cfg = default_student_config()
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 4096, (16, 129), generator=g) for _ in range(args.calibration_batches)]
+    batches = [torch.randint(0, cfg.vocab_size, (16, 129), generator=g) for _ in range(args.calibration_batches)]
     loss_fn = lambda b: kd_loss(model(input_ids=b[:, :-1]).logits, b[:, 1:])[0]  # noqa: E731
     names = quantizable_linears(model)
     measure = in_context_loss(model, batches, loss_fn, None)
