@@ -8,7 +8,7 @@ from conftest import tiny_distill_args
 from hybridopt.cli import main
 from hybridopt.config import DistillConfig
 from hybridopt.export import load_packed, read_packed
-from hybridopt.recipes.pipeline import run_distill
+from hybridopt.recipes.distill import run_distill
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_resume_before_and_after_the_plan_matches_an_uninterrupted_run(tiny_teac
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--data_clusters", "100000"], "--data_clusters 100000 exceeds the"),
+    (["--data_clusters", "100000"], "--data_clusters: 100000 data clusters exceed the"),
     (["--data_clusters", "1"], "--data_clusters must be at least 2"),
     (["--param_clusters", "3"], "--param_clusters needs a quantized run"),
     (["--param_clusters", "50", "--ternary", "--qat"], "--param_clusters 50 exceeds the 7 quantized layers"),
@@ -108,8 +108,8 @@ def test_resume_before_and_after_the_plan_matches_an_uninterrupted_run(tiny_teac
     (["--cluster_sampling", "single"], "--cluster_sampling needs --data_clusters"),
     (["--ternary", "--param_clusters", "--avg_bits", "nan"], "--avg_bits must be a finite number"),
     # The plan applies the group size after training: the mismatch is found before it starts.
-    (["--ternary", "--qat", "--param_clusters", "--group_size", "24"], "--group_size 24 does not divide the input width 32"),
-    (["--ternary", "--group_size", "24"], "--group_size 24 does not divide the input width 32"),  # PTQ: before training
+    (["--ternary", "--qat", "--param_clusters", "--group_size", "24"], "--group_size: group size 24 does not divide the input width 32"),
+    (["--ternary", "--group_size", "24"], "--group_size: group size 24 does not divide the input width 32"),  # PTQ: before training
     (["--data_clusters", "--seed", str(2**40)], "--seed must lie in [0, 2**32)"),
 ])
 def test_bad_cluster_flags_exit_2_with_one_sentence(tiny_teacher, corpus_file, tmp_path, capsys, flags, message):

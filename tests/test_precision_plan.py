@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridopt.errors import UserError
 from hybridopt.precision_plan import (PrecisionPlan, build_plan, candidate_bits, fisher_diagonal, in_context_loss,
                                       measured_candidates, sensitivity, solve_budget, stored_bits)
 from hybridopt.qat import QATConfig, quantize_
@@ -113,9 +112,9 @@ def test_more_sensitive_layers_get_more_bits():
 
 def test_plan_guards():
     table, numel = _table(3)
-    with pytest.raises(UserError, match="--param_clusters 5 exceeds the 3 quantized layers"):
+    with pytest.raises(ValueError, match="5 parameter clusters exceed the 3 quantized layers"):
         build_plan(table, numel, 5, 2.0, 0.0)
-    with pytest.raises(UserError, match="below the base width"):
+    with pytest.raises(ValueError, match="below the base width"):
         build_plan(table, numel, 2, 1.0, 0.0)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from hybridopt.config import DistillConfig
 from hybridopt.errors import UserError
-from hybridopt.recipes.pipeline import run_distill
+from hybridopt.recipes.distill import run_distill
 
 
 def _cfg(teacher, data, out, **kw):
@@ -66,17 +66,17 @@ def test_distillation_beats_the_no_teacher_student(tiny_teacher, corpus_file, tm
 
 def test_non_finite_batches_are_skipped_not_applied(tiny_teacher, corpus_file, tmp_path, monkeypatch):
     """A NaN loss (e.g. from a corrupted batch) is skipped and reported; the weights stay finite."""
-    from hybridopt.recipes import distill
+    from hybridopt import training
 
     calls = {"n": 0}
-    real = distill.kd_loss
+    real = training.kd_loss
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
         loss, parts = real(*args, **kwargs)
         return (loss * float("nan"), parts) if calls["n"] in (3, 7) else (loss, parts)
 
-    monkeypatch.setattr(distill, "kd_loss", flaky)
+    monkeypatch.setattr(training, "kd_loss", flaky)
     res = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "nan", epochs=2, baseline=False))
     assert res["student"]["skipped_steps"] == 2 and res["student"]["steps"] == 8
     assert res["student"]["loss"] == res["student"]["loss"]  # not NaN

@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     values = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         if args.command == "distill":
-            from hybridopt.recipes.pipeline import run_distill
+            from hybridopt.recipes.distill import run_distill
 
             run_distill(DistillConfig(**values))
         elif args.command == "teacher":
-            from hybridopt.recipes.teacher import train_teacher
+            from hybridopt.teacher import train_teacher
 
             cfg = TeacherConfig(**values)
             train_teacher(cfg, cfg.out)
@@ -150,11 +150,13 @@ def _inspect(cfg: InspectConfig) -> None:
     from pathlib import Path
 
     from hybridopt.export import PACKED_NAME, read_packed
+    from hybridopt.layout import RunLayout
     from hybridopt.precision_plan import PrecisionPlan
-    from hybridopt.recipes.quant_report import REPORT_NAME, describe_export, format_report
+    from hybridopt.quant_report import REPORT_NAME, describe_export, format_report
 
     path = Path(cfg.path)
-    folder = path / "export" if (path / "export" / PACKED_NAME).is_file() else path
+    export = RunLayout(path).export
+    folder = export if (export / PACKED_NAME).is_file() else path
     if not (folder / PACKED_NAME).is_file():
         raise UserError(f"'{path}' holds no packed export ({PACKED_NAME}); run distill with --qat, --ternary or --bits")
     print(f"{folder / PACKED_NAME}:")

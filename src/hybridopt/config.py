@@ -6,10 +6,13 @@ with one sentence naming the flag. The resolved config is saved with every check
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from pathlib import Path
+from dataclasses import dataclass, field, fields
 
 from hybridopt.errors import UserError
+from hybridopt.quantizers import TERNARY, canonical_bits
 
 
 def _arg(default, help: str, **meta):
@@ -31,8 +34,6 @@ def _check_seed(seed: int) -> None:
 
 def _canonical_bits(bits: float) -> float:
     """`--bits` as the quantizers name it (1.585 -> 1.58), or a user error."""
-    from hybridopt.quantizers import canonical_bits
-
     try:
         return canonical_bits(bits)
     except ValueError as e:
@@ -134,13 +135,31 @@ class DistillConfig(TrainConfig, StudentConfig):
     plan_after_epochs: int = _arg(1, "with --param_clusters and --qat: full-precision epochs before the plan is measured and QAT starts (Fisher of a random network says little)")
     calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information and the in-context loss are measured on")
 
+    @classmethod
+    def from_file(cls, path: Path) -> "DistillConfig":
+        """The config saved in a run's run_config.json (keys this version does not know are ignored;
+        `resume` is cleared).
+
+        Raises:
+            UserError: the file is not a JSON object of valid settings.
+        """
+        try:
+            saved = json.loads(Path(path).read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+            names = {f.name for f in fields(cls)} - {"resume"}
+            return cls(**{k: v for k, v in saved.items() if k in names})
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise UserError(f"the run config '{path}' is unreadable ({e}); it was not written by hybridopt "
+                            "or is damaged") from None
+
     @property
     def weight_bits(self) -> float | None:
         """The quantized width this run asks for, or None for a full-precision run."""
         if self.bits is not None:
             return self.bits
         if self.ternary:
-            return 1.58
+            return TERNARY
         return 1.0 if self.qat else None
 
     def __post_init__(self):
@@ -157,7 +176,7 @@ class DistillConfig(TrainConfig, StudentConfig):
         if self.metrics_out:
             self.save_metrics = True
         if self.bits is not None:
-            if self.ternary and self.bits != 1.58:
+            if self.ternary and self.bits != TERNARY:
                 raise UserError(f"--ternary conflicts with --bits {self.bits:g}; pass one of them")
         if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
             raise UserError("--group_size, --act_bits and --quantize_head need --qat, --ternary or --bits")

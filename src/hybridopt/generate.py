@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from hybridopt.errors import UserError
 from hybridopt.export import PACKED_NAME, load_packed
+from hybridopt.layout import RunLayout
 from hybridopt.tokenizer import load_tokenizer
 
 
@@ -17,7 +18,8 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"--model '{path}' is not a directory")
-    for candidate in (path, path / "export", path / "student"):
+    run = RunLayout(path)
+    for candidate in (path, run.export, run.student):
         if (candidate / PACKED_NAME).is_file() or (candidate / "config.json").is_file():
             return candidate
     raise UserError(f"--model '{path}' holds no model ({PACKED_NAME} or config.json)")

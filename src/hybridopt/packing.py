@@ -23,8 +23,9 @@ import math
 
 import torch
 
-TERNARY_BITS = 1.58
-SUPPORTED_BITS = (1, 2, 4, 8)
+from hybridopt.quantizers import TERNARY
+
+PACKED_INT_BITS = (1, 2, 4, 8)  # widths stored as plain bit fields (ternary is packed 5 trits per byte)
 SIGNED_BITS = (2, 4, 8)
 
 
@@ -78,10 +79,10 @@ def packed_nbytes(numel: int, bits: float) -> int:
     """
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be a non-negative int, got {numel!r}")
-    if math.isclose(bits, TERNARY_BITS, abs_tol=0.01):
+    if math.isclose(bits, TERNARY, abs_tol=0.01):
         return -(-numel // 5)
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported bit width {bits!r}; expected one of {SUPPORTED_BITS} or 1.58")
+    if isinstance(bits, bool) or bits not in PACKED_INT_BITS:
+        raise ValueError(f"unsupported bit width {bits!r}; expected one of {PACKED_INT_BITS} or 1.58")
     return -(-numel * int(bits) // 8)
 
 
@@ -110,7 +111,7 @@ def pack_ternary(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_ternary(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of `pack_ternary`: a 1-D int8 tensor of `numel` values in {-1, 0, 1}."""
-    flat = _check_buffer(packed, numel, TERNARY_BITS)
+    flat = _check_buffer(packed, numel, TERNARY)
     if bool((flat > 242).any()):
         raise ValueError("packed ternary buffer is corrupt: a byte exceeds 242 (3**5 - 1)")
     pow3 = torch.tensor(_POW3, dtype=torch.uint8, device=flat.device)
@@ -135,7 +136,7 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     Returns:
         1-D uint8 tensor of length `ceil(values.numel() * bits / 8)` on `values`' device.
     """
-    _check_bits(bits, SUPPORTED_BITS)
+    _check_bits(bits, PACKED_INT_BITS)
     c = _codes(values, 0, 2**bits - 1, f"{bits}-bit codes").to(torch.uint8)
     per = 8 // bits
     c = torch.nn.functional.pad(c, (0, (-c.numel()) % per)).view(-1, per)  # pad with code 0
@@ -147,7 +148,7 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of `pack_bits`: a 1-D uint8 tensor of `numel` codes."""
-    _check_bits(bits, SUPPORTED_BITS)
+    _check_bits(bits, PACKED_INT_BITS)
     flat = _check_buffer(packed, numel, bits)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=flat.device)
     codes = (flat.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (nbytes, 8 / bits)

@@ -11,7 +11,7 @@ r"""Sensitivity-clustered mixed precision: which quantized layer gets which bit 
    (log S_l(b) / n_l over the candidate widths): layers in a group react alike to quantization and
    gain about as much per extra bit.
 3. Budget. One width per group, minimising \sum_groups \sum_{l in group} S_l(b_group) subject to
-   the average stored bits per weight staying within `--avg_bits`. Solved exactly by dynamic
+   the average stored bits per weight staying within the budget. Solved exactly by dynamic
    programming over the Pareto front of (bits, sensitivity); the same solver without groups gives the
    per-layer optimum, and the plan reports its gap to it.
 4. In context (`method="measured"`). The sum in 3 treats each layer's error as independent, and on a
@@ -22,7 +22,7 @@ r"""Sensitivity-clustered mixed precision: which quantized layer gets which bit 
 
 Bits are counted as stored: packed ternary is 8/5 = 1.6 bits per weight (5 trits per byte), b-bit is
 b bits; the float16 scales add 16 bits per group of inputs whatever the width, reported separately.
-An `--avg_bits` of 1.58 (the design document's target) therefore means every layer ternary.
+An average of 1.58 (the design document's target) therefore means every layer ternary.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from hybridopt.clustering import kmeans
-from hybridopt.errors import UserError
-from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, quantize_dequantize
+from hybridopt.kmeans import kmeans
+from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, bits_name, quantize_dequantize
 
 CANDIDATE_BITS = (TERNARY, 2.0, 4.0, 8.0)
 PLAN_METHODS = ("measured", "sensitivity", "random")
@@ -54,11 +53,6 @@ def stored_bits(bits: float) -> Fraction:
     return Fraction(8, 5) if bits == TERNARY else Fraction(int(bits))
 
 
-def bits_name(bits: float) -> str:
-    """A width as the plan prints it: "ternary", "4-bit"."""
-    return "ternary" if bits == TERNARY else f"{bits:g}-bit"
-
-
 def mix_name(layer_bits: dict[str, float]) -> str:
     """How many layers get each width: "ternary x12, 4-bit x2"."""
     widths = list(layer_bits.values())
@@ -68,6 +62,14 @@ def mix_name(layer_bits: dict[str, float]) -> str:
 def candidate_bits(floor: float) -> tuple[float, ...]:
     """Candidate widths at or above the run's base width (ternary, 2, 4, 8; plus 1 for 1-bit runs)."""
     return tuple(b for b in SUPPORTED_BITS if b >= floor and (b in CANDIDATE_BITS or b == floor))
+
+
+def calibration_batches(num_items: int, batch_size: int, count: int, seed: int) -> list[list[int]]:
+    """`count` batches of `batch_size` item indices, fixed by `seed` and drawn apart from any training order
+    (a generator of their own, seeded `seed + 1`): what the sensitivities and the in-context loss are measured on."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    B = min(batch_size, num_items)
+    return [order[i * B : (i + 1) * B] for i in range(min(count, num_items // B))]
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -282,10 +284,10 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
     bits = tuple(sorted(next(iter(table.values()))))
     base = bits[0]
     if avg_bits < base - 1e-9:
-        raise UserError(f"--avg_bits {avg_bits:g} is below the base width {base:g} of this run")
+        raise ValueError(f"an average of {avg_bits:g} bits per weight is below the base width {base:g}")
     if num_clusters > len(names):
-        raise UserError(f"--param_clusters {num_clusters} exceeds the {len(names)} quantized layers; "
-                        f"ask for at most {len(names)}")
+        raise ValueError(f"{num_clusters} parameter clusters exceed the {len(names)} quantized layers; "
+                         f"ask for at most {len(names)}")
     # The budget in stored bits: the base width always fits (1.58 nominal -> 1.6 stored for ternary).
     budget_bits = max(Fraction(avg_bits).limit_denominator(1000), stored_bits(base))
     total = sum(numel.values())

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridopt.quantizers import TERNARY, canonical_bits, fake_quantize_activations, fake_quantize_weight
+from hybridopt.quantizers import TERNARY, bits_name, canonical_bits, fake_quantize_activations, fake_quantize_weight
 
 
 @dataclass
@@ -43,9 +43,7 @@ class QATConfig:
             raise ValueError(f"activation bits must be 8 or None, got {self.act_bits}")
 
     def describe(self) -> str:
-        def name(b):
-            return "ternary (1.58-bit)" if b == TERNARY else f"{int(b)}-bit"
-
+        name = lambda b: bits_name(b, long=True)  # noqa: E731
         if self.layer_bits:
             widths = sorted(set(self.layer_bits.values()))
             mix = ", ".join(f"{name(b)} x{list(self.layer_bits.values()).count(b)}" for b in widths)
@@ -113,7 +111,7 @@ def check_group_size(model: nn.Module, config: QATConfig) -> None:
     for name in quantizable_linears(model, config.include_head):
         width = model.get_submodule(name).in_features
         if width % config.group_size:
-            raise ValueError(f"--group_size {config.group_size} does not divide the input width {width} of {name}")
+            raise ValueError(f"group size {config.group_size} does not divide the input width {width} of {name}")
 
 
 def quantize_(model: nn.Module, config: QATConfig) -> list[str]:

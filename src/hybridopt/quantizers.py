@@ -12,8 +12,7 @@ when `group_size` is None) and compute one scale `s` per group:
 and `Q(W) = (q + o) * s`, with the code offset `o` 1/2 for 2 bits and 0 otherwise. Four levels centred
 on a zero code cannot be symmetric (codes -2..1 times s leave the positive side one level short and
 bias every row negative), so 2-bit uses the mid-rise grid -3s/2, -s/2, s/2, 3s/2, i.e. an affine
-code as in llama.cpp's Q2_K. On the default student, post-training 2-bit with this grid costs 0.010
-nats of validation loss over full precision, ternary 0.308 (`python benchmarks/precision_pareto.py`).
+code as in llama.cpp's Q2_K (what each width costs on the default student: docs/RESULTS.md).
 
 Scales are rounded to float16 before use, because the export stores them in float16: the quantized
 model seen in training is bit-for-bit the one that is exported.
@@ -43,6 +42,13 @@ def canonical_bits(bits: float) -> float:
     if float(bits) not in SUPPORTED_BITS:
         raise ValueError(f"unsupported weight bit width {bits}; choose 1, 1.58 (ternary), 2, 4 or 8")
     return float(bits)
+
+
+def bits_name(bits: float, long: bool = False) -> str:
+    """A width as printed: "ternary" (long: "ternary (1.58-bit)"), "4-bit"."""
+    if canonical_bits(bits) == TERNARY:
+        return f"ternary ({TERNARY}-bit)" if long else "ternary"
+    return f"{bits:g}-bit"
 
 
 def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:

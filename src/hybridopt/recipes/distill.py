@@ -1,334 +1,382 @@
-"""The distillation recipe: one training run of a student, with or without a teacher.
+"""`hybridopt distill`: the distillation recipe, one class that owns the run.
 
-`DistillRecipe` is the loop (`setup`, `train`, `evaluate`, `save_checkpoint`, `cleanup`); the
-same loop trains the no-teacher baseline and the default teacher (teacher=None, CE only).
+    recipe = DistillRecipe(cfg)        # the flags, as a DistillConfig
+    recipe.setup()                     # run folder, teacher, data, student, clusters, the training loop
+    recipe.train()                     # the epochs; with --param_clusters the precision plan in between
+    recipe.evaluate()                  # post-training quantization if asked, validation
+    recipe.save_checkpoint()           # student (HF format), packed export, quantization report
+    recipe.cleanup()
+
+`run_distill(cfg)` does all of it, then trains the no-teacher baseline (`recipe.baseline()`: a second
+`DistillRecipe` on the same data, seed, steps and quantization, without a teacher) and writes
+`results.json`. Output goes through a `Reporter`: `run_distill(cfg, Reporter(quiet=True))` prints nothing.
 """
 
 from __future__ import annotations
 
-import math
-import sys
+import json
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from transformers import LlamaConfig, PreTrainedTokenizerBase
 
-from hybridopt.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from hybridopt.config import TrainConfig
+from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
+from hybridopt.config import DistillConfig
+from hybridopt.data import corpus_documents, token_splits
+from hybridopt.data_clusters import DataClusters, cluster_data, format_cluster_report
 from hybridopt.dataset import TokenBlocks
 from hybridopt.errors import UserError
+from hybridopt.evaluation import evaluate_lm
+from hybridopt.export import export_packed
 from hybridopt.hybrid_optimizer import HybridOptimizer
-from hybridopt.losses import kd_loss
-from hybridopt.metrics import MetricsLogger
-from hybridopt.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
+from hybridopt.layout import RUNS_ROOT, RunLayout
+from hybridopt.manager import format_summary
+from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
+from hybridopt.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
+from hybridopt.qat import QATConfig, check_group_size, quantizable_linears, quantize_
+from hybridopt.quant_report import format_report, quantization_report, save_report
+from hybridopt.reporting import Reporter
+from hybridopt.teacher import ensure_default_teacher
+from hybridopt.training import Trainer
+from hybridopt.utils import cache_dir, resolve_device, seed_everything
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+@contextmanager
+def flag(name: str):
+    """Turn the library's ValueError about a value the flag `name` set into a one-line user error."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{name}: {e}") from None
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return f
+def quant_config(cfg: DistillConfig) -> QATConfig | None:
+    """The quantization the flags ask for: --qat alone is 1-bit, --ternary 1.58-bit, --bits any width."""
+    if cfg.weight_bits is None:
+        return None
+    return QATConfig(bits=cfg.weight_bits, group_size=cfg.group_size, act_bits=cfg.act_bits,
+                     include_head=cfg.quantize_head)
+
+
+@dataclass
+class RunData:
+    """What the distilled student and its no-teacher baseline share: the run folder, the data, the
+    student's shape and its quantization."""
+
+    layout: RunLayout
+    resuming: bool
+    device: torch.device
+    tokenizer: PreTrainedTokenizerBase
+    train: TokenBlocks
+    val: TokenBlocks
+    clusters: DataClusters | None
+    student_config: LlamaConfig
+    quant: QATConfig | None
+    config_dict: dict
+
+
+def resolve_run(cfg: DistillConfig) -> tuple[Path, bool, DistillConfig]:
+    """Pick the run folder; on `--resume`, load that run's saved config (it wins over flags).
+
+    Returns:
+        `(out_dir, resuming, config)`.
+    """
+    if cfg.resume:
+        if cfg.resume == "latest":
+            runs = sorted(p for p in RUNS_ROOT.glob("distill-*") if RunLayout(p).config.is_file())
+            if not runs:
+                raise UserError(f"--resume found no run under '{RUNS_ROOT}'; pass the run folder: --resume DIR")
+            out = runs[-1]
+        else:
+            out = Path(cfg.resume)
+        layout = RunLayout(out)
+        if not layout.config.is_file():
+            raise UserError(f"--resume '{out}' is not a hybridopt run folder (no {layout.config.name})")
+        saved = DistillConfig.from_file(layout.config)
+        saved.device = cfg.device if cfg.device != "auto" else saved.device
+        return out, True, saved
+    out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("distill-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        layout = RunLayout(out)
+        if layout.config.exists() or layout.checkpoint.exists():
+            raise UserError(f"--out '{out}' already holds a run; continue it with --resume {out} or choose another --out")
+        raise UserError(f"--out '{out}' exists and is not empty; choose another --out")
+    return out, False, cfg
 
 
 class DistillRecipe:
-    """Train `model` on `train_data`, distilling from `teacher` when one is given.
+    """Distil a teacher into a small Llama student, or (`baseline()`) train the same student without one.
 
     Args:
-        cfg: loop settings (epochs, lr, batch size...).
-        model: the student, already on `device`.
-        train_data: training blocks.
-        val_data: validation blocks.
-        out_dir: where the checkpoint and metrics go.
-        teacher: frozen teacher in eval mode, or None for plain cross-entropy.
-        alpha: weight of the cross-entropy term (1 when there is no teacher).
-        temperature: KD softmax temperature.
-        metrics_path: per-epoch metrics CSV, or None to write no metrics files.
-        name: prefix of printed lines (empty for the main student).
-        config_dict: the resolved run config, stored in every checkpoint.
-        train_clusters: cluster id of every training block, to sample batches by cluster; None for
-            plain shuffling.
-        val_clusters: cluster id of every validation block, to report validation loss per cluster.
-        sampling: `ClusterStratifiedBatchSampler` mode when `train_clusters` is given.
+        cfg: the run's flags.
+        reporter: where the run's lines go (default: stdout).
     """
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_data: TokenBlocks, val_data: TokenBlocks,
-                 out_dir: Path, device: torch.device, teacher: torch.nn.Module | None = None, alpha: float = 1.0,
-                 temperature: float = 1.0, metrics_path: Path | None = None, name: str = "",
-                 config_dict: dict | None = None, train_clusters=None, val_clusters=None,
-                 sampling: str = "proportional"):
+    def __init__(self, cfg: DistillConfig, reporter: Reporter | None = None):
         self.cfg = cfg
-        self.model = model
-        self.teacher = teacher
-        self.alpha = alpha if teacher is not None else 1.0
-        self.temperature = temperature
-        self.train_data = train_data
-        self.val_data = val_data
-        self.out_dir = Path(out_dir)
-        self.device = device
-        self.metrics_path = metrics_path
-        self.prefix = f"[{name}] " if name else ""
-        self.config_dict = config_dict or asdict(cfg)
-        self.train_clusters, self.val_clusters, self.sampling = train_clusters, val_clusters, sampling
-        self.sampler = None  # built by setup()
+        self.reporter = reporter or Reporter()
+        self.name = ""  # "baseline" for the no-teacher run
+        self.teacher: torch.nn.Module | None = None
+        self.teacher_dir: Path | None = None
+        self.teacher_eval: dict | None = None
+        self.data: RunData | None = None
+        self.student: torch.nn.Module | None = None
+        self.trainer: Trainer | None = None
+        self.plan: PrecisionPlan | None = None
 
     # ------------------------------------------------------------------ setup
-    def setup(self, resume: bool = False) -> None:
-        """Build optimizer, scheduler and sampler; restore all of them from the checkpoint on resume."""
-        cfg = self.cfg
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self.train_clusters is not None:
-            self.sampler = ClusterStratifiedBatchSampler(self.train_clusters, cfg.batch_size, cfg.seed, self.sampling,
-                                                         cfg.max_steps_per_epoch)
-        else:
-            self.sampler = ShuffledBatchSampler(len(self.train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
-        if cfg.hybrid:
-            self.optimizer = HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), use_trust_region=cfg.trust_region,
-                                             trust_radius=cfg.trust_radius, adapt_radius=cfg.adapt_radius,
-                                             controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace,
-                                             num_clusters=getattr(self.sampler, "num_clusters", 0))
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-        self.steps_per_epoch = len(self.sampler)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(warmup, self.total_steps, cfg.min_lr_ratio)
-        )
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.epoch_loss_sum, self.epoch_loss_steps, self.skipped_steps = 0.0, 0, 0
-        self.history: list[dict] = []
-        self.elapsed = 0.0
-        if resume:
-            state = load_checkpoint(self.out_dir)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            pos = state["position"]
-            self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
-            self.epoch_loss_sum, self.epoch_loss_steps = pos["epoch_loss_sum"], pos["epoch_loss_steps"]
-            self.skipped_steps, self.elapsed = pos["skipped_steps"], pos["elapsed"]
-            self.history = state["history"]
-            set_rng_state(state["rng"])
-            if "data" not in state:
-                print(f"warning: the checkpoint in '{self.out_dir}' predates data checks; resuming without "
-                      "verifying that the data is unchanged", file=sys.stderr)
-            elif state["data"] != self._data_digest():
-                raise UserError(f"cannot resume '{self.out_dir}': its training or validation tokens differ from "
-                                "this run's (other --data, tokenizer or --seq_len); start a new run")
-            if "sampler" in state:  # the same batches: same batch size, mode and clusters
-                try:
-                    self.sampler.load_state_dict(state["sampler"])
-                except ValueError as e:
-                    raise UserError(f"cannot resume '{self.out_dir}': {e} (the data clusters changed)") from None
-        self.metrics = None
-        if self.metrics_path is not None:
-            self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
+    def setup(self) -> None:
+        """Resolve the run folder, load the teacher and data, build the student and its training loop."""
+        out, resuming, cfg = resolve_run(self.cfg)
+        self.cfg = cfg
+        say = self.reporter.line
+        device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        # Cheap checks of user input first, before any long work (the default teacher trains for minutes).
+        if cfg.teacher:
+            self.teacher_dir = Path(cfg.teacher)
+            self.teacher, tokenizer = load_teacher(self.teacher_dir, device)
+        docs, desc = corpus_documents(cfg.data)
+        if not cfg.teacher:
+            self.teacher_dir = ensure_default_teacher(self.reporter)
+            self.teacher, tokenizer = load_teacher(self.teacher_dir, device)
+        ctx = context_length(self.teacher.config)
+        if ctx is not None and cfg.seq_len > ctx:
+            raise UserError(f"--seq_len {cfg.seq_len} exceeds the teacher's context length {ctx}; "
+                            f"use --seq_len {ctx} or less")
 
-    # ------------------------------------------------------------------ loop
-    def _loss_step(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        logits = self.model(input_ids=input_ids).logits  # (B, T, V)
-        teacher_logits = None
-        if self.teacher is not None and self.alpha < 1.0:
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, T, V)
-        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights)
+        train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
+        if len(train) < cfg.batch_size:
+            raise UserError(f"the training split has {len(train)} sequences, fewer than --batch_size "
+                            f"{cfg.batch_size}; add text or lower --batch_size or --seq_len")
+        layout = RunLayout(out)
+        out.mkdir(parents=True, exist_ok=True)
+        config_dict = {**asdict(cfg), "resume": None, "out": str(out), "teacher_path": str(self.teacher_dir)}
+        if not resuming:
+            atomic_write(layout.config, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
 
-    def batch_loss(self, indices: list[int], weighted: bool = True) -> tuple[torch.Tensor, dict]:
-        """The training objective on the blocks `indices`: importance-weighted when the sampler asks and
-        `weighted` is True (batches the sampler drew); False for batches drawn uniformly elsewhere."""
-        input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
-        weights = None
-        if weighted and self.sampler is not None and self.sampler.weighted:
-            weights = self.sampler.example_weights(indices).to(self.device)
-        return self._loss_step(input_ids, labels, weights)
+        s_config = student_config(self.teacher.config, vocab_size(self.teacher), cfg, tokenizer,
+                                  max_positions=ctx or cfg.seq_len)
+        self.student = build_model(s_config, cfg.seed).to(device)
+        quant = quant_config(cfg)
+        if quant:  # PTQ and plans quantize after training starts: find bad sizes now, not after training
+            with flag("--group_size"):
+                check_group_size(self.student, quant)
+            n_layers = len(quantizable_linears(self.student, quant.include_head))
+            if cfg.param_clusters and cfg.param_clusters > n_layers:
+                raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {n_layers} quantized layers; "
+                                f"ask for at most {n_layers}")
+        say(f"Teacher: {self.teacher_dir} ({num_parameters(self.teacher) / 1e6:.2f}M parameters)")
+        say(f"Student: Llama, {num_parameters(self.student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
+            f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")
+        say(f"Data: {desc}; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens, "
+            f"sequences of {cfg.seq_len}")
+        clusters = None
+        if cfg.data_clusters:
+            with flag("--data_clusters"):
+                clusters = cluster_data(self.teacher, train, val, cfg.data_clusters, cfg.seed, cfg.batch_size,
+                                        device, cache_dir() / "clusters")
+        self.data = RunData(layout, resuming, device, tokenizer, train, val, clusters, s_config, quant, config_dict)
+        if quant and cfg.qat and not cfg.param_clusters:
+            self._quantize(quant, "quantization-aware training")
+        if clusters is not None:
+            say(format_cluster_report(clusters, train, tokenizer, sampling=cfg.cluster_sampling,
+                                      batch_size=cfg.batch_size))
+            say(f"Cluster sampling: {cfg.cluster_sampling}")
+        self.teacher_eval = evaluate_lm(self.teacher, val, cfg.batch_size, device,
+                                        clusters.val_labels if clusters else None,
+                                        clusters.num_clusters if clusters else None)
+        say(f"Teacher validation loss {self.teacher_eval['loss']:.4f}, perplexity {self.teacher_eval['ppl']:.2f}")
+        self._build_trainer()
+        say(f"Distilling: {cfg.epochs} epochs x {self.trainer.steps_per_epoch} steps, batch {cfg.batch_size}, "
+            f"alpha {cfg.alpha}, temperature {cfg.temperature}")
 
-    def batch_ce(self, indices: list[int]) -> torch.Tensor:
-        """The model's plain cross-entropy on the training blocks `indices` (what validation reports)."""
-        input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
-        return kd_loss(self.model(input_ids=input_ids).logits, labels)[0]
+    def _build_trainer(self) -> None:
+        cfg, d = self.cfg, self.data
+        out = d.layout.baseline if self.name else d.layout.root
+        out.mkdir(exist_ok=True)
+        metrics = Path(cfg.metrics_out) if cfg.metrics_out else d.layout.metrics
+        if self.name:
+            metrics = metrics.with_name(f"{metrics.stem}_{self.name}.csv")
+        config_dict = d.config_dict if self.teacher is not None else {**d.config_dict, "alpha": 1.0, "teacher_path": None}
+        self.trainer = Trainer(cfg, self.student, d.train, d.val, out, d.device, teacher=self.teacher,
+                               alpha=cfg.alpha, temperature=cfg.temperature,
+                               metrics_path=metrics if cfg.save_metrics else None, name=self.name,
+                               config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
+                               reporter=self.reporter)
+        self.trainer.setup(resume=d.resuming and (out / CHECKPOINT_NAME).exists())
 
-    def train(self, stop_after_epoch: int | None = None) -> list[dict]:
-        """Run the remaining epochs; return the per-epoch history.
+    def baseline(self) -> DistillRecipe:
+        """The same student (initial weights, seed, data order, steps, quantization and precision plan)
+        without a teacher: a second recipe sharing this one's data."""
+        base = DistillRecipe(self.cfg, self.reporter)
+        base.name, base.data, base.plan = "baseline", self.data, self.plan
+        base.student = build_model(self.data.student_config, self.cfg.seed).to(self.data.device)
+        if self.data.quant and self.cfg.qat and not self.cfg.param_clusters:
+            base._quantize(self.data.quant)
+        base._build_trainer()
+        self.reporter.line("Baseline: the same student without a teacher (cross-entropy only), same seed and steps")
+        return base
 
-        Args:
-            stop_after_epoch: stop (after checkpointing) once this many epochs are done, as an
-                interruption would; used to test resume.
+    # ------------------------------------------------------------------ train
+    def train(self, stop_after_epoch: int | None = None) -> bool:
+        """Run the remaining epochs; False if stopped early (after `stop_after_epoch`, checkpointed).
+
+        With --param_clusters and --qat, the first --plan_after_epochs epochs train in full precision;
+        then the plan is measured (or read back on resume, or taken from the distilled run for the
+        baseline) and QAT continues with it.
         """
-        cfg = self.cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.prefix + "training",
-                   unit="step", leave=False, disable=None, dynamic_ncols=True)
-        try:
-            while self.epoch < cfg.epochs:
-                if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
-                    break
-                self.model.train()
-                self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-                start = time.perf_counter()
-                for indices in self.sampler:
-                    loss, parts = self.batch_loss(indices)
-                    grad_norm = float("nan")
-                    if torch.isfinite(loss):
-                        loss.backward()
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-                    if not math.isfinite(grad_norm):
-                        # A poisoned batch must not reach the weights: skip it and keep the schedule.
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.skipped_steps += 1
-                        tqdm.write(f"{self.prefix}warning: non-finite loss or gradient at step {self.global_step}; "
-                                   "step skipped")
-                    else:
-                        if cfg.hybrid:
-                            if self.train_clusters is not None:
-                                self.optimizer.set_cluster(self.sampler.batch_cluster(indices))
-                            self.optimizer.step(loss=loss.item())
-                        else:
-                            self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.epoch_loss_sum += loss.item()
-                        self.epoch_loss_steps += 1
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.scheduler.step()
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                    if self.metrics:
-                        self.metrics.log("step", {
-                            "step": self.global_step, "epoch": self.epoch + 1, "loss": loss.item(),
-                            "ce": parts["ce"].item(), "kl": parts["kl"].item(), "lr": lr * self.lr_multiplier(),
-                            "grad_norm": grad_norm, "tokens": self.global_step * cfg.batch_size * cfg.seq_len,
-                            "elapsed_s": self.elapsed + time.perf_counter() - start, **self.hybrid_metrics(),
-                        })
-                self.elapsed += time.perf_counter() - start
-                self._end_epoch()
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise
-        finally:
-            bar.close()
-        return self.history
+        cfg, trainer = self.cfg, self.trainer
+        if self.data.quant and cfg.qat and cfg.param_clusters:
+            switch = cfg.plan_after_epochs
+            if trainer.epoch < switch:
+                trainer.train(switch if stop_after_epoch is None else min(switch, stop_after_epoch))
+                if trainer.epoch < switch:
+                    return False
+            if self.plan is None and self.data.layout.plan.is_file():
+                self.plan = PrecisionPlan.from_json(self.data.layout.plan.read_text())
+            if self.plan is None:
+                self._measure_plan()
+            self._quantize(self._with_plan(self.data.quant),
+                           None if self.name else f"quantization-aware training from epoch {switch + 1}")
+        trainer.train(stop_after_epoch)
+        return trainer.epoch >= cfg.epochs
 
-    def _end_epoch(self) -> None:
-        cfg = self.cfg
-        self.epoch += 1
-        self.step_in_epoch = 0
-        mean_loss = self.epoch_loss_sum / max(1, self.epoch_loss_steps)
-        self.epoch_loss_sum, self.epoch_loss_steps = 0.0, 0
-        lr = self.scheduler.get_last_lr()[0] * self.lr_multiplier()
-        row = {"epoch": self.epoch, "step": self.global_step, "loss": mean_loss, "lr": lr, **self.hybrid_metrics()}
-        line = f"{self.prefix}Epoch {self.epoch}, Loss: {mean_loss:.6f}, LR: {lr:.6f}"
-        if self.cfg.hybrid:
-            line += f", Trust Radius: {row['trust_radius']:.6f}"
-        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
-            ev = self.evaluate()
-            row.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
-            line += f", Val Loss: {ev['loss']:.6f}, Val PPL: {ev['ppl']:.2f}"
-            if "cluster_loss" in ev:
-                losses = ev["cluster_loss"]
-                seen = [k for k, v in enumerate(losses) if v is not None]  # clusters with validation blocks
-                worst = max(seen, key=lambda k: losses[k])
-                spread = losses[worst] - min(losses[k] for k in seen)
-                row.update(val_loss_clusters=losses, val_loss_worst_cluster=losses[worst],
-                           val_loss_cluster_spread=spread)
-                line += f", worst cluster {worst}: {losses[worst]:.4f} (spread {spread:.4f})"
-        row["elapsed_s"] = self.elapsed
-        self.history.append(row)
-        tqdm.write(line)
-        if self.metrics:
-            self.metrics.log("epoch", row)
-        self.save_checkpoint()
+    def _measure_plan(self) -> None:
+        """Measure layer sensitivities on calibration batches of the training objective, and (--plan_method
+        measured) the student's cross-entropy there under each candidate plan; solve, print, save the plan."""
+        cfg, quant, trainer = self.cfg, self.data.quant, self.trainer
+        batches = calibration_batches(len(self.data.train), cfg.batch_size, cfg.calibration_batches, cfg.seed)
+        names = quantizable_linears(self.student, quant.include_head)
+        # Calibration batches are drawn uniformly, so the plain objective (no sampler importance weights).
+        with flag("--param_clusters/--avg_bits"):
+            self.plan = plan_for_model(self.student, names, batches,
+                                       lambda b: trainer.batch_loss(b, weighted=False)[0], quant.bits,
+                                       quant.group_size, cfg.param_clusters, cfg.avg_bits, cfg.seed,
+                                       cfg.plan_method, eval_fn=trainer.batch_ce)
+        self.reporter.line(self.plan.format())
+        atomic_write(self.data.layout.plan, lambda tmp: Path(tmp).write_text(self.plan.to_json()))
 
-    def lr_multiplier(self) -> float:
-        """The hybrid controller's current learning-rate multiplier (1 for AdamW)."""
-        return self.optimizer.hybrid["lr_mult"] if self.cfg.hybrid else 1.0
+    def _with_plan(self, quant: QATConfig) -> QATConfig:
+        return replace(quant, layer_bits=self.plan.layer_bits) if self.plan else quant
 
-    def hybrid_metrics(self) -> dict:
-        if not self.cfg.hybrid:
-            return {}
-        s = self.optimizer.summary()
-        return {"lr_mult": s["lr_multiplier"], "trust_radius": s["trust_radius"], "clipped": int(self.optimizer.hybrid["clipped"])}
+    def _quantize(self, quant: QATConfig, announce: str | None = None) -> None:
+        """Swap the student's linears for QAT layers; print "Replaced N Linear modules" when `announce` is set."""
+        with flag("--group_size"):
+            names = quantize_(self.student, quant)
+        if announce:
+            self.reporter.line(f"Replaced {len(names)} Linear modules with QATLinear ({quant.describe()}; {announce})")
 
-    # ------------------------------------------------------------------ eval
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
-        """Token-averaged cross-entropy and perplexity of `model` (default: the student) on the validation split."""
-        num_clusters = None if self.train_clusters is None else int(max(self.train_clusters)) + 1
-        return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device, self.val_clusters,
-                           num_clusters)
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self) -> dict:
+        """Post-training quantization (with its plan) if the run asks for it, then validation loss."""
+        cfg, quant = self.cfg, self.data.quant
+        if quant and not cfg.qat:
+            if cfg.param_clusters and self.plan is None:
+                self._measure_plan()
+            self._quantize(self._with_plan(quant), None if self.name else "post-training quantization")
+        return self.trainer.evaluate()
 
-    # ------------------------------------------------------------------ state
-    def save_checkpoint(self) -> Path:
-        """Atomically save model, optimizer, scheduler, RNG and data position."""
-        return save_checkpoint(self.out_dir, {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "position": {
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "epoch_loss_sum": self.epoch_loss_sum, "epoch_loss_steps": self.epoch_loss_steps,
-                "skipped_steps": self.skipped_steps, "elapsed": self.elapsed,
-            },
-            "history": self.history,
-            "sampler": self.sampler.state_dict(),
-            "data": self._data_digest(),
-            "config": self.config_dict,
-        })
+    # ------------------------------------------------------------------ save
+    def save_checkpoint(self) -> dict | None:
+        """Save the student in Hugging Face format with its tokenizer; pack and measure it when quantized.
 
-    def _data_digest(self) -> str:
-        """The training and validation blocks, as one hash checked on resume."""
-        return f"{self.train_data.digest[:16]}-{self.val_data.digest[:16]}"
+        Returns:
+            The quantization report, or None for a full-precision run.
+        """
+        d = self.data
+        self.student.save_pretrained(d.layout.student, safe_serialization=True)
+        d.tokenizer.save_pretrained(d.layout.student)
+        if not d.quant:
+            return None
+        path = export_packed(self.student, d.layout.export, d.tokenizer, getattr(torch, self.cfg.export_dtype), self.plan)
+        report = quantization_report(self.student, d.layout.student, d.layout.export, d.val, self.cfg.batch_size,
+                                     d.device, "QAT" if self.cfg.qat else "PTQ")
+        save_report(report, d.layout.export)
+        self.reporter.line(f"Exported the packed student to {path}")
+        self.reporter.line(format_report(report))
+        return report
 
     def cleanup(self) -> None:
-        if self.metrics:
-            self.metrics.close()
-            self.metrics = None
+        """Close the training loop's metrics files."""
+        self.trainer.cleanup()
+
+    def summary(self, evaluation: dict) -> dict:
+        """The run's entry in results.json: validation, steps, time, history (and the hybrid summary)."""
+        t = self.trainer
+        row = {**evaluation, "steps": t.global_step, "train_seconds": t.elapsed, "history": t.history}
+        if self.name:
+            return row
+        row.update(parameters=num_parameters(self.student), path=str(self.data.layout.student),
+                   skipped_steps=t.skipped_steps)
+        if isinstance(t.optimizer, HybridOptimizer):
+            row["hybrid"] = t.optimizer.summary()
+        return row
 
 
-@torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, data: TokenBlocks, batch_size: int, device: torch.device,
-                clusters=None, num_clusters: int | None = None) -> dict:
-    """Cross-entropy (nats per token) and perplexity of a causal LM over every block of `data`.
+def run_distill(cfg: DistillConfig, reporter: Reporter | None = None, stop_after_epoch: int | None = None) -> dict:
+    """Distil a teacher into a student; train the no-teacher baseline; save and report.
 
-    With `clusters` (the cluster of every block), also `cluster_loss`: the loss of each cluster's
-    blocks; their size-weighted mean is checked to equal the overall loss.
+    Args:
+        cfg: the run config (flags).
+        reporter: where the run's lines go (default: stdout; `Reporter(quiet=True)` for none).
+        stop_after_epoch: stop both runs after this many epochs, checkpointed, as an interruption would.
+
+    Returns:
+        The results dictionary also written to `<out>/results.json` (or `{"interrupted_at_epoch": N}`).
     """
-    was_training = model.training
-    model.eval()
-    per_block = []
-    for start in range(0, len(data), batch_size):
-        idx = list(range(start, min(start + batch_size, len(data))))
-        input_ids, labels = (t.to(device) for t in data.batch(idx))
-        logits = model(input_ids=input_ids).logits  # (B, T, V)
-        B, T, V = logits.shape
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), reduction="none")
-        per_block.append(ce.reshape(B, T).double().sum(1).cpu())
-    model.train(was_training)
-    sums = torch.cat(per_block)  # (N,) summed loss of each block
-    count = len(data) * data.seq_len
-    loss = float(sums.sum()) / count
-    ppl = math.exp(loss) if loss < 700 else float("inf")
-    result = {"loss": loss, "ppl": ppl, "tokens": count}
-    if clusters is not None:
-        labels = torch.as_tensor(clusters, dtype=torch.long)
-        k = max(int(labels.max()) + 1, num_clusters or 0)
-        blocks = torch.bincount(labels, minlength=k).double()
-        cluster_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, sums)
-        nonempty = blocks > 0
-        cluster_loss = cluster_sum / (blocks.clamp_min(1) * data.seq_len)
-        weighted = float((cluster_loss[nonempty] * blocks[nonempty]).sum() / blocks.sum())
-        assert math.isclose(weighted, loss, rel_tol=1e-9), f"per-cluster losses do not add up: {weighted} != {loss}"
-        # None (JSON null) for a cluster without validation blocks: NaN is not JSON and never equals itself.
-        result["cluster_loss"] = [v if n else None for v, n in zip(cluster_loss.tolist(), nonempty.tolist())]
-    return result
+    recipe = DistillRecipe(cfg, reporter)
+    recipe.setup()
+    cfg, d = recipe.cfg, recipe.data
+    finished = recipe.train(stop_after_epoch)
+    recipe.cleanup()
+    if not finished:
+        return {"interrupted_at_epoch": recipe.trainer.epoch}
+    student_eval = recipe.evaluate()
+    if isinstance(recipe.trainer.optimizer, HybridOptimizer):
+        recipe.reporter.line(format_summary(recipe.trainer.optimizer.summary(),
+                                            final_loss=recipe.trainer.history[-1]["loss"]))
+    quant_report = recipe.save_checkpoint()
+    results = {
+        "teacher": {**recipe.teacher_eval, "path": str(recipe.teacher_dir), "parameters": num_parameters(recipe.teacher)},
+        "student": recipe.summary(student_eval),
+        "config": d.config_dict,
+    }
+    if quant_report:
+        results["quantization"] = quant_report
+    if recipe.plan:
+        results["precision_plan"] = asdict(recipe.plan)
+    if d.clusters is not None:
+        results["data_clusters"] = {"k": d.clusters.num_clusters, "sizes": d.clusters.sizes.tolist(),
+                                    "seconds": d.clusters.seconds, "sampling": cfg.cluster_sampling,
+                                    "teacher_val_loss_clusters": recipe.teacher_eval["cluster_loss"]}
+    if cfg.baseline:
+        base = recipe.baseline()
+        finished = base.train(stop_after_epoch)
+        base.cleanup()
+        if not finished:
+            return {"interrupted_at_epoch": base.trainer.epoch}
+        results["baseline"] = base.summary(base.evaluate())
+
+    recipe.reporter.line(format_results(results))
+    atomic_write(d.layout.results, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    recipe.reporter.line(f"Student saved to {d.layout.student}; results in {d.layout.results}")
+    return results
+
+
+def format_results(results: dict) -> str:
+    """The validation table: teacher, distilled student and no-teacher student."""
+    rows = [("teacher", results["teacher"]), ("student (distilled)", results["student"])]
+    if "baseline" in results:
+        rows.append(("student (no teacher)", results["baseline"]))
+    tokens = results["student"]["tokens"]
+    lines = [f"\nValidation on {tokens:,} held-out tokens:", f"  {'model':<22}{'loss':>10}{'perplexity':>12}"]
+    lines += [f"  {name:<22}{r['loss']:>10.4f}{r['ppl']:>12.2f}" for name, r in rows]
+    if "baseline" in results:
+        gain = results["baseline"]["loss"] - results["student"]["loss"]
+        lines.append(f"  distillation {'lowers' if gain > 0 else 'raises'} validation loss by {abs(gain):.4f} "
+                     "nats/token against the no-teacher student")
+    return "\n".join(lines)

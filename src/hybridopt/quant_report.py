@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 from hybridopt.checkpoint import atomic_write
 from hybridopt.dataset import TokenBlocks
+from hybridopt.evaluation import evaluate_lm
 from hybridopt.export import PACKED_NAME, load_packed, read_packed, safetensors_tensor_bytes
 from hybridopt.qat import qat_layers
-from hybridopt.quantizers import relative_error
-from hybridopt.recipes.distill import evaluate_lm
+from hybridopt.quantizers import bits_name, relative_error
 
 REPORT_NAME = "quant_report.json"
 
@@ -77,7 +77,7 @@ def save_report(report: dict, export_dir: Path) -> Path:
 
 def format_report(report: dict) -> str:
     """The human-readable block printed by `distill` and `inspect`."""
-    bits = ", ".join("ternary (1.58-bit)" if b == 1.58 else f"{b:g}-bit" for b in report["bits"])
+    bits = ", ".join(bits_name(b, long=True) for b in report["bits"])
     lines = [
         f"Quantization ({report['mode']}, {bits} weights, {report['quantized_layers']} linear layers, "
         f"{report['quantized_weights']:,} weights):",

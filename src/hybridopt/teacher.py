@@ -1,7 +1,8 @@
-"""The teacher recipe: a byte-level BPE tokenizer and a small Llama teacher trained from scratch.
+"""A teacher trained from scratch: a byte-level BPE tokenizer and a small Llama, and the default teacher.
 
-`hybridopt distill` without `--teacher` uses the default teacher: this recipe with the default
-config on the embedded corpus, cached under a key of corpus and config, trained on first use.
+`hybridopt teacher` runs `train_teacher`. `hybridopt distill` without `--teacher` uses the default
+teacher: `train_teacher` with the default config on the embedded corpus, cached under a key of corpus
+and config, trained on first use (`ensure_default_teacher`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
 from hybridopt.config import TeacherConfig, default_teacher_config
 from hybridopt.corpus import corpus_fingerprint, split_documents
 from hybridopt.modeling import build_model, num_parameters, teacher_llama_config
-from hybridopt.recipes.data import corpus_documents, token_splits
-from hybridopt.recipes.distill import DistillRecipe
+from hybridopt.data import corpus_documents, token_splits
+from hybridopt.reporting import Reporter
 from hybridopt.tokenizer import train_bpe_tokenizer
+from hybridopt.training import Trainer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
 
 INFO_NAME = "teacher_info.json"
@@ -41,7 +43,7 @@ def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
     return cache_dir() / "teachers" / f"teacher-{fingerprint[:8]}-{cfg_hash}"
 
 
-def train_teacher(cfg: TeacherConfig, out: Path | None = None) -> Path:
+def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporter | None = None) -> Path:
     """Train a tokenizer and teacher; save both in Hugging Face format to `out`.
 
     Work happens in `<out>.partial/`, which holds a checkpoint: an interrupted run resumes there,
@@ -50,6 +52,7 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None) -> Path:
     Returns:
         The teacher directory.
     """
+    reporter = reporter or Reporter()
     docs, desc = corpus_documents(cfg.data)
     fingerprint = corpus_fingerprint(docs)
     out = Path(out) if out else teacher_cache_path(cfg, fingerprint)
@@ -60,19 +63,19 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None) -> Path:
     seed_everything(cfg.seed)
 
     train_docs, _ = split_documents(docs, cfg.val_fraction)
-    print(f"Teacher corpus: {desc}; training a {cfg.vocab_size}-token byte-level BPE tokenizer")
+    reporter.line(f"Teacher corpus: {desc}; training a {cfg.vocab_size}-token byte-level BPE tokenizer")
     tokenizer = train_bpe_tokenizer((d.text for d in train_docs), cfg.vocab_size)
     tokenizer.save_pretrained(work)
     train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
     model = build_model(teacher_llama_config(cfg, tokenizer), cfg.seed).to(device)
-    print(f"Teacher: Llama, {num_parameters(model) / 1e6:.2f}M parameters, {cfg.layers} layers x {cfg.hidden} hidden; "
+    reporter.line(f"Teacher: Llama, {num_parameters(model) / 1e6:.2f}M parameters, {cfg.layers} layers x {cfg.hidden} hidden; "
           f"{train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens"
           + (f"; resuming from {work}" if resume else ""))
-    recipe = DistillRecipe(cfg, model, train, val, work, device, name="teacher", config_dict=asdict(cfg))
-    recipe.setup(resume=resume)
-    recipe.train()
-    recipe.cleanup()
-    result = recipe.evaluate()
+    trainer = Trainer(cfg, model, train, val, work, device, name="teacher", config_dict=asdict(cfg), reporter=reporter)
+    trainer.setup(resume=resume)
+    trainer.train()
+    trainer.cleanup()
+    result = trainer.evaluate()
     model.save_pretrained(work, safe_serialization=True)
     info = {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_tokens": result["tokens"],
             "parameters": num_parameters(model), "corpus": desc, "corpus_fingerprint": fingerprint,
@@ -82,17 +85,18 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None) -> Path:
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)
-    print(f"Teacher saved to {out} (validation loss {result['loss']:.4f}, perplexity {result['ppl']:.2f})")
+    reporter.line(f"Teacher saved to {out} (validation loss {result['loss']:.4f}, perplexity {result['ppl']:.2f})")
     return out
 
 
-def ensure_default_teacher() -> Path:
+def ensure_default_teacher(reporter: Reporter | None = None) -> Path:
     """The default teacher's directory, training it first (once, with progress) if it is missing."""
     cfg = default_teacher_config()
     docs, _ = corpus_documents([])
     path = teacher_cache_path(cfg, corpus_fingerprint(docs))
     if (path / "config.json").is_file() and (path / INFO_NAME).is_file():
         return path
-    print(f"No default teacher cached yet: training one on the embedded corpus into {path} "
-          "(one time; about 4 minutes on 2 CPU cores)")
-    return train_teacher(cfg, path)
+    reporter = reporter or Reporter()
+    reporter.line(f"No default teacher cached yet: training one on the embedded corpus into {path} "
+                  "(one time; about 4 minutes on 2 CPU cores)")
+    return train_teacher(cfg, path, reporter)

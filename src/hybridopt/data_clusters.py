@@ -1,11 +1,11 @@
-"""K-means with faiss, for data clusters (training sequences) and parameter clusters (layers).
+"""Data clusters: k-means groups of the training sequences, by teacher features.
 
-Data clusters: each training sequence is described by the teacher's last hidden states, mean-pooled
+Each training sequence is described by the teacher's last hidden states, mean-pooled
 over its tokens and L2-normalised (the teacher is loaded anyway, and its representation groups text by
 topic and style better than token counts do). Spherical k-means (cosine similarity), k-means++
-initialisation, a fixed seed, trained on at most 256 points per centroid, then every sequence is
-assigned to its nearest centroid in chunks. Validation sequences are assigned to the same centroids,
-so validation loss can be reported per cluster.
+initialisation and a fixed seed (`hybridopt.kmeans`), then every sequence is assigned to its nearest
+centroid. Validation sequences are assigned to the same centroids, so validation loss can be reported
+per cluster.
 
 Labels and centroids are cached under the cache directory, keyed by a hash of the teacher's weights,
 the token streams and the clustering settings.
@@ -28,62 +28,9 @@ from transformers import PreTrainedTokenizerBase
 
 from hybridopt.checkpoint import atomic_write
 from hybridopt.dataset import TokenBlocks
-from hybridopt.errors import UserError
+from hybridopt.kmeans import KMEANS_ITERATIONS, MAX_POINTS_PER_CENTROID, assign, faiss_module, kmeans
 
-MAX_POINTS_PER_CENTROID = 256
-KMEANS_ITERATIONS = 20
-_ASSIGN_CHUNK = 65536
 _CACHE_VERSION = "data-clusters-v2"
-
-
-def _faiss():
-    # Imported on first use: faiss loads its own OpenMP runtime, which runs that only plain training never need.
-    import faiss
-
-    # faiss and torch each bring an OpenMP runtime; keep faiss to torch's thread count, not every core
-    # (torch's count can change between calls, so this is set on each use, not once).
-    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
-    return faiss
-
-
-def kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_ITERATIONS, spherical: bool = True,
-           what: str = "points", nredo: int = 1, flag: str = "k") -> tuple[np.ndarray, np.ndarray]:
-    """Cluster the rows of `x` into `k` groups with faiss; return `(centroids (k, d), labels (n,))`.
-
-    `nredo` restarts keep the clustering with the lowest k-means objective (worth it for small `x`).
-    `what` names the points and `flag` the option that set `k`, for the error messages.
-
-    Raises:
-        UserError: `k` is larger than the number of points, or than the number of distinct points.
-    """
-    faiss = _faiss()
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n, d = x.shape
-    if k < 1:
-        raise UserError(f"{flag} must be at least 1, got {k}")
-    if k > n:
-        raise UserError(f"{flag} {k}: cannot make {k} clusters of {n} {what}; ask for at most {n}")
-    distinct = len(np.unique(x, axis=0))
-    if k > distinct:
-        raise UserError(f"{flag} {k}: only {distinct} of the {n} {what} are distinct, too few for {k} clusters; "
-                        f"ask for at most {distinct}")
-    km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=seed % 2**31, spherical=spherical, verbose=False,
-                      max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1,
-                      init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS)
-    km.train(x)
-    return km.centroids.copy(), assign(x, km.centroids, spherical)
-
-
-def assign(x: np.ndarray, centroids: np.ndarray, spherical: bool = True) -> np.ndarray:
-    """Nearest centroid of every row of `x` (inner product when spherical, else L2), in chunks."""
-    faiss = _faiss()
-    index = faiss.IndexFlatIP(centroids.shape[1]) if spherical else faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    labels = np.empty(len(x), dtype=np.int64)
-    for start in range(0, len(x), _ASSIGN_CHUNK):
-        chunk = np.ascontiguousarray(x[start : start + _ASSIGN_CHUNK], dtype=np.float32)
-        labels[start : start + len(chunk)] = index.search(chunk, 1)[1][:, 0]
-    return labels
 
 
 @torch.no_grad()
@@ -144,7 +91,7 @@ class DataClusters:
 def _cache_key(model: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: int, seed: int) -> str:
     """A hash of everything the clusters depend on: settings, faiss, the teacher (config and weights), the data."""
     settings = (f"{_CACHE_VERSION} k={k} seed={seed} niter={KMEANS_ITERATIONS} max_points={MAX_POINTS_PER_CENTROID} "
-                f"init=kmeans++ spherical faiss={_faiss().__version__} features=mean-last-hidden "
+                f"init=kmeans++ spherical faiss={faiss_module().__version__} features=mean-last-hidden "
                 f"train={train.digest} val={val.digest}")
     h = hashlib.sha256(settings.encode())
     config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}  # not where it was loaded from
@@ -185,10 +132,14 @@ def _write_cache(path: Path, clusters: DataClusters) -> None:
 
 def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: int, seed: int,
                  batch_size: int, device: torch.device, cache: Path | None = None) -> DataClusters:
-    """Cluster the training sequences by teacher features; assign the validation sequences; cache both."""
+    """Cluster the training sequences by teacher features; assign the validation sequences; cache both.
+
+    Raises:
+        ValueError: `k` exceeds the number of (distinct) training sequences.
+    """
     if k > len(train):
-        raise UserError(f"--data_clusters {k} exceeds the {len(train)} training sequences; "
-                        f"ask for at most {len(train)} or lower --seq_len")
+        raise ValueError(f"{k} data clusters exceed the {len(train)} training sequences; "
+                         f"ask for at most {len(train)} or use shorter sequences")
     path = None
     if cache is not None:
         path = cache / f"{_cache_key(teacher, train, val, k, seed)}.npz"
@@ -198,7 +149,7 @@ def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks,
     start = time.perf_counter()
     feats = sequence_features(teacher, train, batch_size, device, "clustering: teacher features")
     val_feats = sequence_features(teacher, val, batch_size, device, "clustering: validation features")
-    centroids, labels = kmeans(feats, k, seed, what="training sequences", flag="--data_clusters")
+    centroids, labels = kmeans(feats, k, seed, what="training sequences")
     sizes = np.bincount(labels, minlength=k)
     if (sizes == 0).any():
         keep = np.flatnonzero(sizes)

@@ -1,0 +1,308 @@
+"""The training loop: one student (or teacher) trained on token blocks, resumable at every epoch.
+
+`Trainer` runs the steps of a run: the batch sampler, the optimizer (AdamW or the hybrid
+optimizer) and its warmup-cosine schedule, the KD (or plain cross-entropy) loss, non-finite-step
+skipping, per-epoch evaluation, metrics files and atomic checkpoints. What is trained and what
+happens around it (teacher, data, clusters, precision plan, export) belongs to the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hybridopt.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from hybridopt.config import TrainConfig
+from hybridopt.data_clusters import DataClusters
+from hybridopt.dataset import TokenBlocks
+from hybridopt.errors import UserError
+from hybridopt.evaluation import evaluate_lm
+from hybridopt.hybrid_optimizer import HybridOptimizer
+from hybridopt.losses import kd_loss
+from hybridopt.metrics import MetricsLogger
+from hybridopt.reporting import Reporter
+from hybridopt.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int = 0) -> torch.optim.Optimizer:
+    """AdamW, or the hybrid optimizer with `cfg.hybrid`; weight decay on matrices only (not norms or biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.hybrid:
+        return HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), use_trust_region=cfg.trust_region,
+                               trust_radius=cfg.trust_radius, adapt_radius=cfg.adapt_radius,
+                               controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace,
+                               num_clusters=num_clusters)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+class Trainer:
+    """Train `model` on `train_data`, distilling from `teacher` when one is given.
+
+    Args:
+        cfg: loop settings (epochs, lr, batch size, optimizer...).
+        model: the model to train, already on `device`.
+        train_data: training blocks.
+        val_data: validation blocks.
+        out_dir: where the checkpoint goes.
+        device: where the batches go.
+        teacher: frozen teacher in eval mode, or None for plain cross-entropy.
+        alpha: weight of the cross-entropy term (1 when there is no teacher).
+        temperature: KD softmax temperature.
+        metrics_path: per-epoch metrics CSV, or None to write no metrics files.
+        name: prefix of printed lines (empty for the main student).
+        config_dict: the resolved run config, stored in every checkpoint.
+        clusters: data clusters, to sample batches by cluster and report validation loss per cluster;
+            None for plain shuffling.
+        sampling: `ClusterStratifiedBatchSampler` mode when `clusters` is given.
+        reporter: where epoch lines and warnings go.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_data: TokenBlocks, val_data: TokenBlocks,
+                 out_dir: Path, device: torch.device, teacher: torch.nn.Module | None = None, alpha: float = 1.0,
+                 temperature: float = 1.0, metrics_path: Path | None = None, name: str = "",
+                 config_dict: dict | None = None, clusters: DataClusters | None = None,
+                 sampling: str = "proportional", reporter: Reporter | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.teacher = teacher
+        self.alpha = alpha if teacher is not None else 1.0
+        self.temperature = temperature
+        self.train_data = train_data
+        self.val_data = val_data
+        self.out_dir = Path(out_dir)
+        self.device = device
+        self.metrics_path = metrics_path
+        self.prefix = f"[{name}] " if name else ""
+        self.config_dict = config_dict or asdict(cfg)
+        self.clusters, self.sampling = clusters, sampling
+        self.reporter = reporter or Reporter()
+        if clusters is not None:
+            self.sampler = ClusterStratifiedBatchSampler(clusters.labels, cfg.batch_size, cfg.seed, sampling,
+                                                         cfg.max_steps_per_epoch)
+        else:
+            self.sampler = ShuffledBatchSampler(len(train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
+        self.optimizer = build_optimizer(cfg, model, clusters.num_clusters if clusters is not None else 0)
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(warmup, self.total_steps, cfg.min_lr_ratio)
+        )
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.epoch_loss_sum, self.epoch_loss_steps, self.skipped_steps = 0.0, 0, 0
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        self.metrics: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume: bool = False) -> None:
+        """Open the metrics files; on resume, restore model, optimizer, scheduler, sampler, RNG and position."""
+        if resume:
+            self._restore(load_checkpoint(self.out_dir))
+        if self.metrics_path is not None:
+            self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        pos = state["position"]
+        self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+        self.epoch_loss_sum, self.epoch_loss_steps = pos["epoch_loss_sum"], pos["epoch_loss_steps"]
+        self.skipped_steps, self.elapsed = pos["skipped_steps"], pos["elapsed"]
+        self.history = state["history"]
+        set_rng_state(state["rng"])
+        if "data" not in state:
+            self.reporter.warn(f"the checkpoint in '{self.out_dir}' predates data checks; resuming without "
+                               "verifying that the data is unchanged")
+        elif state["data"] != self._data_digest():
+            raise UserError(f"cannot resume '{self.out_dir}': its training or validation tokens differ from "
+                            "this run's (other --data, tokenizer or --seq_len); start a new run")
+        if "sampler" in state:  # the same batches: same batch size, mode and clusters
+            try:
+                self.sampler.load_state_dict(state["sampler"])
+            except ValueError as e:
+                raise UserError(f"cannot resume '{self.out_dir}': {e} (the data clusters changed)") from None
+
+    # ------------------------------------------------------------------ loss
+    def _loss_step(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        logits = self.model(input_ids=input_ids).logits  # (B, T, V)
+        teacher_logits = None
+        if self.teacher is not None and self.alpha < 1.0:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, T, V)
+        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights)
+
+    def batch_loss(self, indices: list[int], weighted: bool = True) -> tuple[torch.Tensor, dict]:
+        """The training objective on the blocks `indices`: importance-weighted when the sampler asks and
+        `weighted` is True (batches the sampler drew); False for batches drawn uniformly elsewhere."""
+        input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
+        weights = None
+        if weighted and self.sampler.weighted:
+            weights = self.sampler.example_weights(indices).to(self.device)
+        return self._loss_step(input_ids, labels, weights)
+
+    def batch_ce(self, indices: list[int]) -> torch.Tensor:
+        """The model's plain cross-entropy on the training blocks `indices` (what validation reports)."""
+        input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
+        return kd_loss(self.model(input_ids=input_ids).logits, labels)[0]
+
+    # ------------------------------------------------------------------ loop
+    def train(self, stop_after_epoch: int | None = None) -> list[dict]:
+        """Run the remaining epochs (up to `stop_after_epoch`, checkpointed, as an interruption would);
+        return the per-epoch history."""
+        cfg = self.cfg
+        bar = self.reporter.progress(self.total_steps, self.global_step, self.prefix + "training")
+        try:
+            while self.epoch < cfg.epochs:
+                if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
+                    break
+                self.model.train()
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                start = time.perf_counter()
+                for indices in self.sampler:
+                    loss, row = self._train_step(indices)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    if self.metrics:
+                        self.metrics.log("step", {**row, "elapsed_s": self.elapsed + time.perf_counter() - start,
+                                                  **self.hybrid_metrics()})
+                self.elapsed += time.perf_counter() - start
+                self._end_epoch()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise
+        finally:
+            self.reporter.close_progress()
+        return self.history
+
+    def _train_step(self, indices: list[int]) -> tuple[float, dict]:
+        """Forward, backward, clip and step on one batch; a non-finite loss or gradient skips the update
+        (the schedule still advances). Returns the loss and the step's metrics row."""
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss, parts = self.batch_loss(indices)
+        grad_norm = float("nan")
+        if torch.isfinite(loss):
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        if not math.isfinite(grad_norm):
+            # A poisoned batch must not reach the weights: skip it and keep the schedule.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.reporter.warn(f"{self.prefix}non-finite loss or gradient at step {self.global_step}; step skipped")
+        else:
+            if isinstance(self.optimizer, HybridOptimizer):
+                if self.clusters is not None:
+                    self.optimizer.set_cluster(self.sampler.batch_cluster(indices))
+                self.optimizer.step(loss=loss.item())
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.epoch_loss_sum += loss.item()
+            self.epoch_loss_steps += 1
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.global_step += 1
+        self.step_in_epoch += 1
+        return loss.item(), {
+            "step": self.global_step, "epoch": self.epoch + 1, "loss": loss.item(), "ce": parts["ce"].item(),
+            "kl": parts["kl"].item(), "lr": lr * self.lr_multiplier(), "grad_norm": grad_norm,
+            "tokens": self.global_step * cfg.batch_size * cfg.seq_len,
+        }
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        self.epoch += 1
+        self.step_in_epoch = 0
+        mean_loss = self.epoch_loss_sum / max(1, self.epoch_loss_steps)
+        self.epoch_loss_sum, self.epoch_loss_steps = 0.0, 0
+        lr = self.scheduler.get_last_lr()[0] * self.lr_multiplier()
+        row = {"epoch": self.epoch, "step": self.global_step, "loss": mean_loss, "lr": lr, **self.hybrid_metrics()}
+        line = f"{self.prefix}Epoch {self.epoch}, Loss: {mean_loss:.6f}, LR: {lr:.6f}"
+        if cfg.hybrid:
+            line += f", Trust Radius: {row['trust_radius']:.6f}"
+        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+            ev = self.evaluate()
+            row.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
+            line += f", Val Loss: {ev['loss']:.6f}, Val PPL: {ev['ppl']:.2f}"
+            if "cluster_loss" in ev:
+                losses = ev["cluster_loss"]
+                seen = [k for k, v in enumerate(losses) if v is not None]  # clusters with validation blocks
+                worst = max(seen, key=lambda k: losses[k])
+                spread = losses[worst] - min(losses[k] for k in seen)
+                row.update(val_loss_clusters=losses, val_loss_worst_cluster=losses[worst],
+                           val_loss_cluster_spread=spread)
+                line += f", worst cluster {worst}: {losses[worst]:.4f} (spread {spread:.4f})"
+        row["elapsed_s"] = self.elapsed
+        self.history.append(row)
+        self.reporter.line(line)
+        if self.metrics:
+            self.metrics.log("epoch", row)
+        self.save_checkpoint()
+
+    def lr_multiplier(self) -> float:
+        """The hybrid controller's current learning-rate multiplier (1 for AdamW)."""
+        return self.optimizer.summary()["lr_multiplier"] if isinstance(self.optimizer, HybridOptimizer) else 1.0
+
+    def hybrid_metrics(self) -> dict:
+        """The hybrid optimizer's multiplier, radius and last clip, for the metrics rows ({} for AdamW)."""
+        if not isinstance(self.optimizer, HybridOptimizer):
+            return {}
+        s = self.optimizer.summary()
+        return {"lr_mult": s["lr_multiplier"], "trust_radius": s["trust_radius"], "clipped": int(s["clipped"])}
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Token-averaged cross-entropy and perplexity of `model` (default: the trained one) on the validation split."""
+        c = self.clusters
+        return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device,
+                           c.val_labels if c is not None else None, c.num_clusters if c is not None else None)
+
+    # ------------------------------------------------------------------ state
+    def save_checkpoint(self) -> Path:
+        """Atomically save model, optimizer, scheduler, sampler, RNG and data position."""
+        return save_checkpoint(self.out_dir, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "position": {
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "epoch_loss_sum": self.epoch_loss_sum, "epoch_loss_steps": self.epoch_loss_steps,
+                "skipped_steps": self.skipped_steps, "elapsed": self.elapsed,
+            },
+            "history": self.history,
+            "sampler": self.sampler.state_dict(),
+            "data": self._data_digest(),
+            "config": self.config_dict,
+        })
+
+    def _data_digest(self) -> str:
+        """The training and validation blocks, as one hash checked on resume."""
+        return f"{self.train_data.digest[:16]}-{self.val_data.digest[:16]}"
+
+    def cleanup(self) -> None:
+        """Close the metrics files."""
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
