@@ -21,8 +21,6 @@ Writes `cluster_sampling.json` and `cluster_sampling.md` under --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 import statistics
@@ -33,17 +31,18 @@ from pathlib import Path
 import torch
 
 from hybridopt.checkpoint import load_checkpoint
-from hybridopt.clustering import cluster_data
 from hybridopt.config import DistillConfig
+from hybridopt.data import corpus_documents, token_splits
+from hybridopt.data_clusters import cluster_data
 from hybridopt.modeling import build_model, context_length, load_teacher, student_config, vocab_size
-from hybridopt.recipes.data import corpus_documents, token_splits
-from hybridopt.recipes.distill import DistillRecipe
-from hybridopt.recipes.pipeline import run_distill
-from hybridopt.recipes.teacher import ensure_default_teacher
+from hybridopt.recipes.distill import run_distill
+from hybridopt.reporting import Reporter
 from hybridopt.sampler import SAMPLING_MODES, ClusterStratifiedBatchSampler
+from hybridopt.teacher import ensure_default_teacher
+from hybridopt.training import Trainer
 
 
-def gradient_variance(recipe: DistillRecipe, sampler: ClusterStratifiedBatchSampler, batches: int) -> float:
+def gradient_variance(recipe: Trainer, sampler: ClusterStratifiedBatchSampler, batches: int) -> float:
     """Unbiased `E||g_i - mean g||^2` over `batches` batches drawn by `sampler`."""
     params = [p for p in recipe.model.parameters() if p.requires_grad]
     grads = []
@@ -72,6 +71,7 @@ def main() -> None:
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
     common = dict(epochs=args.epochs, baseline=False, eval_every=1)
+    quiet = Reporter(quiet=True)
 
     # Per seed: the plain run (interrupted after 5 epochs to keep that checkpoint, then finished), then
     # every sampling mode. The gradient variance uses the first seed's plain checkpoints.
@@ -79,19 +79,17 @@ def main() -> None:
     for seed in args.seeds:
         plain_dir = runs / f"plain-seed{seed}"
         start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            run_distill(DistillConfig(out=str(plain_dir), seed=seed, **common), stop_after_epoch=5)
-            if seed == args.seeds[0]:
-                first_plain, mid_state = plain_dir, load_checkpoint(plain_dir)["model"]
-            res = run_distill(DistillConfig(resume=str(plain_dir)))
+        run_distill(DistillConfig(out=str(plain_dir), seed=seed, **common), quiet, stop_after_epoch=5)
+        if seed == args.seeds[0]:
+            first_plain, mid_state = plain_dir, load_checkpoint(plain_dir)["model"]
+        res = run_distill(DistillConfig(resume=str(plain_dir)), quiet)
         arms.setdefault("shuffled (no clusters)", []).append({"seed": seed, "res": res,
                                                               "wall": time.perf_counter() - start})
         print(f"seed {seed} plain: val loss {res['student']['loss']:.4f}", file=sys.stderr)
         for mode in SAMPLING_MODES:
             start = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):
-                res = run_distill(DistillConfig(out=str(runs / f"{mode}-seed{seed}"), seed=seed,
-                                                data_clusters=args.clusters, cluster_sampling=mode, **common))
+            res = run_distill(DistillConfig(out=str(runs / f"{mode}-seed{seed}"), seed=seed,
+                                            data_clusters=args.clusters, cluster_sampling=mode, **common), quiet)
             arms.setdefault(mode, []).append({"seed": seed, "res": res, "wall": time.perf_counter() - start})
             print(f"seed {seed} {mode}: val loss {res['student']['loss']:.4f}", file=sys.stderr)
 
@@ -112,8 +110,8 @@ def main() -> None:
         model = build_model(s_config, cfg.seed)
         if state is not None:
             model.load_state_dict(state)
-        recipe = DistillRecipe(cfg, model, train, val, runs / "scratch", device, teacher=teacher, alpha=cfg.alpha,
-                               temperature=cfg.temperature, metrics_path=None)
+        recipe = Trainer(cfg, model, train, val, runs / "scratch", device, teacher=teacher, alpha=cfg.alpha,
+                         temperature=cfg.temperature, reporter=quiet)
         variance[name] = {}
         for mode in SAMPLING_MODES:
             recipe.sampler = ClusterStratifiedBatchSampler(clusters.labels, cfg.batch_size, cfg.seed, mode)

@@ -28,9 +28,7 @@ Writes `precision_pareto_ptq.{json,md}` and (unless --skip_qat) `precision_paret
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
 import math
 import shutil
@@ -42,13 +40,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hybridopt.config import DistillConfig
+from hybridopt.data import corpus_documents, token_splits
+from hybridopt.evaluation import evaluate_lm
 from hybridopt.modeling import load_teacher
-from hybridopt.precision_plan import build_plan, in_context_loss, measure_layers, mix_name
-from hybridopt.qat import TERNARY, QATConfig, quantizable_linears, quantize_
-from hybridopt.recipes.data import corpus_documents, token_splits
-from hybridopt.recipes.distill import DistillRecipe, evaluate_lm
-from hybridopt.recipes.pipeline import calibration_batches, run_distill
-from hybridopt.recipes.teacher import ensure_default_teacher
+from hybridopt.precision_plan import build_plan, calibration_batches, in_context_loss, measure_layers, mix_name
+from hybridopt.qat import QATConfig, quantizable_linears, quantize_
+from hybridopt.quantizers import TERNARY
+from hybridopt.recipes.distill import run_distill
+from hybridopt.reporting import Reporter
+from hybridopt.teacher import ensure_default_teacher
+from hybridopt.training import Trainer
 
 
 def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: int,
@@ -57,17 +58,16 @@ def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: in
     run_dir = runs / "fp"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = DistillConfig(epochs=epochs, baseline=False, out=str(run_dir))
-    with contextlib.redirect_stdout(io.StringIO()):
-        run_distill(cfg)
+    run_distill(cfg, Reporter(quiet=True))
     device = torch.device("cpu")
     teacher, tokenizer = load_teacher(ensure_default_teacher(), device)
     docs, _ = corpus_documents([])
     train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
     student = AutoModelForCausalLM.from_pretrained(str(run_dir / "student"), dtype=torch.float32)
-    recipe = DistillRecipe(cfg, student, train, val, runs / "scratch", device, teacher=teacher, alpha=cfg.alpha,
-                           temperature=cfg.temperature, metrics_path=None)
+    recipe = Trainer(cfg, student, train, val, runs / "scratch", device, teacher=teacher, alpha=cfg.alpha,
+                     temperature=cfg.temperature, reporter=Reporter(quiet=True))
     names = quantizable_linears(student)
-    batches = calibration_batches(len(train), cfg)
+    batches = calibration_batches(len(train), cfg.batch_size, cfg.calibration_batches, cfg.seed)
     measured = {base: measure_layers(student, names, batches, lambda b: recipe.batch_loss(b)[0], base, None)
                 for base in (TERNARY, 4.0)}
     calibration_ce = in_context_loss(student, batches, recipe.batch_ce, None)  # what `distill` measures plans by
@@ -117,7 +117,7 @@ def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: in
 
 
 def arms(budgets: list[float]) -> dict[str, dict]:
-    out = {"uniform ternary": {"ternary": True, "avg_bits": 1.58}}
+    out = {"uniform ternary": {"ternary": True, "avg_bits": TERNARY}}
     for b in budgets:
         out[f"measured plan, budget {b:g}"] = {"ternary": True, "avg_bits": b}
         out[f"Fisher plan, budget {b:g}"] = {"ternary": True, "avg_bits": b, "plan_method": "sensitivity"}
@@ -169,13 +169,10 @@ def main() -> None:
     for name, flags in arms(args.budgets).items():
         run_dir = out / "runs" / "precision" / name.replace(", ", "-").replace(" ", "-")
         shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.redirect_stdout(io.StringIO()):
-            res = run_distill(DistillConfig(epochs=args.epochs, baseline=False, out=str(run_dir), qat=True,
-                                            param_clusters=args.clusters, **flags))
+        res = run_distill(DistillConfig(epochs=args.epochs, baseline=False, out=str(run_dir), qat=True,
+                                        param_clusters=args.clusters, **flags), Reporter(quiet=True))
         q, plan = res["quantization"], res["precision_plan"]
-        widths = sorted(set(plan["layer_bits"].values()))
-        mix = ", ".join(f"{'ternary' if b == 1.58 else f'{b:g}-bit'} x{list(plan['layer_bits'].values()).count(b)}"
-                        for b in widths)
+        mix = mix_name(plan["layer_bits"])
         rows.append({"arm": name, "flags": flags, "val_loss": q["val_loss_exported"], "val_ppl": q["val_ppl_exported"],
                      "stored_bits": q["linear_bits_per_weight"], "code_bits": plan["stored_bits"],
                      "fisher_error": plan["sensitivity"], "optimum_fisher_error": plan["optimum_sensitivity"],

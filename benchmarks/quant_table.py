@@ -10,8 +10,6 @@ same teacher, same data order. Writes `quant_table.json` (everything measured) a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 import sys
@@ -19,7 +17,8 @@ import time
 from pathlib import Path
 
 from hybridopt.config import DistillConfig
-from hybridopt.recipes.pipeline import run_distill
+from hybridopt.recipes.distill import run_distill
+from hybridopt.reporting import Reporter
 
 ARMS = {
     "FP32 (no quantization)": {},
@@ -44,8 +43,8 @@ def main() -> None:
         run_dir = out / "runs" / name.split(" (")[0].replace(" ", "-").lower()
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            res = run_distill(DistillConfig(epochs=args.epochs, baseline=False, out=str(run_dir), **flags))
+        res = run_distill(DistillConfig(epochs=args.epochs, baseline=False, out=str(run_dir), **flags),
+                          Reporter(quiet=True))
         wall = time.perf_counter() - start
         q = res.get("quantization")
         rows.append({"arm": name, "flags": flags, "val_loss": res["student"]["loss"], "val_ppl": res["student"]["ppl"],
