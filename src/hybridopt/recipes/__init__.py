@@ -1,1 +1,6 @@
-"""Training recipes: the distillation loop, the teacher recipe and the data they share."""
+"""Recipes: the leaves that own a run. Only the CLI imports them (and benchmarks, through
+`recipes.distill.run_distill`); everything they use lives in the library below.
+
+* `distill.py`: `hybridopt distill` (`DistillRecipe`, `run_distill`).
+* `export_student.py`: `hybridopt export`.
+"""
