@@ -42,7 +42,7 @@ def test_controller_moves_a_bad_learning_rate_toward_a_good_one(start_lr, direct
 
 def test_disabled_controller_is_exactly_one_and_frozen_controller_differs():
     _, off = _regression(1e-2, steps=50, use_controller=False)
-    assert off.summary()["avg_lr_multiplier"] == 1.0 and off.hybrid["lr_mult"] == 1.0
+    assert off.summary()["avg_lr_multiplier"] == 1.0 and off.summary()["lr_multiplier"] == 1.0
     frozen, _ = _regression(1e-3, steps=200, learn_controller=False)
     learning, _ = _regression(1e-3, steps=200)
     assert frozen != learning
@@ -78,7 +78,7 @@ def test_radius_is_never_exceeded(seed, radius, scale, mode):
         for p in params:
             p.grad = scale * torch.randn(p.shape, generator=g)
         opt.step(loss=float(step))
-        mu = opt.hybrid["radius"] * opt.hybrid["radius_mult"]
+        mu = opt.summary()["trust_radius"]  # the base radius times the learned multiplier
         deltas = [p.detach() - b for p, b in zip(params, before)]
         if mode == "global":
             norm = math.sqrt(sum(float(b.pow(2).sum()) for b in before))
@@ -87,7 +87,7 @@ def test_radius_is_never_exceeded(seed, radius, scale, mode):
             for d, b in zip(deltas, before):
                 limit = mu * max(float(b.pow(2).mean().sqrt()), 1e-3) * math.sqrt(b.numel())
                 assert float(d.norm()) <= limit * (1 + 1e-4)
-        clipped += opt.hybrid["clipped"]
+        clipped += opt.summary()["clipped"]
     assert opt.summary()["constraint_activation_rate"] == pytest.approx(clipped / 6)
 
 
@@ -115,20 +115,45 @@ def test_state_dict_round_trip_continues_identically():
     assert opt.summary() == opt2.summary()
 
 
-def test_non_finite_gradient_skips_the_step_and_shrinks_the_radius():
+def test_non_finite_gradient_skips_the_step_and_with_adapt_radius_shrinks_the_radius():
     p = torch.nn.Parameter(torch.ones(4))
-    opt = HybridOptimizer([p], lr=0.1)
+    opt = HybridOptimizer([p], lr=0.1, adapt_radius=True)
     p.grad = torch.ones(4)
     opt.step(loss=1.0)
     before, state = p.detach().clone(), copy.deepcopy(opt.state[p])
-    radius = opt.hybrid["radius"]
+    radius = opt.param_groups[0]["trust_radius"]
     p.grad = torch.tensor([1.0, float("nan"), 1.0, 1.0])
     opt.step(loss=1.0)
-    assert torch.equal(p, before) and torch.equal(opt.state[p]["exp_avg"], state["exp_avg"])
-    assert opt.hybrid["radius"] < radius and opt.summary()["skipped_steps"] == 1
+    assert torch.equal(p, before) and all(torch.equal(opt.state[p][k], state[k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert opt.param_groups[0]["trust_radius"] == radius / 2 and opt.summary()["skipped_steps"] == 1
     p.grad = torch.ones(4)
     opt.step(loss=float("inf"))
     assert opt.summary()["skipped_steps"] == 2 and torch.equal(p, before)
+
+
+def test_skipped_steps_leave_the_radius_alone_without_adapt_radius():
+    # Regression: every non-finite step used to halve the radius for good (three NaNs: 0.1 -> 0.0125).
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = HybridOptimizer([p], lr=0.1, use_controller=False)
+    for _ in range(3):
+        p.grad = torch.full((4,), float("nan"))
+        opt.step(loss=1.0)
+    assert opt.summary()["skipped_steps"] == 3 and opt.summary()["trust_radius"] == 0.1
+
+
+def test_a_parameter_that_first_gets_a_gradient_later_is_updated():
+    # Regression: KeyError 'trace' when a tensor had no trace yet (first gradient after step 1, or a new group).
+    a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    opt = HybridOptimizer([a, b], lr=0.1)
+    a.grad = torch.ones(3)
+    opt.step(loss=1.0)
+    b.grad = torch.ones(3)  # b's first gradient, at step 2
+    opt.step(loss=1.0)
+    opt.add_param_group({"params": [c]})
+    for p in (a, b, c):
+        p.grad = torch.ones(3)
+    opt.step(loss=1.0)
+    assert opt.summary()["total_steps"] == 3 and bool((c < 1).all()) and bool((b < c).all())
 
 
 def test_lr_scheduler_scales_the_base_rate_and_closure_works():
@@ -148,3 +173,65 @@ def test_lr_scheduler_scales_the_base_rate_and_closure_works():
     assert float(loss.detach()) == pytest.approx(3.0)
     # First Adam step moves each weight by lr (times the sign of its gradient).
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.95), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=0.0), "lr must be positive"), (dict(trust_radius=-1.0), "trust_radius must be positive"),
+    (dict(base="lion"), "base must be"), (dict(trust_mode="layer"), "trust_mode must be"),
+    (dict(betas=(0.9, 1.0)), "betas must be"), (dict(trace_decay=1.0), "trace_decay and signal_ema"),
+    (dict(weight_decay=-0.1), "weight_decay must be"), (dict(num_clusters=-1), "num_clusters must be"),
+])
+def test_bad_hyperparameters_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HybridOptimizer([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_summary_keys_and_clipped_flag():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = HybridOptimizer([p], lr=1.0, trust_radius=0.01, use_controller=False)
+    p.grad = torch.ones(4)
+    opt.step()
+    s = opt.summary()
+    assert set(s) == {"total_steps", "avg_lr_multiplier", "constraint_activation_rate", "trust_radius",
+                      "lr_multiplier", "skipped_steps", "clipped"}
+    assert s["clipped"] is True and s["constraint_activation_rate"] == 1.0
+    torch.testing.assert_close(p.detach(), torch.full((4,), 0.99))  # ||delta|| = 0.01 * ||theta|| = 0.02
+
+
+def test_radius_and_multipliers_live_in_the_param_groups():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = HybridOptimizer([p], lr=1.0, use_controller=False)
+    opt.param_groups[0]["trust_radius"] = 0.05  # an outer loop changes the radius between steps
+    p.grad = torch.ones(4)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), 0.95))
+    assert opt.summary()["trust_radius"] == 0.05
+    learned = HybridOptimizer([p], lr=1e-2)
+    for _ in range(3):
+        p.grad = torch.randn(4)
+        learned.step(loss=1.0)
+    group = learned.param_groups[0]
+    assert learned.summary()["lr_multiplier"] == group["lr_multiplier"] != 1.0
+    assert learned.summary()["trust_radius"] == group["trust_radius"] * group["radius_multiplier"]
+
+
+def test_global_mode_needs_one_radius_across_groups():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = HybridOptimizer([{"params": [a]}, {"params": [b], "trust_radius": 0.5}])
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    with pytest.raises(ValueError, match="same trust_radius"):
+        opt.step()
+    assert not opt.state and opt.summary()["total_steps"] == 0  # refused before touching anything
+    per_tensor = HybridOptimizer([{"params": [a]}, {"params": [b], "trust_radius": 0.5}], lr=1.0,
+                                 trust_mode="per_tensor", use_controller=False)
+    per_tensor.step()
+    torch.testing.assert_close(a.detach(), torch.full((2,), 0.9))  # bound 0.1 * rms * sqrt(2), Adam step 1
+    torch.testing.assert_close(b.detach(), torch.full((2,), 0.5))  # bound 0.5: the Adam step of 1 is clipped
+
+
+def test_set_cluster_checks_the_range():
+    opt = HybridOptimizer([torch.nn.Parameter(torch.ones(2))], num_clusters=3)
+    opt.set_cluster(2)
+    opt.set_cluster(None)
+    with pytest.raises(ValueError, match="cluster_id must be in"):
+        opt.set_cluster(3)

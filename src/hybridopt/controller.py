@@ -20,6 +20,7 @@ from torch import nn
 
 LOG_BOUND = math.log(10.0)
 NUM_FEATURES = 6
+LR_HEAD, RADIUS_HEAD = 0, 1  # output indices: log learning-rate multiplier, log trust-radius multiplier
 
 
 @dataclass
@@ -98,13 +99,33 @@ class AuxiliaryNN(nn.Module):
         return z + (z.clamp(-LOG_BOUND, LOG_BOUND) - z).detach()
 
     @torch.no_grad()
+    def observe(self, raw: torch.Tensor) -> torch.Tensor:
+        """Update the running feature statistics with `raw` `(6,)` and return it normalised."""
+        self.norm.update(raw)
+        return self.norm(raw)
+
+    @torch.no_grad()
+    def multipliers(self, features: torch.Tensor) -> tuple[float, float]:
+        """`(lr multiplier, radius multiplier)` for normalised features `(6,)`."""
+        a = self(features)
+        return math.exp(a[LR_HEAD].item()), math.exp(a[RADIUS_HEAD].item())
+
+    def surrogate(self, features: torch.Tensor, signal: float, head: int) -> torch.Tensor:
+        """Scalar whose gradient is the hypergradient `signal` on output `head` at `features` `(6,)`,
+        plus the bound penalty; one optimizer step on it is one step of hypergradient descent."""
+        z = self.raw(features)
+        return signal * self.clamp(z)[head] + self.bound_penalty(z)
+
     def predict(self, state: TrainingState) -> tuple[float, float]:
         """`(lr multiplier, radius multiplier)` for one training state (does not update statistics)."""
-        a = self(self.norm(state.features()))
-        return math.exp(a[0].item()), math.exp(a[1].item())
+        return self.multipliers(self.norm(state.features()))
 
     def predict_learning_rate(self, state: TrainingState) -> float:
-        """The design document's API: the learning-rate multiplier for `state`."""
+        """The design document's API: the learning-rate multiplier for `state`.
+
+        An untrained controller returns exactly 1; `HybridOptimizer` trains it online and multiplies the
+        scheduled learning rate by this value.
+        """
         return self.predict(state)[0]
 
     def predict_trust_radius(self, state: TrainingState) -> float:

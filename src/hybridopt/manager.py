@@ -1,4 +1,4 @@
-"""The design document's API (`hybrid_optimization.py`), thin over `HybridOptimizer`.
+"""The design document's API, as thin entry points over `HybridOptimizer` (no second implementation).
 
     config = HybridTrainingConfig(base_learning_rate=1e-3)
     manager = HybridOptimizationManager(config)
@@ -12,13 +12,15 @@
 Every switch really switches its component off: `use_auxiliary_nn=False` fixes the multipliers at 1,
 `use_trust_region=False` removes the bound, `use_clustering=False` hides the batch's cluster from the
 controller, `use_quantization=False` keeps full-precision linears (True swaps them for `QATLinear` at
-`target_bits` on the first step).
+`target_bits` on the first step). The document's `parameter_clusters` (mixed precision) and
+`quantizer_scale` fields are not here: the mixed-precision plan is the CLI's `--param_clusters`, and
+scales are fixed by the quantizer (absmean/absmax per channel).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,34 +29,45 @@ from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.qat import QATConfig, qat_layers, quantize_
 
 
+def _help(default, text: str):
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class HybridTrainingConfig:
     """The design document's configuration, with its field names.
 
     Defaults differ from the document where a measurement says so: `initial_trust_radius` is relative to
-    the parameter norm (0.1), `trust_radius_adaptation` is off (noisy on minibatches, see
-    `HybridOptimizer`).
+    the parameter norm (0.1), `trust_radius_adaptation` is off (noisy on minibatches, see `HybridOptimizer`).
     """
 
-    use_quantization: bool = True
-    use_clustering: bool = True
-    use_auxiliary_nn: bool = True
-    use_trust_region: bool = True
-    data_clusters: int = 8
-    parameter_clusters: int = 4
-    initial_trust_radius: float = 0.1
-    trust_radius_adaptation: bool = False
-    base_learning_rate: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    target_bits: float = 1.58
-    quantizer_scale: float = 1.0
-    auxiliary_nn_hidden_size: int = 16
-    auxiliary_nn_learning_rate: float = 0.001
+    use_quantization: bool = _help(True, "swap linears for QAT layers at target_bits on the first step")
+    use_clustering: bool = _help(True, "show the batch's data cluster to the controller")
+    use_auxiliary_nn: bool = _help(True, "learn the lr and radius multipliers; False fixes them at 1")
+    use_trust_region: bool = _help(True, "bound each update's norm by the trust radius")
+    data_clusters: int = _help(8, "number of data clusters the cluster ids come from")
+    initial_trust_radius: float = _help(0.1, "trust radius relative to the parameter norm")
+    trust_radius_adaptation: bool = _help(False, "adapt the radius from actual vs predicted decrease")
+    base_learning_rate: float = _help(0.001, "learning rate before the learned multiplier")
+    momentum: float = _help(0.9, "Adam beta1")
+    weight_decay: float = _help(1e-5, "decoupled weight decay")
+    target_bits: float = _help(1.58, "weight bits of the QAT layers: 1, 1.58 (ternary), 2, 4 or 8")
+    auxiliary_nn_hidden_size: int = _help(16, "hidden width of the auxiliary network")
+    auxiliary_nn_learning_rate: float = _help(0.001, "Adam learning rate of the auxiliary network")
 
     def __post_init__(self):
-        if self.quantizer_scale != 1.0:
-            raise ValueError("quantizer_scale other than 1.0 is not supported: scales are absmean/absmax per channel")
+        for name in ("initial_trust_radius", "base_learning_rate", "auxiliary_nn_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.data_clusters < 1 or self.auxiliary_nn_hidden_size < 1:
+            raise ValueError(f"data_clusters and auxiliary_nn_hidden_size must be at least 1, "
+                             f"got {self.data_clusters} and {self.auxiliary_nn_hidden_size}")
+        if self.use_quantization:
+            QATConfig(bits=self.target_bits)  # raises ValueError for an unsupported width
 
 
 class HybridOptimizationManager:
@@ -95,7 +108,7 @@ class HybridOptimizationManager:
         lr = self.optimizer.param_groups[0]["lr"] * s["lr_multiplier"]
         return {"step": s["total_steps"] if step is None else step, "loss": loss_value, "learning_rate": lr,
                 "lr_multiplier": s["lr_multiplier"], "trust_radius": s["trust_radius"],
-                "constraint_active": bool(self.optimizer.hybrid["clipped"])}
+                "constraint_active": s["clipped"]}
 
     def summary_text(self, final_loss: float | None = None) -> str:
         """The design document's summary block."""
@@ -117,8 +130,8 @@ def format_summary(summary: dict, final_loss: float | None = None) -> str:
 class ConstrainedOptimizer:
     """Momentum updates bounded by an absolute trust radius: `||delta theta||_2 <= constraint_radius`.
 
-    Thin over `HybridOptimizer(base="sgd")` with the controller off; the radius given per call is
-    converted to the optimizer's parameter-relative radius.
+    Thin over `HybridOptimizer(base="sgd")` with the controller off: each call sets the group's learning
+    rate and its parameter-relative `trust_radius` (the absolute radius over the parameter norm).
     """
 
     def __init__(self, parameters, momentum: float = 0.9):
@@ -129,15 +142,19 @@ class ConstrainedOptimizer:
              constraint_radius: float = 0.01) -> dict:
         """One constrained step; returns the update norm and whether the constraint was active."""
         params = list(parameters) if parameters is not None else self.params
-        assert [id(p) for p in params] == [id(p) for p in self.params], "pass the parameters given at construction"
+        if [id(p) for p in params] != [id(p) for p in self.params]:
+            raise ValueError("ConstrainedOptimizer.step: pass the parameters given at construction, in order")
+        if not (learning_rate > 0 and constraint_radius > 0):
+            raise ValueError(f"learning_rate and constraint_radius must be positive, "
+                             f"got {learning_rate} and {constraint_radius}")
         if gradients is not None:
             for p, g in zip(params, gradients):
                 p.grad = g
         before = [p.detach().clone() for p in params]
         pnorm = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in params))
-        self._opt.param_groups[0]["lr"] = learning_rate
-        self._opt.hybrid["radius"] = constraint_radius / max(pnorm, 1e-3)
+        group = self._opt.param_groups[0]
+        group["lr"], group["trust_radius"] = learning_rate, constraint_radius / max(pnorm, 1e-3)
         self._opt.step()
         norm = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(params, before)))
-        return {"update_norm": norm, "constraint_active": bool(self._opt.hybrid["clipped"]),
+        return {"update_norm": norm, "constraint_active": self._opt.summary()["clipped"],
                 "constraint_radius": constraint_radius}
