@@ -1,0 +1,186 @@
+r"""Slow reference HybridOptimizer, written line by line from the math in `hybridopt.hybrid_optimizer`'s docstring.
+
+Plain Python loops over tensors, no foreach, none of the optimizer module's helpers; only the controller
+network itself (`AuxiliaryNN`: its running feature norm, MLP, clamp and bound penalty) and `TrainingState`
+(the feature vector) come from the package. `tests/test_hybrid_reference.py` feeds it and the fast optimizer
+identical gradients and compares the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hybridopt.controller import AuxiliaryNN, TrainingState
+
+
+def _finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
+
+
+class ReferenceHybrid:
+    """Same constructor arguments as `HybridOptimizer`; `param_groups` may be edited (lr, trust_radius)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, base="adam",
+                 use_controller=True, learn_controller=True, use_trust_region=True, trust_radius=0.1,
+                 trust_mode="global", adapt_radius=False, controller_lr=1e-3, controller_hidden=16,
+                 trace_decay=0.0, signal_ema=0.9, num_clusters=0):
+        params = list(params)
+        if not isinstance(params[0], dict):
+            params = [{"params": params}]
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius)
+        self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in params]
+        self.base, self.trust_mode, self.num_clusters = base, trust_mode, num_clusters
+        self.use_controller, self.learn_controller = use_controller, learn_controller
+        self.use_trust_region, self.adapt_radius = use_trust_region, adapt_radius
+        self.gamma, self.beta_h = trace_decay, signal_ema
+        self.controller = AuxiliaryNN(controller_hidden)
+        self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
+        self.state = {}  # id(p) -> {"n", "m", "v" or "b", "s"}
+        self.t = 0  # applied updates
+        self.skipped = 0
+        self.m_lr, self.m_r = 1.0, 1.0  # e^{a_{t,1}}, e^{a_{t,2}}
+        self.h = 0.0  # smoothed hypergradient cosine
+        self.x_prev = None  # normalised features at the last update
+        self.clipped = False
+        self.clipped_count = 0
+        self.m_lr_sum = 0.0
+        self.cluster_id = None
+        self.loss_ema, self.trend, self.gmean, self.gvar = None, 0.0, None, 0.0
+        self.prev_loss, self.prev_pred, self.rbar = None, None, None
+
+    def set_cluster(self, cluster_id):
+        self.cluster_id = cluster_id
+
+    @torch.no_grad()
+    def step(self, loss=None):
+        L = math.nan if loss is None else float(loss)
+        items = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    items.append((p, group))
+
+        # \|g_t\|, squared in float32
+        gnorm_sq = 0.0
+        for p, _ in items:
+            gnorm_sq += float((p.grad.float() * p.grad.float()).sum())
+        gnorm = math.sqrt(gnorm_sq)
+
+        # A non-finite loss or gradient skips the step (and with adapt_radius halves rho).
+        if not _finite(gnorm) or (loss is not None and not _finite(L)):
+            self.skipped += 1
+            if self.adapt_radius and self.use_trust_region:
+                for group in self.param_groups:
+                    group["trust_radius"] = max(1e-4, group["trust_radius"] / 2)
+            return
+
+        # Radius adaptation: r_t = (L_{t-1} - L_t) / (-g_{t-1} . Delta theta_{t-1}), after a clipped step.
+        if self.adapt_radius and self.use_trust_region and _finite(L) and self.prev_loss is not None \
+                and self.prev_pred is not None and self.prev_pred != 0:
+            r = (self.prev_loss - L) / self.prev_pred
+            self.rbar = r if self.rbar is None else 0.9 * self.rbar + 0.1 * r
+            for group in self.param_groups:
+                if self.clipped and self.rbar > 0.75:
+                    group["trust_radius"] = min(1.0, 1.5 * group["trust_radius"])
+                elif self.clipped and self.rbar < 0.25:
+                    group["trust_radius"] = max(1e-4, 0.7 * group["trust_radius"])
+
+        # Controller: h_t = beta_h h_{t-1} + (1 - beta_h) cos(g_t, s_{t-1}); one Adam step on h_t a_{t-1,k}.
+        if self.use_controller and self.learn_controller and self.t > 0:
+            dot, s_sq = 0.0, 0.0
+            for p, _ in items:
+                s = self.state[id(p)]["s"] if id(p) in self.state and "s" in self.state[id(p)] else torch.zeros_like(p)
+                dot += float((p.grad * s).sum())
+                s_sq += float((s * s).sum())
+            cos = dot / (gnorm * math.sqrt(s_sq) + 1e-12)
+            self.h = self.beta_h * self.h + (1 - self.beta_h) * cos
+            k = 1 if self.clipped else 0  # masking
+            with torch.enable_grad():
+                z = self.controller.raw(self.x_prev)
+                surrogate = self.h * AuxiliaryNN.clamp(z)[k] + AuxiliaryNN.bound_penalty(z)
+                self.controller_opt.zero_grad()
+                surrogate.backward()
+            self.controller_opt.step()
+
+        # Features -> a_t = (log m_t, log r_t).
+        if self.use_controller:
+            if self.gmean is None:
+                self.gmean = gnorm
+            dev = gnorm - self.gmean
+            self.gmean = self.gmean + 0.1 * dev
+            self.gvar = 0.9 * self.gvar + 0.1 * dev * dev
+            if _finite(L):
+                if self.loss_ema is not None and L > 0 and self.loss_ema > 0:
+                    self.trend = 0.9 * self.trend + 0.1 * (math.log(L) - math.log(self.loss_ema))
+                self.loss_ema = L if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * L
+            state = TrainingState(loss=L if _finite(L) else 1.0, gradient_magnitude=gnorm, loss_trend=self.trend,
+                                  gradient_variance=self.gvar / max(self.gmean ** 2, 1e-12), step=self.t,
+                                  cluster_id=self.cluster_id, num_clusters=self.num_clusters)
+            raw = state.features()
+            self.controller.norm.update(raw)
+            x = self.controller.norm(raw)
+            a = AuxiliaryNN.clamp(self.controller.raw(x))
+            self.m_lr, self.m_r = math.exp(float(a[0])), math.exp(float(a[1]))
+            self.x_prev = x.clone()
+        self.t += 1
+
+        # u_t = -eta m_t (d_t + lambda theta_t)
+        updates = []
+        for p, group in items:
+            beta1, beta2 = group["betas"]
+            st = self.state.setdefault(id(p), {"n": 0})
+            st["n"] += 1
+            g = p.grad
+            if self.base == "adam":
+                st["m"] = beta1 * st.get("m", torch.zeros_like(p)) + (1 - beta1) * g
+                st["v"] = beta2 * st.get("v", torch.zeros_like(p)) + (1 - beta2) * g * g
+                m_hat = st["m"] / (1 - beta1 ** st["n"])
+                v_hat = st["v"] / (1 - beta2 ** st["n"])
+                d = m_hat / (torch.sqrt(v_hat) + group["eps"])
+            else:
+                st["b"] = beta1 * st.get("b", torch.zeros_like(p)) + g
+                d = st["b"]
+            updates.append(-group["lr"] * self.m_lr * (d + group["weight_decay"] * p))
+
+        # Trust region.
+        clipped = False
+        if self.use_trust_region and self.trust_mode == "global":
+            mu = self.param_groups[0]["trust_radius"] * self.m_r
+            theta_sq, u_sq = 0.0, 0.0
+            for (p, _), u in zip(items, updates):
+                theta_sq += float((p * p).sum())
+                u_sq += float((u * u).sum())
+            bound = mu * max(math.sqrt(theta_sq), 1e-3)
+            if math.sqrt(u_sq) > bound:
+                updates = [u * (bound / math.sqrt(u_sq)) for u in updates]
+                clipped = True
+        elif self.use_trust_region:
+            for i, ((p, group), u) in enumerate(zip(items, updates)):
+                rms = math.sqrt(float((p * p).sum()) / p.numel())
+                bound = group["trust_radius"] * self.m_r * max(rms, 1e-3) * math.sqrt(p.numel())
+                unorm = math.sqrt(float((u * u).sum()))
+                if unorm > bound:
+                    updates[i] = u * (bound / unorm)
+                    clipped = True
+        self.clipped = clipped
+        self.clipped_count += int(clipped)
+        self.m_lr_sum += self.m_lr
+
+        if self.adapt_radius and self.use_trust_region:
+            self.prev_pred = -sum(float((p.grad.float() * u.float()).sum()) for (p, _), u in zip(items, updates))
+            self.prev_loss = L if _finite(L) else None
+
+        # Delta theta_t applied; s_t = gamma s_{t-1} + Delta theta_t.
+        for (p, _), u in zip(items, updates):
+            p.add_(u)
+            st = self.state[id(p)]
+            st["s"] = self.gamma * st.get("s", torch.zeros_like(p)) + u
+
+    def summary(self) -> dict:
+        steps = max(1, self.t)
+        return {"total_steps": self.t, "avg_lr_multiplier": self.m_lr_sum / steps,
+                "constraint_activation_rate": self.clipped_count / steps,
+                "trust_radius": self.param_groups[0]["trust_radius"] * self.m_r, "lr_multiplier": self.m_lr,
+                "skipped_steps": self.skipped, "clipped": self.clipped}

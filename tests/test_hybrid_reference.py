@@ -1,0 +1,135 @@
+"""The fast HybridOptimizer against the slow line-by-line reference (tests/reference_hybrid.py), schedule_free style:
+identical gradients and losses into both, parameters compared with a tight `allclose` after every step."""
+
+import copy
+import math
+
+import pytest
+import torch
+from reference_hybrid import ReferenceHybrid
+
+from hybridopt.hybrid_optimizer import HybridOptimizer
+
+STEPS = 200
+CLIP = dict(lr=0.05, trust_radius=0.01, controller_lr=1e-2)  # clips often: exercises the radius head
+CONFIGS = {
+    "adam_global": dict(controller_lr=1e-2),
+    "adam_global_clip": CLIP,
+    "sgd_global_clip": dict(CLIP, base="sgd", lr=0.2),
+    "adam_per_tensor_clip": dict(CLIP, trust_mode="per_tensor"),
+    "sgd_per_tensor": dict(base="sgd", trust_mode="per_tensor", lr=0.1, trust_radius=0.02),
+    "no_trust_region": dict(use_trust_region=False, lr=0.01, controller_lr=1e-2),
+    "adapt_radius": dict(CLIP, adapt_radius=True),
+    "adapt_radius_per_tensor_nan": dict(CLIP, adapt_radius=True, trust_mode="per_tensor", _nan=True),
+    "nan_without_adapt": dict(CLIP, _nan=True),
+    "trace_0.9": dict(CLIP, trace_decay=0.9),
+    "clusters": dict(num_clusters=4, controller_lr=1e-2, _clusters=True),
+    "weight_decay": dict(CLIP, weight_decay=0.1),
+    "two_groups_scheduled": dict(controller_lr=1e-2, weight_decay=0.01, _groups=True),
+    "two_groups_per_tensor": dict(CLIP, trust_mode="per_tensor", _groups=True),
+    "loss_not_passed": dict(controller_lr=1e-2, _no_loss=True),
+    "controller_off": dict(CLIP, use_controller=False),
+    "controller_frozen": dict(CLIP, learn_controller=False),
+    "other_hyperparameters": dict(betas=(0.8, 0.99), eps=1e-6, signal_ema=0.5, controller_hidden=8, trace_decay=0.5,
+                                  controller_lr=3e-3),
+}
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 6, generator=g)
+    y = torch.sin(X @ torch.randn(6, 1, generator=g)) + 0.1 * torch.randn(512, 1, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    return X, y, model, g
+
+
+def _groups(model, grouped):
+    if not grouped:
+        return list(model.parameters())
+    return [{"params": [p for p in model.parameters() if p.dim() == 2], "lr": 0.01, "weight_decay": 0.05},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "lr": 0.05}]
+
+
+def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
+    """Yield (step, fast params, reference params, fast summary, reference summary) after every step."""
+    kw = {k: v for k, v in config.items() if not k.startswith("_")}
+    X, y, model, g = _problem()
+    ref_model = copy.deepcopy(model)
+    torch.manual_seed(1)  # same controller initialisation in both
+    fast = HybridOptimizer(_groups(model, config.get("_groups")), **kw)
+    torch.manual_seed(1)
+    ref = ReferenceHybrid(_groups(ref_model, config.get("_groups")), **kw)
+    if break_fast:
+        break_fast(fast)
+    sched = torch.optim.lr_scheduler.LambdaLR(fast, [lambda s: 1 - s / 400, lambda s: 0.5 + 0.5 * math.cos(s / 50)]) \
+        if config.get("_groups") else None
+    for step in range(steps):
+        idx = torch.randint(0, 512, (32,), generator=g)
+        fast.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(X[idx]), y[idx])
+        loss.backward()
+        if config.get("_nan") and step in (40, 41, 90):
+            model[0].weight.grad[0, 0] = float("nan")
+        loss_value = float("inf") if config.get("_nan") and step == 120 else loss.item()
+        for p, q in zip(model.parameters(), ref_model.parameters()):  # identical gradients
+            q.grad = p.grad.clone()
+        for rg, fg in zip(ref.param_groups, fast.param_groups):  # identical scheduled learning rates
+            rg["lr"] = fg["lr"]
+        if config.get("_clusters"):
+            fast.set_cluster(step % 5 if step % 5 < 4 else None)
+            ref.set_cluster(step % 5 if step % 5 < 4 else None)
+        fast.step() if config.get("_no_loss") else fast.step(loss=loss_value)
+        ref.step() if config.get("_no_loss") else ref.step(loss=loss_value)
+        if sched:
+            sched.step()
+        yield step, list(model.parameters()), list(ref_model.parameters()), fast.summary(), ref.summary()
+
+
+@pytest.fixture
+def default_dtype(request):
+    """Run in the requested default dtype (model, data and controller), then restore it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(request.param)
+    yield request.param
+    torch.set_default_dtype(before)
+
+
+# float64: the two differ only by rounding (~1e-15), so the tolerance is tight. float32: rounding differences of the
+# two formulas (lerp vs weighted sum, sqrt(mean) vs sqrt(sum / n)) feed back through the controller and grow to
+# ~1e-5 relative over 200 steps, hence the looser float32 tolerance.
+TOLERANCE = {torch.float64: dict(rtol=1e-8, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float64, torch.float32], indirect=True, ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fast_matches_reference(name, default_dtype):
+    tol = TOLERANCE[default_dtype]
+    clipped = 0
+    for step, fast_params, ref_params, s_fast, s_ref in run_fast_and_reference(CONFIGS[name]):
+        for p, q in zip(fast_params, ref_params):
+            assert torch.allclose(p, q, **tol), (name, step, (p - q).abs().max().item())
+        assert s_fast["clipped"] == s_ref["clipped"] and s_fast["skipped_steps"] == s_ref["skipped_steps"], (name, step)
+        for key in ("trust_radius", "lr_multiplier", "avg_lr_multiplier"):
+            assert s_fast[key] == pytest.approx(s_ref[key], rel=tol["rtol"]), (name, step, key)
+        clipped += s_fast["clipped"]
+    # The configurations really exercise what they are named for.
+    assert s_fast["total_steps"] == STEPS - (4 if CONFIGS[name].get("_nan") else 0)
+    if "clip" in name:
+        assert clipped > 20, clipped
+    if CONFIGS[name].get("use_controller", True) and CONFIGS[name].get("learn_controller", True):
+        # (a run clipped at every step trains only the radius head, so the lr multiplier may stay at 1)
+        assert s_fast["lr_multiplier"] != 1.0 or s_fast["trust_radius"] != CONFIGS[name].get("trust_radius", 0.1)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float64], indirect=True)
+def test_reference_catches_a_broken_fast_optimizer(default_dtype):
+    """A slightly wrong beta2 in the fast optimizer is caught by the comparison within 20 steps."""
+    def break_fast(opt):
+        for group in opt.param_groups:
+            group["betas"] = (group["betas"][0], group["betas"][1] - 1e-3)
+
+    with pytest.raises(AssertionError):
+        for _, fast_params, ref_params, _, _ in run_fast_and_reference(CONFIGS["adam_global"], 20, break_fast):
+            for p, q in zip(fast_params, ref_params):
+                assert torch.allclose(p, q, **TOLERANCE[default_dtype])
