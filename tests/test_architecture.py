@@ -19,7 +19,7 @@ LAYERS = {
     1: {"dataset", "data", "modeling", "evaluation", "hybrid_optimizer", "manager", "qat", "sampler", "export",
         "precision_plan", "data_clusters", "quant_report", "generate", "layout"},
     2: {"training", "teacher"},
-    3: {"recipes", "recipes.distill", "recipes.export_student"},
+    3: {"recipes", "recipes.distill", "recipes.export_student", "recipes.teacher"},
     4: {"cli", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

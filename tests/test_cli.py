@@ -109,7 +109,7 @@ def test_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hybridopt", "distill", "--data", str(tmp_path / "x.txt")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"hybridopt: error: --data path '{tmp_path / 'x.txt'}' does not exist"
+    assert proc.stderr.strip() == f"hybridopt: error: --data: path '{tmp_path / 'x.txt'}' does not exist"
 
 
 def test_hybrid_prints_trust_radius_and_the_summary_block(tiny_teacher, corpus_file, tmp_path, capsys):

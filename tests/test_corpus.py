@@ -5,7 +5,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from hybridopt.corpus import Document, embedded_corpus, load_documents, split_documents
-from hybridopt.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def test_split_is_document_level_and_stable(embedded):
 
 
 def test_split_needs_two_documents():
-    with pytest.raises(UserError, match="at least 2"):
+    with pytest.raises(ValueError, match="at least 2"):
         split_documents([Document("a", "x")], 0.05)
     train, val = split_documents([Document("a", "x"), Document("b", "y")], 0.05)
     assert len(train) == len(val) == 1
@@ -76,20 +75,20 @@ def test_reads_txt_jsonl_parquet_and_folders(tmp_path):
 def test_bad_files_raise_one_clear_sentence(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(UserError, match=message) as e:
+    with pytest.raises(ValueError, match=message) as e:
         load_documents([str(path)])
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_parquet_without_text_column(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "x.parquet")
-    with pytest.raises(UserError, match="no 'text' column"):
+    with pytest.raises(ValueError, match="no 'text' column"):
         load_documents([str(tmp_path / "x.parquet")])
 
 
 def test_missing_path_and_empty_folder(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         load_documents([str(tmp_path / "nope.txt")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="holds no"):
+    with pytest.raises(ValueError, match="holds no"):
         load_documents([str(tmp_path / "empty")])

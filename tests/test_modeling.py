@@ -9,7 +9,6 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from conftest import tiny_distill_args
 from hybridopt.cli import main
 from hybridopt.config import StudentConfig
-from hybridopt.errors import UserError
 from hybridopt.modeling import build_model, context_length, load_teacher, student_config, vocab_size
 
 
@@ -53,5 +52,5 @@ def test_student_shares_teacher_vocab_and_seed_fixes_init(tiny_teacher):
 def test_bad_teacher_folder(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         load_teacher(tmp_path, torch.device("cpu"))

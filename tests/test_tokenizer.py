@@ -1,6 +1,5 @@
 import pytest
 
-from hybridopt.errors import UserError
 from hybridopt.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 20, "def f(x):\n    return x ** 2  # square\n" * 20]
@@ -30,5 +29,5 @@ def test_saved_tokenizer_loads_back(tmp_path):
 
 def test_folder_without_tokenizer_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(UserError, match="has no tokenizer"):
+    with pytest.raises(ValueError, match="has no tokenizer"):
         load_tokenizer(tmp_path)

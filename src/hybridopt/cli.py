@@ -17,7 +17,7 @@ from dataclasses import MISSING, fields
 
 from hybridopt import __version__
 from hybridopt.config import DistillConfig, ExportConfig, GenerateConfig, InspectConfig, TeacherConfig, default_teacher_config
-from hybridopt.errors import UserError
+from hybridopt.errors import UserError, for_flag
 
 
 _PATH_FIELDS = frozenset({"teacher", "data", "out", "resume", "metrics_out"})
@@ -109,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
             run_distill(DistillConfig(**values))
         elif args.command == "teacher":
-            from hybridopt.teacher import train_teacher
+            from hybridopt.recipes.teacher import run_teacher
 
-            cfg = TeacherConfig(**values)
-            train_teacher(cfg, cfg.out)
+            run_teacher(TeacherConfig(**values))
         elif args.command == "export":
             from hybridopt.recipes.export_student import export_student
 
@@ -140,7 +139,10 @@ def _generate(cfg: GenerateConfig) -> None:
     from hybridopt.generate import generate_text, load_model
     from hybridopt.utils import resolve_device
 
-    model, tokenizer, what = load_model(cfg.model, resolve_device(cfg.device))
+    with for_flag("--device"):
+        device = resolve_device(cfg.device)
+    with for_flag("--model"):
+        model, tokenizer, what = load_model(cfg.model, device)
     print(f"[{what}]", file=sys.stderr)
     print(generate_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed))
 

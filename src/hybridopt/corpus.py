@@ -21,7 +21,6 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybridopt.errors import UserError
 
 # Folders of the standard library whose docstrings are tests, demos or vendored copies.
 _SKIP_DIRS = frozenset(
@@ -93,7 +92,7 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
         h = int.from_bytes(hashlib.sha1(doc.id.encode()).digest()[:8], "big") / 2**64
         (val if h < val_fraction else train).append(doc)
     if len(docs) < 2:
-        raise UserError(
+        raise ValueError(
             f"the corpus has {len(docs)} document(s); at least 2 are needed to hold one out for "
             "validation, add more text"
         )
@@ -108,26 +107,26 @@ def load_documents(paths: list[str]) -> list[Document]:
     """Read local `.txt`, `.jsonl` (a `text` field per line) and `.parquet` (a `text` column) files.
 
     Directories are searched recursively for those suffixes. Every user error (missing path,
-    binary or non-UTF-8 file, no text) raises `UserError` naming the file.
+    binary or non-UTF-8 file, no text) raises `ValueError` naming the file.
     """
     files: list[Path] = []
     roots: list[Path] = []  # what each argument names: the folder itself, or the file's folder
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
-            raise UserError(f"--data path '{raw}' does not exist")
+            raise ValueError(f"path '{raw}' does not exist")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
             if not found:
-                raise UserError(f"--data directory '{raw}' holds no {', '.join(SUPPORTED_SUFFIXES)} files")
+                raise ValueError(f"directory '{raw}' holds no {', '.join(SUPPORTED_SUFFIXES)} files")
             files.extend(found)
             roots.append(path)
         elif path.suffix.lower() in SUPPORTED_SUFFIXES:
             files.append(path)
             roots.append(path.parent)
         else:
-            raise UserError(
-                f"--data file '{raw}' has an unsupported suffix; use {', '.join(SUPPORTED_SUFFIXES)}"
+            raise ValueError(
+                f"file '{raw}' has an unsupported suffix; use {', '.join(SUPPORTED_SUFFIXES)}"
             )
     # Ids name each file relative to the arguments' common folder, not where it lies: the same files
     # give the same train/validation split from any folder or machine, and files of the same name given
@@ -144,7 +143,7 @@ def load_documents(paths: list[str]) -> list[Document]:
         else:
             new = _read_parquet(path)
         if not new:
-            raise UserError(f"--data file '{path}' contains no text")
+            raise ValueError(f"file '{path}' contains no text")
         docs.extend(Document(name + d.id[len(str(path)):], d.text) for d in new)
     return docs
 
@@ -153,17 +152,17 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read --data file '{path}': {e.strerror}") from None
+        raise ValueError(f"cannot read file '{path}': {e.strerror}") from None
 
 
 def _decode(path: Path, data: bytes) -> str:
     if b"\x00" in data[:65536]:
-        raise UserError(f"--data file '{path}' looks binary (it contains NUL bytes); pass a text file")
+        raise ValueError(f"file '{path}' looks binary (it contains NUL bytes); pass a text file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(
-            f"--data file '{path}' is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+        raise ValueError(
+            f"file '{path}' is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
             "convert it, e.g. with iconv -t UTF-8"
         ) from None
 
@@ -194,9 +193,9 @@ def _read_jsonl(path: Path) -> list[Document]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"--data file '{path}' line {lineno} is not valid JSON ({e.msg})") from None
+            raise ValueError(f"file '{path}' line {lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f"--data file '{path}' line {lineno} has no string field 'text'")
+            raise ValueError(f"file '{path}' line {lineno} has no string field 'text'")
         if record["text"].strip():
             docs.append(Document(f"{path}:{lineno}", record["text"].strip()))
     return docs
@@ -209,12 +208,12 @@ def _read_parquet(path: Path) -> list[Document]:
     try:
         schema = pq.read_schema(path)
         if "text" not in schema.names:
-            raise UserError(f"--data file '{path}' has no 'text' column (columns: {', '.join(schema.names)})")
+            raise ValueError(f"file '{path}' has no 'text' column (columns: {', '.join(schema.names)})")
         column = pq.read_table(path, columns=["text"]).column("text")
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"--data file '{path}' is not a readable Parquet file ({e})") from None
+        raise ValueError(f"file '{path}' is not a readable Parquet file ({e})") from None
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise UserError(f"--data file '{path}' column 'text' holds {column.type}, not strings")
+        raise ValueError(f"file '{path}' column 'text' holds {column.type}, not strings")
     return [
         Document(f"{path}@{i}", t.strip()) for i, t in enumerate(column.to_pylist()) if t and t.strip()
     ]

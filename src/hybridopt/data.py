@@ -27,9 +27,16 @@ def embedded_corpus_cached() -> list[Document]:
 
 
 def corpus_documents(data: list[str]) -> tuple[list[Document], str]:
-    """The user's files when given, else the embedded corpus; with a short description."""
+    """The user's files when given, else the embedded corpus; with a short description.
+
+    Raises:
+        ValueError: a file is missing, unreadable, binary, not UTF-8 or empty, or there are fewer than 2 documents.
+    """
     if data:
         docs = load_documents(data)
+        if len(docs) < 2:
+            raise ValueError(f"the corpus has {len(docs)} document(s); at least 2 are needed to hold one out "
+                             "for validation, add more text")
         return docs, f"{len(docs)} documents from {len(data)} path(s)"
     docs = embedded_corpus_cached()
     return docs, f"embedded Python-docs corpus, {len(docs)} documents"
@@ -37,7 +44,11 @@ def corpus_documents(data: list[str]) -> tuple[list[Document], str]:
 
 def token_splits(docs: list[Document], tokenizer: PreTrainedTokenizerBase, seq_len: int,
                  val_fraction: float) -> tuple[TokenBlocks, TokenBlocks]:
-    """Document-level split, tokenized (cached by content hash) and cut into blocks of `seq_len`."""
+    """Document-level split, tokenized (cached by content hash) and cut into blocks of `seq_len`.
+
+    Raises:
+        NotEnoughTokens: a split is shorter than one block.
+    """
     train_docs, val_docs = split_documents(docs, val_fraction)
     cache = cache_dir() / "tokens"
     train = cached_token_stream(train_docs, tokenizer, cache, "tokenizing train split")

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from hybridopt.corpus import Document
-from hybridopt.errors import UserError
 
 
 def tokenize_documents(
@@ -57,6 +56,10 @@ def cached_token_stream(
     return tokens
 
 
+class NotEnoughTokens(ValueError):
+    """A split holds fewer tokens than one block."""
+
+
 class TokenBlocks(Dataset):
     """Fixed-length `(input_ids, labels)` blocks over a token stream.
 
@@ -72,9 +75,9 @@ class TokenBlocks(Dataset):
         self.seq_len = seq_len
         self.num_blocks = (len(stream) - 1) // seq_len
         if self.num_blocks < 1:
-            raise UserError(
-                f"the {split} split has {len(stream)} tokens, fewer than one sequence of --seq_len {seq_len} "
-                "plus one; add text or lower --seq_len"
+            raise NotEnoughTokens(
+                f"the {split} split has {len(stream)} tokens, fewer than one sequence of {seq_len} tokens "
+                "plus one; add text or use shorter sequences"
             )
 
     def __len__(self) -> int:

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from hybridopt.errors import UserError
 from hybridopt.export import PACKED_NAME, load_packed
 from hybridopt.layout import RunLayout
 from hybridopt.tokenizer import load_tokenizer
@@ -17,12 +16,12 @@ def resolve_model_dir(path: str | Path) -> Path:
     """A run folder means its packed export if there is one, else its full-precision student."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"--model '{path}' is not a directory")
+        raise ValueError(f"'{path}' is not a directory")
     run = RunLayout(path)
     for candidate in (path, run.export, run.student):
         if (candidate / PACKED_NAME).is_file() or (candidate / "config.json").is_file():
             return candidate
-    raise UserError(f"--model '{path}' holds no model ({PACKED_NAME} or config.json)")
+    raise ValueError(f"'{path}' holds no model ({PACKED_NAME} or config.json)")
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
@@ -34,7 +33,7 @@ def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for broken folders
-        raise UserError(f"cannot load the model in '{folder}': {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot load the model in '{folder}': {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer, f"full-precision model {folder}"
 
 

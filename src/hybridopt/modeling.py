@@ -8,7 +8,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from hybridopt.config import StudentConfig, TeacherConfig
-from hybridopt.errors import UserError
 from hybridopt.tokenizer import load_tokenizer
 
 
@@ -30,19 +29,19 @@ def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
     """Load a local causal LM and its tokenizer, frozen and in eval mode.
 
     Raises:
-        UserError: the folder is missing, has no config or weights, or has no tokenizer.
+        ValueError: the folder is missing, has no config or weights, or has no tokenizer.
     """
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise UserError(f"--teacher '{path}' is not a directory; pass a local Hugging Face model folder")
+        raise ValueError(f"'{path}' is not a directory; pass a local Hugging Face model folder")
     if not (path / "config.json").is_file():
-        raise UserError(f"--teacher '{path}' has no config.json; save the model there with save_pretrained")
+        raise ValueError(f"'{path}' has no config.json; save the model there with save_pretrained")
     tokenizer = load_tokenizer(path)
     try:
         AutoConfig.from_pretrained(str(path), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for broken folders
-        raise UserError(f"cannot load the teacher in '{path}': {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot load the model in '{path}': {str(e).splitlines()[0]}") from None
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer
 

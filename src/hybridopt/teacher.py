@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
 from hybridopt.config import TeacherConfig, default_teacher_config
-from hybridopt.corpus import corpus_fingerprint, split_documents
+from hybridopt.corpus import Document, corpus_fingerprint, split_documents
 from hybridopt.modeling import build_model, num_parameters, teacher_llama_config
 from hybridopt.data import corpus_documents, token_splits
 from hybridopt.reporting import Reporter
@@ -43,17 +43,27 @@ def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
     return cache_dir() / "teachers" / f"teacher-{fingerprint[:8]}-{cfg_hash}"
 
 
-def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporter | None = None) -> Path:
+def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporter | None = None,
+                  documents: tuple[list[Document], str] | None = None) -> Path:
     """Train a tokenizer and teacher; save both in Hugging Face format to `out`.
 
     Work happens in `<out>.partial/`, which holds a checkpoint: an interrupted run resumes there,
     and `out` appears (by rename) only when the teacher is complete.
 
+    Args:
+        cfg: the teacher's settings.
+        out: where the teacher goes (default: its cache entry).
+        reporter: where the lines go.
+        documents: `(documents, description)` already read from `cfg.data` (default: read them here).
+
     Returns:
         The teacher directory.
+
+    Raises:
+        ValueError: the data is unusable (see `corpus_documents`); `NotEnoughTokens` for too little text.
     """
     reporter = reporter or Reporter()
-    docs, desc = corpus_documents(cfg.data)
+    docs, desc = documents or corpus_documents(cfg.data)
     fingerprint = corpus_fingerprint(docs)
     out = Path(out) if out else teacher_cache_path(cfg, fingerprint)
     work = out.with_name(out.name + ".partial")
@@ -68,9 +78,9 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
     tokenizer.save_pretrained(work)
     train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
     model = build_model(teacher_llama_config(cfg, tokenizer), cfg.seed).to(device)
-    reporter.line(f"Teacher: Llama, {num_parameters(model) / 1e6:.2f}M parameters, {cfg.layers} layers x {cfg.hidden} hidden; "
-          f"{train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens"
-          + (f"; resuming from {work}" if resume else ""))
+    reporter.line(f"Teacher: Llama, {num_parameters(model) / 1e6:.2f}M parameters, {cfg.layers} layers x {cfg.hidden} "
+                  f"hidden; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens"
+                  + (f"; resuming from {work}" if resume else ""))
     trainer = Trainer(cfg, model, train, val, work, device, name="teacher", config_dict=asdict(cfg), reporter=reporter)
     trainer.setup(resume=resume)
     trainer.train()

@@ -8,7 +8,6 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from hybridopt.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
 # Files from which `AutoTokenizer` can build a tokenizer; a teacher folder needs one of them.
@@ -46,11 +45,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load the tokenizer saved beside a teacher, or say clearly that there is none."""
     path = Path(path)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise UserError(
-            f"teacher directory '{path}' has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+        raise ValueError(
+            f"'{path}' has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
             "save it there with tokenizer.save_pretrained"
         )
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken tokenizer folder
-        raise UserError(f"cannot load the tokenizer in '{path}': {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot load the tokenizer in '{path}': {str(e).splitlines()[0]}") from None

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybridopt.errors import UserError
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -32,11 +31,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
+        raise ValueError(f"{name} was asked for but no CUDA device is available; use cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or auto") from None
+        raise ValueError(f"{name!r} is not a device; use cpu, cuda or auto") from None
 
 
 def cache_dir() -> Path:

@@ -2,5 +2,6 @@
 `recipes.distill.run_distill`); everything they use lives in the library below.
 
 * `distill.py`: `hybridopt distill` (`DistillRecipe`, `run_distill`).
+* `teacher.py`: `hybridopt teacher`.
 * `export_student.py`: `hybridopt export`.
 """

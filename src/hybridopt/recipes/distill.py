@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
 from hybridopt.config import DistillConfig
 from hybridopt.data import corpus_documents, token_splits
 from hybridopt.data_clusters import DataClusters, cluster_data, format_cluster_report
-from hybridopt.dataset import TokenBlocks
-from hybridopt.errors import UserError
+from hybridopt.dataset import NotEnoughTokens, TokenBlocks
+from hybridopt.errors import UserError, for_flag
 from hybridopt.evaluation import evaluate_lm
 from hybridopt.export import export_packed
 from hybridopt.hybrid_optimizer import HybridOptimizer
@@ -42,15 +41,6 @@ from hybridopt.reporting import Reporter
 from hybridopt.teacher import ensure_default_teacher
 from hybridopt.training import Trainer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
-
-
-@contextmanager
-def flag(name: str):
-    """Turn the library's ValueError about a value the flag `name` set into a one-line user error."""
-    try:
-        yield
-    except ValueError as e:
-        raise UserError(f"{name}: {e}") from None
 
 
 def quant_config(cfg: DistillConfig) -> QATConfig | None:
@@ -130,45 +120,18 @@ class DistillRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Resolve the run folder, load the teacher and data, build the student and its training loop."""
-        out, resuming, cfg = resolve_run(self.cfg)
-        self.cfg = cfg
-        say = self.reporter.line
-        device = resolve_device(cfg.device)
+        out, resuming, self.cfg = resolve_run(self.cfg)
+        cfg, say = self.cfg, self.reporter.line
+        with for_flag("--device"):
+            device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
-        # Cheap checks of user input first, before any long work (the default teacher trains for minutes).
-        if cfg.teacher:
-            self.teacher_dir = Path(cfg.teacher)
-            self.teacher, tokenizer = load_teacher(self.teacher_dir, device)
-        docs, desc = corpus_documents(cfg.data)
-        if not cfg.teacher:
-            self.teacher_dir = ensure_default_teacher(self.reporter)
-            self.teacher, tokenizer = load_teacher(self.teacher_dir, device)
-        ctx = context_length(self.teacher.config)
-        if ctx is not None and cfg.seq_len > ctx:
-            raise UserError(f"--seq_len {cfg.seq_len} exceeds the teacher's context length {ctx}; "
-                            f"use --seq_len {ctx} or less")
-
-        train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
-        if len(train) < cfg.batch_size:
-            raise UserError(f"the training split has {len(train)} sequences, fewer than --batch_size "
-                            f"{cfg.batch_size}; add text or lower --batch_size or --seq_len")
+        tokenizer, train, val, desc = self._setup_teacher_and_data(device)
         layout = RunLayout(out)
         out.mkdir(parents=True, exist_ok=True)
         config_dict = {**asdict(cfg), "resume": None, "out": str(out), "teacher_path": str(self.teacher_dir)}
         if not resuming:
             atomic_write(layout.config, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
-
-        s_config = student_config(self.teacher.config, vocab_size(self.teacher), cfg, tokenizer,
-                                  max_positions=ctx or cfg.seq_len)
-        self.student = build_model(s_config, cfg.seed).to(device)
-        quant = quant_config(cfg)
-        if quant:  # PTQ and plans quantize after training starts: find bad sizes now, not after training
-            with flag("--group_size"):
-                check_group_size(self.student, quant)
-            n_layers = len(quantizable_linears(self.student, quant.include_head))
-            if cfg.param_clusters and cfg.param_clusters > n_layers:
-                raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {n_layers} quantized layers; "
-                                f"ask for at most {n_layers}")
+        s_config, quant = self._setup_student(tokenizer, device)
         say(f"Teacher: {self.teacher_dir} ({num_parameters(self.teacher) / 1e6:.2f}M parameters)")
         say(f"Student: Llama, {num_parameters(self.student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
             f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")
@@ -176,7 +139,7 @@ class DistillRecipe:
             f"sequences of {cfg.seq_len}")
         clusters = None
         if cfg.data_clusters:
-            with flag("--data_clusters"):
+            with for_flag("--data_clusters"):
                 clusters = cluster_data(self.teacher, train, val, cfg.data_clusters, cfg.seed, cfg.batch_size,
                                         device, cache_dir() / "clusters")
         self.data = RunData(layout, resuming, device, tokenizer, train, val, clusters, s_config, quant, config_dict)
@@ -193,6 +156,49 @@ class DistillRecipe:
         self._build_trainer()
         say(f"Distilling: {cfg.epochs} epochs x {self.trainer.steps_per_epoch} steps, batch {cfg.batch_size}, "
             f"alpha {cfg.alpha}, temperature {cfg.temperature}")
+
+    def _setup_teacher_and_data(self, device: torch.device) -> tuple[PreTrainedTokenizerBase, TokenBlocks, TokenBlocks, str]:
+        """The teacher (`--teacher`, or the default one, trained on first use) and the token blocks of the
+        corpus in its tokenizer. Cheap checks of user input come first: the default teacher trains for minutes."""
+        cfg = self.cfg
+        if cfg.teacher:
+            self.teacher_dir = Path(cfg.teacher)
+            with for_flag("--teacher"):
+                self.teacher, tokenizer = load_teacher(self.teacher_dir, device)
+        with for_flag("--data"):
+            docs, desc = corpus_documents(cfg.data)
+        if not cfg.teacher:
+            self.teacher_dir = ensure_default_teacher(self.reporter)
+            self.teacher, tokenizer = load_teacher(self.teacher_dir, device)
+        ctx = context_length(self.teacher.config)
+        if ctx is not None and cfg.seq_len > ctx:
+            raise UserError(f"--seq_len {cfg.seq_len} exceeds the teacher's context length {ctx}; "
+                            f"use --seq_len {ctx} or less")
+        with for_flag("--seq_len", NotEnoughTokens):
+            train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
+        if len(train) < cfg.batch_size:
+            raise UserError(f"the training split has {len(train)} sequences, fewer than --batch_size "
+                            f"{cfg.batch_size}; add text or lower --batch_size or --seq_len")
+        return tokenizer, train, val, desc
+
+    def _setup_student(self, tokenizer: PreTrainedTokenizerBase,
+                       device: torch.device) -> tuple[LlamaConfig, QATConfig | None]:
+        """The student (sharing the teacher's vocabulary) and the quantization the flags ask for, checked
+        against its shapes now: PTQ and precision plans quantize only after training."""
+        cfg = self.cfg
+        ctx = context_length(self.teacher.config)
+        s_config = student_config(self.teacher.config, vocab_size(self.teacher), cfg, tokenizer,
+                                  max_positions=ctx or cfg.seq_len)
+        self.student = build_model(s_config, cfg.seed).to(device)
+        quant = quant_config(cfg)
+        if quant:
+            with for_flag("--group_size"):
+                check_group_size(self.student, quant)
+            n_layers = len(quantizable_linears(self.student, quant.include_head))
+            if cfg.param_clusters and cfg.param_clusters > n_layers:
+                raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {n_layers} quantized layers; "
+                                f"ask for at most {n_layers}")
+        return s_config, quant
 
     def _build_trainer(self) -> None:
         cfg, d = self.cfg, self.data
@@ -252,7 +258,7 @@ class DistillRecipe:
         batches = calibration_batches(len(self.data.train), cfg.batch_size, cfg.calibration_batches, cfg.seed)
         names = quantizable_linears(self.student, quant.include_head)
         # Calibration batches are drawn uniformly, so the plain objective (no sampler importance weights).
-        with flag("--param_clusters/--avg_bits"):
+        with for_flag("--param_clusters/--avg_bits"):
             self.plan = plan_for_model(self.student, names, batches,
                                        lambda b: trainer.batch_loss(b, weighted=False)[0], quant.bits,
                                        quant.group_size, cfg.param_clusters, cfg.avg_bits, cfg.seed,
@@ -265,7 +271,7 @@ class DistillRecipe:
 
     def _quantize(self, quant: QATConfig, announce: str | None = None) -> None:
         """Swap the student's linears for QAT layers; print "Replaced N Linear modules" when `announce` is set."""
-        with flag("--group_size"):
+        with for_flag("--group_size"):
             names = quantize_(self.student, quant)
         if announce:
             self.reporter.line(f"Replaced {len(names)} Linear modules with QATLinear ({quant.describe()}; {announce})")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from hybridopt.config import DistillConfig, ExportConfig
-from hybridopt.errors import UserError
+from hybridopt.errors import UserError, for_flag
 from hybridopt.export import export_packed
 from hybridopt.generate import load_model
 from hybridopt.layout import RunLayout
@@ -44,11 +44,10 @@ def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
             quant = replace(quant, layer_bits=plan.layer_bits)
         else:
             reporter.line(f"--bits {cfg.bits:g}: every layer at that width, not the run's precision plan ({run.plan})")
-    model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
-    try:
+    with for_flag("--model"):
+        model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
+    with for_flag("--group_size"):
         names = quantize_(model, quant)
-    except ValueError as e:
-        raise UserError(f"--group_size: {e}") from None
     out = Path(cfg.out) if cfg.out else (run.export if saved else src.with_name(src.name + "-packed"))
     path = export_packed(model, out, tokenizer, getattr(torch, cfg.export_dtype), plan)
     report = quantization_report(model, fp_dir, out, None, 1, torch.device("cpu"),

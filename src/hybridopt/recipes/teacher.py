@@ -1,0 +1,24 @@
+"""`hybridopt teacher`: train a small Llama teacher (and its tokenizer) from scratch on your data or the
+embedded corpus. The work is `hybridopt.teacher.train_teacher`; this recipe names the flags in errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hybridopt.config import TeacherConfig
+from hybridopt.data import corpus_documents
+from hybridopt.dataset import NotEnoughTokens
+from hybridopt.errors import for_flag
+from hybridopt.reporting import Reporter
+from hybridopt.teacher import train_teacher
+from hybridopt.utils import resolve_device
+
+
+def run_teacher(cfg: TeacherConfig, reporter: Reporter | None = None) -> Path:
+    """Train the teacher `cfg` describes into `cfg.out` (default: the cache entry `distill` uses)."""
+    with for_flag("--device"):
+        resolve_device(cfg.device)
+    with for_flag("--data"):
+        documents = corpus_documents(cfg.data)
+    with for_flag("--seq_len", NotEnoughTokens):
+        return train_teacher(cfg, cfg.out, reporter, documents)
