@@ -92,3 +92,18 @@ def test_resume_refuses_changed_data(tiny_teacher, corpus_file, tmp_path):
     with pytest.raises(UserError, match="tokens differ from this run's"):
         run_distill(DistillConfig(resume=str(out)))
     assert (out / "checkpoint.pt").exists()  # nothing already written is lost
+
+
+def test_resume_refuses_an_optimizer_state_it_cannot_read(tiny_teacher, corpus_file, tmp_path):
+    """A hybrid checkpoint from before the optimizer's state format changed: one sentence, nothing lost."""
+    import torch
+
+    out = tmp_path / "run"
+    run_distill(_cfg(tiny_teacher, corpus_file, out, baseline=False, save_metrics=False, hybrid=True),
+                stop_after_epoch=1)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["optimizer"].pop("hybrid")
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(UserError, match="its optimizer state does not fit this optimizer"):
+        run_distill(DistillConfig(resume=str(out)))
+    assert (out / "checkpoint.pt").exists()

@@ -123,7 +123,11 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError) as e:  # another optimizer, or its state from an older hybridopt
+            raise UserError(f"cannot resume '{self.out_dir}': its optimizer state does not fit this optimizer "
+                            f"({type(e).__name__}: {e}); it was written by another version; start a new run") from None
         self.scheduler.load_state_dict(state["scheduler"])
         pos = state["position"]
         self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
