@@ -26,8 +26,8 @@ Stochastic Meta-Optimization"):
   h_t = \beta_h h_{t-1} + (1 - \beta_h) \cos(g_t, s_{t-1}) with \beta_h = `signal_ema`;
 * an optional trace of recent updates, s_t = \gamma s_{t-1} + \Delta\theta_t (`trace_decay`), credits a
   learning rate shared by the last ~1/(1-\gamma) steps instead of the last step alone (\gamma = 0 is
-  Baydin's rule, s_t = \Delta\theta_t). The default is \gamma = 0: on the README's distillation run the
-  trace did not help (the measured comparison is in the README), so it stays available for longer runs.
+  Baydin's rule, s_t = \Delta\theta_t). The default is \gamma = 0: on the default distillation run the
+  trace did not help (the measured comparison is in docs/RESULTS.md), so it stays available for longer runs.
 
 The controller takes one Adam step (`controller_lr`) on the surrogate h_t a_{t-1,k}(x_{t-1}) plus a
 quadratic pull back inside the clamp bounds, where x_{t-1} are the features it saw at the last update.
