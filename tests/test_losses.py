@@ -63,3 +63,57 @@ def test_gradient_flows_to_student_only():
     kd_loss(s, y, t.detach(), alpha=0.5, temperature=2.0)[0].backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
+
+
+# --------------------------------------------------------------------------- top-k (cached) teacher targets
+from hybridopt.losses import TopKTargets, topk_kl  # noqa: E402
+
+
+def _topk(teacher, k, T):
+    """Top-k ids and exact log-probabilities at temperature T, as the teacher-logit cache stores them."""
+    logp = F.log_softmax(teacher / T, dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    return TopKTargets(ids, values)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_topk_with_k_equal_to_the_vocabulary_is_the_dense_loss(weighted):
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 4, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 4, 9, generator=g, dtype=torch.float64)
+    y = torch.tensor([[1, 4, IGNORE_INDEX, 0], [0, 2, 3, 8], [5, 5, 6, IGNORE_INDEX]])
+    w = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64) if weighted else None
+    dense, dense_parts = kd_loss(s, y, t, alpha=0.3, temperature=2.0, weights=w)
+    sparse, sparse_parts = kd_loss(s, y, None, alpha=0.3, temperature=2.0, weights=w, teacher_topk=_topk(t, 9, 2.0))
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-10)
+    assert sparse_parts["kl"].item() == pytest.approx(dense_parts["kl"].item(), rel=1e-10)
+    (g_dense,) = torch.autograd.grad(dense, s)
+    (g_sparse,) = torch.autograd.grad(sparse, s)
+    assert torch.isfinite(g_sparse).all()  # the empty tail bucket has no NaN gradient
+    assert torch.allclose(g_sparse, g_dense, rtol=1e-9, atol=1e-12)
+
+
+def test_topk_kl_is_the_kl_of_the_coarsened_distributions():
+    """Hand computation: K plus one bucket; between 0 and the full KL."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    t = torch.randn(5, 12, generator=g, dtype=torch.float64) * 3
+    T = 1.5
+    targets = _topk(t, 4, T)
+    got = topk_kl(s, targets, T)
+    p, q = F.softmax(t / T, -1), F.softmax(s / T, -1)
+    full = (p * (p.log() - q.log())).sum(-1)
+    for n in range(5):
+        top = targets.ids[n].tolist()
+        rest = [j for j in range(12) if j not in top]
+        pk, qk = p[n, top], q[n, top]
+        pt, qt = p[n, rest].sum(), q[n, rest].sum()
+        want = float((pk * (pk.log() - qk.log())).sum() + pt * (pt.log() - qt.log()))
+        assert got[n].item() == pytest.approx(want, rel=1e-9)
+    assert (got >= -1e-12).all() and (got <= full + 1e-12).all()
+    assert (got < full).any()  # coarsening loses information: strictly below for some token
+
+
+def test_topk_kl_is_zero_for_the_teacher_itself():
+    t = torch.randn(6, 10, dtype=torch.float64)
+    assert topk_kl(t.clone(), _topk(t, 3, 2.0), 2.0).abs().max().item() < 1e-12
