@@ -1,5 +1,6 @@
 """The docs run: every code block of README.md and docs/*.md is executed (tests/docs_runner.py says how)."""
 
+import ast
 import re
 
 import pytest
@@ -70,3 +71,32 @@ def test_commands_split_like_a_shell():
                               '  --epochs 20   # a comment\nhybridopt generate --prompt "The with statement"\n')
     assert docs_runner.commands(block) == [["rm", "-rf", "~/.cache/hybridopt"], ["time", "hybridopt", "distill", "--epochs", "20"],
                                            ["hybridopt", "generate", "--prompt", "The with statement"]]
+
+
+def _message_pieces() -> list[str]:
+    """The literal text of every string in the package, f-strings cut at their fields."""
+    pieces = []
+    for path in (ROOT / "src" / "hybridopt").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                pieces.append(node.value)
+            elif isinstance(node, ast.JoinedStr):
+                pieces += [v.value for v in node.values if isinstance(v, ast.Constant)]
+    return pieces
+
+
+def test_the_troubleshooting_messages_are_the_codes():
+    """Each message the GUIDE's troubleshooting table quotes is still what the code says."""
+    text = GUIDE.read_text()
+    rows = [r for r in text[text.index("## Troubleshooting"):].splitlines() if r.startswith("| `")]
+    code = _message_pieces()
+    checked = 0
+    for row in rows:
+        for quoted in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            quoted = re.sub(r"^(warning: |--[\w/]+: )", "", quoted)  # added by Reporter.warn and errors.for_flag
+            for piece in re.split(r"<[^>]+>|\b[A-Z]\b", quoted):  # <value> and single capitals are values
+                piece = piece.strip(" ,;:'/")
+                if len(piece) >= 6:
+                    assert any(piece in c for c in code), f"GUIDE troubleshooting quotes {piece!r}, not in src/"
+                    checked += 1
+    assert checked > 30
