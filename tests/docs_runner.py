@@ -191,6 +191,12 @@ class DocRun:
                 self.runs += 1
                 self.last_run = f"hybridopt-runs/distill-docs-{self.runs:03d}"
                 args += ["--out", self.last_run]
+        elif sub == "teacher-cache":  # the flags of distill, minus the run folder
+            for flag, path in (("--teacher", self.teacher), ("--data", self.data)):
+                given = _value(args, flag)
+                if given is None or not (self.workdir / given).exists():
+                    args += [flag, str(path)]
+            args += TINY_STUDENT
         elif sub == "teacher":
             args += ["--data", str(self.data), *TINY_TEACHER]
             if not _value(args, "--out"):
@@ -205,7 +211,8 @@ class DocRun:
     def _main(self, argv: list[str]) -> tuple[int, str]:
         from hybridopt.cli import main
 
-        if argv and argv[0] in ("distill", "teacher", "export", "generate", "inspect") and "--help" not in argv:
+        if argv and argv[0] in ("distill", "teacher-cache", "teacher", "export", "generate", "inspect") \
+                and "--help" not in argv:
             argv = self._tiny(argv)
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -213,6 +220,8 @@ class DocRun:
                 code = main(argv)
             except SystemExit as e:  # argparse errors and --help
                 code = e.code
+            except Exception:  # a crash, not a user error: report it with the doc's line
+                code = f"an exception\n{traceback.format_exc()}"
         return code, out.getvalue()
 
     def _script(self, path: Path, args: list[str]) -> tuple[int, str]:
@@ -225,6 +234,8 @@ class DocRun:
             code = 0
         except SystemExit as e:
             code = e.code
+        except Exception:
+            code = f"an exception\n{traceback.format_exc()}"
         finally:
             sys.argv = saved
         return code, out.getvalue()

@@ -100,3 +100,11 @@ def test_the_troubleshooting_messages_are_the_codes():
                     assert any(piece in c for c in code), f"GUIDE troubleshooting quotes {piece!r}, not in src/"
                     checked += 1
     assert checked > 30
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    package = ROOT / "src" / "hybridopt"
+    modules = [p.relative_to(package).as_posix() for p in package.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert modules and not [m for m in modules if not re.search(rf"(?m)^\s+{re.escape(m)}\s", layout)]
