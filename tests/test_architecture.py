@@ -17,7 +17,7 @@ LAYERS = {
     0: {"errors", "utils", "quantizers", "packing", "losses", "kmeans", "corpus", "tokenizer", "checkpoint",
         "metrics", "reporting", "controller", "config"},
     1: {"dataset", "data", "modeling", "evaluation", "hybrid_optimizer", "manager", "qat", "sampler", "export",
-        "precision_plan", "data_clusters", "quant_report", "generate", "layout"},
+        "precision_plan", "data_clusters", "quant_report", "generate", "layout", "teacher_cache"},
     2: {"training", "teacher"},
     3: {"recipes", "recipes.distill", "recipes.export_student", "recipes.teacher"},
     4: {"cli", "__main__", "__init__"},

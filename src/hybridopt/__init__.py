@@ -5,6 +5,7 @@ The public API, importable from the top of the package:
     from hybridopt import HybridOptimizer, AuxiliaryNN, quantize_, QATConfig, ClusterStratifiedBatchSampler
 
 Names are imported on first use (PEP 562), so `hybridopt --help` does not load torch and transformers.
+Functions named like their module (`kmeans`) are imported from the module: `from hybridopt.kmeans import kmeans`.
 The distillation recipe itself is `hybridopt.recipes.distill` (`run_distill`, `DistillRecipe`).
 """
 
@@ -39,7 +40,6 @@ _API = {
     # data
     "ClusterStratifiedBatchSampler": "hybridopt.sampler",
     "ShuffledBatchSampler": "hybridopt.sampler",
-    "kmeans": "hybridopt.kmeans",
     "cluster_data": "hybridopt.data_clusters",
     "TokenBlocks": "hybridopt.dataset",
     # training and evaluation

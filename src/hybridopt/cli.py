@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil a teacher into a small student",
                        description=DistillConfig.__doc__)
     add_dataclass_arguments(p, DistillConfig)
+    p = sub.add_parser("teacher-cache", help="run the teacher once and cache its top-k targets for distill --teacher_topk",
+                       description="Build the teacher-logit cache that `hybridopt distill` with the same flags and "
+                                   "--teacher_topk reads (only --teacher, --data, --seq_len, --val_fraction, "
+                                   "--teacher_topk, --temperature, --batch_size and --device matter here).")
+    add_dataclass_arguments(p, DistillConfig)
     p = sub.add_parser("teacher", help="train the default teacher (or one on your data)",
                        description=TeacherConfig.__doc__)
     add_dataclass_arguments(p, TeacherConfig, defaults=default_teacher_config())
@@ -108,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             from hybridopt.recipes.distill import run_distill
 
             run_distill(DistillConfig(**values))
+        elif args.command == "teacher-cache":
+            from hybridopt.recipes.distill import run_teacher_cache
+
+            run_teacher_cache(DistillConfig(**values))
         elif args.command == "teacher":
             from hybridopt.recipes.teacher import run_teacher
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from hybridopt.errors import UserError
 from hybridopt.quantizers import TERNARY, canonical_bits
 
+DEFAULT_TOPK = 32  # the default K of --teacher_topk: where the loss gap to the live teacher is inside seed noise
+
 
 def _arg(default, help: str, **meta):
     """A dataclass field with CLI metadata (`help`, and optionally `flag`, `choices`, `nargs`)."""
@@ -115,6 +117,7 @@ class DistillConfig(TrainConfig, StudentConfig):
     resume: str | None = _arg(None, "continue the run in DIR from its last checkpoint; alone, the newest run under hybridopt-runs/", nargs="?", const="latest")
     alpha: float = _arg(0.5, "weight of the hard-label cross-entropy; 1 - alpha goes to the distillation KL")
     temperature: float = _arg(2.0, "softmax temperature for the distillation KL (scaled by T^2)")
+    teacher_topk: int | None = _arg(None, f"offline distillation: cache the teacher's top-K log-probabilities once (per teacher, data, K and temperature; built on first use, or ahead with `hybridopt teacher-cache`) and train from them instead of running the teacher every step; alone: {DEFAULT_TOPK}", nargs="?", const=DEFAULT_TOPK)
     baseline: bool = _arg(True, "also train the same student without a teacher (CE only, same seed and steps) and report it; --no-baseline skips it", flag="baseline")
     save_metrics: bool = _arg(False, "write per-step and per-epoch metrics (CSV and JSONL)")
     metrics_out: str | None = _arg(None, "per-epoch metrics CSV path (per-step rows go to <stem>_steps.csv, both to <stem>.jsonl); implies --save_metrics")
@@ -168,6 +171,8 @@ class DistillConfig(TrainConfig, StudentConfig):
         if self.bits is not None:
             self.bits = _canonical_bits(self.bits)
         self._check_clusters()
+        if self.teacher_topk is not None and self.teacher_topk < 1:
+            raise UserError(f"--teacher_topk must be at least 1, got {self.teacher_topk}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
         _positive("temperature", self.temperature)
@@ -265,7 +270,7 @@ class InspectConfig:
 
     def __post_init__(self):
         if not self.path:
-            raise UserError("--path is required: a run folder or its export/ folder")
+            raise UserError("DIR is required: a run folder or its export/ folder")
 
 
 @dataclass

@@ -14,7 +14,6 @@ the token streams and the clustering settings.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 import zipfile
@@ -29,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from hybridopt.checkpoint import atomic_write
 from hybridopt.dataset import TokenBlocks
 from hybridopt.kmeans import KMEANS_ITERATIONS, MAX_POINTS_PER_CENTROID, assign, faiss_module, kmeans
+from hybridopt.modeling import hash_model
 
 _CACHE_VERSION = "data-clusters-v2"
 
@@ -94,12 +94,7 @@ def _cache_key(model: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: 
                 f"init=kmeans++ spherical faiss={faiss_module().__version__} features=mean-last-hidden "
                 f"train={train.digest} val={val.digest}")
     h = hashlib.sha256(settings.encode())
-    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}  # not where it was loaded from
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
-        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    hash_model(h, model)
     return h.hexdigest()[:24]
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-_MASKED_LOGIT = -1e4  # stands for "excluded" in a log-sum-exp: finite, so an empty tail has a finite gradient
+_MASKED_LOGIT = -1e4  # stands for "excluded" in a log-sum-exp: finite, so no NaN gradient can come from it
 
 
 class TopKTargets(NamedTuple):
@@ -59,6 +59,8 @@ def topk_kl(student_logits: torch.Tensor, targets: TopKTargets, temperature: flo
     log_q_top = log_q.gather(-1, ids)  # (N, k)
     p = log_p.exp()
     head = (p * (log_p - log_q_top)).sum(-1)
+    if ids.shape[-1] >= log_q.shape[-1]:
+        return head  # k = V: no tail (and 1 - sum(p) is only rounding, which the masked log q_tail would amplify)
     p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)  # rounding can push the sum a hair above 1
     log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, _MASKED_LOGIT), dim=-1)
     return head + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -85,6 +87,17 @@ def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
+
+
+def hash_model(h: "hashlib._Hash", model: torch.nn.Module) -> None:
+    """Feed a model's config (not where it was loaded from) and every weight's bytes into the hash `h`:
+    equal digests, equal models. Keys the caches computed from a teacher."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def num_parameters(model: torch.nn.Module) -> int:

@@ -38,7 +38,8 @@ def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
     values = asdict(cfg)
     key = {k: values[k] for k in _KEY_FIELDS}
     if cfg.hybrid:
-        key.update({k: values[k] for k in ("hybrid", "trust_radius", "trust_region", "adapt_radius", "controller_lr")})
+        key.update({k: values[k] for k in ("hybrid", "trust_radius", "trust_region", "adapt_radius", "controller_lr",
+                                           "controller_trace")})
     cfg_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return cache_dir() / "teachers" / f"teacher-{fingerprint[:8]}-{cfg_hash}"
 

@@ -23,10 +23,11 @@ from hybridopt.dataset import TokenBlocks
 from hybridopt.errors import UserError
 from hybridopt.evaluation import evaluate_lm
 from hybridopt.hybrid_optimizer import HybridOptimizer
-from hybridopt.losses import kd_loss
+from hybridopt.losses import TopKTargets, kd_loss
 from hybridopt.metrics import MetricsLogger
 from hybridopt.reporting import Reporter
 from hybridopt.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
+from hybridopt.teacher_cache import TeacherCache
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -74,17 +75,21 @@ class Trainer:
             None for plain shuffling.
         sampling: `ClusterStratifiedBatchSampler` mode when `clusters` is given.
         reporter: where epoch lines and warnings go.
+        teacher_cache: the teacher's cached top-k targets for `train_data`: distil from them instead of
+            running `teacher` every step.
     """
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_data: TokenBlocks, val_data: TokenBlocks,
                  out_dir: Path, device: torch.device, teacher: torch.nn.Module | None = None, alpha: float = 1.0,
                  temperature: float = 1.0, metrics_path: Path | None = None, name: str = "",
                  config_dict: dict | None = None, clusters: DataClusters | None = None,
-                 sampling: str = "proportional", reporter: Reporter | None = None):
+                 sampling: str = "proportional", reporter: Reporter | None = None,
+                 teacher_cache: TeacherCache | None = None):
         self.cfg = cfg
         self.model = model
         self.teacher = teacher
-        self.alpha = alpha if teacher is not None else 1.0
+        self.teacher_cache = teacher_cache
+        self.alpha = alpha if teacher is not None or teacher_cache is not None else 1.0
         self.temperature = temperature
         self.train_data = train_data
         self.val_data = val_data
@@ -148,14 +153,16 @@ class Trainer:
                 raise UserError(f"cannot resume '{self.out_dir}': {e} (the data clusters changed)") from None
 
     # ------------------------------------------------------------------ loss
-    def _loss_step(self, input_ids: torch.Tensor, labels: torch.Tensor,
+    def _loss_step(self, indices: list[int], input_ids: torch.Tensor, labels: torch.Tensor,
                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         logits = self.model(input_ids=input_ids).logits  # (B, T, V)
-        teacher_logits = None
-        if self.teacher is not None and self.alpha < 1.0:
+        teacher_logits, topk = None, None
+        if self.alpha < 1.0 and self.teacher_cache is not None:
+            topk = TopKTargets(*(t.to(self.device) for t in self.teacher_cache.targets(indices)))  # (B, T, k)
+        elif self.alpha < 1.0 and self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, T, V)
-        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights)
+        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights, topk)
 
     def batch_loss(self, indices: list[int], weighted: bool = True) -> tuple[torch.Tensor, dict]:
         """The training objective on the blocks `indices`: importance-weighted when the sampler asks and
@@ -164,7 +171,7 @@ class Trainer:
         weights = None
         if weighted and self.sampler.weighted:
             weights = self.sampler.example_weights(indices).to(self.device)
-        return self._loss_step(input_ids, labels, weights)
+        return self._loss_step(indices, input_ids, labels, weights)
 
     def batch_ce(self, indices: list[int]) -> torch.Tensor:
         """The model's plain cross-entropy on the training blocks `indices` (what validation reports)."""

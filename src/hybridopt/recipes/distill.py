@@ -23,7 +23,7 @@ import torch
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
-from hybridopt.config import DistillConfig
+from hybridopt.config import DEFAULT_TOPK, DistillConfig
 from hybridopt.data import corpus_documents, token_splits
 from hybridopt.data_clusters import DataClusters, cluster_data, format_cluster_report
 from hybridopt.dataset import NotEnoughTokens, TokenBlocks
@@ -39,6 +39,7 @@ from hybridopt.qat import QATConfig, check_group_size, quantizable_linears, quan
 from hybridopt.quant_report import format_report, quantization_report, save_report
 from hybridopt.reporting import Reporter
 from hybridopt.teacher import ensure_default_teacher
+from hybridopt.teacher_cache import TeacherCache, ensure_cache
 from hybridopt.training import Trainer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
 
@@ -116,6 +117,7 @@ class DistillRecipe:
         self.student: torch.nn.Module | None = None
         self.trainer: Trainer | None = None
         self.plan: PrecisionPlan | None = None
+        self.teacher_cache: TeacherCache | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -153,6 +155,8 @@ class DistillRecipe:
                                         clusters.val_labels if clusters else None,
                                         clusters.num_clusters if clusters else None)
         say(f"Teacher validation loss {self.teacher_eval['loss']:.4f}, perplexity {self.teacher_eval['ppl']:.2f}")
+        if cfg.teacher_topk and cfg.alpha < 1.0:
+            self.teacher_cache = self._teacher_cache(train, device)
         self._build_trainer()
         say(f"Distilling: {cfg.epochs} epochs x {self.trainer.steps_per_epoch} steps, batch {cfg.batch_size}, "
             f"alpha {cfg.alpha}, temperature {cfg.temperature}")
@@ -180,6 +184,12 @@ class DistillRecipe:
             raise UserError(f"the training split has {len(train)} sequences, fewer than --batch_size "
                             f"{cfg.batch_size}; add text or lower --batch_size or --seq_len")
         return tokenizer, train, val, desc
+
+    def _teacher_cache(self, train: TokenBlocks, device: torch.device) -> TeacherCache:
+        """The teacher's top-k targets for `train` (--teacher_topk), read from the cache or built into it."""
+        with for_flag("--teacher_topk"):
+            return ensure_cache(self.teacher, train, self.cfg.teacher_topk, self.cfg.temperature,
+                                cache_dir() / "teacher-logits", self.cfg.batch_size, device, self.reporter)
 
     def _setup_student(self, tokenizer: PreTrainedTokenizerBase,
                        device: torch.device) -> tuple[LlamaConfig, QATConfig | None]:
@@ -212,7 +222,7 @@ class DistillRecipe:
                                alpha=cfg.alpha, temperature=cfg.temperature,
                                metrics_path=metrics if cfg.save_metrics else None, name=self.name,
                                config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
-                               reporter=self.reporter)
+                               reporter=self.reporter, teacher_cache=self.teacher_cache)
         self.trainer.setup(resume=d.resuming and (out / CHECKPOINT_NAME).exists())
 
     def baseline(self) -> DistillRecipe:
@@ -386,3 +396,14 @@ def format_results(results: dict) -> str:
         lines.append(f"  distillation {'lowers' if gain > 0 else 'raises'} validation loss by {abs(gain):.4f} "
                      "nats/token against the no-teacher student")
     return "\n".join(lines)
+
+
+def run_teacher_cache(cfg: DistillConfig, reporter: Reporter | None = None) -> Path:
+    """`hybridopt teacher-cache`: build (or check) the teacher-logit cache a `distill` run with the same
+    flags will read, without training. Returns the cache file."""
+    cfg = replace(cfg, teacher_topk=cfg.teacher_topk or DEFAULT_TOPK)
+    recipe = DistillRecipe(cfg, reporter)
+    with for_flag("--device"):
+        device = resolve_device(cfg.device)
+    _, train, _, _ = recipe._setup_teacher_and_data(device)
+    return recipe._teacher_cache(train, device).path
