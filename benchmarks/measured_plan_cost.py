@@ -23,7 +23,7 @@ from transformers import LlamaForCausalLM
 from hybridopt.losses import kd_loss
 from hybridopt.precision_plan import in_context_loss
 from hybridopt.qat import quantizable_linears
-from hybridopt.quantizers import TERNARY
+from hybridopt.bits import TERNARY
 
 from common import default_student_config  # benchmarks/common.py, beside this script
 

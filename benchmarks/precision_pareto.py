@@ -45,7 +45,7 @@ from hybridopt.evaluation import evaluate_lm
 from hybridopt.modeling import load_teacher
 from hybridopt.precision_plan import build_plan, calibration_batches, in_context_loss, measure_layers, mix_name
 from hybridopt.qat import QATConfig, quantizable_linears, quantize_
-from hybridopt.quantizers import TERNARY
+from hybridopt.bits import TERNARY
 from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
 from hybridopt.teacher import ensure_default_teacher

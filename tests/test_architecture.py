@@ -14,7 +14,7 @@ PACKAGE = Path(hybridopt.__file__).parent
 
 # Lower layers never import higher ones. Modules not listed are rejected, so a new module gets a layer.
 LAYERS = {
-    0: {"errors", "utils", "quantizers", "packing", "losses", "kmeans", "corpus", "tokenizer", "checkpoint",
+    0: {"errors", "bits", "utils", "quantizers", "packing", "losses", "kmeans", "corpus", "tokenizer", "checkpoint",
         "metrics", "reporting", "controller", "config"},
     1: {"dataset", "data", "modeling", "evaluation", "hybrid_optimizer", "manager", "qat", "sampler", "export",
         "precision_plan", "data_clusters", "quant_report", "generate", "layout", "teacher_cache"},

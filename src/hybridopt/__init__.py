@@ -29,7 +29,7 @@ _API = {
     "QATConfig": "hybridopt.qat",
     "QATLinear": "hybridopt.qat",
     "quantize_": "hybridopt.qat",
-    "TERNARY": "hybridopt.quantizers",
+    "TERNARY": "hybridopt.bits",
     "quantize_weight": "hybridopt.quantizers",
     "dequantize_weight": "hybridopt.quantizers",
     "fake_quantize_weight": "hybridopt.quantizers",

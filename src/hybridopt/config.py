@@ -12,7 +12,7 @@ from pathlib import Path
 from dataclasses import dataclass, field, fields
 
 from hybridopt.errors import UserError
-from hybridopt.quantizers import TERNARY, canonical_bits
+from hybridopt.bits import TERNARY, canonical_bits
 
 DEFAULT_TOPK = 32  # the default K of --teacher_topk: where the loss gap to the live teacher is inside seed noise
 

@@ -37,7 +37,8 @@ from hybridopt.checkpoint import atomic_write
 from hybridopt.errors import UserError
 from hybridopt.packing import pack_sign, pack_signed, pack_ternary, unpack_sign, unpack_signed, unpack_ternary
 from hybridopt.qat import ActQuantLinear, qat_layers
-from hybridopt.quantizers import TERNARY, code_offset, dequantize_weight, quantize_weight
+from hybridopt.bits import TERNARY
+from hybridopt.quantizers import code_offset, dequantize_weight, quantize_weight
 
 PACKED_NAME = "model.packed.safetensors"
 FORMAT = "hybridopt-packed"

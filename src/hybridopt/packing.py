@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from hybridopt.quantizers import TERNARY
+from hybridopt.bits import TERNARY
 
 PACKED_INT_BITS = (1, 2, 4, 8)  # widths stored as plain bit fields (ternary is packed 5 trits per byte)
 SIGNED_BITS = (2, 4, 8)

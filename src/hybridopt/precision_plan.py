@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from hybridopt.kmeans import kmeans
-from hybridopt.quantizers import SUPPORTED_BITS, TERNARY, bits_name, quantize_dequantize
+from hybridopt.bits import SUPPORTED_BITS, TERNARY, bits_name
+from hybridopt.quantizers import quantize_dequantize
 
 CANDIDATE_BITS = (TERNARY, 2.0, 4.0, 8.0)
 PLAN_METHODS = ("measured", "sensitivity", "random")

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridopt.quantizers import TERNARY, bits_name, canonical_bits, fake_quantize_activations, fake_quantize_weight
+from hybridopt.bits import TERNARY, bits_name, canonical_bits
+from hybridopt.quantizers import fake_quantize_activations, fake_quantize_weight
 
 
 @dataclass

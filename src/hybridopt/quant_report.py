@@ -21,7 +21,8 @@ from hybridopt.dataset import TokenBlocks
 from hybridopt.evaluation import evaluate_lm
 from hybridopt.export import PACKED_NAME, load_packed, read_packed, safetensors_tensor_bytes
 from hybridopt.qat import qat_layers
-from hybridopt.quantizers import bits_name, relative_error
+from hybridopt.bits import bits_name
+from hybridopt.quantizers import relative_error
 
 REPORT_NAME = "quant_report.json"
 

@@ -25,30 +25,12 @@ as in BitNet (Wang et al. 2023; Ma et al. 2024, "The Era of 1-bit LLMs").
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-TERNARY = 1.58
-SUPPORTED_BITS = (1.0, TERNARY, 2.0, 4.0, 8.0)
+from hybridopt.bits import TERNARY, canonical_bits
+
 _EPS = 1e-5
 _FP16_TINY = 2.0**-14  # smallest normal float16: scales below it would flush towards zero
-
-
-def canonical_bits(bits: float) -> float:
-    """Map 1.58, 1.585 or log2(3) to `TERNARY`; reject unsupported widths."""
-    if math.isclose(bits, TERNARY, abs_tol=0.01):
-        return TERNARY
-    if float(bits) not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported weight bit width {bits}; choose 1, 1.58 (ternary), 2, 4 or 8")
-    return float(bits)
-
-
-def bits_name(bits: float, long: bool = False) -> str:
-    """A width as printed: "ternary" (long: "ternary (1.58-bit)"), "4-bit"."""
-    if canonical_bits(bits) == TERNARY:
-        return f"ternary ({TERNARY}-bit)" if long else "ternary"
-    return f"{bits:g}-bit"
 
 
 def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from hybridopt.layout import RunLayout
 from hybridopt.precision_plan import PrecisionPlan
 from hybridopt.qat import QATConfig, quantize_
 from hybridopt.quant_report import format_report, quantization_report, save_report
-from hybridopt.quantizers import TERNARY
+from hybridopt.bits import TERNARY
 from hybridopt.reporting import Reporter
 
 
