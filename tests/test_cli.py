@@ -127,3 +127,12 @@ def test_hybrid_prints_trust_radius_and_the_summary_block(tiny_teacher, corpus_f
     with open(out / "metrics_steps.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {"lr_mult", "trust_radius", "clipped"} <= set(rows[0]) and rows[-1]["lr_mult"] != ""
+
+
+def test_teacher_never_replaces_a_folder_that_holds_files(tmp_path, corpus_file, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["teacher", "--data", str(corpus_file), "--out", str(out), "--epochs", "1"]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me" and [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,12 +60,14 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
         The teacher directory.
 
     Raises:
-        ValueError: the data is unusable (see `corpus_documents`); `NotEnoughTokens` for too little text.
+        ValueError: `out` is not empty, or the data is unusable (see `corpus_documents`); `NotEnoughTokens` for too little text.
     """
     reporter = reporter or Reporter()
     docs, desc = documents or corpus_documents(cfg.data)
     fingerprint = corpus_fingerprint(docs)
     out = Path(out) if out else teacher_cache_path(cfg, fingerprint)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never replace what is there
+        raise ValueError(f"'{out}' exists and is not an empty folder; choose another")
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     resume = (work / CHECKPOINT_NAME).exists()
@@ -93,9 +94,7 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
             "config": asdict(cfg)}
     atomic_write(work / INFO_NAME, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     (work / CHECKPOINT_NAME).unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    work.rename(out)  # fails rather than replace a folder that filled up meanwhile
     reporter.line(f"Teacher saved to {out} (validation loss {result['loss']:.4f}, perplexity {result['ppl']:.2f})")
     return out
 
