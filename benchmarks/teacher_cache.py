@@ -1,11 +1,12 @@
 """The teacher-logit cache (`--teacher_topk K`): what it costs in quality, what it saves in time.
 
-    python benchmarks/teacher_cache.py quality [--ks 8 32 128] [--seeds 0 1 2] [--epochs 20]
+    python benchmarks/teacher_cache.py quality [--ks 8 32 128] [--tails bucket] [--seeds 0 1 2] [--epochs 20]
     python benchmarks/teacher_cache.py speed [--steps 8]
 
 quality: the default run (default teacher, data and student, no baseline) with the live teacher and
-    with cached top-k targets for each K, for each seed; validation loss of the student, the cache's size
-    and build time. K = V (the whole vocabulary) is not run here: it is 4096 x 6 bytes per token (13 GB for
+    with cached top-k targets for each K and tail treatment (`--teacher_tail`), for each seed; validation
+    loss of the student, the cache's size and build time. Runs already in teacher_cache_quality.json (same
+    epochs) are kept, not repeated, so arms can be added later. K = V (the whole vocabulary) is not run here: it is 4096 x 6 bytes per token (13 GB for
     the embedded corpus), and tests/test_teacher_cache.py shows it reproduces the live run.
 speed: one training step (student forward + backward + AdamW step, batch 16 x 128) with the live teacher
     and with the cache, interleaved so machine noise hits both, medians, as a ratio; on the default
@@ -46,46 +47,60 @@ QUIET = Reporter(quiet=True)
 def quality(args) -> None:
     out = Path(args.out)
     runs = out / "runs" / "teacher-cache"
-    shutil.rmtree(runs, ignore_errors=True)
-    rows = []
+    path = out / "teacher_cache_quality.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    # (a file from before the epochs were recorded holds default-length runs)
+    rows = [r for r in saved.get("runs", []) if saved.get("epochs", DistillConfig().epochs) == args.epochs]
+    arms = [(None, "bucket")] + [(k, tail) for tail in args.tails for k in args.ks]
     for seed in args.seeds:
-        for k in [None, *args.ks]:
+        for k, tail in arms:
+            if any(r["k"] == k and r.get("tail", "bucket") == tail and r["seed"] == seed for r in rows):
+                continue
             start = time.perf_counter()
+            name = f"k{k}-{tail}" if k else "live"
+            run_dir = runs / f"{name}-seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
             cfg = DistillConfig(epochs=args.epochs, baseline=False, seed=seed, teacher_topk=k,
-                                out=str(runs / f"k{k or 'live'}-seed{seed}"))
+                                teacher_tail=tail, out=str(run_dir))
             res = run_distill(cfg, QUIET)
             wall = time.perf_counter() - start
-            rows.append({"k": k, "seed": seed, "val_loss": res["student"]["loss"],
+            rows.append({"k": k, "tail": tail, "seed": seed, "val_loss": res["student"]["loss"],
                          "train_seconds": res["student"]["train_seconds"], "wall_seconds": wall})
-            print(f"k={k or 'live'} seed {seed}: val loss {res['student']['loss']:.4f}, "
+            print(f"{name} seed {seed}: val loss {res['student']['loss']:.4f}, "
                   f"train {res['student']['train_seconds']:.0f} s", file=sys.stderr)
+            path.write_text(json.dumps({**saved, "epochs": args.epochs, "runs": rows}, indent=2))
     # Cache size and build time, measured cold for each K (in a scratch folder, so nothing is reused).
-    teacher, tokenizer = load_teacher(ensure_default_teacher(QUIET), torch.device("cpu"))
-    cfg = DistillConfig()
-    train, _ = token_splits(corpus_documents([])[0], tokenizer, cfg.seq_len, cfg.val_fraction)
-    sizes = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in args.ks:
-            start = time.perf_counter()
-            cache = build_cache(teacher, train, k, cfg.temperature, Path(tmp) / f"k{k}.safetensors",
-                                cfg.batch_size, torch.device("cpu"), QUIET)
-            sizes[k] = {"bytes": cache.nbytes, "bytes_per_token": cache.nbytes / train.num_tokens,
-                        "build_seconds": time.perf_counter() - start, "tokens": train.num_tokens}
-    (out / "teacher_cache_quality.json").write_text(json.dumps({"runs": rows, "caches": sizes,
-                                                                "threads": torch.get_num_threads()}, indent=2))
+    sizes = {int(k): v for k, v in saved.get("caches", {}).items()}
+    missing = [k for k in sorted({k for k, _ in arms if k}) if k not in sizes]
+    if missing:
+        teacher, tokenizer = load_teacher(ensure_default_teacher(QUIET), torch.device("cpu"))
+        cfg = DistillConfig()
+        train, _ = token_splits(corpus_documents([])[0], tokenizer, cfg.seq_len, cfg.val_fraction)
+        with tempfile.TemporaryDirectory() as tmp:
+            for k in missing:
+                start = time.perf_counter()
+                cache = build_cache(teacher, train, k, cfg.temperature, Path(tmp) / f"k{k}.safetensors",
+                                    cfg.batch_size, torch.device("cpu"), QUIET)
+                sizes[k] = {"bytes": cache.nbytes, "bytes_per_token": cache.nbytes / train.num_tokens,
+                            "build_seconds": time.perf_counter() - start, "tokens": train.num_tokens}
+    path.write_text(json.dumps({"epochs": args.epochs, "runs": rows, "caches": sizes,
+                                "threads": torch.get_num_threads()}, indent=2))
     live = {r["seed"]: r["val_loss"] for r in rows if r["k"] is None}
     lines = ["| teacher targets | val loss per seed | mean | mean gap to live | cache size | build time |",
              "|---|---|---|---|---|---|"]
-    for k in [None, *args.ks]:
-        vals = [r["val_loss"] for r in rows if r["k"] == k]
-        gaps = [r["val_loss"] - live[r["seed"]] for r in rows if r["k"] == k]
-        size = (f"{sizes[k]['bytes'] / 2**20:.0f} MiB ({sizes[k]['bytes_per_token']:.0f} B/token)"
-                if k else "-")
+    present = sorted({(r["k"] or 0, r.get("tail", "bucket")) for r in rows})
+    for k, tail in present:
+        mine = sorted((r for r in rows if (r["k"] or 0) == k and r.get("tail", "bucket") == tail),
+                      key=lambda r: r["seed"])
+        vals = [r["val_loss"] for r in mine]
+        gaps = [r["val_loss"] - live[r["seed"]] for r in mine if r["seed"] in live]
+        size = f"{sizes[k]['bytes'] / 2**20:.0f} MiB ({sizes[k]['bytes_per_token']:.0f} B/token)" if k else "-"
         build = f"{sizes[k]['build_seconds']:.0f} s" if k else "-"
-        lines.append(f"| {f'top-{k} cache' if k else 'live teacher'} | {', '.join(f'{v:.4f}' for v in vals)} | "
-                     f"{statistics.mean(vals):.4f} | {statistics.mean(gaps):+.4f} | {size} | {build} |")
+        label = f"top-{k} cache, {tail} tail" if k else "live teacher"
+        lines.append(f"| {label} | {', '.join(f'{v:.4f}' for v in vals)} | {statistics.mean(vals):.4f} | "
+                     f"{statistics.mean(gaps):+.4f} | {size} | {build} |")
     spread = max(live.values()) - min(live.values())
-    lines.append(f"\nSeed spread of the live teacher (max - min over seeds): {spread:.4f}")
+    lines.append(f"\nSeed spread of the live teacher (max - min over seeds {sorted(live)}): {spread:.4f}")
     (out / "teacher_cache_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -165,6 +180,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     q = sub.add_parser("quality", help="validation loss: live teacher vs cached top-k, several seeds")
     q.add_argument("--ks", type=int, nargs="+", default=[8, 32, 128])
+    q.add_argument("--tails", nargs="+", default=["bucket"], choices=["bucket", "uniform"])
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--epochs", type=int, default=20)
     s = sub.add_parser("speed", help="training-step time: live teacher vs cache, as a ratio")

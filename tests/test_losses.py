@@ -76,15 +76,17 @@ def _topk(teacher, k, T):
     return TopKTargets(ids, values)
 
 
+@pytest.mark.parametrize("tail", ["bucket", "uniform"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_topk_with_k_equal_to_the_vocabulary_is_the_dense_loss(weighted):
+def test_topk_with_k_equal_to_the_vocabulary_is_the_dense_loss(weighted, tail):
     g = torch.Generator().manual_seed(3)
     s = torch.randn(3, 4, 9, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randn(3, 4, 9, generator=g, dtype=torch.float64)
     y = torch.tensor([[1, 4, IGNORE_INDEX, 0], [0, 2, 3, 8], [5, 5, 6, IGNORE_INDEX]])
     w = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64) if weighted else None
     dense, dense_parts = kd_loss(s, y, t, alpha=0.3, temperature=2.0, weights=w)
-    sparse, sparse_parts = kd_loss(s, y, None, alpha=0.3, temperature=2.0, weights=w, teacher_topk=_topk(t, 9, 2.0))
+    sparse, sparse_parts = kd_loss(s, y, None, alpha=0.3, temperature=2.0, weights=w, teacher_topk=_topk(t, 9, 2.0),
+                                   tail=tail)
     assert sparse.item() == pytest.approx(dense.item(), rel=1e-10)
     assert sparse_parts["kl"].item() == pytest.approx(dense_parts["kl"].item(), rel=1e-10)
     (g_dense,) = torch.autograd.grad(dense, s)
@@ -117,3 +119,21 @@ def test_topk_kl_is_the_kl_of_the_coarsened_distributions():
 def test_topk_kl_is_zero_for_the_teacher_itself():
     t = torch.randn(6, 10, dtype=torch.float64)
     assert topk_kl(t.clone(), _topk(t, 3, 2.0), 2.0).abs().max().item() < 1e-12
+
+
+def test_uniform_tail_is_the_kl_to_the_teacher_completed_evenly():
+    """Hand computation: the teacher's top-k exact, its remaining mass spread over the other V - k tokens."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 10, generator=g, dtype=torch.float64) * 2
+    T = 2.0
+    targets = _topk(t, 3, T)
+    got = topk_kl(s, targets, T, tail="uniform")
+    p, log_q = F.softmax(t / T, -1), F.log_softmax(s / T, -1)
+    for n in range(4):
+        top = targets.ids[n].tolist()
+        completed = torch.full((10,), float(1 - p[n, top].sum()) / 7, dtype=torch.float64)
+        completed[top] = p[n, top]
+        want = float((completed * (completed.log() - log_q[n])).sum())
+        assert got[n].item() == pytest.approx(want, rel=1e-9)
+    assert (got >= 0).all()  # a KL divergence to a proper distribution

@@ -118,6 +118,7 @@ class DistillConfig(TrainConfig, StudentConfig):
     alpha: float = _arg(0.5, "weight of the hard-label cross-entropy; 1 - alpha goes to the distillation KL")
     temperature: float = _arg(2.0, "softmax temperature for the distillation KL (scaled by T^2)")
     teacher_topk: int | None = _arg(None, f"offline distillation: cache the teacher's top-K log-probabilities once (per teacher, data, K and temperature; built on first use, or ahead with `hybridopt teacher-cache`) and train from them instead of running the teacher every step; alone: {DEFAULT_TOPK}", nargs="?", const=DEFAULT_TOPK)
+    teacher_tail: str = _arg("bucket", "with --teacher_topk: the vocabulary outside the cached top-K as one bucket (the KL of the coarsened distributions) or as the teacher's remaining mass spread evenly (uniform)", choices=["bucket", "uniform"])
     baseline: bool = _arg(True, "also train the same student without a teacher (CE only, same seed and steps) and report it; --no-baseline skips it", flag="baseline")
     save_metrics: bool = _arg(False, "write per-step and per-epoch metrics (CSV and JSONL)")
     metrics_out: str | None = _arg(None, "per-epoch metrics CSV path (per-step rows go to <stem>_steps.csv, both to <stem>.jsonl); implies --save_metrics")
@@ -173,6 +174,8 @@ class DistillConfig(TrainConfig, StudentConfig):
         self._check_clusters()
         if self.teacher_topk is not None and self.teacher_topk < 1:
             raise UserError(f"--teacher_topk must be at least 1, got {self.teacher_topk}")
+        if self.teacher_topk is None and self.teacher_tail != "bucket":
+            raise UserError("--teacher_tail needs --teacher_topk")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
         _positive("temperature", self.temperature)

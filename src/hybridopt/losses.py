@@ -16,7 +16,14 @@ vocabulary when the cache was built). The rest of the vocabulary is one bucket, 
     KL_K = sum_{i in K} p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail)
 
 This is the KL divergence between the two distributions coarsened to K plus one bucket, so it never
-exceeds the full KL, and it equals it when k = V (the bucket is empty).
+exceeds the full KL, and it equals it when k = V (the bucket is empty). It says nothing about how the
+student spreads its tail mass. `tail="uniform"` instead completes the teacher with its tail mass spread
+evenly, `p_j = p_tail / (V - k)` for `j` not in K, and takes the full KL to that distribution:
+
+    KL_U = sum_{i in K} p_i (log p_i - log q_i) + p_tail log(p_tail / (V - k)) - p_tail / (V - k) sum_{j not in K} log q_j
+
+also equal to the full KL when k = V; it is the better guess when the teacher's tail is flat (a high
+temperature, a small teacher). Which one distils better is measured in docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -42,13 +49,19 @@ class TopKTargets(NamedTuple):
     logprobs: torch.Tensor
 
 
-def topk_kl(student_logits: torch.Tensor, targets: TopKTargets, temperature: float) -> torch.Tensor:
-    """Per-token `KL_K(p_t || p_s)` at temperature `T` over the teacher's top-k tokens plus a tail bucket.
+TAILS = ("bucket", "uniform")
+
+
+def topk_kl(student_logits: torch.Tensor, targets: TopKTargets, temperature: float,
+            tail: str = "bucket") -> torch.Tensor:
+    """Per-token KL at temperature `T` from the teacher's top-k tokens, the rest of the vocabulary as one
+    bucket (`KL_K`) or as the teacher's tail mass spread evenly (`KL_U`).
 
     Args:
         student_logits: `(N, V)` student logits.
         targets: ids and teacher log-probabilities, each `(N, k)`.
         temperature: the KD temperature the targets were computed at.
+        tail: "bucket" or "uniform".
 
     Returns:
         `(N,)` KL divergences (no `T^2` factor).
@@ -62,6 +75,11 @@ def topk_kl(student_logits: torch.Tensor, targets: TopKTargets, temperature: flo
     if ids.shape[-1] >= log_q.shape[-1]:
         return head  # k = V: no tail (and 1 - sum(p) is only rounding, which the masked log q_tail would amplify)
     p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)  # rounding can push the sum a hair above 1
+    if tail == "uniform":
+        n_tail = log_q.shape[-1] - ids.shape[-1]
+        sum_log_q_tail = log_q.sum(-1) - log_q_top.sum(-1)
+        return head + torch.xlogy(p_tail, p_tail / n_tail) - p_tail / n_tail * sum_log_q_tail
+    assert tail == "bucket", tail
     log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, _MASKED_LOGIT), dim=-1)
     return head + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
 
@@ -74,6 +92,7 @@ def kd_loss(
     temperature: float = 2.0,
     weights: torch.Tensor | None = None,
     teacher_topk: TopKTargets | None = None,
+    tail: str = "bucket",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Knowledge-distillation loss, averaged over tokens whose label is not `IGNORE_INDEX`.
 
@@ -88,13 +107,15 @@ def kd_loss(
             under the sampler is the unweighted objective.
         teacher_topk: sparse teacher targets (a teacher-logit cache) instead of `teacher_logits`; the KL
             term is then `topk_kl`.
+        tail: how `topk_kl` treats the vocabulary outside the top-k: "bucket" or "uniform".
 
     Returns:
         `(loss, parts)` where `parts` holds the detached `ce` and `kl` terms (kl is the per-token
         KL at temperature `T`, before the `T^2` factor).
     """
     if weights is not None or teacher_topk is not None:
-        return _per_token_kd_loss(student_logits, labels, teacher_logits, alpha, temperature, weights, teacher_topk)
+        return _per_token_kd_loss(student_logits, labels, teacher_logits, alpha, temperature, weights, teacher_topk,
+                                  tail)
     V = student_logits.size(-1)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # half logits are upcast
     logits = student_logits.reshape(-1, V).to(dtype)  # (N, V)
@@ -118,7 +139,7 @@ def kd_loss(
     return loss, {"ce": ce.detach(), "kl": kl.detach()}
 
 
-def _per_token_kd_loss(student_logits, labels, teacher_logits, alpha, temperature, weights, teacher_topk):
+def _per_token_kd_loss(student_logits, labels, teacher_logits, alpha, temperature, weights, teacher_topk, tail):
     """`kd_loss` from per-token terms: token mean per sequence, then the (importance-weighted) mean over
     sequences, `mean(w_i * l_i)` (w = 1 without weights). Dense or top-k teacher targets."""
     B, T, V = student_logits.shape
@@ -144,7 +165,7 @@ def _per_token_kd_loss(student_logits, labels, teacher_logits, alpha, temperatur
     if teacher_topk is not None:
         k = teacher_topk.ids.shape[-1]
         targets = TopKTargets(teacher_topk.ids.reshape(-1, k), teacher_topk.logprobs.reshape(-1, k))
-        kl_tok = topk_kl(logits.reshape(-1, V), targets, temperature).reshape(B, T)
+        kl_tok = topk_kl(logits.reshape(-1, V), targets, temperature, tail).reshape(B, T)
     else:
         with torch.no_grad():
             log_p_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # (B, T, V)

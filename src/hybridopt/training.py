@@ -77,6 +77,7 @@ class Trainer:
         reporter: where epoch lines and warnings go.
         teacher_cache: the teacher's cached top-k targets for `train_data`: distil from them instead of
             running `teacher` every step.
+        teacher_tail: how the KL treats the vocabulary outside the cached top-k ("bucket" or "uniform").
     """
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_data: TokenBlocks, val_data: TokenBlocks,
@@ -84,11 +85,11 @@ class Trainer:
                  temperature: float = 1.0, metrics_path: Path | None = None, name: str = "",
                  config_dict: dict | None = None, clusters: DataClusters | None = None,
                  sampling: str = "proportional", reporter: Reporter | None = None,
-                 teacher_cache: TeacherCache | None = None):
+                 teacher_cache: TeacherCache | None = None, teacher_tail: str = "bucket"):
         self.cfg = cfg
         self.model = model
         self.teacher = teacher
-        self.teacher_cache = teacher_cache
+        self.teacher_cache, self.teacher_tail = teacher_cache, teacher_tail
         self.alpha = alpha if teacher is not None or teacher_cache is not None else 1.0
         self.temperature = temperature
         self.train_data = train_data
@@ -162,7 +163,7 @@ class Trainer:
         elif self.alpha < 1.0 and self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, T, V)
-        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights, topk)
+        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights, topk, self.teacher_tail)
 
     def batch_loss(self, indices: list[int], weighted: bool = True) -> tuple[torch.Tensor, dict]:
         """The training objective on the blocks `indices`: importance-weighted when the sampler asks and

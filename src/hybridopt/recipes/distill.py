@@ -222,7 +222,8 @@ class DistillRecipe:
                                alpha=cfg.alpha, temperature=cfg.temperature,
                                metrics_path=metrics if cfg.save_metrics else None, name=self.name,
                                config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
-                               reporter=self.reporter, teacher_cache=self.teacher_cache)
+                               reporter=self.reporter, teacher_cache=self.teacher_cache,
+                               teacher_tail=cfg.teacher_tail)
         self.trainer.setup(resume=d.resuming and (out / CHECKPOINT_NAME).exists())
 
     def baseline(self) -> DistillRecipe:
