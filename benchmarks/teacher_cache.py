@@ -83,11 +83,14 @@ def quality(args) -> None:
                                     cfg.batch_size, torch.device("cpu"), QUIET)
                 sizes[k] = {"bytes": cache.nbytes, "bytes_per_token": cache.nbytes / train.num_tokens,
                             "build_seconds": time.perf_counter() - start, "tokens": train.num_tokens}
-    path.write_text(json.dumps({"epochs": args.epochs, "runs": rows, "caches": sizes,
+    mass = {int(k): v for k, v in saved.get("topk_mass", {}).items()}
+    if any(k not in mass for k, _ in arms if k):
+        mass = topk_mass(sorted({k for k, _ in arms if k}))
+    path.write_text(json.dumps({"epochs": args.epochs, "runs": rows, "caches": sizes, "topk_mass": mass,
                                 "threads": torch.get_num_threads()}, indent=2))
     live = {r["seed"]: r["val_loss"] for r in rows if r["k"] is None}
-    lines = ["| teacher targets | val loss per seed | mean | mean gap to live | cache size | build time |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| teacher targets | teacher mass in the top-k | val loss per seed | mean | mean gap to live "
+             "| cache size | build time |", "|---|---|---|---|---|---|---|"]
     present = sorted({(r["k"] or 0, r.get("tail", "bucket")) for r in rows})
     for k, tail in present:
         mine = sorted((r for r in rows if (r["k"] or 0) == k and r.get("tail", "bucket") == tail),
@@ -97,12 +100,25 @@ def quality(args) -> None:
         size = f"{sizes[k]['bytes'] / 2**20:.0f} MiB ({sizes[k]['bytes_per_token']:.0f} B/token)" if k else "-"
         build = f"{sizes[k]['build_seconds']:.0f} s" if k else "-"
         label = f"top-{k} cache, {tail} tail" if k else "live teacher"
-        lines.append(f"| {label} | {', '.join(f'{v:.4f}' for v in vals)} | {statistics.mean(vals):.4f} | "
+        share = f"{mass[k]:.3f}" if k else "1"
+        lines.append(f"| {label} | {share} | {', '.join(f'{v:.4f}' for v in vals)} | {statistics.mean(vals):.4f} | "
                      f"{statistics.mean(gaps):+.4f} | {size} | {build} |")
     spread = max(live.values()) - min(live.values())
     lines.append(f"\nSeed spread of the live teacher (max - min over seeds {sorted(live)}): {spread:.4f}")
     (out / "teacher_cache_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+@torch.no_grad()
+def topk_mass(ks: list[int], blocks: int = 16) -> dict[int, float]:
+    """Mean probability mass of the default teacher's top-k tokens at the default KD temperature, over the
+    first `blocks` training blocks: how much of the distribution the cache keeps exactly."""
+    teacher, tokenizer = load_teacher(ensure_default_teacher(QUIET), torch.device("cpu"))
+    cfg = DistillConfig()
+    train, _ = token_splits(corpus_documents([])[0], tokenizer, cfg.seq_len, cfg.val_fraction)
+    logits = teacher(input_ids=train.batch(list(range(blocks)))[0]).logits  # (B, T, V)
+    cumulative = torch.softmax(logits / cfg.temperature, -1).sort(-1, descending=True).values.cumsum(-1)
+    return {k: float(cumulative[..., k - 1].mean()) for k in ks}
 
 
 def _step_times(trainer: Trainer, indices: list[list[int]]) -> list[float]:
