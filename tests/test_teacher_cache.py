@@ -129,3 +129,14 @@ def test_teacher_cache_command_then_distill_reads_it(tiny_teacher, corpus_file, 
     assert "Teacher cache: top-16 at temperature 2, " in out and "read from" in out
     assert main(["distill", *args[1:-3], "--teacher_topk", "0"]) == 2
     assert "--teacher_topk must be at least 1" in capsys.readouterr().err
+
+
+def test_an_interrupted_cached_run_resumes_to_the_same_result(tiny_teacher, corpus_file, tmp_path):
+    quiet = Reporter(quiet=True)
+    straight = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "a", teacher_topk=16, epochs=3), quiet)
+    assert run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "b", teacher_topk=16, epochs=3), quiet,
+                       stop_after_epoch=1) == {"interrupted_at_epoch": 1}
+    resumed = run_distill(DistillConfig(resume=str(tmp_path / "b")), quiet)
+    assert resumed["student"]["loss"] == straight["student"]["loss"]
+    strip = lambda h: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in h]  # noqa: E731
+    assert strip(resumed["student"]["history"]) == strip(straight["student"]["history"])
