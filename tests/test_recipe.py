@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from hybridopt.config import DistillConfig
 from hybridopt.errors import UserError
@@ -107,3 +108,35 @@ def test_resume_refuses_an_optimizer_state_it_cannot_read(tiny_teacher, corpus_f
     with pytest.raises(UserError, match="its optimizer state does not fit this optimizer"):
         run_distill(DistillConfig(resume=str(out)))
     assert (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tiny_teacher, corpus_file, tmp_path, sig):
+    """What schedulers and containers send (SIGTERM) and Ctrl-C (SIGINT): training stops after the step it
+    interrupted, saves there, exits 128 + signal; --resume then ends exactly where an unbroken run ends."""
+    import signal
+    import subprocess
+    import sys
+
+    kw = dict(epochs=40, max_steps_per_epoch=6, eval_every=20, baseline=False)
+    straight = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "straight", **kw))
+    out = tmp_path / "stopped"
+    args = [sys.executable, "-u", "-m", "hybridopt", "distill", "--teacher", str(tiny_teacher), "--data",
+            str(corpus_file), "--out", str(out), "--student_hidden", "32", "--student_layers", "1",
+            "--student_intermediate", "64", "--student_heads", "2", "--seq_len", "32", "--batch_size", "8",
+            "--epochs", "40", "--max_steps_per_epoch", "6", "--eval_every", "20", "--device", "cpu",
+            "--save_metrics", "--no-baseline"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training runs
+        if line.startswith("Epoch 2,"):
+            proc.send_signal(getattr(signal, sig))
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    assert "a checkpoint was saved, continue with --resume" in err and "Traceback" not in err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["position"]["global_step"] < 240  # stopped before the end
+    resumed = run_distill(DistillConfig(resume=str(out)))
+    assert resumed["student"]["loss"] == straight["student"]["loss"]
+    assert _strip_time(resumed["student"]["history"]) == _strip_time(straight["student"]["history"])
+    assert [int(r["step"]) for r in _steps(out / "metrics_steps.csv")] == list(range(1, 241))

@@ -132,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"hybridopt: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        hint = {"distill": "; the checkpoint is saved, continue with --resume",
-                "teacher": "; the checkpoint is saved, the same command continues"}.get(args.command, "")
-        print(f"hybridopt: interrupted{hint}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        saved = getattr(e, "signum", None) is not None  # training.StopRequested: saved after a whole step
+        hint = {"distill": "continue with --resume", "teacher": "the same command continues"}.get(args.command)
+        if hint:
+            hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}{hint}"
+        print(f"hybridopt: interrupted{hint or ''}", file=sys.stderr)
+        return 128 + (e.signum if saved else 2)
     except OSError as e:
         # Disk full, permissions: the environment, not a bug. Checkpoints are written atomically.
         print(f"hybridopt: error: {e.strerror or e} ({e.filename or 'no file'})", file=sys.stderr)

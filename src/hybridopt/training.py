@@ -9,6 +9,8 @@ happens around it (teacher, data, clusters, precision plan, export) belongs to t
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +55,39 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int 
                                controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace,
                                num_clusters=num_clusters)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+class StopRequested(KeyboardInterrupt):
+    """Training stopped at a step boundary on SIGINT or SIGTERM, after saving a checkpoint there."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopOnSignal:
+    """While active, the first SIGINT or SIGTERM only asks training to stop at the next step boundary, where
+    the update and its counters are complete, so the checkpoint saved there resumes exactly; a second signal
+    interrupts at once (the last checkpoint stays). Signals reach only the main thread: elsewhere it does
+    nothing."""
+
+    def __enter__(self) -> "_StopOnSignal":
+        self.signum: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 class Trainer:
@@ -182,28 +217,36 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self, stop_after_epoch: int | None = None) -> list[dict]:
         """Run the remaining epochs (up to `stop_after_epoch`, checkpointed, as an interruption would);
-        return the per-epoch history."""
+        return the per-epoch history.
+
+        Raises:
+            StopRequested: SIGINT or SIGTERM arrived; a checkpoint was saved after the step it interrupted.
+        """
         cfg = self.cfg
         bar = self.reporter.progress(self.total_steps, self.global_step, self.prefix + "training")
         try:
-            while self.epoch < cfg.epochs:
-                if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
-                    break
-                self.model.train()
-                self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-                start = time.perf_counter()
-                for indices in self.sampler:
-                    loss, row = self._train_step(indices)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                    if self.metrics:
-                        self.metrics.log("step", {**row, "elapsed_s": self.elapsed + time.perf_counter() - start,
-                                                  **self.hybrid_metrics()})
-                self.elapsed += time.perf_counter() - start
-                self._end_epoch()
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise
+            with _StopOnSignal() as stop:
+                while self.epoch < cfg.epochs:
+                    if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
+                        break
+                    self.model.train()
+                    self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                    start = time.perf_counter()
+                    for indices in self.sampler:
+                        loss, row = self._train_step(indices)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                        if self.metrics:
+                            self.metrics.log("step", {**row, "elapsed_s": self.elapsed + time.perf_counter() - start,
+                                                      **self.hybrid_metrics()})
+                        if stop.signum is not None and self.step_in_epoch < self.steps_per_epoch:
+                            self.elapsed += time.perf_counter() - start
+                            self.save_checkpoint()
+                            raise StopRequested(stop.signum)
+                    self.elapsed += time.perf_counter() - start
+                    self._end_epoch()  # checkpoints
+                    if stop.signum is not None:
+                        raise StopRequested(stop.signum)
         finally:
             self.reporter.close_progress()
         return self.history
