@@ -140,3 +140,13 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tiny_teacher
     assert resumed["student"]["loss"] == straight["student"]["loss"]
     assert _strip_time(resumed["student"]["history"]) == _strip_time(straight["student"]["history"])
     assert [int(r["step"]) for r in _steps(out / "metrics_steps.csv")] == list(range(1, 241))
+
+
+def test_resume_with_out_resumes_that_folder_and_names_ignored_flags(tiny_teacher, corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_distill(_cfg(tiny_teacher, corpus_file, out, baseline=False, save_metrics=False), stop_after_epoch=1)
+    capsys.readouterr()
+    res = run_distill(DistillConfig(out=str(out), resume="latest", epochs=8, lr=0.5))  # as `--out DIR --resume`
+    assert res["student"]["steps"] == 16  # the saved 4 epochs x 4 steps, not 8 epochs
+    err = capsys.readouterr().err
+    assert f"resuming '{out}' with its saved settings; ignoring --epochs, --lr" in err

@@ -69,14 +69,21 @@ class RunData:
     config_dict: dict
 
 
-def resolve_run(cfg: DistillConfig) -> tuple[Path, bool, DistillConfig]:
-    """Pick the run folder; on `--resume`, load that run's saved config (it wins over flags).
+# Flags a resumed run may change: where it runs, and nothing that shapes the result.
+_RESUME_MAY_CHANGE = frozenset({"device", "resume", "out"})
+
+
+def resolve_run(cfg: DistillConfig, reporter: Reporter | None = None) -> tuple[Path, bool, DistillConfig]:
+    """Pick the run folder; on `--resume`, load that run's saved config (it wins over flags; flags given
+    with other values are named in a warning). `--out DIR --resume` resumes DIR.
 
     Returns:
         `(out_dir, resuming, config)`.
     """
     if cfg.resume:
-        if cfg.resume == "latest":
+        if cfg.resume == "latest" and cfg.out:
+            out = Path(cfg.out)
+        elif cfg.resume == "latest":
             runs = sorted(p for p in RUNS_ROOT.glob("distill-*") if RunLayout(p).config.is_file())
             if not runs:
                 raise UserError(f"--resume found no run under '{RUNS_ROOT}'; pass the run folder: --resume DIR")
@@ -88,6 +95,12 @@ def resolve_run(cfg: DistillConfig) -> tuple[Path, bool, DistillConfig]:
             raise UserError(f"--resume '{out}' is not a hybridopt run folder (no {layout.config.name})")
         saved = DistillConfig.from_file(layout.config)
         saved.device = cfg.device if cfg.device != "auto" else saved.device
+        defaults = DistillConfig()
+        ignored = [f"--{name}" for name in vars(cfg) if name not in _RESUME_MAY_CHANGE
+                   and getattr(cfg, name) != getattr(defaults, name) and getattr(cfg, name) != getattr(saved, name)]
+        if ignored and reporter is not None:
+            reporter.warn(f"resuming '{out}' with its saved settings; ignoring {', '.join(ignored)} "
+                          "(start a new run to change them)")
         return out, True, saved
     out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("distill-%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
@@ -122,7 +135,7 @@ class DistillRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Resolve the run folder, load the teacher and data, build the student and its training loop."""
-        out, resuming, self.cfg = resolve_run(self.cfg)
+        out, resuming, self.cfg = resolve_run(self.cfg, self.reporter)
         cfg, say = self.cfg, self.reporter.line
         with for_flag("--device"):
             device = resolve_device(cfg.device)
