@@ -31,3 +31,4 @@ def test_folder_without_tokenizer_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="has no tokenizer"):
         load_tokenizer(tmp_path)
+

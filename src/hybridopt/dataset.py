@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from hybridopt.checkpoint import atomic_write
 from hybridopt.corpus import Document
 
 
@@ -47,13 +49,30 @@ def cached_token_stream(
         h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
     path = cache / f"{h.hexdigest()[:20]}.safetensors"
     if path.exists():
-        return load_file(path)["tokens"]
+        tokens = _read_token_cache(path, len(tokenizer))
+        if tokens is not None:
+            return tokens
     tokens = tokenize_documents(docs, tokenizer, desc)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"tokens": tokens}, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file({"tokens": tokens}, str(tmp)))
     return tokens
+
+
+def _read_token_cache(path: Path, vocab: int) -> torch.Tensor | None:
+    """The cached stream at `path`, or None (with a warning; it is then rebuilt) if the file is damaged:
+    unreadable, not one 1-D int64 tensor, or holding ids outside the vocabulary."""
+    try:
+        tensors = load_file(path)
+        tokens = tensors.get("tokens")
+        if len(tensors) != 1 or tokens is None or tokens.dtype != torch.int64 or tokens.dim() != 1:
+            raise ValueError("not one 1-D int64 tensor 'tokens'")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(f"token ids outside the vocabulary of {vocab}")
+        return tokens
+    except Exception as e:  # safetensors raises its own error type for malformed files
+        print(f"warning: ignoring the damaged token cache {path} ({str(e).splitlines()[0]}); tokenizing again",
+              file=sys.stderr)
+        return None
 
 
 class NotEnoughTokens(ValueError):
