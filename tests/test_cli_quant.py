@@ -68,7 +68,7 @@ def test_inspect_without_export(tmp_path, capsys):
     assert "holds no packed export" in capsys.readouterr().err
 
 
-def test_export_command_packs_a_full_precision_run(tiny_teacher, corpus_file, tmp_path, capsys):
+def test_export_command_packs_a_full_precision_run(tiny_teacher, corpus_file, tmp_path, capsys, monkeypatch):
     run = tmp_path / "fp"
     assert main(tiny_distill_args(tiny_teacher, corpus_file, run, "--epochs", "1", "--no-baseline")) == 0
     assert not (run / "export").exists()
@@ -81,3 +81,17 @@ def test_export_command_packs_a_full_precision_run(tiny_teacher, corpus_file, tm
     assert main(["generate", "--model", str(run / "export"), "--prompt", "for", "--max_new_tokens", "4"]) == 0
     assert main(["export", "--model", str(tmp_path / "nothing")]) == 2
     assert "holds no Hugging Face model" in capsys.readouterr().err
+
+    # A folder of the user's is never written into; the run's own export folder may be packed again.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    assert main(["export", "--model", str(run), "--out", str(mine)]) == 2
+    assert "holds something other than a hybridopt export" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["config.json"] and (mine / "config.json").read_text() == "{}"
+    assert main(["export", "--model", str(run), "--bits", "4"]) == 0
+
+    # `--model .` inside a Hugging Face folder packs it beside that folder.
+    monkeypatch.chdir(run / "student")
+    assert main(["export", "--model", "."]) == 0
+    assert (run / "student-packed" / "model.packed.safetensors").is_file()

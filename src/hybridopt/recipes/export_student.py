@@ -9,7 +9,7 @@ import torch
 
 from hybridopt.config import DistillConfig, ExportConfig
 from hybridopt.errors import UserError, for_flag
-from hybridopt.export import export_packed
+from hybridopt.export import PACKED_NAME, export_packed
 from hybridopt.generate import load_model
 from hybridopt.layout import RunLayout
 from hybridopt.precision_plan import PrecisionPlan
@@ -28,6 +28,12 @@ def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
     fp_dir = run.student if (run.student / "config.json").is_file() else src
     if not (fp_dir / "config.json").is_file():
         raise UserError(f"--model '{src}' holds no Hugging Face model (config.json) nor a run's student/ folder")
+    # `.resolve()`: the folder's real name, also for `--model .`
+    out = Path(cfg.out) if cfg.out else (run.export if saved else src.resolve().with_name(f"{src.resolve().name}-packed"))
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PACKED_NAME).is_file())):
+        # Only a folder this tool exported into before (it holds a packed model) may be written again.
+        raise UserError(f"--out '{out}' exists and holds something other than a hybridopt export; "
+                        "choose another --out (nothing in it is replaced)")
     # A run is packed as it was trained; flags given here win; a plain model is packed to ternary.
     bits = cfg.bits or (saved.weight_bits if saved else None) or TERNARY
     quant = QATConfig(bits=bits, group_size=cfg.group_size or (saved.group_size if saved else None),
@@ -48,7 +54,6 @@ def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
         model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
     with for_flag("--group_size"):
         names = quantize_(model, quant)
-    out = Path(cfg.out) if cfg.out else (run.export if saved else src.with_name(src.name + "-packed"))
     path = export_packed(model, out, tokenizer, getattr(torch, cfg.export_dtype), plan)
     report = quantization_report(model, fp_dir, out, None, 1, torch.device("cpu"),
                                  "QAT" if saved and saved.qat else "PTQ")
