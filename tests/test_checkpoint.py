@@ -44,3 +44,17 @@ def test_missing_or_corrupt_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match="unreadable"):
         load_checkpoint(tmp_path)
+
+
+def test_a_failed_checkpoint_write_is_a_user_error_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, {"x": torch.ones(2)})
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="is the disk full"):
+        save_checkpoint(tmp_path, {"x": torch.zeros(2)})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(tmp_path)["x"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind

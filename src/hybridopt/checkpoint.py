@@ -70,7 +70,11 @@ def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> Path:
     """Atomically write `payload` (plus format version and RNG state) to `out_dir/checkpoint.pt`."""
     path = Path(out_dir) / CHECKPOINT_NAME
     payload = {**payload, "format_version": FORMAT_VERSION, "rng": rng_state()}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    except RuntimeError as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
+        raise UserError(f"cannot write the checkpoint '{path}' ({str(e).splitlines()[0]}); is the disk full? "
+                        "The previous checkpoint is kept; free space and continue with --resume") from None
     return path
 
 

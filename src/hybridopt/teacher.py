@@ -65,7 +65,7 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
     reporter = reporter or Reporter()
     docs, desc = documents or corpus_documents(cfg.data)
     fingerprint = corpus_fingerprint(docs)
-    out = Path(out) if out else teacher_cache_path(cfg, fingerprint)
+    out = Path(out).resolve() if out else teacher_cache_path(cfg, fingerprint)  # resolved: `.` has no name
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never replace what is there
         raise ValueError(f"'{out}' exists and is not an empty folder; choose another")
     work = out.with_name(out.name + ".partial")
