@@ -89,3 +89,52 @@ def test_two_bit_files_from_before_the_mid_rise_grid_still_load(tmp_path):
     q = unpack_signed(tensors[f"{key}.packed"], 2, 64 * 64).reshape(64, 64).float()
     want = q * tensors[f"{key}.scale"].float()  # one scale per output row
     torch.testing.assert_close(load_packed(tmp_path).state_dict()[key], want)
+
+
+def _forge(path, edit):
+    """Rewrite the safetensors header's metadata of a packed file (the tensor checksum stays valid)."""
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header["__metadata__"]
+    original = dict(meta)
+    parsed = {"config": json.loads(meta["config"]), "quant": json.loads(meta["quant"])}
+    edit(meta, parsed["config"], parsed["quant"])
+    for key, value in parsed.items():  # the edited objects, unless the edit replaced or removed the entry
+        if key in meta and meta[key] == original[key]:
+            meta[key] = json.dumps(value)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m, c, q: c.update(vocab_size=2**31), "vocab_size must be an integer"),  # 35 TB if allocated
+    (lambda m, c, q: c.update(vocab_size=100_000), "does not match the config"),  # fits in memory, not the data
+    (lambda m, c, q: c.update(model_type="custom", auto_map={"AutoModelForCausalLM": "evil/repo--m.M"}),
+     "only 'llama' is read"),
+    (lambda m, c, q: c.update(rms_norm_eps=float("nan")), "rms_norm_eps must be a positive number"),
+    (lambda m, c, q: c.update(hidden_size="64"), "hidden_size must be an integer"),
+    (lambda m, c, q: q[Q].update(shape="64x64"), "malformed"),
+    (lambda m, c, q: q[Q].update(bits=3), "bit width 3"),
+    (lambda m, c, q: m.update(quant="{not json"), "lacks a readable"),
+    (lambda m, c, q: m.pop("config"), "lacks a readable"),
+])
+def test_forged_headers_are_refused_before_allocating(tmp_path, edit, message):
+    export_packed(_qat_model(TERNARY), tmp_path)
+    _forge(tmp_path / PACKED_NAME, edit)
+    with pytest.raises(UserError, match=message):
+        load_packed(tmp_path)
+
+
+def test_auto_map_in_a_llama_header_is_ignored(tmp_path):
+    model = _qat_model(TERNARY)
+    export_packed(model, tmp_path, dtype=torch.float32)
+    _forge(tmp_path / PACKED_NAME, lambda m, c, q: c.update(auto_map={"AutoModelForCausalLM": "evil/repo--m.M"}))
+    loaded = load_packed(tmp_path)
+    assert type(loaded) is LlamaForCausalLM

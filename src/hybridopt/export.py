@@ -37,7 +37,7 @@ from hybridopt.checkpoint import atomic_write
 from hybridopt.errors import UserError
 from hybridopt.packing import pack_sign, pack_signed, pack_ternary, unpack_sign, unpack_signed, unpack_ternary
 from hybridopt.qat import ActQuantLinear, qat_layers
-from hybridopt.bits import TERNARY
+from hybridopt.bits import TERNARY, canonical_bits
 from hybridopt.quantizers import code_offset, dequantize_weight, quantize_weight
 
 PACKED_NAME = "model.packed.safetensors"
@@ -135,14 +135,70 @@ def read_packed(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tenso
     return metadata, tensors
 
 
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings")
+_POSITIVE_FIELDS = ("rope_theta", "rms_norm_eps")
+_MAX_DIM = 1 << 24
+_PACKINGS = ("ternary5", "sign1", "int2", "int2mid", "int4", "int8")
+
+
+def _checked_header(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path: Path):
+    """The model config and per-tensor quantization of a packed file, every field checked, and every weight
+    shape the config implies compared with the data the file holds, before any model is allocated.
+
+    Only Llama models are accepted (what hybridopt exports); nothing from the file can name code to run."""
+    def bad(why: str) -> UserError:
+        return UserError(f"'{path}' is not a valid packed model: {why}")
+
+    try:
+        config_dict, quant = json.loads(metadata["config"]), json.loads(metadata["quant"])
+    except (KeyError, TypeError, ValueError):
+        raise bad("its header lacks a readable 'config' or 'quant' entry") from None
+    if not isinstance(config_dict, dict) or not isinstance(quant, dict):
+        raise bad("'config' and 'quant' must be JSON objects")
+    if config_dict.get("model_type") != "llama":
+        raise bad(f"model_type {config_dict.get('model_type')!r}; only 'llama' is read")
+    for name in _INT_FIELDS:
+        v = config_dict.get(name)
+        if v is None and name == "num_key_value_heads":
+            continue
+        if type(v) is not int or not 1 <= v <= _MAX_DIM:
+            raise bad(f"config field {name} must be an integer in [1, {_MAX_DIM}], got {v!r}")
+    for name in _POSITIVE_FIELDS:
+        v = config_dict.get(name)
+        if v is not None and (type(v) not in (int, float) or not math.isfinite(v) or v <= 0):
+            raise bad(f"config field {name} must be a positive number, got {v!r}")
+    heads, kv = config_dict["num_attention_heads"], config_dict.get("num_key_value_heads") or config_dict["num_attention_heads"]
+    if config_dict["hidden_size"] % heads or heads % kv:
+        raise bad("the attention heads do not divide the hidden size (or the key/value heads the heads)")
+    config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "auto_map")}
+    try:
+        config = AutoConfig.for_model("llama", **config_dict)
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            expected = {k: tuple(t.shape) for k, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except (TypeError, ValueError) as e:
+        raise bad(f"its config is not a Llama config ({str(e).splitlines()[0]})") from None
+    for key, info in quant.items():
+        if (not isinstance(info, dict) or info.get("packing") not in _PACKINGS or not isinstance(info.get("shape"), list)
+                or [type(d) for d in info["shape"]] != [int, int] or tuple(info["shape"]) != expected.get(key)):
+            raise bad(f"quantization entry {key!r} is malformed or does not match the config")
+        try:
+            canonical_bits(info.get("bits"))
+        except (TypeError, ValueError):
+            raise bad(f"quantization entry {key!r} has bit width {info.get('bits')!r}") from None
+    for key, t in tensors.items():
+        name = key.removesuffix(".packed").removesuffix(".scale")
+        if name not in expected or (name == key and tuple(t.shape) != expected[key]):
+            raise bad(f"tensor {key!r} does not match the config")
+    return config, quant
+
+
 def load_packed(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild a working Hugging Face model from a packed file, weights dequantized."""
     metadata, tensors = read_packed(path)
-    config_dict = json.loads(metadata["config"])
-    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    model = AutoModelForCausalLM.from_config(config)
+    config, quant = _checked_header(metadata, tensors, path)
+    model = AutoModelForCausalLM.from_config(config)  # shapes checked against the data: bounded by the file
     state = {}
-    quant = json.loads(metadata["quant"])
     for key, info in quant.items():
         try:
             q = _unpack(tensors[f"{key}.packed"], info["packing"], math.prod(info["shape"])).reshape(info["shape"])

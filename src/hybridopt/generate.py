@@ -31,7 +31,8 @@ def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
     if (folder / PACKED_NAME).is_file():
         return load_packed(folder, device), tokenizer, f"packed export {folder / PACKED_NAME}"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
+                                                     trust_remote_code=False)
     except Exception as e:  # transformers raises many types for broken folders
         raise ValueError(f"cannot load the model in '{folder}': {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer, f"full-precision model {folder}"

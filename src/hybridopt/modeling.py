@@ -40,8 +40,9 @@ def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
         raise ValueError(f"'{path}' has no config.json; save the model there with save_pretrained")
     tokenizer = load_tokenizer(path)
     try:
-        AutoConfig.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
+                                                     trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for broken folders
         raise ValueError(f"cannot load the model in '{path}': {str(e).splitlines()[0]}") from None
     model.to(device).eval().requires_grad_(False)

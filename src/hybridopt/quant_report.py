@@ -61,7 +61,8 @@ def quantization_report(model: torch.nn.Module, fp32_dir: Path, export_dir: Path
         "weight_rel_error_per_layer": errors,
     }
     if val is not None:
-        latent = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32).to(device)
+        latent = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32, local_files_only=True,
+                                                      trust_remote_code=False).to(device)
         fp_eval = evaluate_lm(latent, val, batch_size, device)
         q_eval = evaluate_lm(load_packed(export_dir, device), val, batch_size, device)
         report.update(val_loss_fp_latent=fp_eval["loss"], val_ppl_fp_latent=fp_eval["ppl"],

@@ -50,6 +50,6 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             "save it there with tokenizer.save_pretrained"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a broken tokenizer folder
         raise ValueError(f"cannot load the tokenizer in '{path}': {str(e).splitlines()[0]}") from None
