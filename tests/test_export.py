@@ -85,16 +85,25 @@ def test_two_bit_files_from_before_the_mid_rise_grid_still_load(tmp_path):
     assert quant[key]["packing"] == "int2mid"
     for info in quant.values():
         info["packing"] = "int2"
-    save_file(tensors, path, metadata={**metadata, "quant": json.dumps(quant)})
+    # Such files are packed format 1 (their checksum covers the tensors only), which still loads.
+    from hybridopt.export import _digest
+
+    save_file(tensors, path, metadata={**metadata, "quant": json.dumps(quant), "format_version": "1",
+                                       "sha256": _digest(tensors)})
     q = unpack_signed(tensors[f"{key}.packed"], 2, 64 * 64).reshape(64, 64).float()
     want = q * tensors[f"{key}.scale"].float()  # one scale per output row
     torch.testing.assert_close(load_packed(tmp_path).state_dict()[key], want)
 
 
-def _forge(path, edit):
-    """Rewrite the safetensors header's metadata of a packed file (the tensor checksum stays valid)."""
+def _forge(path, edit, rehash=True):
+    """Rewrite the metadata of a packed file, and (as a forger would) its checksum to match."""
     import struct
 
+    from safetensors.torch import load_file
+
+    from hybridopt.export import _digest
+
+    tensors = load_file(path)
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
@@ -105,6 +114,8 @@ def _forge(path, edit):
     for key, value in parsed.items():  # the edited objects, unless the edit replaced or removed the entry
         if key in meta and meta[key] == original[key]:
             meta[key] = json.dumps(value)
+    if rehash:
+        meta["sha256"] = _digest(tensors, meta if meta.get("format_version") == "2" else None)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
@@ -138,3 +149,21 @@ def test_auto_map_in_a_llama_header_is_ignored(tmp_path):
     _forge(tmp_path / PACKED_NAME, lambda m, c, q: c.update(auto_map={"AutoModelForCausalLM": "evil/repo--m.M"}))
     loaded = load_packed(tmp_path)
     assert type(loaded) is LlamaForCausalLM
+
+
+def test_an_edited_header_fails_the_checksum(tmp_path):
+    export_packed(_qat_model(TERNARY), tmp_path)
+    _forge(tmp_path / PACKED_NAME, lambda m, c, q: c.update(rope_theta=1.0), rehash=False)
+    with pytest.raises(UserError, match="checksum does not match"):
+        load_packed(tmp_path)
+
+
+def test_format_1_files_still_load_with_a_warning(tmp_path, capsys):
+    model = _qat_model(TERNARY)
+    export_packed(model, tmp_path, dtype=torch.float32)
+    _forge(tmp_path / PACKED_NAME, lambda m, c, q: m.update(format_version="1"))  # digest of the tensors only
+    loaded = load_packed(tmp_path)
+    assert "packed format 1, whose checksum does not cover its header" in capsys.readouterr().err
+    x = torch.randint(0, 200, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-5)

@@ -9,12 +9,13 @@ and every other tensor (embeddings, norms, LM head unless quantized) in `float16
 The safetensors `__metadata__` header carries:
 
     format          "hybridopt-packed"
-    format_version  "1"
+    format_version  "2" ("1": files whose checksum covers the tensors only; still read, with a warning)
     config          the Hugging Face model config (JSON)
     quant           {"name.weight": {"bits", "shape", "group_size", "packing", "act_bits"}} (JSON);
                     packing is "ternary5", "sign1", "int2mid" (2-bit codes -2..1 meaning (q + 1/2) * scale),
                     "int4" or "int8" (q * scale)
-    sha256          digest of every tensor's bytes in key order, to reject corrupted files
+    sha256          digest of every other metadata entry and every tensor's bytes, in key order, so a
+                    changed header (a different rope_theta, say) is refused like a flipped data byte
     precision_plan  (mixed precision only) the sensitivity-clustered plan the widths came from (JSON)
 
 `config.json` and the tokenizer are written beside it so `hybridopt generate` needs nothing else.
@@ -26,6 +27,7 @@ import hashlib
 import json
 import math
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -42,7 +44,8 @@ from hybridopt.quantizers import code_offset, dequantize_weight, quantize_weight
 
 PACKED_NAME = "model.packed.safetensors"
 FORMAT = "hybridopt-packed"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+_READ_VERSIONS = ("1", FORMAT_VERSION)
 
 
 def _pack(q: torch.Tensor, bits: float) -> tuple[torch.Tensor, str]:
@@ -65,8 +68,11 @@ def _unpack(packed: torch.Tensor, packing: str, numel: int) -> torch.Tensor:
     raise ValueError(f"unknown packing {packing!r}")
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """SHA-256 of the metadata (all but the digest itself) and the tensors; version 1 files hashed the tensors only."""
     h = hashlib.sha256()
+    if metadata is not None:
+        h.update(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
     for key in sorted(tensors):
         h.update(key.encode())
         h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -102,9 +108,10 @@ def export_packed(model: torch.nn.Module, out_dir: str | Path, tokenizer: PreTra
         t = t.detach().cpu()
         tensors[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json_string(),
-                "quant": json.dumps(quant), "dtype": str(dtype).removeprefix("torch."), "sha256": _digest(tensors)}
+                "quant": json.dumps(quant), "dtype": str(dtype).removeprefix("torch.")}
     if plan is not None:
         metadata["precision_plan"] = plan.to_json()
+    metadata["sha256"] = _digest(tensors, metadata)
     path = out_dir / PACKED_NAME
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     model.config.save_pretrained(out_dir)
@@ -128,10 +135,14 @@ def read_packed(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tenso
         raise UserError(f"'{path}' is truncated or corrupted ({str(e).splitlines()[0]}); export it again") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a hybridopt packed model (no '{FORMAT}' header)")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"'{path}' has format version {metadata.get('format_version')}; this hybridopt reads {FORMAT_VERSION}")
-    if _digest(tensors) != metadata.get("sha256"):
-        raise UserError(f"'{path}' is corrupted (its checksum does not match); export it again")
+    version = metadata.get("format_version")
+    if version not in _READ_VERSIONS:
+        raise UserError(f"'{path}' has format version {version}; this hybridopt reads {', '.join(_READ_VERSIONS)}")
+    if _digest(tensors, metadata if version == FORMAT_VERSION else None) != metadata.get("sha256"):
+        raise UserError(f"'{path}' is corrupted or was edited (its checksum does not match); export it again")
+    if version != FORMAT_VERSION:
+        print(f"warning: '{path}' is packed format {version}, whose checksum does not cover its header; "
+              "export it again to protect that too", file=sys.stderr)
     return metadata, tensors
 
 
