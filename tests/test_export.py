@@ -167,3 +167,17 @@ def test_format_1_files_still_load_with_a_warning(tmp_path, capsys):
     x = torch.randint(0, 200, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-5)
+
+
+def test_inspect_refuses_forged_headers_and_reports_in_one_line(tmp_path, capsys):
+    from hybridopt.cli import main
+
+    export_packed(_qat_model(TERNARY), tmp_path)
+    (tmp_path / "quant_report.json").write_text('{"mode": "QAT"}')  # hand-edited: fields missing
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "quant_report.json that is not readable" in err and len(err.strip().splitlines()) == 1
+    _forge(tmp_path / PACKED_NAME, lambda m, c, q: q[Q].update(shape="64x64"))
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a valid packed model" in err and "Traceback" not in err

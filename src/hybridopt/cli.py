@@ -175,12 +175,16 @@ def _inspect(cfg: InspectConfig) -> None:
     print(f"{folder / PACKED_NAME}:")
     print(describe_export(folder / PACKED_NAME))
     metadata, _ = read_packed(folder / PACKED_NAME)
-    if "precision_plan" in metadata:
-        print()
-        print(PrecisionPlan.from_json(metadata["precision_plan"]).format())
-    if (folder / REPORT_NAME).is_file():
-        print()
-        print(format_report(json.loads((folder / REPORT_NAME).read_text())))
+    try:  # the plan is under the checksum (format 2), the report file beside it is not
+        if "precision_plan" in metadata:
+            plan = PrecisionPlan.from_json(metadata["precision_plan"]).format()
+            print(f"\n{plan}")
+        if (folder / REPORT_NAME).is_file():
+            report = format_report(json.loads((folder / REPORT_NAME).read_text()))
+            print(f"\n{report}")
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"'{folder}' holds a precision plan or {REPORT_NAME} that is not readable ({e!r}); "
+                        "export the run again") from None
 
 
 if __name__ == "__main__":

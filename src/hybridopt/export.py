@@ -121,7 +121,13 @@ def export_packed(model: torch.nn.Module, out_dir: str | Path, tokenizer: PreTra
 
 
 def read_packed(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a packed file, verified; `UserError` if truncated, corrupted or foreign."""
+    """Metadata and tensors of a packed file, verified (checksum, then every header field against the data);
+    `UserError` if truncated, corrupted, edited, foreign or malformed."""
+    metadata, tensors, _, _ = _read(path)
+    return metadata, tensors
+
+
+def _read(path: str | Path):
     path = Path(path)
     if path.is_dir():
         path = path / PACKED_NAME
@@ -143,7 +149,8 @@ def read_packed(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tenso
     if version != FORMAT_VERSION:
         print(f"warning: '{path}' is packed format {version}, whose checksum does not cover its header; "
               "export it again to protect that too", file=sys.stderr)
-    return metadata, tensors
+    config, quant = _checked_header(metadata, tensors, path)
+    return metadata, tensors, config, quant
 
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -206,8 +213,7 @@ def _checked_header(metadata: dict[str, str], tensors: dict[str, torch.Tensor], 
 
 def load_packed(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild a working Hugging Face model from a packed file, weights dequantized."""
-    metadata, tensors = read_packed(path)
-    config, quant = _checked_header(metadata, tensors, path)
+    metadata, tensors, config, quant = _read(path)
     model = AutoModelForCausalLM.from_config(config)  # shapes checked against the data: bounded by the file
     state = {}
     for key, info in quant.items():
