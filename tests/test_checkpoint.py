@@ -58,3 +58,17 @@ def test_a_failed_checkpoint_write_is_a_user_error_and_keeps_the_previous_one(tm
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(tmp_path)["x"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+
+
+class _Payload:
+    """Stands for code a pickle would run: weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path, capsys):
+    torch.save({"format_version": 1, "model": _Payload()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match="unreadable"):
+        load_checkpoint(tmp_path)
+    assert "pickle code ran" not in capsys.readouterr().out
