@@ -150,3 +150,12 @@ def test_resume_with_out_resumes_that_folder_and_names_ignored_flags(tiny_teache
     assert res["student"]["steps"] == 16  # the saved 4 epochs x 4 steps, not 8 epochs
     err = capsys.readouterr().err
     assert f"resuming '{out}' with its saved settings; ignoring --epochs, --lr" in err
+
+
+def test_resume_refuses_a_finished_run_and_leaves_its_results(tiny_teacher, corpus_file, tmp_path):
+    out = tmp_path / "done"
+    run_distill(_cfg(tiny_teacher, corpus_file, out, baseline=False, save_metrics=False, epochs=1))
+    before = (out / "results.json").read_text()
+    with pytest.raises(UserError, match="is a finished run"):
+        run_distill(DistillConfig(resume=str(out)))
+    assert (out / "results.json").read_text() == before

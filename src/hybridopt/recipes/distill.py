@@ -93,6 +93,9 @@ def resolve_run(cfg: DistillConfig, reporter: Reporter | None = None) -> tuple[P
         layout = RunLayout(out)
         if not layout.config.is_file():
             raise UserError(f"--resume '{out}' is not a hybridopt run folder (no {layout.config.name})")
+        if layout.results.is_file():
+            raise UserError(f"--resume '{out}' is a finished run (its {layout.results.name} is written); "
+                            "start a new one with another --out")
         saved = DistillConfig.from_file(layout.config)
         saved.device = cfg.device if cfg.device != "auto" else saved.device
         defaults = DistillConfig()
