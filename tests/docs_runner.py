@@ -23,6 +23,7 @@ import io
 import re
 import runpy
 import shlex
+import shutil
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -173,6 +174,20 @@ class DocRun:
             raise DocError(f"{where} exited with {code}\n{output[-4000:]}")
         self.log.append((command, "ran"))
 
+    def _interrupted_run(self, args: list[str], out: str) -> None:
+        """A tiny distill run into `out` (which must not exist yet), stopped after its first epoch."""
+        from hybridopt.cli import build_parser
+        from hybridopt.config import DistillConfig
+        from hybridopt.recipes.distill import run_distill
+        from hybridopt.reporting import Reporter
+
+        shutil.rmtree(self.workdir / out, ignore_errors=True)  # the runner's own scratch folder, re-made
+        argv, i = list(args), args.index("--resume")
+        del argv[i : i + (2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1)]  # the flag and its DIR
+        values = vars(build_parser().parse_args(["distill", *argv, "--out", out]))
+        values.pop("command")
+        assert run_distill(DistillConfig(**values), Reporter(quiet=True), stop_after_epoch=1) == {"interrupted_at_epoch": 1}
+
     def _tiny(self, argv: list[str]) -> list[str]:
         """`argv` (subcommand first) with the tiny settings appended; remembers the run folder of a distill."""
         sub, args = argv[0], list(argv[1:])
@@ -184,7 +199,14 @@ class DocRun:
             args += TINY_STUDENT + (TINY_GROUP_SIZE if _has(args, "--group_size") else [])
             resume = _value(args, "--resume") if _has(args, "--resume") else None
             if _has(args, "--resume"):
-                self.last_run = resume if resume and not resume.startswith("-") else self.last_run
+                # A finished run cannot be resumed: make the run to resume an interrupted tiny one (stopped
+                # after its first epoch, as Ctrl-C would), named where the command looks for it.
+                self.runs += 1
+                target = resume if resume and not resume.startswith("-") else f"hybridopt-runs/distill-docs-{self.runs:03d}"
+                self._interrupted_run(args, target)
+                if resume and not resume.startswith("-"):
+                    args[args.index(resume)] = target
+                self.last_run = target
             elif _value(args, "--out"):
                 self.last_run = _value(args, "--out")
             else:
