@@ -81,7 +81,7 @@ def test_constrained_optimizer_radius_is_absolute_for_nonzero_parameters():
                                          ("momentum", 1.0), ("weight_decay", -1.0), ("data_clusters", 0),
                                          ("target_bits", 3)])
 def test_config_validation_raises_value_error(field, value):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=field):
         HybridTrainingConfig(**{field: value})
 
 

@@ -52,5 +52,5 @@ def test_student_shares_teacher_vocab_and_seed_fixes_init(tiny_teacher):
 def test_bad_teacher_folder(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot load the (tokenizer|model) in"):
         load_teacher(tmp_path, torch.device("cpu"))

@@ -26,6 +26,7 @@ import torch
 
 from hybridopt.controller import AuxiliaryNN, TrainingState  # noqa: F401  (re-exported for seed users)
 from hybridopt.hybrid_optimizer import HybridOptimizer
+from hybridopt.bits import TERNARY, canonical_bits
 from hybridopt.qat import QATConfig, qat_layers, quantize_
 
 
@@ -51,7 +52,7 @@ class HybridTrainingConfig:
     base_learning_rate: float = _help(0.001, "learning rate before the learned multiplier")
     momentum: float = _help(0.9, "Adam beta1")
     weight_decay: float = _help(1e-5, "decoupled weight decay")
-    target_bits: float = _help(1.58, "weight bits of the QAT layers: 1, 1.58 (ternary), 2, 4 or 8")
+    target_bits: float = _help(TERNARY, "weight bits of the QAT layers: 1, 1.58 (ternary), 2, 4 or 8")
     auxiliary_nn_hidden_size: int = _help(16, "hidden width of the auxiliary network")
     auxiliary_nn_learning_rate: float = _help(0.001, "Adam learning rate of the auxiliary network")
 
@@ -67,7 +68,10 @@ class HybridTrainingConfig:
             raise ValueError(f"data_clusters and auxiliary_nn_hidden_size must be at least 1, "
                              f"got {self.data_clusters} and {self.auxiliary_nn_hidden_size}")
         if self.use_quantization:
-            QATConfig(bits=self.target_bits)  # raises ValueError for an unsupported width
+            try:
+                canonical_bits(self.target_bits)
+            except ValueError as e:
+                raise ValueError(f"target_bits: {e}") from None
 
 
 class HybridOptimizationManager:
