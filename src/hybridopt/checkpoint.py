@@ -8,8 +8,10 @@ or the new one, never a torn file.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,30 @@ def atomic_write(path: Path, write) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_safetensors_header(path: Path, max_bytes: int = 100 << 20) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and its length in bytes, the length checked against `max_bytes`
+    before the header is read (a forged length allocates nothing; safetensors itself caps headers at 100 MB).
+
+    Raises:
+        ValueError: the file is shorter than its header, the length is out of range, or the header is not a
+            JSON object.
+    """
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("truncated header")
+        (n,) = struct.unpack("<Q", raw)
+        if not 0 < n <= max_bytes:
+            raise ValueError(f"header length {n} is out of range")
+        text = f.read(n)
+        if len(text) != n:
+            raise ValueError("truncated header")
+    header = json.loads(text)
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, n
 
 
 def rng_state() -> dict[str, Any]:

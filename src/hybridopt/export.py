@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import struct
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from hybridopt.checkpoint import atomic_write
+from hybridopt.checkpoint import atomic_write, read_safetensors_header
 from hybridopt.errors import UserError
 from hybridopt.packing import pack_sign, pack_signed, pack_ternary, unpack_sign, unpack_signed, unpack_ternary
 from hybridopt.qat import ActQuantLinear, qat_layers
@@ -248,7 +247,5 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> torch.n
 
 def safetensors_tensor_bytes(path: str | Path) -> dict[str, int]:
     """Bytes each tensor occupies in a safetensors file, read from its header."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    header, _ = read_safetensors_header(Path(path))
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}

@@ -18,9 +18,7 @@ non-positive log-probabilities. A missing, stale or damaged cache is rebuilt by 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hybridopt.checkpoint import atomic_write
+from hybridopt.checkpoint import atomic_write, read_safetensors_header
 from hybridopt.dataset import TokenBlocks
 from hybridopt.losses import TopKTargets
 from hybridopt.modeling import hash_model, vocab_size
@@ -88,25 +86,6 @@ class TeacherCache:
         return self.path.stat().st_size
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    """The safetensors JSON header and its length, read with the length checked first (nothing large is
-    allocated)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError("truncated header")
-        (n,) = struct.unpack("<Q", raw)
-        if not 0 < n <= _MAX_HEADER:
-            raise ValueError(f"header length {n} is out of range")
-        text = f.read(n)
-        if len(text) != n:
-            raise ValueError("truncated header")
-    header = json.loads(text)
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    return header, n
-
-
 def open_cache(path: Path, key: str, blocks: TokenBlocks, vocab: int) -> TeacherCache:
     """Open the cache at `path` for these blocks, checking the header before reading any data.
 
@@ -114,7 +93,7 @@ def open_cache(path: Path, key: str, blocks: TokenBlocks, vocab: int) -> Teacher
         ValueError: the file is not this cache (other key, format, version, shapes, dtypes or size).
     """
     path = Path(path)
-    header, header_len = _read_header(path)
+    header, header_len = read_safetensors_header(path, _MAX_HEADER)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError("not a hybridopt teacher cache")
