@@ -25,6 +25,11 @@ PLAN_NAME = "precision_plan.json"
 METRICS_NAME = "metrics.csv"
 
 
+def occupied(path: Path) -> bool:
+    """Whether something is at `path` that a new output must not replace: a file, or a folder with anything in it."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Paths inside one run folder."""

@@ -17,6 +17,7 @@ from hybridopt.config import TeacherConfig, default_teacher_config
 from hybridopt.corpus import Document, corpus_fingerprint, split_documents
 from hybridopt.modeling import build_model, num_parameters, teacher_llama_config
 from hybridopt.data import corpus_documents, token_splits
+from hybridopt.layout import occupied
 from hybridopt.reporting import Reporter
 from hybridopt.tokenizer import train_bpe_tokenizer
 from hybridopt.training import Trainer
@@ -60,14 +61,15 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
         The teacher directory.
 
     Raises:
-        ValueError: `out` is not empty, or the data is unusable (see `corpus_documents`); `NotEnoughTokens` for too little text.
+        FileExistsError: `out` is a file or a folder with something in it.
+        ValueError: the data is unusable (see `corpus_documents`); `NotEnoughTokens` for too little text.
     """
     reporter = reporter or Reporter()
     docs, desc = documents or corpus_documents(cfg.data)
     fingerprint = corpus_fingerprint(docs)
     out = Path(out).resolve() if out else teacher_cache_path(cfg, fingerprint)  # resolved: `.` has no name
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never replace what is there
-        raise ValueError(f"'{out}' exists and is not an empty folder; choose another")
+    if occupied(out):  # never replace what is there
+        raise FileExistsError(f"'{out}' exists and is not an empty folder; choose another (nothing in it is replaced)")
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     resume = (work / CHECKPOINT_NAME).exists()

@@ -31,7 +31,7 @@ from hybridopt.errors import UserError, for_flag
 from hybridopt.evaluation import evaluate_lm
 from hybridopt.export import export_packed
 from hybridopt.hybrid_optimizer import HybridOptimizer
-from hybridopt.layout import RUNS_ROOT, RunLayout
+from hybridopt.layout import RUNS_ROOT, RunLayout, occupied
 from hybridopt.manager import format_summary
 from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
@@ -106,7 +106,7 @@ def resolve_run(cfg: DistillConfig, reporter: Reporter | None = None) -> tuple[P
                           "(start a new run to change them)")
         return out, True, saved
     out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("distill-%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
+    if occupied(out):
         layout = RunLayout(out)
         if layout.config.exists() or layout.checkpoint.exists():
             raise UserError(f"--out '{out}' already holds a run; continue it with --resume {out} or choose another --out")

@@ -11,7 +11,7 @@ from hybridopt.config import DistillConfig, ExportConfig
 from hybridopt.errors import UserError, for_flag
 from hybridopt.export import PACKED_NAME, export_packed
 from hybridopt.generate import load_model
-from hybridopt.layout import RunLayout
+from hybridopt.layout import RunLayout, occupied
 from hybridopt.precision_plan import PrecisionPlan
 from hybridopt.qat import QATConfig, quantize_
 from hybridopt.quant_report import format_report, quantization_report, save_report
@@ -30,7 +30,7 @@ def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
         raise UserError(f"--model '{src}' holds no Hugging Face model (config.json) nor a run's student/ folder")
     # `.resolve()`: the folder's real name, also for `--model .`
     out = Path(cfg.out) if cfg.out else (run.export if saved else src.resolve().with_name(f"{src.resolve().name}-packed"))
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PACKED_NAME).is_file())):
+    if occupied(out) and not (out / PACKED_NAME).is_file():
         # Only a folder this tool exported into before (it holds a packed model) may be written again.
         raise UserError(f"--out '{out}' exists and holds something other than a hybridopt export; "
                         "choose another --out (nothing in it is replaced)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from hybridopt.config import TeacherConfig
 from hybridopt.data import corpus_documents
 from hybridopt.dataset import NotEnoughTokens
-from hybridopt.errors import UserError, for_flag
+from hybridopt.errors import for_flag
 from hybridopt.reporting import Reporter
 from hybridopt.teacher import train_teacher
 from hybridopt.utils import resolve_device
@@ -18,11 +18,7 @@ def run_teacher(cfg: TeacherConfig, reporter: Reporter | None = None) -> Path:
     """Train the teacher `cfg` describes into `cfg.out` (default: the cache entry `distill` uses)."""
     with for_flag("--device"):
         resolve_device(cfg.device)
-    out = Path(cfg.out) if cfg.out else None
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out '{out}' exists and is not an empty folder; choose another --out "
-                        "(nothing in it is replaced)")
     with for_flag("--data"):
         documents = corpus_documents(cfg.data)
-    with for_flag("--seq_len", NotEnoughTokens):
-        return train_teacher(cfg, out, reporter, documents)
+    with for_flag("--out", FileExistsError), for_flag("--seq_len", NotEnoughTokens):
+        return train_teacher(cfg, Path(cfg.out) if cfg.out else None, reporter, documents)
