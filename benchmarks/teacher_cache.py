@@ -44,6 +44,14 @@ from common import default_student_config  # benchmarks/common.py, beside this s
 QUIET = Reporter(quiet=True)
 
 
+def default_teacher_and_train() -> tuple[torch.nn.Module, TokenBlocks]:
+    """The default teacher and the training blocks of the embedded corpus, as `hybridopt distill` makes them."""
+    teacher, tokenizer = load_teacher(ensure_default_teacher(QUIET), torch.device("cpu"))
+    cfg = DistillConfig()
+    train, _ = token_splits(corpus_documents([])[0], tokenizer, cfg.seq_len, cfg.val_fraction)
+    return teacher, train
+
+
 def quality(args) -> None:
     out = Path(args.out)
     runs = out / "runs" / "teacher-cache"
@@ -71,11 +79,14 @@ def quality(args) -> None:
             path.write_text(json.dumps({**saved, "epochs": args.epochs, "runs": rows}, indent=2))
     # Cache size and build time, measured cold for each K (in a scratch folder, so nothing is reused).
     sizes = {int(k): v for k, v in saved.get("caches", {}).items()}
-    missing = [k for k in sorted({k for k, _ in arms if k}) if k not in sizes]
+    ks = sorted({k for k, _ in arms if k})
+    missing = [k for k in ks if k not in sizes]
+    mass = {int(k): v for k, v in saved.get("topk_mass", {}).items()}
+    if missing or any(k not in mass for k in ks):
+        teacher, train = default_teacher_and_train()
+        mass = topk_mass(teacher, train, ks)
     if missing:
-        teacher, tokenizer = load_teacher(ensure_default_teacher(QUIET), torch.device("cpu"))
         cfg = DistillConfig()
-        train, _ = token_splits(corpus_documents([])[0], tokenizer, cfg.seq_len, cfg.val_fraction)
         with tempfile.TemporaryDirectory() as tmp:
             for k in missing:
                 start = time.perf_counter()
@@ -83,9 +94,6 @@ def quality(args) -> None:
                                     cfg.batch_size, torch.device("cpu"), QUIET)
                 sizes[k] = {"bytes": cache.nbytes, "bytes_per_token": cache.nbytes / train.num_tokens,
                             "build_seconds": time.perf_counter() - start, "tokens": train.num_tokens}
-    mass = {int(k): v for k, v in saved.get("topk_mass", {}).items()}
-    if any(k not in mass for k, _ in arms if k):
-        mass = topk_mass(sorted({k for k, _ in arms if k}))
     path.write_text(json.dumps({"epochs": args.epochs, "runs": rows, "caches": sizes, "topk_mass": mass,
                                 "threads": torch.get_num_threads()}, indent=2))
     live = {r["seed"]: r["val_loss"] for r in rows if r["k"] is None}
@@ -110,12 +118,10 @@ def quality(args) -> None:
 
 
 @torch.no_grad()
-def topk_mass(ks: list[int], blocks: int = 16) -> dict[int, float]:
-    """Mean probability mass of the default teacher's top-k tokens at the default KD temperature, over the
-    first `blocks` training blocks: how much of the distribution the cache keeps exactly."""
-    teacher, tokenizer = load_teacher(ensure_default_teacher(QUIET), torch.device("cpu"))
+def topk_mass(teacher: torch.nn.Module, train: TokenBlocks, ks: list[int], blocks: int = 16) -> dict[int, float]:
+    """Mean probability mass of the teacher's top-k tokens at the default KD temperature, over the first
+    `blocks` training blocks: how much of the distribution the cache keeps exactly."""
     cfg = DistillConfig()
-    train, _ = token_splits(corpus_documents([])[0], tokenizer, cfg.seq_len, cfg.val_fraction)
     logits = teacher(input_ids=train.batch(list(range(blocks)))[0]).logits  # (B, T, V)
     cumulative = torch.softmax(logits / cfg.temperature, -1).sort(-1, descending=True).values.cumsum(-1)
     return {k: float(cumulative[..., k - 1].mean()) for k in ks}
@@ -163,10 +169,8 @@ def _speed_case(name: str, teacher, train: TokenBlocks, student_config: LlamaCon
 
 def speed(args) -> None:
     out = Path(args.out)
-    cpu = torch.device("cpu")
-    teacher, tokenizer = load_teacher(ensure_default_teacher(QUIET), cpu)
+    teacher, train = default_teacher_and_train()
     cfg = DistillConfig()
-    train, _ = token_splits(corpus_documents([])[0], tokenizer, cfg.seq_len, cfg.val_fraction)
     subset = TokenBlocks(train.stream[: 64 * cfg.seq_len + 1], cfg.seq_len)  # 64 blocks: enough for the steps
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -223,6 +223,7 @@ class Trainer:
             StopRequested: SIGINT or SIGTERM arrived; a checkpoint was saved after the step it interrupted.
         """
         cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]  # QAT swaps keep the same tensors
         bar = self.reporter.progress(self.total_steps, self.global_step, self.prefix + "training")
         try:
             with _StopOnSignal() as stop:
@@ -233,7 +234,7 @@ class Trainer:
                     self.sampler.set_epoch(self.epoch, self.step_in_epoch)
                     start = time.perf_counter()
                     for indices in self.sampler:
-                        loss, row = self._train_step(indices)
+                        loss, row = self._train_step(indices, params)
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                         if self.metrics:
@@ -251,11 +252,10 @@ class Trainer:
             self.reporter.close_progress()
         return self.history
 
-    def _train_step(self, indices: list[int]) -> tuple[float, dict]:
+    def _train_step(self, indices: list[int], params: list[torch.Tensor]) -> tuple[float, dict]:
         """Forward, backward, clip and step on one batch; a non-finite loss or gradient skips the update
         (the schedule still advances). Returns the loss and the step's metrics row."""
         cfg = self.cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
         loss, parts = self.batch_loss(indices)
         grad_norm = float("nan")
         if torch.isfinite(loss):
