@@ -52,3 +52,17 @@ def tiny_distill_args(teacher: Path, data: Path, out: Path, *extra: str) -> list
             "--student_hidden", "32", "--student_layers", "1", "--student_intermediate", "64",
             "--student_heads", "2", "--seq_len", "32", "--batch_size", "8", "--epochs", "3",
             "--max_steps_per_epoch", "5", "--eval_every", "1", "--device", "cpu", *extra]
+
+
+def rewrite_safetensors_header(path: Path, edit) -> None:
+    """Call `edit(header)` on the JSON header of a safetensors file and write it back, data untouched: how a
+    test forges or damages a header."""
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the data 8-byte aligned
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import rewrite_safetensors_header
 from hybridopt.errors import UserError
 from hybridopt.export import PACKED_NAME, export_packed, load_packed, safetensors_tensor_bytes
 from hybridopt.qat import QATConfig, quantize_
@@ -97,28 +98,24 @@ def test_two_bit_files_from_before_the_mid_rise_grid_still_load(tmp_path):
 
 def _forge(path, edit, rehash=True):
     """Rewrite the metadata of a packed file, and (as a forger would) its checksum to match."""
-    import struct
-
     from safetensors.torch import load_file
 
     from hybridopt.export import _digest
 
     tensors = load_file(path)
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    meta = header["__metadata__"]
-    original = dict(meta)
-    parsed = {"config": json.loads(meta["config"]), "quant": json.loads(meta["quant"])}
-    edit(meta, parsed["config"], parsed["quant"])
-    for key, value in parsed.items():  # the edited objects, unless the edit replaced or removed the entry
-        if key in meta and meta[key] == original[key]:
-            meta[key] = json.dumps(value)
-    if rehash:
-        meta["sha256"] = _digest(tensors, meta if meta.get("format_version") == "2" else None)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+
+    def forge(header):
+        meta = header["__metadata__"]
+        original = dict(meta)
+        parsed = {"config": json.loads(meta["config"]), "quant": json.loads(meta["quant"])}
+        edit(meta, parsed["config"], parsed["quant"])
+        for key, value in parsed.items():  # the edited objects, unless the edit replaced or removed the entry
+            if key in meta and meta[key] == original[key]:
+                meta[key] = json.dumps(value)
+        if rehash:
+            meta["sha256"] = _digest(tensors, meta if meta.get("format_version") == "2" else None)
+
+    rewrite_safetensors_header(path, forge)
 
 
 Q = "model.layers.0.self_attn.q_proj.weight"

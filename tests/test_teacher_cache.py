@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_distill_args
+from conftest import rewrite_safetensors_header, tiny_distill_args
 from hybridopt.cli import main
 from hybridopt.config import DistillConfig
 from hybridopt.dataset import TokenBlocks
@@ -54,16 +54,6 @@ def test_ensure_cache_reuses_and_rebuilds_a_damaged_file(teacher_and_blocks, tmp
                                                             4, CPU, Reporter(quiet=True)).targets([0])[0])
 
 
-def _rewrite_header(path, edit):
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
-
-
 @pytest.mark.parametrize("edit,message", [
     (lambda h: h["__metadata__"].update(key="0" * 24), "made for another teacher"),
     (lambda h: h["__metadata__"].update(format="other"), "not a hybridopt teacher cache"),
@@ -75,7 +65,7 @@ def _rewrite_header(path, edit):
 def test_forged_headers_are_refused_before_reading_data(teacher_and_blocks, tmp_path, edit, message):
     teacher, blocks = teacher_and_blocks
     cache = build_cache(teacher, blocks, 4, 1.0, tmp_path / "c.safetensors", 4, CPU, Reporter(quiet=True))
-    _rewrite_header(cache.path, edit)
+    rewrite_safetensors_header(cache.path, edit)
     with pytest.raises(ValueError, match=message):
         open_cache(cache.path, cache_key(teacher, blocks, 4, 1.0), blocks, cache.vocab)
 
