@@ -81,6 +81,13 @@ def _walk_in_order(node: ast.AST):
         yield from _walk_in_order(child)
 
 
+def check_splittable(docs: list[Document]) -> None:
+    """Raise ValueError unless `docs` can give a non-empty train and validation split (2 documents or more)."""
+    if len(docs) < 2:
+        raise ValueError(f"the corpus has {len(docs)} document(s); at least 2 are needed to hold one out for "
+                         "validation, add more text")
+
+
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
     """Split documents into (train, validation) by a hash of each id.
 
@@ -91,11 +98,7 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     for doc in docs:
         h = int.from_bytes(hashlib.sha1(doc.id.encode()).digest()[:8], "big") / 2**64
         (val if h < val_fraction else train).append(doc)
-    if len(docs) < 2:
-        raise ValueError(
-            f"the corpus has {len(docs)} document(s); at least 2 are needed to hold one out for "
-            "validation, add more text"
-        )
+    check_splittable(docs)
     if not val:
         val.append(train.pop())
     if not train:

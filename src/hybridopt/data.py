@@ -7,7 +7,7 @@ import sys
 
 from transformers import PreTrainedTokenizerBase
 
-from hybridopt.corpus import Document, embedded_corpus, load_documents, split_documents
+from hybridopt.corpus import Document, check_splittable, embedded_corpus, load_documents, split_documents
 from hybridopt.dataset import TokenBlocks, cached_token_stream
 from hybridopt.utils import cache_dir
 
@@ -34,9 +34,7 @@ def corpus_documents(data: list[str]) -> tuple[list[Document], str]:
     """
     if data:
         docs = load_documents(data)
-        if len(docs) < 2:
-            raise ValueError(f"the corpus has {len(docs)} document(s); at least 2 are needed to hold one out "
-                             "for validation, add more text")
+        check_splittable(docs)  # before any long work: split_documents would refuse it only later
         return docs, f"{len(docs)} documents from {len(data)} path(s)"
     docs = embedded_corpus_cached()
     return docs, f"embedded Python-docs corpus, {len(docs)} documents"
