@@ -15,11 +15,12 @@ PACKAGE = Path(hybridopt.__file__).parent
 # Lower layers never import higher ones. Modules not listed are rejected, so a new module gets a layer.
 LAYERS = {
     0: {"errors", "bits", "utils", "quantizers", "packing", "losses", "kmeans", "corpus", "tokenizer", "checkpoint",
-        "metrics", "reporting", "controller", "config"},
+        "metrics", "reporting", "controller", "config", "bench_stats"},
     1: {"dataset", "data", "modeling", "evaluation", "hybrid_optimizer", "manager", "qat", "sampler", "export",
-        "precision_plan", "data_clusters", "quant_report", "generate", "layout", "teacher_cache"},
-    2: {"training", "teacher"},
-    3: {"recipes", "recipes.distill", "recipes.export_student", "recipes.teacher"},
+        "precision_plan", "data_clusters", "quant_report", "generate", "layout", "teacher_cache", "gguf",
+        "bench_arms", "bench_plots"},
+    2: {"training", "teacher", "bench_tasks"},
+    3: {"recipes", "recipes.distill", "recipes.export_student", "recipes.teacher", "recipes.bench"},
     4: {"cli", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
