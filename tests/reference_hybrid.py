@@ -30,6 +30,7 @@ class ReferenceHybrid:
         if not isinstance(params[0], dict):
             params = [{"params": params}]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius)
+        self.defaults = defaults
         self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in params]
         self.base, self.trust_mode, self.num_clusters = base, trust_mode, num_clusters
         self.use_controller, self.learn_controller = use_controller, learn_controller
@@ -49,6 +50,11 @@ class ReferenceHybrid:
         self.cluster_id = None
         self.loss_ema, self.trend, self.gmean, self.gvar = None, 0.0, None, 0.0
         self.prev_loss, self.prev_pred, self.rbar = None, None, None
+
+    def add_param_group(self, group):
+        """A new group takes the defaults, and the first group's current radius; its state starts at its first step."""
+        self.param_groups.append({**self.defaults, "trust_radius": self.param_groups[0]["trust_radius"], **group,
+                                  "params": list(group["params"])})
 
     def set_cluster(self, cluster_id):
         self.cluster_id = cluster_id

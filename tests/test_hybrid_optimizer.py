@@ -144,19 +144,67 @@ def test_skipped_steps_leave_the_radius_alone_without_adapt_radius():
     assert opt.summary()["skipped_steps"] == 3 and opt.summary()["trust_radius"] == 0.1
 
 
-def test_a_parameter_that_first_gets_a_gradient_later_is_updated():
-    # Regression: KeyError 'trace' when a tensor had no trace yet (first gradient after step 1, or a new group).
-    a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
-    opt = HybridOptimizer([a, b], lr=0.1)
+def _assert_first_adam_state(state: dict, grad: torch.Tensor, beta2: float = 0.999) -> None:
+    """The state of a tensor after its first update with gradient `grad` (default betas)."""
+    assert state["step"] == 1
+    torch.testing.assert_close(state["exp_avg"], 0.1 * grad, rtol=0, atol=0)
+    torch.testing.assert_close(state["exp_avg_sq"], (1 - beta2) * grad * grad, rtol=0, atol=0)
+
+
+def _assert_running_adam_state(state: dict, steps: int) -> None:
+    """The state of a tensor after `steps` updates with gradient 1 every time (default betas): carried on, not reset."""
+    assert state["step"] == steps
+    torch.testing.assert_close(state["exp_avg"], torch.full((3,), 1 - 0.9 ** steps))
+    torch.testing.assert_close(state["exp_avg_sq"], torch.full((3,), 1 - 0.999 ** steps))
+
+
+def test_a_parameter_whose_first_gradient_comes_after_step_1_starts_its_state_then():
+    # Regression: KeyError 'trace' when a tensor first got a gradient after step 1 (the learning controller read
+    # the trace of every tensor with a gradient).
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = HybridOptimizer([a, b], lr=0.1)  # the controller learns: the hypergradient reads the traces
     a.grad = torch.ones(3)
+    opt.step(loss=1.0)  # b has no gradient yet
+    assert b not in opt.state and torch.equal(b, torch.ones(3))
+    a.grad, b.grad = torch.ones(3), -torch.ones(3)  # b's first gradient, at step 2: it should move up
+    a_before = a.detach().clone()
     opt.step(loss=1.0)
-    b.grad = torch.ones(3)  # b's first gradient, at step 2
-    opt.step(loss=1.0)
+    delta_a, delta_b = a.detach() - a_before, b.detach() - 1
+    # Both Adam directions are +-1 (a's gradient is constant; b's first step is the sign of its gradient), so
+    # under one learned multiplier and one trust region b moves by exactly the mirror of a's step.
+    assert bool((delta_b > 0.05).all()) and bool((delta_a < -0.05).all()), (delta_a, delta_b)
+    torch.testing.assert_close(delta_b, -delta_a)
+    _assert_first_adam_state(opt.state[b], -torch.ones(3))
+    torch.testing.assert_close(opt.state[b]["trace"], delta_b)  # gamma 0: the trace is the update
+    _assert_running_adam_state(opt.state[a], steps=2)
+    torch.testing.assert_close(opt.state[a]["trace"], delta_a)
+    b.grad = -torch.ones(3)
+    opt.step(loss=1.0)  # the next hypergradient reads b's trace
+    assert opt.summary()["total_steps"] == 3 and opt.state[b]["step"] == 2 and bool((b > 1 + delta_b).all())
+
+
+def test_a_param_group_added_to_a_running_optimizer_starts_its_state_then():
+    # Regression: the same KeyError 'trace' for the tensors of a group added by add_param_group after step 1.
+    a = torch.nn.Parameter(torch.ones(3))
+    opt = HybridOptimizer([a], lr=0.1)
+    for _ in range(2):
+        a.grad = torch.ones(3)
+        opt.step(loss=1.0)
+    c = torch.nn.Parameter(torch.ones(3))
     opt.add_param_group({"params": [c]})
-    for p in (a, b, c):
-        p.grad = torch.ones(3)
+    new_group = opt.param_groups[1]
+    for key in ("lr", "trust_radius", "lr_multiplier", "radius_multiplier"):  # taken from the running group
+        assert new_group[key] == opt.param_groups[0][key], key
+    a.grad, c.grad = torch.ones(3), -torch.ones(3)
+    a_before = a.detach().clone()
     opt.step(loss=1.0)
-    assert opt.summary()["total_steps"] == 3 and bool((c < 1).all()) and bool((b < c).all())
+    delta_a, delta_c = a.detach() - a_before, c.detach() - 1
+    assert bool((delta_c > 0.05).all()), delta_c
+    torch.testing.assert_close(delta_c, -delta_a)  # as in the test above: mirrored unit Adam directions
+    _assert_first_adam_state(opt.state[c], -torch.ones(3))
+    torch.testing.assert_close(opt.state[c]["trace"], delta_c)
+    _assert_running_adam_state(opt.state[a], steps=3)
+    assert opt.summary()["total_steps"] == 3
 
 
 def test_lr_scheduler_scales_the_base_rate_and_closure_works():

@@ -30,6 +30,8 @@ CONFIGS = {
     "loss_not_passed": dict(controller_lr=1e-2, _no_loss=True),
     "controller_off": dict(CLIP, use_controller=False),
     "controller_frozen": dict(CLIP, learn_controller=False),
+    "late_parameter": dict(CLIP, trace_decay=0.9, _late=True),
+    "added_group": dict(controller_lr=1e-2, trace_decay=0.9, _added_group=True),
     "other_hyperparameters": dict(betas=(0.8, 0.99), eps=1e-6, signal_ema=0.5, controller_hidden=8, trace_decay=0.5,
                                   controller_lr=3e-3),
 }
@@ -44,7 +46,13 @@ def _problem():
     return X, y, model, g
 
 
-def _groups(model, grouped):
+LATE_UNTIL, ADDED_AT = 30, 50  # the last layer's bias has no gradient before step 30; the last layer joins at 50
+JOINS = {"late_parameter": LATE_UNTIL, "added_group": ADDED_AT}  # the step at which the last bias first moves
+
+
+def _groups(model, grouped, added_group=False):
+    if added_group:
+        return list(model[0].parameters())
     if not grouped:
         return list(model.parameters())
     return [{"params": [p for p in model.parameters() if p.dim() == 2], "lr": 0.01, "weight_decay": 0.05},
@@ -57,23 +65,28 @@ def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
     X, y, model, g = _problem()
     ref_model = copy.deepcopy(model)
     torch.manual_seed(1)  # same controller initialisation in both
-    fast = HybridOptimizer(_groups(model, config.get("_groups")), **kw)
+    fast = HybridOptimizer(_groups(model, config.get("_groups"), config.get("_added_group")), **kw)
     torch.manual_seed(1)
-    ref = ReferenceHybrid(_groups(ref_model, config.get("_groups")), **kw)
+    ref = ReferenceHybrid(_groups(ref_model, config.get("_groups"), config.get("_added_group")), **kw)
     if break_fast:
         break_fast(fast)
     sched = torch.optim.lr_scheduler.LambdaLR(fast, [lambda s: 1 - s / 400, lambda s: 0.5 + 0.5 * math.cos(s / 50)]) \
         if config.get("_groups") else None
     for step in range(steps):
         idx = torch.randint(0, 512, (32,), generator=g)
-        fast.zero_grad()
+        if config.get("_added_group") and step == ADDED_AT:
+            fast.add_param_group({"params": list(model[2].parameters())})
+            ref.add_param_group({"params": list(ref_model[2].parameters())})
+        model.zero_grad()  # not fast.zero_grad(): with _added_group the last layer is not in the optimizer yet
         loss = torch.nn.functional.mse_loss(model(X[idx]), y[idx])
         loss.backward()
+        if config.get("_late") and step < LATE_UNTIL:
+            model[2].bias.grad = None
         if config.get("_nan") and step in (40, 41, 90):
             model[0].weight.grad[0, 0] = float("nan")
         loss_value = float("inf") if config.get("_nan") and step == 120 else loss.item()
         for p, q in zip(model.parameters(), ref_model.parameters()):  # identical gradients
-            q.grad = p.grad.clone()
+            q.grad = None if p.grad is None else p.grad.clone()
         for rg, fg in zip(ref.param_groups, fast.param_groups):  # identical scheduled learning rates
             rg["lr"] = fg["lr"]
         if config.get("_clusters"):
@@ -113,10 +126,16 @@ def test_fast_matches_reference(name, default_dtype):
         for key in ("trust_radius", "lr_multiplier", "avg_lr_multiplier"):
             assert s_fast[key] == pytest.approx(s_ref[key], rel=tol["rtol"]), (name, step, key)
         clipped += s_fast["clipped"]
+        if step == 0:
+            last_bias = fast_params[3].detach().clone()
+        if name in JOINS and step == JOINS[name] - 1:  # a tensor without a gradient, or not yet added, stays put
+            assert torch.equal(fast_params[3], last_bias), (name, step)
     # The configurations really exercise what they are named for.
     assert s_fast["total_steps"] == STEPS - (4 if CONFIGS[name].get("_nan") else 0)
     if "clip" in name:
         assert clipped > 20, clipped
+    if name in JOINS:
+        assert not torch.equal(fast_params[3], last_bias), name
     if CONFIGS[name].get("use_controller", True) and CONFIGS[name].get("learn_controller", True):
         # (a run clipped at every step trains only the radius head, so the lr multiplier may stay at 1)
         assert s_fast["lr_multiplier"] != 1.0 or s_fast["trust_radius"] != CONFIGS[name].get("trust_radius", 0.1)
