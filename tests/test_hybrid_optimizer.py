@@ -134,14 +134,54 @@ def test_non_finite_gradient_skips_the_step_and_with_adapt_radius_shrinks_the_ra
     assert opt.summary()["skipped_steps"] == 2 and torch.equal(p, before)
 
 
+def _linear_run(nan_steps=(), steps=30, **kw):
+    """A small regression under a trust region that binds; NaN gradients at `nan_steps` (counted in calls to step).
+
+    Returns (parameters, summary, the radius after every call)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 5, generator=g)
+    y = X @ torch.randn(5, 1, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    opt = HybridOptimizer(model.parameters(), **{"lr": 0.05, "trust_radius": 0.01, "controller_lr": 1e-2, **kw})
+    radii, batches = [], iter(torch.randint(0, 256, (steps, 32), generator=g))
+    for call in range(steps + len(nan_steps)):
+        idx = next(batches) if call not in nan_steps else torch.arange(32)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(X[idx]), y[idx])
+        loss.backward()
+        if call in nan_steps:
+            model.weight.grad[0, 0] = float("nan")
+        opt.step(loss=loss.item())
+        radii.append(opt.param_groups[0]["trust_radius"])
+    return [p.detach() for p in model.parameters()], opt.summary(), radii
+
+
 def test_skipped_steps_leave_the_radius_alone_without_adapt_radius():
     # Regression: every non-finite step used to halve the radius for good (three NaNs: 0.1 -> 0.0125).
     p = torch.nn.Parameter(torch.ones(4))
-    opt = HybridOptimizer([p], lr=0.1, use_controller=False)
+    opt = HybridOptimizer([p], lr=1.0, use_controller=False)  # Adam's step of 1 per weight: the radius binds
     for _ in range(3):
         p.grad = torch.full((4,), float("nan"))
         opt.step(loss=1.0)
-    assert opt.summary()["skipped_steps"] == 3 and opt.summary()["trust_radius"] == 0.1
+    assert opt.summary()["skipped_steps"] == 3 and opt.param_groups[0]["trust_radius"] == 0.1
+    assert torch.equal(p, torch.ones(4))
+    p.grad = torch.ones(4)
+    opt.step(loss=1.0)
+    # The first finite step is clipped to the configured bound, 0.1 ||theta|| = 0.2, not 0.0125 ||theta||.
+    torch.testing.assert_close(p.detach(), torch.full((4,), 0.9))
+    assert opt.summary()["clipped"] and opt.summary()["total_steps"] == 1
+
+
+def test_skipped_steps_leave_a_learning_run_as_if_they_had_not_happened():
+    # Without adapt_radius a non-finite step is skipped, nothing more: the learned multipliers, the radius and
+    # the trajectory after it are those of the run that never saw it.
+    clean, clean_summary, clean_radii = _linear_run()
+    skipped, skipped_summary, skipped_radii = _linear_run(nan_steps=(5, 6, 7))
+    assert all(torch.equal(p, q) for p, q in zip(clean, skipped))
+    assert skipped_summary == {**clean_summary, "skipped_steps": 3}
+    assert set(skipped_radii) == set(clean_radii) == {0.01}
+    assert clean_summary["constraint_activation_rate"] > 0.2  # the radius really bounds these runs
 
 
 def _assert_first_adam_state(state: dict, grad: torch.Tensor, beta2: float = 0.999) -> None:
