@@ -74,10 +74,11 @@ class ReferenceHybrid:
             gnorm_sq += float((p.grad.float() * p.grad.float()).sum())
         gnorm = math.sqrt(gnorm_sq)
 
-        # A non-finite loss or gradient skips the step (and with adapt_radius halves rho).
+        # A non-finite loss or gradient skips the step (and with adapt_radius, once an update has been applied,
+        # halves rho).
         if not _finite(gnorm) or (loss is not None and not _finite(L)):
             self.skipped += 1
-            if self.adapt_radius and self.use_trust_region:
+            if self.adapt_radius and self.use_trust_region and self.t > 0:
                 for group in self.param_groups:
                     group["trust_radius"] = max(1e-4, group["trust_radius"] / 2)
             return

@@ -184,6 +184,43 @@ def test_skipped_steps_leave_a_learning_run_as_if_they_had_not_happened():
     assert clean_summary["constraint_activation_rate"] > 0.2  # the radius really bounds these runs
 
 
+def _quadratic_radii(nan_steps=(), steps=20):
+    """Full-batch 0.5 ||theta - target||^2 with adapt_radius (Adam at lr 0.5: the radius binds until it has grown);
+    NaN gradients at `nan_steps` (counted in calls to step). Returns the radius after every call."""
+    torch.manual_seed(0)
+    target, p = torch.randn(10), torch.nn.Parameter(torch.ones(10))
+    opt = HybridOptimizer([p], lr=0.5, adapt_radius=True, use_controller=False)
+    radii = []
+    for call in range(steps + len(nan_steps)):
+        opt.zero_grad()
+        loss = 0.5 * (p - target).pow(2).sum()
+        loss.backward()
+        if call in nan_steps:
+            p.grad[0] = float("nan")
+        opt.step(loss=loss.item())
+        radii.append(opt.param_groups[0]["trust_radius"])
+    return radii
+
+
+def test_with_adapt_radius_skipped_steps_shrink_the_radius_and_good_steps_grow_it_back():
+    # A non-finite value at theta_t counts as the worst outcome of the update that led there: each halves the
+    # radius. The rule's own growth (1.5x after a clipped step whose decrease beat 0.75 of the prediction) then
+    # brings it back: shrinking is not for good.
+    clean, shrunk = _quadratic_radii(), _quadratic_radii(nan_steps=(3, 4, 5))
+    assert shrunk[:3] == clean[:3] == pytest.approx([0.1, 0.15, 0.225])  # it grows from the configured 0.1
+    assert shrunk[3:6] == pytest.approx([0.225 / 2, 0.225 / 4, 0.225 / 8])
+    back = next(i for i in range(6, len(shrunk)) if shrunk[i] >= clean[2])
+    assert back - 5 <= 6, shrunk  # 1.5^6 > 8: six good clipped steps undo three halvings
+    # and it settles where the clean run settled, where the update no longer reaches the bound
+    assert shrunk[-1] == pytest.approx(clean[-1], rel=0.1) and clean[-1] > 0.5, (shrunk[-1], clean[-1])
+
+
+def test_with_adapt_radius_a_non_finite_step_before_any_update_leaves_the_radius():
+    # Before the first update no step led to the non-finite value, so there is nothing to blame the radius for:
+    # the run continues exactly as one that never saw the skipped steps.
+    assert _quadratic_radii(nan_steps=(0, 1))[2:] == _quadratic_radii()
+
+
 def _assert_first_adam_state(state: dict, grad: torch.Tensor, beta2: float = 0.999) -> None:
     """The state of a tensor after its first update with gradient `grad` (default betas)."""
     assert state["step"] == 1

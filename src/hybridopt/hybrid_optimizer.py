@@ -43,7 +43,10 @@ r_t = (L_{t-1} - L_t) / (-g_{t-1} \cdot \Delta\theta_{t-1}), smoothed as \bar r_
 `step(loss=...)` or returned by the closure). It is off by default: on minibatches the actual decrease is
 dominated by batch-to-batch noise, so the rule shrinks the radius until training stalls; the learned
 radius head adapts the radius instead. A non-finite loss or gradient skips the step and leaves every
-tensor untouched (with `adapt_radius`, it also halves \rho).
+tensor untouched. Without `adapt_radius` that is all (\rho stays what the user set). With it, a non-finite
+L_t or g_t counts as the worst outcome of the update that led to \theta_t, so it halves \rho, as a trust
+region shrinks after a failed step; the rule above grows \rho back by 1.5 per good clipped step, so the
+shrinking is not for good. Before the first update no step led there, and \rho is left alone.
 
 Where things live (the schedule_free shape): hyperparameters in the param groups (`lr`, `betas`, `eps`,
 `weight_decay`, `trust_radius`, and the controller's `lr_multiplier` and `radius_multiplier`, which it
@@ -309,7 +312,7 @@ class HybridOptimizer(torch.optim.Optimizer):
 
     def _skip(self) -> None:
         self.hybrid_state.skipped_steps += 1
-        if self._adapts_radius:  # a non-finite step is evidence that the radius is too large
+        if self._adapts_radius and self.hybrid_state.step > 0:  # the last update went too far (docstring)
             for group in self.param_groups:
                 group["trust_radius"] = max(MIN_RADIUS, group["trust_radius"] * 0.5)
 
