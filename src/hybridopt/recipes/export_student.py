@@ -1,4 +1,5 @@
-"""`hybridopt export`: pack an already-trained student, from a run folder or any HF causal-LM folder."""
+"""`hybridopt export`: pack an already-trained student, from a run folder or any HF causal-LM folder, into our
+packed format (`export_student`) or a GGUF file for llama.cpp (`export_student_gguf`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hybridopt.config import DistillConfig, ExportConfig
 from hybridopt.errors import UserError, for_flag
 from hybridopt.export import PACKED_NAME, export_packed
 from hybridopt.generate import load_model
+from hybridopt.gguf import GGUFReport, export_gguf, is_gguf_file, packed_codes
 from hybridopt.layout import RunLayout, occupied
 from hybridopt.precision_plan import PrecisionPlan
 from hybridopt.qat import QATConfig, quantize_
@@ -19,23 +21,24 @@ from hybridopt.bits import TERNARY
 from hybridopt.reporting import Reporter
 
 
-def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
-    """Quantize the model in `cfg.model` as asked (or as its run was trained) and write the packed file."""
-    reporter = reporter or Reporter()
+def _student_source(cfg: ExportConfig) -> tuple[Path, RunLayout, DistillConfig | None, Path]:
+    """`(src, run, saved run config or None, the folder holding the model)` for `--model`."""
     src = Path(cfg.model)
     run = RunLayout(src)
     saved = DistillConfig.from_file(run.config) if run.config.is_file() else None
     fp_dir = run.student if (run.student / "config.json").is_file() else src
     if not (fp_dir / "config.json").is_file():
         raise UserError(f"--model '{src}' holds no Hugging Face model (config.json) nor a run's student/ folder")
-    # `.resolve()`: the folder's real name, also for `--model .`
-    out = Path(cfg.out) if cfg.out else (run.export if saved else src.resolve().with_name(f"{src.resolve().name}-packed"))
-    if occupied(out) and not (out / PACKED_NAME).is_file():
-        # Only a folder this tool exported into before (it holds a packed model) may be written again.
-        raise UserError(f"--out '{out}' exists and holds something other than a hybridopt export; "
-                        "choose another --out (nothing in it is replaced)")
-    # A run is packed as it was trained; flags given here win; a plain model is packed to ternary.
-    bits = cfg.bits or (saved.weight_bits if saved else None) or TERNARY
+    return src, run, saved, fp_dir
+
+
+def _quantization(cfg: ExportConfig, run: RunLayout, saved: DistillConfig | None, default_bits: float | None,
+                  reporter: Reporter) -> tuple[QATConfig | None, PrecisionPlan | None]:
+    """How to quantize: a run as it was trained (its precision plan too); flags given here win; a plain
+    model at `default_bits` (None: left in full precision)."""
+    bits = cfg.bits or (saved.weight_bits if saved else None) or default_bits
+    if bits is None:
+        return None, None
     quant = QATConfig(bits=bits, group_size=cfg.group_size or (saved.group_size if saved else None),
                       act_bits=cfg.act_bits or (saved.act_bits if saved else None),
                       include_head=cfg.quantize_head or bool(saved and saved.quantize_head))
@@ -50,6 +53,21 @@ def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
             quant = replace(quant, layer_bits=plan.layer_bits)
         else:
             reporter.line(f"--bits {cfg.bits:g}: every layer at that width, not the run's precision plan ({run.plan})")
+    return quant, plan
+
+
+def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
+    """Quantize the model in `cfg.model` as asked (or as its run was trained) and write the packed file."""
+    reporter = reporter or Reporter()
+    src, run, saved, fp_dir = _student_source(cfg)
+    # `.resolve()`: the folder's real name, also for `--model .`
+    out = Path(cfg.out) if cfg.out else (run.export if saved else src.resolve().with_name(f"{src.resolve().name}-packed"))
+    if occupied(out) and not (out / PACKED_NAME).is_file():
+        # Only a folder this tool exported into before (it holds a packed model) may be written again.
+        raise UserError(f"--out '{out}' exists and holds something other than a hybridopt export; "
+                        "choose another --out (nothing in it is replaced)")
+    # A run is packed as it was trained; flags given here win; a plain model is packed to ternary.
+    quant, plan = _quantization(cfg, run, saved, TERNARY, reporter)
     with for_flag("--model"):
         model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
     with for_flag("--group_size"):
@@ -61,3 +79,44 @@ def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
     reporter.line(f"Packed {len(names)} Linear modules ({quant.describe()}) into {path}")
     reporter.line(format_report(report))
     return path
+
+
+def export_student_gguf(cfg: ExportConfig, gguf_type: str, embed_type: str | None = None,
+                        reporter: Reporter | None = None) -> GGUFReport:
+    """Write the model in `cfg.model` as a GGUF file for llama.cpp (`hybridopt export --format gguf`).
+
+    A run is written as it was trained (its precision plan too), a packed export as it was packed, a plain
+    model ternarized for tq1_0/tq2_0 (or at `--bits`) and otherwise left in full precision. `cfg.out` names
+    the `.gguf` file (default: `<run>/export/model-<type>.gguf`, or `<model>-<type>.gguf` beside a folder).
+    """
+    reporter = reporter or Reporter()
+    src, run, saved, fp_dir = _student_source(cfg)
+    default = src.resolve().with_name(f"{src.resolve().name}-{gguf_type}.gguf")
+    out = Path(cfg.out) if cfg.out else (run.export / f"model-{gguf_type}.gguf" if saved else default)
+    if out.suffix != ".gguf":
+        raise UserError(f"--out '{out}' must name a .gguf file")
+    if occupied(out) and not is_gguf_file(out):
+        raise UserError(f"--out '{out}' exists and is not a GGUF file; choose another --out (nothing is replaced)")
+    packed = (fp_dir / PACKED_NAME).is_file()
+    if packed and (cfg.bits or cfg.group_size or cfg.quantize_head):
+        raise UserError(f"--model '{src}' is a packed export, whose widths are fixed; pass its run or the "
+                        "full-precision student to change --bits, --group_size or --quantize_head")
+    with for_flag("--model"):
+        model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
+    codes, quant = None, None
+    if packed:
+        with for_flag("--model"):
+            codes = packed_codes(fp_dir)
+    else:
+        quant, _ = _quantization(cfg, run, saved, TERNARY if gguf_type.startswith("tq") else None, reporter)
+        if quant is not None:
+            with for_flag("--group_size"):
+                quantize_(model, quant)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with for_flag("--type"):
+        report = export_gguf(model, out, tokenizer, gguf_type, embed_type, codes=codes, name=src.resolve().name)
+    if quant is not None and quant.act_bits:
+        report.notes.append("the run quantized activations per token (--act_bits 8); llama.cpp quantizes them "
+                            "per block of 32 or 256 itself, so its outputs differ slightly")
+    reporter.line(report.format())
+    return report
