@@ -2,6 +2,7 @@
 
     hybridopt distill [--epochs 20] [--teacher DIR] [--data FILE...] ...
     hybridopt teacher [--data FILE...] [--out DIR] ...
+    hybridopt bench [--quick] [--task distill mlp] [--arms adamw_cosine hybrid_adam] ...
 
 User errors print one line, `hybridopt: error: ...`, and exit with status 2.
 """
@@ -16,7 +17,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from hybridopt import __version__
-from hybridopt.config import DistillConfig, ExportConfig, GenerateConfig, InspectConfig, TeacherConfig, default_teacher_config
+from hybridopt.config import BenchConfig, DistillConfig, ExportConfig, GenerateConfig, InspectConfig, TeacherConfig, default_teacher_config
 from hybridopt.errors import UserError, for_flag
 
 
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a student (packed or full precision)",
                        description=GenerateConfig.__doc__)
     add_dataclass_arguments(p, GenerateConfig)
+    p = sub.add_parser("bench", help="compare the hybrid optimizer with AdamW, Schedule-Free, Prodigy, Muon and SGD",
+                       description=BenchConfig.__doc__)
+    add_dataclass_arguments(p, BenchConfig)
     p = sub.add_parser("inspect", help="show the precision plan, sizes and measured errors of an export",
                        description=InspectConfig.__doc__)
     p.add_argument("path", metavar="DIR", help=InspectConfig.__dataclass_fields__["path"].metadata["help"])
@@ -125,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             from hybridopt.recipes.export_student import export_student
 
             export_student(ExportConfig(**values))
+        elif args.command == "bench":
+            from hybridopt.recipes.bench import run_bench
+
+            run_bench(BenchConfig(**values))
         elif args.command == "generate":
             _generate(GenerateConfig(**values))
         else:

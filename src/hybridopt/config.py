@@ -296,3 +296,62 @@ class ExportConfig:
         if self.bits is not None:
             self.bits = _canonical_bits(self.bits)
         _positive("group_size", self.group_size)
+
+
+BENCH_TASKS = ["distill", "distill_ternary", "mlp"]
+BENCH_ARMS = ["sgd", "sgd_cosine", "sgd_cosine_clusters", "hybrid_sgd", "adamw_cosine", "schedulefree_adamw",
+              "prodigy", "muon", "hybrid_adam", "hybrid_frozen", "hybrid_random", "hybrid_no_trust"]
+# Presets: steps, batch, seq_len, eval_every, curve blocks, grid points, seeds (docs/GUIDE.md, "hybridopt bench").
+BENCH_PRESETS = {
+    "quick": dict(steps=6, batch_size=4, seq_len=32, eval_every=3, curve_blocks=8, grid_points=2, seeds=2,
+                  mlp_steps=60),
+    "default": dict(steps=120, batch_size=8, seq_len=64, eval_every=10, curve_blocks=48, grid_points=5, seeds=3,
+                    mlp_steps=600),
+    "full": dict(steps=1000, batch_size=16, seq_len=128, eval_every=25, curve_blocks=128, grid_points=7, seeds=5,
+                 mlp_steps=3000),
+}
+
+
+@dataclass
+class BenchConfig:
+    """`hybridopt bench`: every optimizer arm on the same tasks, learning-rate grid and seeds."""
+
+    task: list[str] = _arg(list(BENCH_TASKS), "tasks to run", nargs="+", choices=BENCH_TASKS)
+    arms: list[str] = _arg(list(BENCH_ARMS), "arms to run (hybrid_random needs hybrid_adam)", nargs="+", choices=BENCH_ARMS)
+    quick: bool = _arg(False, "smoke preset: a few steps, 2 grid points, 2 seeds (minutes on 2 CPU cores)")
+    full: bool = _arg(False, "large preset for a GPU: 1000 steps of 16 x 128 tokens, 7 grid points, 5 seeds")
+    steps: int | None = _arg(None, "optimizer steps per LM run (default: the preset's)")
+    mlp_steps: int | None = _arg(None, "optimizer steps per mlp run (default: the preset's)")
+    batch_size: int | None = _arg(None, "sequences (or mlp points / 8) per step (default: the preset's)")
+    seq_len: int | None = _arg(None, "tokens per sequence (default: the preset's)")
+    grid_points: int | None = _arg(None, "learning rates per arm, log-spaced over [--lr_min, --lr_max] (default: the preset's)")
+    lr_min: float = _arg(1e-4, "lowest Adam-type learning rate of the grid (SGD's is x100, Prodigy's d_coef grid is centred on 1)")
+    lr_max: float = _arg(1e-1, "highest Adam-type learning rate of the grid")
+    seeds: int | None = _arg(None, "seeds per grid point (default: the preset's)")
+    teacher: str | None = _arg(None, "teacher for the distill tasks (default: the cached default teacher)")
+    data: list[str] = _arg([], "text for the distill tasks (default: the embedded Python-docs corpus)", nargs="+")
+    out: str | None = _arg(None, "output folder (default: hybridopt-runs/bench-<timestamp>)")
+    device: str = _arg("auto", "cpu, cuda, cuda:N or auto")
+    no_cost: bool = _arg(False, "skip the cost measurements (step-time ratios, pipeline overhead)")
+
+    def __post_init__(self):
+        if self.quick and self.full:
+            raise UserError("--quick and --full are two presets; pass one of them")
+        preset = BENCH_PRESETS[self.preset]
+        for name in ("steps", "mlp_steps", "batch_size", "seq_len", "grid_points", "seeds"):
+            _positive(name, getattr(self, name))
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
+        self.eval_every, self.curve_blocks = preset["eval_every"], preset["curve_blocks"]
+        if self.grid_points < 2:
+            raise UserError(f"--grid_points must be at least 2, got {self.grid_points}")
+        if not 0 < self.lr_min < self.lr_max:
+            raise UserError(f"--lr_min must be positive and below --lr_max, got {self.lr_min} and {self.lr_max}")
+        if "hybrid_random" in self.arms and "hybrid_adam" not in self.arms:
+            raise UserError("--arms hybrid_random replays hybrid_adam's multipliers; add hybrid_adam")
+        self.task = list(dict.fromkeys(self.task))
+        self.arms = list(dict.fromkeys(self.arms))
+
+    @property
+    def preset(self) -> str:
+        return "quick" if self.quick else "full" if self.full else "default"

@@ -234,7 +234,7 @@ class Trainer:
                     self.sampler.set_epoch(self.epoch, self.step_in_epoch)
                     start = time.perf_counter()
                     for indices in self.sampler:
-                        loss, row = self._train_step(indices, params)
+                        loss, row = self.train_step(indices, params)
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                         if self.metrics:
@@ -252,7 +252,7 @@ class Trainer:
             self.reporter.close_progress()
         return self.history
 
-    def _train_step(self, indices: list[int], params: list[torch.Tensor]) -> tuple[float, dict]:
+    def train_step(self, indices: list[int], params: list[torch.Tensor]) -> tuple[float, dict]:
         """Forward, backward, clip and step on one batch; a non-finite loss or gradient skips the update
         (the schedule still advances). Returns the loss and the step's metrics row."""
         cfg = self.cfg

@@ -1,0 +1,209 @@
+"""The arms of `hybridopt bench`: the optimizers compared, each with its schedule and learning-rate grid.
+
+An arm builds its optimizer(s) for a model at one grid value. Every arm gets the same parameter groups
+(weight decay 0.01 on matrices, none on norms and biases, as `hybridopt distill`), the same warmup (5% of
+the steps) where it has a schedule, and the same number of grid points. The grids are one log grid scaled
+per family: Adam-type rates as given, SGD rates x100 (SGD's steps are gradient-sized, Adam's are
+sign-sized), Prodigy's `d_coef` (its own knob; lr stays 1) centred on its default 1.
+
+The arms (the design document's four first, then what practitioners pick, then ablations of the hybrid):
+
+    sgd                  SGD with momentum 0.9, constant rate (the design document's baseline)
+    sgd_cosine           + warmup and cosine decay
+    sgd_cosine_clusters  + cluster-stratified batches (data clusters)
+    hybrid_sgd           the design document's full hybrid: controller and trust region over SGD momentum,
+                         warmup-cosine, data clusters
+    adamw_cosine         AdamW + warmup-cosine (the reference every arm is measured against)
+    schedulefree_adamw   Schedule-Free AdamW (`schedulefree`), its own warmup, no schedule
+    prodigy              Prodigy (`prodigyopt`), lr 1 with warmup-cosine, grid over d_coef
+    muon                 torch.optim.Muon on the 2-D hidden weights (AdamW-matched RMS), AdamW on
+                         embeddings, norms and head, one rate for both, warmup-cosine
+    hybrid_adam          `distill --hybrid`: controller and trust region over the Adam direction
+    hybrid_frozen        hybrid_adam with the controller frozen at initialisation
+    hybrid_random        hybrid_adam's own multipliers at the same lr and seed, shuffled in time
+                         (same spread, no information)
+    hybrid_no_trust      hybrid_adam without the trust region
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hybridopt.config import TrainConfig
+from hybridopt.hybrid_optimizer import HybridOptimizer
+
+WEIGHT_DECAY = 0.01
+MOMENTUM = 0.9
+BETAS = (0.9, 0.95)  # as `hybridopt distill`
+SGD_SCALE = 100.0  # SGD's grid is the Adam grid times this
+PRODIGY_CENTRE = 1.0  # Prodigy's grid (d_coef) is the Adam grid moved to centre on this
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on matrices only, as `hybridopt distill`."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}]
+
+
+class ReplayedMultiplierHybrid(HybridOptimizer):
+    """The hybrid optimizer with its controller off and the learning-rate multiplier of each step taken
+    from a given sequence (the `hybrid_random` ablation: another run's multipliers, shuffled)."""
+
+    def __init__(self, params, multipliers: Sequence[float], **kwargs):
+        super().__init__(params, use_controller=False, **kwargs)
+        self.multipliers = list(multipliers)
+
+    @torch.no_grad()
+    def step(self, closure=None, loss=None):
+        m = self.multipliers[min(self.hybrid_state.step, len(self.multipliers) - 1)]
+        for group in self.param_groups:
+            group["lr_multiplier"] = m
+        return super().step(closure, loss)
+
+
+def _hybrid_kwargs() -> dict:
+    """The settings `hybridopt distill --hybrid` gives the hybrid optimizer (TrainConfig's defaults)."""
+    d = TrainConfig()
+    return dict(betas=BETAS, use_trust_region=d.trust_region, trust_radius=d.trust_radius,
+                adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, trace_decay=d.controller_trace)
+
+
+def _hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(2-D weights inside the blocks, everything else): Muon's and AdamW's shares of a model."""
+    io = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    out = getattr(model, "get_output_embeddings", lambda: None)()
+    if out is not None:
+        io |= {id(p) for p in out.parameters()}
+    hidden, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (hidden if p.dim() == 2 and id(p) not in io else rest).append(p)
+    return hidden, rest
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What an arm may need besides the model and the grid value."""
+
+    total_steps: int
+    warmup_steps: int
+    num_clusters: int = 0
+    replay_multipliers: Sequence[float] | None = None  # hybrid_random: the multipliers to shuffle
+    seed: int = 0
+
+
+def _sgd(model, lr, ctx):
+    return [torch.optim.SGD(param_groups(model), lr=lr, momentum=MOMENTUM)]
+
+
+def _adamw(model, lr, ctx):
+    return [torch.optim.AdamW(param_groups(model), lr=lr, betas=BETAS)]
+
+
+def _schedulefree(model, lr, ctx):
+    import schedulefree
+
+    return [schedulefree.AdamWScheduleFree(param_groups(model), lr=lr, betas=BETAS, warmup_steps=ctx.warmup_steps)]
+
+
+def _prodigy(model, d_coef, ctx):
+    import prodigyopt
+
+    return [prodigyopt.Prodigy(param_groups(model), lr=1.0, betas=BETAS, d_coef=d_coef, safeguard_warmup=True,
+                               use_bias_correction=True)]
+
+
+def _muon(model, lr, ctx):
+    hidden, rest = _hidden_matrices(model)
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    return [torch.optim.Muon(hidden, lr=lr, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=BETAS)]
+
+
+def _hybrid(base: str, clusters: bool = False, **overrides) -> Callable:
+    def build(model, lr, ctx):
+        kwargs = {**_hybrid_kwargs(), **overrides}
+        return [HybridOptimizer(param_groups(model), lr=lr, base=base,
+                                num_clusters=ctx.num_clusters if clusters else 0, **kwargs)]
+    return build
+
+
+def _hybrid_random(model, lr, ctx):
+    if not ctx.replay_multipliers:
+        raise ValueError("hybrid_random replays hybrid_adam's multipliers: run hybrid_adam first")
+    shuffled = list(ctx.replay_multipliers)
+    random.Random(ctx.seed).shuffle(shuffled)
+    return [ReplayedMultiplierHybrid(param_groups(model), shuffled, lr=lr, base="adam", **_hybrid_kwargs())]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One optimizer setting of the bench.
+
+    Attributes:
+        name: short name (results, tables, `--arms`).
+        description: one line for the tables.
+        family: which grid it runs on: "adam", "sgd" or "prodigy".
+        schedule: "cosine" (warmup then cosine to 10%), "constant", or "none" (the optimizer schedules itself).
+        clusters: sample cluster-stratified batches.
+        build: (model, grid value, BuildContext) -> the optimizers (Muon has two).
+    """
+
+    name: str
+    description: str
+    family: str
+    schedule: str
+    build: Callable[[nn.Module, float, BuildContext], list[torch.optim.Optimizer]]
+    clusters: bool = False
+
+    def grid(self, adam_grid: Sequence[float]) -> list[float]:
+        """This arm's values on the shared log grid (the same number of points for every arm)."""
+        if self.family == "sgd":
+            return [float(f"{v * SGD_SCALE:.3g}") for v in adam_grid]
+        if self.family == "prodigy":
+            mid = sorted(adam_grid)[len(adam_grid) // 2]
+            return [float(f"{v * PRODIGY_CENTRE / mid:.3g}") for v in adam_grid]
+        return list(adam_grid)
+
+    @property
+    def knob(self) -> str:
+        return "d_coef" if self.family == "prodigy" else "lr"
+
+
+ARMS: dict[str, Arm] = {a.name: a for a in [
+    Arm("sgd", "SGD momentum 0.9, constant rate (design document baseline)", "sgd", "constant", _sgd),
+    Arm("sgd_cosine", "SGD momentum + warmup-cosine", "sgd", "cosine", _sgd),
+    Arm("sgd_cosine_clusters", "SGD momentum + warmup-cosine + data clusters", "sgd", "cosine", _sgd, clusters=True),
+    Arm("hybrid_sgd", "design document's full hybrid: controller + trust region over SGD momentum, cosine, "
+        "data clusters", "sgd", "cosine", _hybrid("sgd", clusters=True), clusters=True),
+    Arm("adamw_cosine", "AdamW + warmup-cosine (reference)", "adam", "cosine", _adamw),
+    Arm("schedulefree_adamw", "Schedule-Free AdamW", "adam", "none", _schedulefree),
+    Arm("prodigy", "Prodigy, warmup-cosine, grid over d_coef", "prodigy", "cosine", _prodigy),
+    Arm("muon", "Muon (hidden matrices) + AdamW (embeddings, norms, head), warmup-cosine", "adam", "cosine", _muon),
+    Arm("hybrid_adam", "distill --hybrid: controller + trust region over Adam, warmup-cosine", "adam", "cosine",
+        _hybrid("adam")),
+    Arm("hybrid_frozen", "ablation: hybrid_adam, controller frozen at initialisation", "adam", "cosine",
+        _hybrid("adam", learn_controller=False)),
+    Arm("hybrid_random", "ablation: hybrid_adam's multipliers shuffled in time", "adam", "cosine", _hybrid_random),
+    Arm("hybrid_no_trust", "ablation: hybrid_adam without the trust region", "adam", "cosine",
+        _hybrid("adam", use_trust_region=False)),
+]}
+
+REFERENCE = "adamw_cosine"
+HYBRID = "hybrid_adam"
+BASELINE = "sgd"
+
+
+def set_lr_scale(optimizers: list[torch.optim.Optimizer], base_lrs: list[list[float]], scale: float) -> None:
+    """Set every group's lr to its initial value times `scale` (the schedule's factor at this step)."""
+    for opt, lrs in zip(optimizers, base_lrs):
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr * scale
