@@ -263,3 +263,30 @@ def test_import_refuses_what_transformers_cannot_load(tok, tmp_path):
         load_gguf(tmp_path / "c.gguf")
     with pytest.raises(ValueError, match="not a .gguf file nor a folder holding one"):
         load_gguf(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_llama_cpp_computes_what_pytorch_computes(tok, tmp_path, monkeypatch):
+    """Needs llama-cpp-python (built from source: pip install llama-cpp-python); skipped without it."""
+    pytest.importorskip("llama_cpp")
+    from hybridopt import gguf as hgguf
+
+    model = _model(tok, TERNARY)
+    ids = _ids(tok)[0].tolist()
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+
+    def error(path) -> float:
+        llm = hgguf.llama_cpp_model(path, n_ctx=len(ids), n_threads=2, logits_all=True)
+        assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tok(TEXT, add_special_tokens=False)["input_ids"]
+        return float(np.abs(hgguf.llama_cpp_logits(llm, ids) - reference).max() / np.abs(reference).max())
+
+    errors = {}
+    for kind in ("f16", "tq2_0", "tq1_0", "q8_0"):
+        export_gguf(model, tmp_path / f"{kind}.gguf", tok, kind, embed_type="f16")
+        errors[kind] = error(tmp_path / f"{kind}.gguf")
+    # f16 activations, or 8-bit activation blocks for the quantized types: close, not equal
+    assert errors["f16"] < 0.01 and max(errors.values()) < 0.05, errors
+    monkeypatch.setattr(hgguf, "_permute_rows", lambda w, n_head: w)  # HF's rotary layout left as it is
+    export_gguf(model, tmp_path / "unpermuted.gguf", tok, "f16", embed_type="f16")
+    assert error(tmp_path / "unpermuted.gguf") > 5 * errors["f16"]
