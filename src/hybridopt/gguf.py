@@ -492,6 +492,13 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[tor
 
 
 # ----------------------------------------------------------------------------------------------- llama.cpp
+def have_llama_cpp() -> bool:
+    """Whether llama-cpp-python is installed (it runs GGUF files; optional: it compiles llama.cpp on install)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def llama_cpp_model(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = False):
     """A `llama_cpp.Llama` for a GGUF file (needs `pip install llama-cpp-python`)."""
     try:
