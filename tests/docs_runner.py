@@ -57,6 +57,8 @@ TINY_TEACHER = ["--vocab_size", "300", "--hidden", "32", "--layers", "1", "--int
 # A doc's --group_size is chosen for the default student's widths (256, 512); 32 divides the tiny ones.
 TINY_GROUP_SIZE = ["--group_size", "32"]
 TINY_GENERATE = ["--max_new_tokens", "4", "--device", "cpu"]
+TINY_BENCH = ["--quick", "--arms", "adamw_cosine", "hybrid_adam", "--steps", "2", "--mlp_steps", "6", "--no_cost",
+              "--device", "cpu"]
 
 
 class DocError(AssertionError):
@@ -224,6 +226,11 @@ class DocRun:
             if not _value(args, "--out"):
                 self.runs += 1
                 args += ["--out", f"teachers/teacher-docs-{self.runs:03d}"]
+        elif sub == "bench":  # two arms, a few steps: the quick preset of all arms runs in tests/test_bench.py
+            args += ["--teacher", str(self.teacher), "--data", str(self.data), *TINY_BENCH]
+            if not _value(args, "--out"):
+                self.runs += 1
+                args += ["--out", f"hybridopt-runs/bench-docs-{self.runs:03d}"]
         elif sub == "generate":
             args += TINY_GENERATE
         elif sub in ("export", "inspect"):
@@ -233,7 +240,7 @@ class DocRun:
     def _main(self, argv: list[str]) -> tuple[int, str]:
         from hybridopt.cli import main
 
-        if argv and argv[0] in ("distill", "teacher-cache", "teacher", "export", "generate", "inspect") \
+        if argv and argv[0] in ("distill", "teacher-cache", "teacher", "export", "generate", "inspect", "bench") \
                 and "--help" not in argv:
             argv = self._tiny(argv)
         out = io.StringIO()

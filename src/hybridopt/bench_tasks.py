@@ -17,6 +17,7 @@ maximum, which carry the probability mass) and reused by every arm and seed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -168,6 +169,7 @@ class MLPTask:
     32-256-256-10 GELU MLP with LayerNorm. Loss: cross-entropy (nats), as the LM tasks."""
 
     dim, classes, hidden, n_train, n_val = 32, 10, 256, 8192, 2048
+    threads = 1  # matrices this small gain nothing from intra-op threads, and lose a lot on a busy machine
 
     def __init__(self, budget: Budget, device: torch.device):
         self.name, self.budget, self.device = "mlp", budget, device
@@ -240,8 +242,25 @@ def _state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
                for t in st.values() if isinstance(t, torch.Tensor))
 
 
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run with `n` intra-op threads (None: leave torch's setting), restored afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_arm(task, arm: Arm, lr: float, seed: int, replay: list[float] | None = None) -> RunResult:
     """Train a fresh model of `task` with `arm` at grid value `lr`; stop early when it diverges."""
+    with _threads(getattr(task, "threads", None)):
+        return _run_arm(task, arm, lr, seed, replay)
+
+
+def _run_arm(task, arm: Arm, lr: float, seed: int, replay: list[float] | None) -> RunResult:
     b = task.budget
     model = task.new_model(seed)
     model.train()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import types
 import typing
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from hybridopt.recipes.bench import run_bench
 
-            run_bench(BenchConfig(**values))
+            words = sys.argv[1:] if argv is None else argv
+            run_bench(BenchConfig(**values), command="hybridopt " + shlex.join(words))
         elif args.command == "generate":
             _generate(GenerateConfig(**values))
         else:

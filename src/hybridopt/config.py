@@ -305,7 +305,7 @@ BENCH_ARMS = ["sgd", "sgd_cosine", "sgd_cosine_clusters", "hybrid_sgd", "adamw_c
 BENCH_PRESETS = {
     "quick": dict(steps=6, batch_size=4, seq_len=32, eval_every=3, curve_blocks=8, grid_points=2, seeds=2,
                   mlp_steps=60),
-    "default": dict(steps=120, batch_size=8, seq_len=64, eval_every=10, curve_blocks=48, grid_points=5, seeds=3,
+    "default": dict(steps=100, batch_size=8, seq_len=64, eval_every=10, curve_blocks=48, grid_points=5, seeds=3,
                     mlp_steps=600),
     "full": dict(steps=1000, batch_size=16, seq_len=128, eval_every=25, curve_blocks=128, grid_points=7, seeds=5,
                  mlp_steps=3000),
@@ -331,10 +331,13 @@ class BenchConfig:
     teacher: str | None = _arg(None, "teacher for the distill tasks (default: the cached default teacher)")
     data: list[str] = _arg([], "text for the distill tasks (default: the embedded Python-docs corpus)", nargs="+")
     out: str | None = _arg(None, "output folder (default: hybridopt-runs/bench-<timestamp>)")
+    resume: bool = _arg(False, "continue the bench in --out: runs already in its results.json are kept, the rest run")
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto")
     no_cost: bool = _arg(False, "skip the cost measurements (step-time ratios, pipeline overhead)")
 
     def __post_init__(self):
+        if self.resume and not self.out:
+            raise UserError("--resume continues the bench in --out DIR; pass --out")
         if self.quick and self.full:
             raise UserError("--quick and --full are two presets; pass one of them")
         preset = BENCH_PRESETS[self.preset]

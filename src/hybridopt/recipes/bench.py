@@ -16,7 +16,6 @@ import math
 import platform
 import resource
 import shlex
-import sys
 import time
 from dataclasses import asdict
 from importlib import metadata
@@ -63,17 +62,55 @@ def _tasks(cfg: BenchConfig, device: torch.device, reporter: Reporter) -> list:
     return tasks
 
 
-def _command() -> str:
-    return "hybridopt bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else \
-        "hybridopt bench"
+def _equivalent_command(cfg: BenchConfig) -> str:
+    """`hybridopt bench` with the flags that differ from their defaults (for runs started from Python)."""
+    defaults, words = BenchConfig(quick=cfg.quick, full=cfg.full), ["hybridopt", "bench"]
+    words += ["--quick"] if cfg.quick else ["--full"] if cfg.full else []
+    for name, value in asdict(cfg).items():
+        if name in ("quick", "full") or value == getattr(defaults, name):
+            continue
+        if value is True:
+            words.append(f"--{name}")
+        elif isinstance(value, list):
+            words += [f"--{name}", *map(str, value)]
+        elif value is not None and value is not False:
+            words += [f"--{name}", str(value)]
+    return shlex.join(words)
 
 
-def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> Path:
-    """Run the bench; return the output folder."""
+def _identity(cfg: BenchConfig) -> dict:
+    """The config without what a resumed bench may change (where it runs and writes)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("resume", "out", "device")}
+
+
+def _previous_runs(out: Path, cfg: BenchConfig) -> list[dict]:
+    """The finished runs of the bench in `out`, after checking it is the same bench."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise UserError(f"--resume: '{out}' holds no bench (no results.json); start one with --out {out}")
+    try:
+        record = json.loads(path.read_text())
+        saved, runs = record["config"], list(record["runs"])
+        keys = {(r["task"], r["arm"], r["lr"], r["seed"]) for r in runs}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--resume: '{path}' is not a readable bench record ({e!r}); start a new bench") from None
+    if saved != _identity(cfg):
+        changed = sorted(k for k in set(saved) | set(_identity(cfg)) if saved.get(k) != _identity(cfg).get(k))
+        raise UserError(f"--resume: the bench in '{out}' ran with other settings ({', '.join(changed)}); "
+                        "resume it with the same flags or start a new one")
+    if len(keys) != len(runs):
+        raise UserError(f"--resume: '{path}' lists a run twice; start a new bench")
+    return runs
+
+
+def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str | None = None) -> Path:
+    """Run the bench; return the output folder. `command` is what RESULTS.md names as its producer
+    (default: `hybridopt bench` with the config's non-default flags)."""
     reporter = reporter or Reporter()
     out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("bench-%Y%m%d-%H%M%S")
-    if occupied(out):
-        raise UserError(f"--out '{out}' exists and is not empty; choose another --out")
+    previous = _previous_runs(out, cfg) if cfg.resume else []
+    if not cfg.resume and occupied(out):
+        raise UserError(f"--out '{out}' exists and is not empty; choose another --out, or --resume a bench there")
     with for_flag("--device"):
         device = resolve_device(cfg.device)
     started = time.time()
@@ -81,23 +118,33 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     grid = log_grid(cfg.lr_min, cfg.lr_max, cfg.grid_points)
     arms = sorted((ARMS[a] for a in cfg.arms), key=lambda a: a.name == "hybrid_random")  # after hybrid_adam
-    plan = [(t, a, lr, seed) for t in tasks for seed in range(cfg.seeds) for a in arms for lr in a.grid(grid)]
+    # Seed by seed across tasks, so that a bench stopped early still holds whole seeds of every task.
+    plan = [(t, a, lr, seed) for seed in range(cfg.seeds) for t in tasks for a in arms for lr in a.grid(grid)]
     reporter.line(f"Bench ({cfg.preset} preset): {len(tasks)} tasks x {len(arms)} arms x {cfg.grid_points} grid "
                   f"points x {cfg.seeds} seeds = {len(plan)} runs; {cfg.steps} steps of {cfg.batch_size} x "
                   f"{cfg.seq_len} tokens per LM run, {cfg.mlp_steps} steps per mlp run; writing to {out}")
-    record = {"command": _command(), "config": asdict(cfg), "preset": cfg.preset, "versions": _versions(),
+    record = {"command": command or _equivalent_command(cfg), "config": _identity(cfg), "preset": cfg.preset, "versions": _versions(),
               "device": str(device), "adam_grid": grid, "tasks": {}, "runs": []}
     for t in tasks:
         record["tasks"][t.name] = {"description": t.description, "steps": t.budget.steps,
                                    "batch_size": t.budget.batch_size, "seq_len": t.budget.seq_len,
                                    "teacher_val_loss": t.val_loss_teacher}
 
+    done = {(r["task"], r["arm"], r["lr"], r["seed"]): r for r in previous}
+    if done:
+        reporter.line(f"Resuming: {len(done)} of {len(plan)} runs are already in {out / 'results.json'}")
+
     def save() -> None:
         atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
     bar = reporter.progress(len(plan), 0, "bench runs")
+    stopped = None
     try:
         for task, arm, lr, seed in plan:
+            if (task.name, arm.name, lr, seed) in done:
+                record["runs"].append(done[(task.name, arm.name, lr, seed)])
+                bar.update(1)
+                continue
             replay = None
             if arm.name == "hybrid_random":
                 replay = next(r["lr_multiplier"] for r in record["runs"] if r["task"] == task.name
@@ -107,13 +154,21 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> Path:
             save()
             bar.update(1)
             bar.set_postfix(task=task.name, arm=arm.name, lr=f"{lr:g}", loss=f"{result['final_loss']:.4f}", refresh=False)
+    except KeyboardInterrupt as e:  # Ctrl-C: report what was measured, then stop as interrupted
+        stopped = e
+        record["interrupted_after_runs"] = len(record["runs"])
+        record["planned_runs"] = len(plan)
+        reporter.warn(f"interrupted after {len(record['runs'])} of {len(plan)} runs; writing a partial report")
     finally:
         reporter.close_progress()
+    tasks = [t for t in tasks if any(r["task"] == t.name for r in record["runs"])]
+    if not tasks:
+        raise stopped or UserError("no run finished")
     record["summaries"] = {t.name: summarize([r for r in record["runs"] if r["task"] == t.name], t.budget.steps,
                                              REFERENCE) for t in tasks}
-    if not cfg.no_cost:
+    if not cfg.no_cost and stopped is None:
         reporter.line("Measuring costs (step-time ratios in one process, pipeline overhead)")
-        record["costs"] = measure_costs(tasks[0], arms, cfg.seeds)
+        record["costs"] = measure_costs(tasks[0], arms, *((2, 2) if cfg.quick else (5, 5)))
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     record["wall_s"] = time.time() - started
     save()
@@ -125,6 +180,8 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> Path:
     atomic_write(out / "RESULTS.md", lambda tmp: Path(tmp).write_text(text))
     reporter.line(format_headline(record))
     reporter.line(f"Wrote {out / 'results.json'}, {out / 'RESULTS.md'} and 3 plots")
+    if stopped is not None:
+        raise stopped
     return out
 
 
@@ -306,6 +363,9 @@ def format_results(record: dict) -> str:
              f"centred on 1). Device {record['device']}, {v['torch_threads']} threads; torch {v['torch']}, "
              f"transformers {v['transformers']}, schedulefree {v['schedulefree']}, prodigyopt {v['prodigyopt']}. "
              f"Wall time {record['wall_s'] / 60:.1f} min.",
+             *([] if "interrupted_after_runs" not in record else [
+                 "", f"**Partial**: interrupted after {record['interrupted_after_runs']} of {record['planned_runs']} "
+                     "runs; the tables summarise the runs that finished (fewer seeds where a grid point is short)."]),
              "", "Medians over seeds with bootstrap 95% intervals; a difference is called better or worse only when "
                  "the intervals do not overlap. Validation loss in nats per token (per example for mlp). The loss "
                  "curves use a fixed subset of the validation split; final losses use all of it. A run is "

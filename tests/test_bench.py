@@ -1,0 +1,162 @@
+"""`hybridopt bench`: the arms, the run loop on the mlp task, and the command end to end (quick preset)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hybridopt.bench_arms import ARMS, BuildContext, ReplayedMultiplierHybrid, _hidden_matrices
+from hybridopt.bench_tasks import Budget, MLPTask, run_arm
+from hybridopt.config import BENCH_ARMS
+from hybridopt.errors import UserError
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16))
+
+
+def test_arms_cover_the_config_choices_and_scale_their_grids():
+    assert list(ARMS) == BENCH_ARMS
+    grid = [1e-4, 1e-3, 1e-2]
+    assert ARMS["adamw_cosine"].grid(grid) == grid
+    assert ARMS["sgd"].grid(grid) == [0.01, 0.1, 1.0]
+    assert ARMS["prodigy"].grid(grid) == [0.1, 1.0, 10.0]  # d_coef, centred on Prodigy's default
+    assert {len(a.grid(grid)) for a in ARMS.values()} == {3}
+
+
+def test_muon_gets_the_hidden_matrices_and_adamw_the_rest():
+    model = _tiny_llama()
+    hidden, rest = _hidden_matrices(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in hidden) == sorted(
+        n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n)
+    assert {names[id(p)] for p in rest} >= {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    muon, adamw = ARMS["muon"].build(model, 1e-3, BuildContext(10, 1))
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert not in_muon & in_adamw and in_muon | in_adamw == {id(p) for p in model.parameters()}
+
+
+def test_hybrid_random_replays_exactly_the_given_multipliers_shuffled():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    given = [0.5, 1.0, 2.0, 4.0]
+    (opt,) = ARMS["hybrid_random"].build(model, 1e-3, BuildContext(4, 1, replay_multipliers=given, seed=1))
+    assert isinstance(opt, ReplayedMultiplierHybrid)
+    seen = []
+    for _ in range(4):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step(loss=1.0)
+        opt.zero_grad()
+        seen.append(opt.param_groups[0]["lr_multiplier"])
+    assert sorted(seen) == given and seen != given  # a permutation, not the original order
+    with pytest.raises(ValueError, match="run hybrid_adam first"):
+        ARMS["hybrid_random"].build(model, 1e-3, BuildContext(4, 1))
+
+
+def test_every_arm_trains_the_mlp_and_same_seed_means_same_start_and_batches():
+    task = MLPTask(Budget(steps=40, batch_size=64, seq_len=0, eval_every=20, curve_blocks=16), torch.device("cpu"))
+    a, b = task.new_model(3), task.new_model(3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert list(task.batches(3, False)(5)) == list(task.batches(3, False)(5))
+    replay = None
+    for name, arm in ARMS.items():
+        res = run_arm(task, arm, arm.grid([3e-3])[0], 0, replay)
+        if name == "hybrid_adam":
+            replay = res.lr_multiplier
+            assert len(res.lr_multiplier) == 40
+        assert res.steps == [0, 20, 40] and len(res.train_loss) == 40
+        assert res.diverged_at is None and math.isfinite(res.final_loss), name
+        assert res.curve[-1] < res.curve[0] - 0.05, f"{name} did not learn: {res.curve}"
+        assert res.optimizer_state_bytes > 0, name
+
+
+def test_a_diverging_run_stops_and_scores_infinite():
+    task = MLPTask(Budget(steps=60, batch_size=64, seq_len=0, eval_every=5, curve_blocks=16), torch.device("cpu"))
+    res = run_arm(task, ARMS["sgd"], 1e4, 0)
+    assert res.diverged_at is not None and res.diverged_at < 60
+    assert res.final_loss == math.inf
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hybridopt", "bench", *args], capture_output=True, text=True)
+
+
+def test_bench_quick_runs_every_arm_on_every_task(tiny_teacher, corpus_file, tmp_path):
+    out = tmp_path / "bench"
+    r = _bench("--quick", "--teacher", str(tiny_teacher), "--data", str(corpus_file), "--out", str(out),
+               "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((out / "results.json").read_text())
+    runs = {(x["task"], x["arm"], x["lr"], x["seed"]) for x in record["runs"]}
+    grid = record["adam_grid"]
+    expected = {(t, a.name, lr, s) for t in ("distill", "distill_ternary", "mlp") for a in ARMS.values()
+                for lr in a.grid(grid) for s in range(2)}
+    assert runs == expected
+    text = (out / "RESULTS.md").read_text()
+    assert text.splitlines()[4].startswith("hybridopt bench --quick")
+    for task in ("distill", "distill_ternary", "mlp"):
+        assert f"## Task `{task}`" in text
+        assert set(record["summaries"][task]["arms"]) == set(ARMS)
+        for arm in ARMS:
+            assert f"| {arm} | " in text
+    assert "| 35% faster convergence" in text and "| 33% lower quantization error" in text
+    assert set(record["costs"]["arms"]) == set(ARMS) and record["costs"]["pipeline"]["tokens_per_s_ratio"] > 0
+    for png in ("curves.png", "lr_robustness.png", "steps_to_target.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from hybridopt.cli import main
+
+    (tmp_path / "mine.txt").write_text("keep me")
+    for args, words in [(("--out", str(tmp_path)), "exists and is not empty"),
+                        (("--quick", "--full"), "two presets"),
+                        (("--arms", "hybrid_random"), "add hybrid_adam"),
+                        (("--lr_min", "1", "--lr_max", "0.1"), "--lr_min"),
+                        (("--resume",), "pass --out"),
+                        (("--resume", "--out", str(tmp_path)), "holds no bench")]:
+        assert main(["bench", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_an_interrupted_bench_reports_what_it_measured(tmp_path, monkeypatch):
+    import hybridopt.recipes.bench as bench
+    from hybridopt.config import BenchConfig
+    from hybridopt.reporting import Reporter
+
+    real, calls = bench.run_arm, []
+
+    def stop_on_fourth(*args):
+        calls.append(args)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(bench, "run_arm", stop_on_fourth)
+    cfg = BenchConfig(quick=True, task=["mlp"], arms=["adamw_cosine", "hybrid_adam"], mlp_steps=6, out=str(tmp_path / "b"))
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(cfg, Reporter(quiet=True))
+    record = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert len(record["runs"]) == 3 and record["interrupted_after_runs"] == 3 and record["planned_runs"] == 8
+    text = (tmp_path / "b" / "RESULTS.md").read_text()
+    assert "**Partial**: interrupted after 3 of 8 runs" in text and "| hybrid_adam | " in text
+    # --resume keeps the three finished runs and runs the other five; other settings are refused
+    monkeypatch.setattr(bench, "run_arm", real)
+    first = record["runs"]
+    with pytest.raises(UserError, match="other settings .*mlp_steps"):
+        bench.run_bench(dataclasses.replace(cfg, resume=True, mlp_steps=7), Reporter(quiet=True))
+    bench.run_bench(dataclasses.replace(cfg, resume=True), Reporter(quiet=True))
+    record = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert len(record["runs"]) == 8 and record["runs"][:3] == first and "interrupted_after_runs" not in record
+    assert "**Partial**" not in (tmp_path / "b" / "RESULTS.md").read_text()
