@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = {"distill": "continue with --resume", "teacher": "the same command continues"}.get(args.command)
         if hint:
             hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}{hint}"
+        if args.command == "bench":
+            hint = "; the finished runs and a partial report are in --out; add --resume to continue"
         print(f"hybridopt: interrupted{hint or ''}", file=sys.stderr)
         return 128 + (e.signum if saved else 2)
     except OSError as e:

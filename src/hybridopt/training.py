@@ -65,13 +65,13 @@ class StopRequested(KeyboardInterrupt):
         self.signum = signum
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """While active, the first SIGINT or SIGTERM only asks training to stop at the next step boundary, where
     the update and its counters are complete, so the checkpoint saved there resumes exactly; a second signal
     interrupts at once (the last checkpoint stays). Signals reach only the main thread: elsewhere it does
     nothing."""
 
-    def __enter__(self) -> "_StopOnSignal":
+    def __enter__(self) -> "StopOnSignal":
         self.signum: int | None = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -226,7 +226,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]  # QAT swaps keep the same tensors
         bar = self.reporter.progress(self.total_steps, self.global_step, self.prefix + "training")
         try:
-            with _StopOnSignal() as stop:
+            with StopOnSignal() as stop:
                 while self.epoch < cfg.epochs:
                     if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
                         break

@@ -32,6 +32,7 @@ from hybridopt.config import BenchConfig
 from hybridopt.errors import UserError, for_flag
 from hybridopt.layout import RUNS_ROOT, occupied
 from hybridopt.reporting import Reporter
+from hybridopt.training import StopOnSignal, StopRequested
 from hybridopt.utils import resolve_device
 
 
@@ -118,8 +119,9 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     out.mkdir(parents=True, exist_ok=True)
     grid = log_grid(cfg.lr_min, cfg.lr_max, cfg.grid_points)
     arms = sorted((ARMS[a] for a in cfg.arms), key=lambda a: a.name == "hybrid_random")  # after hybrid_adam
-    # Seed by seed across tasks, so that a bench stopped early still holds whole seeds of every task.
-    plan = [(t, a, lr, seed) for seed in range(cfg.seeds) for t in tasks for a in arms for lr in a.grid(grid)]
+    # The cheapest task first, then seed by seed: a bench stopped early holds whole tasks and whole seeds.
+    order = sorted(tasks, key=lambda t: t.name != "mlp")
+    plan = [(t, a, lr, seed) for t in order for seed in range(cfg.seeds) for a in arms for lr in a.grid(grid)]
     reporter.line(f"Bench ({cfg.preset} preset): {len(tasks)} tasks x {len(arms)} arms x {cfg.grid_points} grid "
                   f"points x {cfg.seeds} seeds = {len(plan)} runs; {cfg.steps} steps of {cfg.batch_size} x "
                   f"{cfg.seq_len} tokens per LM run, {cfg.mlp_steps} steps per mlp run; writing to {out}")
@@ -137,23 +139,29 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     def save() -> None:
         atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
+    def _run_one(task, arm, lr, seed) -> None:
+        if (task.name, arm.name, lr, seed) in done:
+            record["runs"].append(done[(task.name, arm.name, lr, seed)])
+            bar.update(1)
+            return
+        replay = None
+        if arm.name == "hybrid_random":
+            replay = next(r["lr_multiplier"] for r in record["runs"] if r["task"] == task.name
+                          and r["arm"] == HYBRID and r["lr"] == lr and r["seed"] == seed)
+        result = asdict(run_arm(task, arm, lr, seed, replay))
+        record["runs"].append(result)
+        save()
+        bar.update(1)
+        bar.set_postfix(task=task.name, arm=arm.name, lr=f"{lr:g}", loss=f"{result['final_loss']:.4f}", refresh=False)
+
     bar = reporter.progress(len(plan), 0, "bench runs")
     stopped = None
     try:
-        for task, arm, lr, seed in plan:
-            if (task.name, arm.name, lr, seed) in done:
-                record["runs"].append(done[(task.name, arm.name, lr, seed)])
-                bar.update(1)
-                continue
-            replay = None
-            if arm.name == "hybrid_random":
-                replay = next(r["lr_multiplier"] for r in record["runs"] if r["task"] == task.name
-                              and r["arm"] == HYBRID and r["lr"] == lr and r["seed"] == seed)
-            result = asdict(run_arm(task, arm, lr, seed, replay))
-            record["runs"].append(result)
-            save()
-            bar.update(1)
-            bar.set_postfix(task=task.name, arm=arm.name, lr=f"{lr:g}", loss=f"{result['final_loss']:.4f}", refresh=False)
+        with StopOnSignal() as stop:  # SIGINT or SIGTERM: stop after the current run (a second one: at once)
+            for task, arm, lr, seed in plan:
+                if stop.signum is not None:
+                    raise StopRequested(stop.signum)
+                _run_one(task, arm, lr, seed)
     except KeyboardInterrupt as e:  # Ctrl-C: report what was measured, then stop as interrupted
         stopped = e
         record["interrupted_after_runs"] = len(record["runs"])
