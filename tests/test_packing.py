@@ -130,30 +130,30 @@ def test_known_bytes_and_lengths():
 
 
 @pytest.mark.parametrize(
-    "call",
+    "call,match",
     [
-        lambda: pack_ternary(torch.tensor([0, 2])),
-        lambda: pack_ternary(torch.tensor([0.5])),
-        lambda: pack_ternary(torch.tensor([float("nan")])),
-        lambda: pack_ternary(torch.tensor([255], dtype=torch.uint8)),  # must not wrap to -1
-        lambda: pack_bits(torch.tensor([4]), 2),
-        lambda: pack_bits(torch.tensor([-1]), 8),
-        lambda: pack_bits(torch.tensor([256]), 8),
-        lambda: pack_bits(torch.tensor([0]), 3),
-        lambda: pack_bits(torch.tensor([0]), 2.0),
-        lambda: pack_signed(torch.tensor([8]), 4),
-        lambda: pack_signed(torch.tensor([-3]), 2),
-        lambda: pack_signed(torch.tensor([0]), 1),
-        lambda: pack_sign(torch.tensor([1, 0, -1])),
-        lambda: pack_sign(torch.tensor([2])),
-        lambda: unpack_bits(torch.zeros(1, dtype=torch.uint8), 3, 2),
-        lambda: unpack_signed(torch.zeros(1, dtype=torch.uint8), 1, 2),
-        lambda: packed_nbytes(4, 3),
-        lambda: packed_nbytes(-1, 8),
+        (lambda: pack_ternary(torch.tensor([0, 2])), 'got 2$'),
+        (lambda: pack_ternary(torch.tensor([0.5])), 'got 0.5$'),
+        (lambda: pack_ternary(torch.tensor([float("nan")])), 'got nan$'),
+        (lambda: pack_ternary(torch.tensor([255], dtype=torch.uint8)), 'got 255$'),  # must not wrap to -1
+        (lambda: pack_bits(torch.tensor([4]), 2), 'got 4$'),
+        (lambda: pack_bits(torch.tensor([-1]), 8), 'got -1$'),
+        (lambda: pack_bits(torch.tensor([256]), 8), 'got 256$'),
+        (lambda: pack_bits(torch.tensor([0]), 3), 'unsupported bit width 3;'),
+        (lambda: pack_bits(torch.tensor([0]), 2.0), 'unsupported bit width 2.0;'),
+        (lambda: pack_signed(torch.tensor([8]), 4), 'got 8$'),
+        (lambda: pack_signed(torch.tensor([-3]), 2), 'got -3$'),
+        (lambda: pack_signed(torch.tensor([0]), 1), 'unsupported bit width 1;'),
+        (lambda: pack_sign(torch.tensor([1, 0, -1])), 'must be -1 or \\+1, got 0'),
+        (lambda: pack_sign(torch.tensor([2])), 'got 2$'),
+        (lambda: unpack_bits(torch.zeros(1, dtype=torch.uint8), 3, 2), 'unsupported bit width 3;'),
+        (lambda: unpack_signed(torch.zeros(1, dtype=torch.uint8), 1, 2), 'unsupported bit width 1;'),
+        (lambda: packed_nbytes(4, 3), 'unsupported bit width 3;'),
+        (lambda: packed_nbytes(-1, 8), 'numel must be a non-negative int, got -1'),
     ],
 )
-def test_out_of_range_and_bad_widths_raise(call):
-    with pytest.raises(ValueError):
+def test_out_of_range_and_bad_widths_raise(call, match):
+    with pytest.raises(ValueError, match=match):
         call()
 
 
@@ -175,9 +175,9 @@ def test_truncated_or_padded_buffer_raises(pack, unpack):
         unpack(packed[:-1], q.numel())
     with pytest.raises(ValueError, match="truncated"):
         unpack(packed, q.numel() + 100)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected exactly"):
         unpack(torch.cat([packed, packed[:1]]), q.numel())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be uint8"):
         unpack(packed.to(torch.int8), q.numel())
 
 
