@@ -317,7 +317,7 @@ class BenchConfig:
     """`hybridopt bench`: every optimizer arm on the same tasks, learning-rate grid and seeds."""
 
     task: list[str] = _arg(list(BENCH_TASKS), "tasks to run", nargs="+", choices=BENCH_TASKS)
-    arms: list[str] = _arg(list(BENCH_ARMS), "arms to run (hybrid_random needs hybrid_adam)", nargs="+", choices=BENCH_ARMS)
+    arms: list[str] | None = _arg(None, "arms to run (hybrid_random needs hybrid_adam); default: all, but muon only on a GPU (torch.optim.Muon orthogonalises in bfloat16, which CPUs without bf16 matrix units run about 50x slower than float32)", nargs="+", choices=BENCH_ARMS)
     quick: bool = _arg(False, "smoke preset: a few steps, 2 grid points, 2 seeds (minutes on 2 CPU cores)")
     full: bool = _arg(False, "large preset for a GPU: 1000 steps of 16 x 128 tokens, 7 grid points, 5 seeds")
     steps: int | None = _arg(None, "optimizer steps per LM run (default: the preset's)")
@@ -350,6 +350,8 @@ class BenchConfig:
             raise UserError(f"--grid_points must be at least 2, got {self.grid_points}")
         if not 0 < self.lr_min < self.lr_max:
             raise UserError(f"--lr_min must be positive and below --lr_max, got {self.lr_min} and {self.lr_max}")
+        if self.arms is None:
+            return
         if "hybrid_random" in self.arms and "hybrid_adam" not in self.arms:
             raise UserError("--arms hybrid_random replays hybrid_adam's multipliers; add hybrid_adam")
         self.task = list(dict.fromkeys(self.task))
