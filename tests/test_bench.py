@@ -122,7 +122,7 @@ def test_bench_quick_runs_every_arm_on_every_task(tiny_teacher, corpus_file, tmp
     assert runs == expected
     assert "leaving out the muon arm on CPU" in r.stderr
     text = (out / "RESULTS.md").read_text()
-    assert text.splitlines()[4].startswith("hybridopt bench --quick")
+    assert text.splitlines()[5].startswith("hybridopt bench --quick")
     for task in ("distill", "distill_ternary", "mlp"):
         assert f"## Task `{task}`" in text
         assert set(record["summaries"][task]["arms"]) == {a.name for a in cpu_arms}

@@ -83,3 +83,10 @@ def test_summarize_fixes_the_target_from_the_reference_and_judges_every_arm():
     assert ref["worst_vs_best_any"] == pytest.approx(4.8 / 3.9 - 1)
     assert fast["within_1pct"] == (1e-3, 1e-3) and ref["within_1pct"] is None
     assert ref["within_5pct"] == (1e-3, 1e-3)  # 4.0 <= 3.9 * 1.05
+
+
+def test_no_verdict_with_fewer_than_three_seeds():
+    runs = [_run("ref", 1e-3, s, [6.0, 5.0, 4.0 + 0.01 * s], 4.0 + 0.01 * s) for s in range(3)]
+    runs += [_run("one", 1e-3, 0, [6.0, 4.0, 3.0], 3.0)]  # one seed: a degenerate interval far below
+    s = summarize(runs, steps=100, reference="ref")
+    assert s["arms"]["one"]["vs_reference"] is None and s["arms"]["ref"]["vs_reference"] == 0

@@ -149,5 +149,15 @@ def summarize(runs: list[dict], steps: int, reference: str, target_fraction: flo
     if reference in out["arms"]:
         ref = out["arms"][reference]
         for s in out["arms"].values():
-            s["vs_reference"] = separated(tuple(s["final_interval"]), tuple(ref["final_interval"]))
+            s["vs_reference"] = verdict(s, ref)
     return out
+
+
+MIN_SEEDS = 3  # fewer seeds make no interval worth judging by
+
+
+def verdict(a: dict, b: dict) -> int | None:
+    """`separated` on two arms' final-loss intervals; None when either has fewer than MIN_SEEDS seeds."""
+    if min(a["seeds"], b["seeds"]) < MIN_SEEDS:
+        return None
+    return separated(tuple(a["final_interval"]), tuple(b["final_interval"]))

@@ -344,6 +344,8 @@ def measure_costs(task, arms: list[Arm], blocks: int = 3, steps_per_block: int =
         model.train()
         ctx = BuildContext(b.steps, b.warmup, task.num_clusters, [1.0] * (b.steps + 100), 0)
         opts = build(model, mid, ctx)
+        for opt in opts:
+            getattr(opt, "train", lambda: None)()  # Schedule-Free steps only in train mode
         params = [p for p in model.parameters() if p.requires_grad]
         batches = task.batches(0, False)(10_000)
         return model, opts, params, batches, [], []

@@ -25,7 +25,7 @@ import torch
 
 from hybridopt import bench_plots
 from hybridopt.bench_arms import ARMS, BASELINE, HYBRID, REFERENCE
-from hybridopt.bench_stats import log_grid, separated, summarize
+from hybridopt.bench_stats import MIN_SEEDS, log_grid, summarize, verdict
 from hybridopt.bench_tasks import Budget, DistillTask, MLPTask, measure_costs, run_arm
 from hybridopt.checkpoint import atomic_write
 from hybridopt.config import BenchConfig
@@ -214,8 +214,12 @@ def _pct(new: float | None, old: float | None) -> str:
     return f"{(old - new) / old * 100:+.1f}%"
 
 
-def _verdict(v: int) -> str:
-    return {-1: "better", 0: "tie", 1: "worse"}[v]
+def _verdict(v: int | None) -> str:
+    return f"n/a (< {MIN_SEEDS} seeds)" if v is None else {-1: "better", 0: "tie", 1: "worse"}[v]
+
+
+def _steps(v: float | None) -> str:
+    return "not reached" if v is None else f"{v:g}"
 
 
 def _task_table(name: str, s: dict, t: dict) -> list[str]:
@@ -242,7 +246,7 @@ def _task_table(name: str, s: dict, t: dict) -> list[str]:
             f"{_f(a['worst'])} | {'+' if math.isfinite(a['worst_vs_best_any']) else ''}"
             f"{a['worst_vs_best_any'] * 100 if math.isfinite(a['worst_vs_best_any']) else math.inf:.1f}% | "
             f"{_span(a['within_1pct'], a['within_1pct_decades'])} | {_span(a['within_5pct'], a['within_5pct_decades'])} | "
-            f"{a['steps_to_target'] if a['steps_to_target'] is not None else 'not reached'} ({a['reached']}) | "
+            f"{_steps(a['steps_to_target'])} ({a['reached']}) | "
             f"{_f(a['seconds_to_target'], 1)} |")
     lines += ["", "Final loss by grid point (median over seeds; `-` diverged):", "",
               "| arm | " + " | ".join(f"point {i + 1}" for i in range(len(next(iter(s['arms'].values()))['grid']))) + " |",
@@ -316,8 +320,8 @@ def _claims(record: dict) -> list[str]:
     ]
 
 
-def _sep(a: dict, b: dict) -> int:
-    return separated(tuple(a["final_interval"]), tuple(b["final_interval"]))
+def _sep(a: dict, b: dict) -> int | None:
+    return verdict(a, b)
 
 
 def _losses(record: dict) -> list[str]:
@@ -328,11 +332,11 @@ def _losses(record: dict) -> list[str]:
         if h is None or r is None:
             continue
         v = _sep(h, r)
-        word = {-1: "beats", 0: "ties (the intervals overlap)", 1: "loses to"}[v]
+        word = {-1: "beats", 0: "ties (the intervals overlap)", 1: "loses to",
+                None: f"cannot yet be judged (fewer than {MIN_SEEDS} seeds) against"}[v]
         lines.append(f"- `{task}`: {HYBRID} {word} tuned {REFERENCE} in final loss at equal steps "
                      f"({_f(h['final_at_best'])} vs {_f(r['final_at_best'])}); steps to target "
-                     f"{h['steps_to_target'] if h['steps_to_target'] is not None else 'not reached'} vs "
-                     f"{r['steps_to_target'] if r['steps_to_target'] is not None else 'not reached'}; its worst grid "
+                     f"{_steps(h['steps_to_target'])} vs {_steps(r['steps_to_target'])}; its worst grid "
                      f"point ends {h['worst_vs_best_any'] * 100:+.1f}% from the best of any arm (the tuning-free goal "
                      f"asks within 5%); within-1% range {h['within_1pct_decades']:.2f} decades vs "
                      f"{r['within_1pct_decades']:.2f} for AdamW.")
@@ -406,7 +410,7 @@ def format_headline(record: dict) -> str:
         line = f"{task}: best {best[0]} {_f(best[1]['best'])} at {best[1]['best_lr']:g}"
         if h and r:
             line += (f"; {HYBRID} {_f(h['final_at_best'])} vs {REFERENCE} {_f(r['final_at_best'])} "
-                     f"({_verdict(_sep(h, r))}), steps to target {h['steps_to_target'] or 'not reached'} vs "
-                     f"{r['steps_to_target'] or 'not reached'}")
+                     f"({_verdict(_sep(h, r))}), steps to target {_steps(h['steps_to_target'])} vs "
+                     f"{_steps(r['steps_to_target'])}")
         lines.append(line)
     return "\n".join(lines)
