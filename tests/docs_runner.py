@@ -56,6 +56,9 @@ TINY_TEACHER = ["--vocab_size", "300", "--hidden", "32", "--layers", "1", "--int
                 "--max_steps_per_epoch", "2", "--device", "cpu"]
 # A doc's --group_size is chosen for the default student's widths (256, 512); 32 divides the tiny ones.
 TINY_GROUP_SIZE = ["--group_size", "32"]
+# A doc's narrow GGUF type needs the default student's widths (multiples of 128 or 256); the tiny ones
+# (32, 64) take q8_0, which holds the same quantized weights in blocks of 32.
+TINY_GGUF = {"--gguf": ["--gguf", "q8_0"], "--type": ["--type", "q8_0"]}
 TINY_GENERATE = ["--max_new_tokens", "4", "--device", "cpu"]
 TINY_BENCH = ["--quick", "--arms", "adamw_cosine", "hybrid_adam", "--steps", "2", "--mlp_steps", "6", "--no_cost",
               "--device", "cpu"]
@@ -199,6 +202,7 @@ class DocRun:
                 if given is None or not (self.workdir / given).exists():  # a path an earlier block made is kept
                     args += [flag, str(path)]
             args += TINY_STUDENT + (TINY_GROUP_SIZE if _has(args, "--group_size") else [])
+            args += TINY_GGUF["--gguf"] if _has(args, "--gguf") else []
             resume = _value(args, "--resume") if _has(args, "--resume") else None
             if _has(args, "--resume"):
                 # A finished run cannot be resumed: make the run to resume an interrupted tiny one (stopped
@@ -235,6 +239,7 @@ class DocRun:
             args += TINY_GENERATE
         elif sub in ("export", "inspect"):
             args += TINY_GROUP_SIZE if _has(args, "--group_size") else []
+            args += TINY_GGUF["--type"] if _has(args, "--type") else []
         return [sub, *args]
 
     def _main(self, argv: list[str]) -> tuple[int, str]:

@@ -290,3 +290,40 @@ def test_llama_cpp_computes_what_pytorch_computes(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(hgguf, "_permute_rows", lambda w, n_head: w)  # HF's rotary layout left as it is
     export_gguf(model, tmp_path / "unpermuted.gguf", tok, "f16", embed_type="f16")
     assert error(tmp_path / "unpermuted.gguf") > 5 * errors["f16"]
+
+
+# ------------------------------------------------------------------------------------------ the command line
+def test_cli_export_distill_and_generate_with_gguf(tiny_teacher, corpus_file, tmp_path, capsys):
+    from conftest import tiny_distill_args
+    from hybridopt.cli import main
+
+    # A narrow type is refused before anything is loaded or trained, naming the flag.
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "bad", "--ternary", "--qat",
+                                  "--gguf", "tq2_0")) == 2
+    assert "--gguf tq2_0 needs --student_hidden to be a multiple of 256, got 32" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["export", "--model", str(tiny_teacher), "--type", "q8_0"]) == 2
+    assert "--type and --embed_type need --format gguf" in capsys.readouterr().err
+    # The teacher as a GGUF file; distill writes the student as one; generate reads it.
+    assert main(["export", "--model", str(tiny_teacher), "--format", "gguf", "--type", "f16",
+                 "--out", str(tmp_path / "teacher.gguf")]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(tiny_distill_args(tmp_path / "teacher.gguf", corpus_file, run, "--ternary", "--qat", "--no-baseline",
+                                  "--gguf", "q8_0")) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["gguf"]["layer_types"] == {"ternary -> q8_0": 7} and (run / "export" / "model-q8_0.gguf").is_file()
+    from hybridopt.modeling import load_teacher
+
+    (hf, hf_tok), (gg, gg_tok) = load_teacher(tiny_teacher, "cpu"), load_teacher(tmp_path / "teacher.gguf", "cpu")
+    ids = hf_tok(TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert gg_tok(TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"].tolist() == ids.tolist()
+    with torch.no_grad():  # float16 weights in the file
+        torch.testing.assert_close(gg(ids).logits, hf(ids).logits, rtol=0, atol=0.02)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(run / "export" / "model-q8_0.gguf"), "--prompt", "The",
+                 "--max_new_tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "GGUF" in captured.err and captured.out.startswith("The")
+    assert main(["export", "--model", str(run), "--format", "gguf", "--type", "tq1_0"]) == 2
+    assert "--type: tq1_0 needs input widths that are multiples of 256" in capsys.readouterr().err

@@ -127,9 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
             run_teacher(TeacherConfig(**values))
         elif args.command == "export":
-            from hybridopt.recipes.export_student import export_student
+            from hybridopt.recipes.export_student import export_student, export_student_gguf
 
-            export_student(ExportConfig(**values))
+            cfg = ExportConfig(**values)
+            if cfg.format == "gguf":
+                export_student_gguf(cfg, cfg.type, cfg.embed_type)
+            else:
+                export_student(cfg)
         elif args.command == "bench":
             from hybridopt.recipes.bench import run_bench
 
@@ -162,10 +166,23 @@ def _generate(cfg: GenerateConfig) -> None:
     from hybridopt.generate import generate_text, load_model
     from hybridopt.utils import resolve_device
 
+    from hybridopt.gguf import find_gguf, generate_gguf, have_llama_cpp, load_gguf
+
+    with for_flag("--model"):
+        gguf_file = find_gguf(cfg.model)
+    if gguf_file is not None and have_llama_cpp():
+        print(f"[GGUF {gguf_file}, llama.cpp]", file=sys.stderr)
+        with for_flag("--model"):
+            print(generate_gguf(gguf_file, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed))
+        return
     with for_flag("--device"):
         device = resolve_device(cfg.device)
     with for_flag("--model"):
-        model, tokenizer, what = load_model(cfg.model, device)
+        if gguf_file is not None:  # dequantized, through transformers
+            model, tokenizer = load_gguf(gguf_file, device)
+            what = f"GGUF {gguf_file} dequantized by transformers (pip install llama-cpp-python to run it with llama.cpp)"
+        else:
+            model, tokenizer, what = load_model(cfg.model, device)
     print(f"[{what}]", file=sys.stderr)
     print(generate_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed))
 

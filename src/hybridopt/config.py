@@ -17,6 +17,10 @@ from hybridopt.bits import TERNARY, canonical_bits
 # K of --teacher_topk given alone: the best K measured (docs/RESULTS.md, "Offline distillation"); no K up to
 # 128 came within seed noise of the live teacher on the default run, so the live teacher stays the default.
 DEFAULT_TOPK = 128
+# GGUF types for the linear layers (hybridopt.gguf.GGUF_TYPES; config imports no torch), and the block whose
+# multiple every row length and scale group must be for each narrow one.
+GGUF_TYPES = ["auto", "q1_0", "tq1_0", "tq2_0", "q8_0", "f16"]
+GGUF_BLOCKS = {"q1_0": 128, "tq1_0": 256, "tq2_0": 256}
 
 
 def _arg(default, help: str, **meta):
@@ -112,7 +116,7 @@ class TrainConfig:
 class DistillConfig(TrainConfig, StudentConfig):
     """`hybridopt distill`: distil a teacher causal LM into a small Llama-style student."""
 
-    teacher: str | None = _arg(None, "local Hugging Face causal-LM directory with its tokenizer (default: the cached default teacher, trained on first use)")
+    teacher: str | None = _arg(None, "local Hugging Face causal-LM directory with its tokenizer, or a .gguf file (or a folder holding one), dequantized (default: the cached default teacher, trained on first use)")
     data: list[str] = _arg([], "local .txt, .jsonl (field 'text') or .parquet (column 'text') files or folders (default: the embedded Python-docs corpus)", nargs="+")
     val_fraction: float = _arg(0.05, "fraction of documents held out for validation")
     out: str | None = _arg(None, "output directory (default: hybridopt-runs/distill-<timestamp>)")
@@ -132,6 +136,7 @@ class DistillConfig(TrainConfig, StudentConfig):
     act_bits: int | None = _arg(None, "also quantize layer inputs to 8 bits per token (BitNet); only 8 is supported", choices=[8])
     quantize_head: bool = _arg(False, "also quantize the LM head (embeddings always stay in higher precision)")
     export_dtype: str = _arg("float16", "dtype of the tensors the export does not pack (embeddings, norms, head)", choices=["float16", "float32"])
+    gguf: str | None = _arg(None, "also write the student as a GGUF file for llama.cpp, <run>/export/model-GGUF.gguf, its linear layers at this type (auto: the narrowest type holding each exactly; a layer the type cannot hold exactly is widened and reported)", choices=GGUF_TYPES)
     # Clustering (the seed's --data_clusters / --param_clusters).
     data_clusters: int | None = _arg(None, "cluster the training sequences into K groups (faiss k-means on teacher features) and sample batches by cluster; alone: 8", nargs="?", const=8)
     cluster_sampling: str = _arg("proportional", "with --data_clusters: proportional (clusters in proportion to size, unbiased), balanced (equal per cluster, importance-weighted), single (one cluster per batch) or iid (ignore clusters)", choices=["proportional", "balanced", "single", "iid"])
@@ -174,6 +179,7 @@ class DistillConfig(TrainConfig, StudentConfig):
         if self.bits is not None:
             self.bits = _canonical_bits(self.bits)
         self._check_clusters()
+        self._check_gguf()
         if self.teacher_topk is not None and self.teacher_topk < 1:
             raise UserError(f"--teacher_topk must be at least 1, got {self.teacher_topk}")
         if self.teacher_topk is None and self.teacher_tail != "bucket":
@@ -191,6 +197,19 @@ class DistillConfig(TrainConfig, StudentConfig):
         if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
             raise UserError("--group_size, --act_bits and --quantize_head need --qat, --ternary or --bits")
         _positive("group_size", self.group_size)
+
+    def _check_gguf(self) -> None:
+        """--gguf with a narrow type: a quantized run whose shapes its blocks tile, checked before any training."""
+        block = GGUF_BLOCKS.get(self.gguf)
+        if block is None:
+            return
+        if self.weight_bits is None:
+            raise UserError(f"--gguf {self.gguf} holds quantized weights only; add --ternary (with --qat) or --bits, "
+                            "or use --gguf q8_0 or f16")
+        for name in ("student_hidden", "student_intermediate", "group_size"):
+            value = getattr(self, name)
+            if value is not None and value % block:
+                raise UserError(f"--gguf {self.gguf} needs --{name} to be a multiple of {block}, got {value}")
 
     def _check_clusters(self) -> None:
         if self.data_clusters is not None and self.data_clusters < 2:
@@ -248,7 +267,7 @@ def default_teacher_config() -> TeacherConfig:
 class GenerateConfig:
     """`hybridopt generate`: sample text from a student (packed export or Hugging Face folder)."""
 
-    model: str = _arg("", "a run folder, its export/ folder (packed) or any Hugging Face causal-LM folder")
+    model: str = _arg("", "a run folder, its export/ folder (packed), any Hugging Face causal-LM folder, or a .gguf file (run by llama.cpp when llama-cpp-python is installed)")
     prompt: str = _arg("", "text to continue")
     max_new_tokens: int = _arg(60, "tokens to generate")
     temperature: float = _arg(0.8, "sampling temperature; 0 = greedy (tiny students often repeat one token when greedy)")
@@ -280,10 +299,13 @@ class InspectConfig:
 
 @dataclass
 class ExportConfig:
-    """`hybridopt export`: pack a trained student (a run folder or any Llama-style HF folder) to low bits."""
+    """`hybridopt export`: pack a trained student (a run folder or any Llama-style HF folder) to low bits, or write a GGUF."""
 
-    model: str = _arg("", "a distill run folder (its quantization settings are reused) or a Hugging Face causal-LM folder")
-    out: str | None = _arg(None, "output folder (default: <run>/export, or <model>-packed)")
+    model: str = _arg("", "a distill run folder (its quantization settings are reused), its export/ folder, or a Hugging Face causal-LM folder")
+    out: str | None = _arg(None, "output folder (default: <run>/export, or <model>-packed); with --format gguf the .gguf file (default: <run>/export/model-TYPE.gguf, or <model>-TYPE.gguf)")
+    format: str = _arg("packed", "packed (hybridopt's safetensors, read by generate and inspect) or gguf (llama.cpp, Ollama, LM Studio)", choices=["packed", "gguf"])
+    type: str = _arg("auto", "with --format gguf: the linear layers' type; a layer it cannot hold exactly is widened and reported; auto: the narrowest exact type of each (q1_0 for 1-bit, tq1_0 for ternary); a plain model is ternarized for q1_0/tq1_0/tq2_0, else left in full precision", choices=GGUF_TYPES)
+    embed_type: str | None = _arg(None, "with --format gguf: the token embeddings' and an unquantized head's type (default: f16 with --type f16, else q8_0)", choices=["f16", "q8_0", "q4_0"])
     bits: float | None = _arg(None, "weight bits: 1, 1.58, 2, 4 or 8 (default: the run's; 1.58 for a plain model)")
     group_size: int | None = _arg(None, "inputs per weight scale (default: the run's, else one per output channel)")
     act_bits: int | None = _arg(None, "quantize layer inputs to 8 bits per token", choices=[8])
@@ -296,6 +318,8 @@ class ExportConfig:
         if self.bits is not None:
             self.bits = _canonical_bits(self.bits)
         _positive("group_size", self.group_size)
+        if self.format != "gguf" and (self.type != "auto" or self.embed_type):
+            raise UserError("--type and --embed_type need --format gguf")
 
 
 BENCH_TASKS = ["distill", "distill_ternary", "mlp"]

@@ -28,14 +28,20 @@ def vocab_size(model: torch.nn.Module) -> int:
 
 
 def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load a local causal LM and its tokenizer, frozen and in eval mode.
+    """Load a local causal LM and its tokenizer, frozen and in eval mode: a Hugging Face folder, or a GGUF
+    file (or a folder holding one and no config.json), dequantized.
 
     Raises:
-        ValueError: the folder is missing, has no config or weights, or has no tokenizer.
+        ValueError: the folder is missing, has no config or weights, or has no tokenizer; or a GGUF of an
+            architecture or tensor type transformers cannot load.
     """
+    from hybridopt.gguf import find_gguf, load_gguf
+
     path = Path(path).expanduser()
+    if find_gguf(path) is not None:
+        return load_gguf(path, device)
     if not path.is_dir():
-        raise ValueError(f"'{path}' is not a directory; pass a local Hugging Face model folder")
+        raise ValueError(f"'{path}' is not a directory; pass a local Hugging Face model folder or a .gguf file")
     if not (path / "config.json").is_file():
         raise ValueError(f"'{path}' has no config.json; save the model there with save_pretrained")
     tokenizer = load_tokenizer(path)

@@ -30,6 +30,7 @@ from hybridopt.dataset import NotEnoughTokens, TokenBlocks
 from hybridopt.errors import UserError, for_flag
 from hybridopt.evaluation import evaluate_lm
 from hybridopt.export import export_packed
+from hybridopt.gguf import GGUFReport, export_gguf
 from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.layout import RUNS_ROOT, RunLayout, occupied
 from hybridopt.manager import format_summary
@@ -134,6 +135,7 @@ class DistillRecipe:
         self.trainer: Trainer | None = None
         self.plan: PrecisionPlan | None = None
         self.teacher_cache: TeacherCache | None = None
+        self.gguf: GGUFReport | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -323,6 +325,12 @@ class DistillRecipe:
         d = self.data
         self.student.save_pretrained(d.layout.student, safe_serialization=True)
         d.tokenizer.save_pretrained(d.layout.student)
+        if self.cfg.gguf:
+            d.layout.export.mkdir(parents=True, exist_ok=True)
+            with for_flag("--gguf"):
+                self.gguf = export_gguf(self.student, d.layout.export / f"model-{self.cfg.gguf}.gguf", d.tokenizer,
+                                        self.cfg.gguf, name=d.layout.root.resolve().name)
+            self.reporter.line(self.gguf.format())
         if not d.quant:
             return None
         path = export_packed(self.student, d.layout.export, d.tokenizer, getattr(torch, self.cfg.export_dtype), self.plan)
@@ -380,6 +388,11 @@ def run_distill(cfg: DistillConfig, reporter: Reporter | None = None, stop_after
     }
     if quant_report:
         results["quantization"] = quant_report
+    if recipe.gguf:
+        g = recipe.gguf
+        results["gguf"] = {"path": g.path, "type": g.gguf_type, "file_bytes": g.file_bytes,
+                           "bits_per_weight": g.bits_per_weight, "linear_bits_per_weight": g.linear_bits_per_weight,
+                           "layer_types": g.layer_types, "widened": g.widened}
     if recipe.plan:
         results["precision_plan"] = asdict(recipe.plan)
     if d.clusters is not None:
