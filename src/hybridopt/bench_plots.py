@@ -111,7 +111,8 @@ def steps_to_target(summaries: dict[str, dict], steps: dict[str, int], path: Pat
                 bar.set_hatch("//")
                 bar.set_alpha(0.35)
         ax.invert_yaxis()
-        ax.set_title(f"{task}: steps to target {s['target']:.3f} (hatched: not reached)")
+        target = "not set (no reference run yet)" if s["target"] is None else f"{s['target']:.3f}"
+        ax.set_title(f"{task}: steps to target {target} (hatched: not reached)")
         ax.set_xlabel("steps (median over seeds, best lr)")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
