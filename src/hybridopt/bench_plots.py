@@ -19,6 +19,25 @@ def _colors(arms: list[str]) -> dict[str, tuple]:
     return {a: cmap(i % 20) for i, a in enumerate(arms)}
 
 
+def _panels(n: int, height: float):
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, height), squeeze=False)
+    return fig, axes[0]
+
+
+def _label(ax, title: str, xlabel: str, ylabel: str | None = None, grid_axis: str = "both") -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(axis=grid_axis, alpha=0.3)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _style(arm: str) -> str:
     return "-" if arm.startswith("hybrid") else "--" if arm.startswith("sgd") else ":"
 
@@ -26,10 +45,10 @@ def _style(arm: str) -> str:
 def curves(runs: list[dict], summaries: dict[str, dict], path: Path) -> None:
     """Validation loss (curve subset) against steps, each arm at its best grid point: median and min-max band."""
     tasks = list(summaries)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    fig, axes = _panels(len(tasks), 4.8)
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     color = _colors(arms)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes, tasks):
         s = summaries[task]
         for arm in arms:
             if arm not in s["arms"]:
@@ -49,23 +68,18 @@ def curves(runs: list[dict], summaries: dict[str, dict], path: Path) -> None:
         if finite:
             low = min(finite)
             ax.set_ylim(low - 0.05 * abs(low), low + 1.5 * (median(finite) - low) + 0.1)
-        ax.set_title(f"{task}: validation loss, best lr per arm")
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss (nats)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper right", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, f"{task}: validation loss, best lr per arm", "step", "validation loss (nats)")
+    axes[-1].legend(fontsize=7, loc="upper right", ncol=2)
+    _save(fig, path)
 
 
 def robustness(summaries: dict[str, dict], path: Path) -> None:
     """Median final validation loss against the grid value (log x), per arm; diverged points at the top."""
     tasks = list(summaries)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    fig, axes = _panels(len(tasks), 4.8)
     arms = list(dict.fromkeys(a for s in summaries.values() for a in s["arms"]))
     color = _colors(arms)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes, tasks):
         s = summaries[task]
         finite = [v for a in s["arms"].values() for v in a["median_by_lr"] if math.isfinite(v)]
         top = max(finite) if finite else 1.0
@@ -79,14 +93,10 @@ def robustness(summaries: dict[str, dict], path: Path) -> None:
         grid = next(iter(s["arms"].values()))["grid"]
         ax.set_xticks(range(len(grid)))
         ax.set_xticklabels([f"{v:g}" for v in _adam_grid(s)], rotation=30)
-        ax.set_title(f"{task}: final loss against learning rate (diverged at top)")
-        ax.set_xlabel("Adam-type lr (SGD: x100; Prodigy: d_coef centred on 1)")
-        ax.set_ylabel("median final validation loss")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper center", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, f"{task}: final loss against learning rate (diverged at top)",
+               "Adam-type lr (SGD: x100; Prodigy: d_coef centred on 1)", "median final validation loss")
+    axes[-1].legend(fontsize=7, loc="upper center", ncol=2)
+    _save(fig, path)
 
 
 def _adam_grid(summary: dict) -> list[float]:
@@ -99,8 +109,8 @@ def _adam_grid(summary: dict) -> list[float]:
 def steps_to_target(summaries: dict[str, dict], steps: dict[str, int], path: Path) -> None:
     """Median steps to the target at each arm's best grid point; hatched bars did not reach it."""
     tasks = list(summaries)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = _panels(len(tasks), 4.5)
+    for ax, task in zip(axes, tasks):
         s = summaries[task]
         names = list(s["arms"])
         values = [s["arms"][a]["steps_to_target"] for a in names]
@@ -112,9 +122,6 @@ def steps_to_target(summaries: dict[str, dict], steps: dict[str, int], path: Pat
                 bar.set_alpha(0.35)
         ax.invert_yaxis()
         target = "not set (no reference run yet)" if s["target"] is None else f"{s['target']:.3f}"
-        ax.set_title(f"{task}: steps to target {target} (hatched: not reached)")
-        ax.set_xlabel("steps (median over seeds, best lr)")
-        ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, f"{task}: steps to target {target} (hatched: not reached)", "steps (median over seeds, best lr)",
+               grid_axis="x")
+    _save(fig, path)

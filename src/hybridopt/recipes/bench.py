@@ -184,12 +184,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     record["wall_s"] = time.time() - started
     save()
-    steps = {t.name: t.budget.steps for t in tasks}
-    bench_plots.curves(record["runs"], record["summaries"], out / "curves.png")
-    bench_plots.robustness(record["summaries"], out / "lr_robustness.png")
-    bench_plots.steps_to_target(record["summaries"], steps, out / "steps_to_target.png")
-    text = format_results(record)
-    atomic_write(out / "RESULTS.md", lambda tmp: Path(tmp).write_text(text))
+    write_report(record, out)
     reporter.line(format_headline(record))
     reporter.line(f"Wrote {out / 'results.json'}, {out / 'RESULTS.md'} and 3 plots")
     if stopped is not None:
@@ -198,6 +193,16 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
 
 
 # ---------------------------------------------------------------------------- reporting
+def write_report(record: dict, out: Path) -> None:
+    """The plots and RESULTS.md of a bench record (as `results.json` holds it, summaries included)."""
+    steps = {name: t["steps"] for name, t in record["tasks"].items() if name in record["summaries"]}
+    bench_plots.curves(record["runs"], record["summaries"], out / "curves.png")
+    bench_plots.robustness(record["summaries"], out / "lr_robustness.png")
+    bench_plots.steps_to_target(record["summaries"], steps, out / "steps_to_target.png")
+    text = format_results(record)
+    atomic_write(out / "RESULTS.md", lambda tmp: Path(tmp).write_text(text))
+
+
 def _f(x: float | None, digits: int = 4) -> str:
     if x is None:
         return "not reached"
@@ -294,7 +299,7 @@ def _claims(record: dict) -> list[str]:
         if a is None or b is None:
             return "not run"
         return (f"{new} {_f(a['final_at_best'])} vs {old} {_f(b['final_at_best'])}: "
-                f"{_pct(a['final_at_best'], b['final_at_best'])} lower ({_verdict(_sep(a, b))} by the intervals)")
+                f"{_pct(a['final_at_best'], b['final_at_best'])} lower ({_verdict(verdict(a, b))} by the intervals)")
 
     def gap(name):
         a, b = arm("distill", name), arm("distill_ternary", name)
@@ -320,10 +325,6 @@ def _claims(record: dict) -> list[str]:
     ]
 
 
-def _sep(a: dict, b: dict) -> int | None:
-    return verdict(a, b)
-
-
 def _losses(record: dict) -> list[str]:
     """Plain sentences: where the hybrid (distill --hybrid) is worse than, ties or beats tuned AdamW."""
     lines = ["## Where the hybrid stands", ""]
@@ -331,7 +332,7 @@ def _losses(record: dict) -> list[str]:
         h, r = s["arms"].get(HYBRID), s["arms"].get(REFERENCE)
         if h is None or r is None:
             continue
-        v = _sep(h, r)
+        v = verdict(h, r)
         word = {-1: "beats", 0: "ties (the intervals overlap)", 1: "loses to",
                 None: f"cannot yet be judged (fewer than {MIN_SEEDS} seeds) against"}[v]
         lines.append(f"- `{task}`: {HYBRID} {word} tuned {REFERENCE} in final loss at equal steps "
@@ -340,7 +341,7 @@ def _losses(record: dict) -> list[str]:
                      f"point ends {h['worst_vs_best_any'] * 100:+.1f}% from the best of any arm (the tuning-free goal "
                      f"asks within 5%); within-1% range {h['within_1pct_decades']:.2f} decades vs "
                      f"{r['within_1pct_decades']:.2f} for AdamW.")
-        better = [n for n, a in s["arms"].items() if n != HYBRID and _sep(a, h) == -1]
+        better = [n for n, a in s["arms"].items() if n != HYBRID and verdict(a, h) == -1]
         if better:
             lines.append(f"  Arms with a final loss whose interval lies wholly below the hybrid's: {', '.join(better)}.")
     return lines + [""]
@@ -410,7 +411,7 @@ def format_headline(record: dict) -> str:
         line = f"{task}: best {best[0]} {_f(best[1]['best'])} at {best[1]['best_lr']:g}"
         if h and r:
             line += (f"; {HYBRID} {_f(h['final_at_best'])} vs {REFERENCE} {_f(r['final_at_best'])} "
-                     f"({_verdict(_sep(h, r))}), steps to target {_steps(h['steps_to_target'])} vs "
+                     f"({_verdict(verdict(h, r))}), steps to target {_steps(h['steps_to_target'])} vs "
                      f"{_steps(r['steps_to_target'])}")
         lines.append(line)
     return "\n".join(lines)
