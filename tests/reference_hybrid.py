@@ -25,7 +25,7 @@ class ReferenceHybrid:
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, base="adam",
                  use_controller=True, learn_controller=True, use_trust_region=True, trust_radius=0.1,
                  trust_mode="global", adapt_radius=False, controller_lr=1e-3, controller_hidden=16,
-                 trace_decay=0.0, signal_ema=0.9, num_clusters=0):
+                 trace_decay=0.0, num_clusters=0, learn_scale=True, scale_lr=0.1, scale_betas=(0.9, 0.99)):
         params = list(params)
         if not isinstance(params[0], dict):
             params = [{"params": params}]
@@ -35,14 +35,17 @@ class ReferenceHybrid:
         self.base, self.trust_mode, self.num_clusters = base, trust_mode, num_clusters
         self.use_controller, self.learn_controller = use_controller, learn_controller
         self.use_trust_region, self.adapt_radius = use_trust_region, adapt_radius
-        self.gamma, self.beta_h = trace_decay, signal_ema
+        self.gamma = trace_decay
+        self.learn_scale, self.kappa, self.scale_betas = learn_scale, scale_lr, scale_betas
         self.controller = AuxiliaryNN(controller_hidden)
         self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
         self.state = {}  # id(p) -> {"n", "m", "v" or "b", "s"}
         self.t = 0  # applied updates
         self.skipped = 0
         self.m_lr, self.m_r = 1.0, 1.0  # e^{a_{t,1}}, e^{a_{t,2}}
-        self.h = 0.0  # smoothed hypergradient cosine
+        self.ell = 0.0  # the learned log scale
+        self.hm, self.hv, self.hn = 0.0, 0.0, 0  # EMAs of h and h^2, and their count
+        self.prev_lr = math.inf  # the first group's lr at the last scale update
         self.x_prev = None  # normalised features at the last update
         self.clipped = False
         self.clipped_count = 0
@@ -68,10 +71,11 @@ class ReferenceHybrid:
                 if p.grad is not None:
                     items.append((p, group))
 
-        # \|g_t\|, squared in float32
+        # \|g_t\|, squared in float32 at least
         gnorm_sq = 0.0
         for p, _ in items:
-            gnorm_sq += float((p.grad.float() * p.grad.float()).sum())
+            g32 = p.grad if p.grad.dtype == torch.float64 else p.grad.float()
+            gnorm_sq += float((g32 * g32).sum())
         gnorm = math.sqrt(gnorm_sq)
 
         # A non-finite loss or gradient skips the step (and with adapt_radius, once an update has been applied,
@@ -94,24 +98,33 @@ class ReferenceHybrid:
                 elif self.clipped and self.rbar < 0.25:
                     group["trust_radius"] = max(1e-4, 0.7 * group["trust_radius"])
 
-        # Controller: h_t = beta_h h_{t-1} + (1 - beta_h) cos(g_t, s_{t-1}); one Adam step on h_t a_{t-1,k}.
-        if self.use_controller and self.learn_controller and self.t > 0:
-            dot, s_sq = 0.0, 0.0
+        # h_t = g_t . s_{t-1}, normalised as Adam normalises a gradient; the scale and the controller learn from it.
+        learns = self.learn_scale or (self.use_controller and self.learn_controller)
+        if learns and self.t > 0:
+            h = 0.0
             for p, _ in items:
-                s = self.state[id(p)]["s"] if id(p) in self.state and "s" in self.state[id(p)] else torch.zeros_like(p)
-                dot += float((p.grad * s).sum())
-                s_sq += float((s * s).sum())
-            cos = dot / (gnorm * math.sqrt(s_sq) + 1e-12)
-            self.h = self.beta_h * self.h + (1 - self.beta_h) * cos
-            k = 1 if self.clipped else 0  # masking
-            with torch.enable_grad():
-                z = self.controller.raw(self.x_prev)
-                surrogate = self.h * AuxiliaryNN.clamp(z)[k] + AuxiliaryNN.bound_penalty(z)
-                self.controller_opt.zero_grad()
-                surrogate.backward()
-            self.controller_opt.step()
+                if id(p) in self.state and "s" in self.state[id(p)]:
+                    h += float((p.grad.double() * self.state[id(p)]["s"].double()).sum())
+            b1, b2 = self.scale_betas
+            self.hn += 1
+            self.hm = b1 * self.hm + (1 - b1) * h
+            self.hv = b2 * self.hv + (1 - b2) * h * h
+            sigma = (self.hm / (1 - b1 ** self.hn)) / (math.sqrt(self.hv / (1 - b2 ** self.hn)) + 1e-30)
+            rising = self.param_groups[0]["lr"] > self.prev_lr  # a warmup holds the scale
+            self.prev_lr = self.param_groups[0]["lr"]
+            if self.learn_scale and not rising:  # after a clipped step the scale may only shrink
+                step_signal = max(sigma, 0.0) if self.clipped else sigma
+                self.ell = min(math.log(1e4), max(-math.log(1e4), self.ell - self.kappa * step_signal))
+            if self.use_controller and self.learn_controller:
+                heads = [0, 1] if self.clipped else [0]  # the radius learns on clipped steps
+                with torch.enable_grad():
+                    z = self.controller.raw(self.x_prev)
+                    surrogate = sigma * sum(AuxiliaryNN.clamp(z)[k] for k in heads) + AuxiliaryNN.bound_penalty(z)
+                    self.controller_opt.zero_grad()
+                    surrogate.backward()
+                self.controller_opt.step()
 
-        # Features -> a_t = (log m_t, log r_t).
+        # Features (smoothed loss and gradient norm) -> a_t = (c_t, log r_t); m_t = e^{ell + c_t}.
         if self.use_controller:
             if self.gmean is None:
                 self.gmean = gnorm
@@ -122,15 +135,18 @@ class ReferenceHybrid:
                 if self.loss_ema is not None and L > 0 and self.loss_ema > 0:
                     self.trend = 0.9 * self.trend + 0.1 * (math.log(L) - math.log(self.loss_ema))
                 self.loss_ema = L if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * L
-            state = TrainingState(loss=L if _finite(L) else 1.0, gradient_magnitude=gnorm, loss_trend=self.trend,
+            state = TrainingState(loss=self.loss_ema if self.loss_ema is not None else 1.0,
+                                  gradient_magnitude=self.gmean, loss_trend=self.trend,
                                   gradient_variance=self.gvar / max(self.gmean ** 2, 1e-12), step=self.t,
                                   cluster_id=self.cluster_id, num_clusters=self.num_clusters)
             raw = state.features()
             self.controller.norm.update(raw)
             x = self.controller.norm(raw)
             a = AuxiliaryNN.clamp(self.controller.raw(x))
-            self.m_lr, self.m_r = math.exp(float(a[0])), math.exp(float(a[1]))
+            self.m_lr, self.m_r = math.exp(self.ell + float(a[0])), math.exp(float(a[1]))
             self.x_prev = x.clone()
+        elif self.learn_scale:
+            self.m_lr = math.exp(self.ell)
         self.t += 1
 
         # u_t = -eta m_t (d_t + lambda theta_t)
@@ -179,15 +195,17 @@ class ReferenceHybrid:
             self.prev_pred = -sum(float((p.grad.float() * u.float()).sum()) for (p, _), u in zip(items, updates))
             self.prev_loss = L if _finite(L) else None
 
-        # Delta theta_t applied; s_t = gamma s_{t-1} + Delta theta_t.
+        # Delta theta_t applied; s_t = gamma s_{t-1} + Delta theta_t (kept while something learns).
         for (p, _), u in zip(items, updates):
             p.add_(u)
             st = self.state[id(p)]
-            st["s"] = self.gamma * st.get("s", torch.zeros_like(p)) + u
+            if learns:
+                st["s"] = self.gamma * st.get("s", torch.zeros_like(p)) + u
 
     def summary(self) -> dict:
         steps = max(1, self.t)
         return {"total_steps": self.t, "avg_lr_multiplier": self.m_lr_sum / steps,
                 "constraint_activation_rate": self.clipped_count / steps,
+                "learned_scale": math.exp(self.ell),
                 "trust_radius": self.param_groups[0]["trust_radius"] * self.m_r, "lr_multiplier": self.m_lr,
                 "skipped_steps": self.skipped, "clipped": self.clipped}

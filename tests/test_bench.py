@@ -111,7 +111,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 def test_bench_quick_runs_every_arm_on_every_task(tiny_teacher, corpus_file, tmp_path):
     out = tmp_path / "bench"
     r = _bench("--quick", "--teacher", str(tiny_teacher), "--data", str(corpus_file), "--out", str(out),
-               "--device", "cpu")
+               "--device", "cpu", "--workers", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
     runs = {(x["task"], x["arm"], x["lr"], x["seed"]) for x in record["runs"]}
@@ -143,6 +143,7 @@ def test_bench_refuses_bad_input_in_one_line(tmp_path, capsys):
                         (("--arms", "hybrid_random"), "add hybrid_adam"),
                         (("--lr_min", "1", "--lr_max", "0.1"), "--lr_min"),
                         (("--resume",), "pass --out"),
+                        (("--workers", "0"), "--workers must be at least 1"),
                         (("--resume", "--out", str(tmp_path)), "holds no bench")]:
         assert main(["bench", *args]) == 2, args
         err = capsys.readouterr().err
@@ -164,7 +165,8 @@ def test_an_interrupted_bench_reports_what_it_measured(tmp_path, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(bench, "run_arm", stop_on_fourth)
-    cfg = BenchConfig(quick=True, task=["mlp"], arms=["adamw_cosine", "hybrid_adam"], mlp_steps=6, out=str(tmp_path / "b"))
+    cfg = BenchConfig(quick=True, task=["mlp"], arms=["adamw_cosine", "hybrid_adam"], mlp_steps=6, out=str(tmp_path / "b"),
+                      workers=1)
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(cfg, Reporter(quiet=True))
     record = json.loads((tmp_path / "b" / "results.json").read_text())
@@ -180,3 +182,50 @@ def test_an_interrupted_bench_reports_what_it_measured(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "b" / "results.json").read_text())
     assert len(record["runs"]) == 8 and record["runs"][:3] == first and "interrupted_after_runs" not in record
     assert "**Partial**" not in (tmp_path / "b" / "RESULTS.md").read_text()
+
+
+def test_worker_processes_give_the_runs_of_one_process(tiny_teacher, corpus_file, tmp_path):
+    from hybridopt.config import BenchConfig
+    from hybridopt.recipes.bench import run_bench
+    from hybridopt.reporting import Reporter
+
+    arms = ["adamw_cosine", "sgd_cosine_clusters", "hybrid_adam", "hybrid_random"]  # hybrid_random replays hybrid_adam
+    records = {}
+    for workers in (1, 2):
+        cfg = BenchConfig(quick=True, task=["distill", "mlp"], arms=arms, steps=3, mlp_steps=12, teacher=str(tiny_teacher),
+                          data=[str(corpus_file)], device="cpu", out=str(tmp_path / str(workers)), workers=workers,
+                          no_cost=True)
+        run_bench(cfg, Reporter(quiet=True))
+        records[workers] = json.loads((tmp_path / str(workers) / "results.json").read_text())
+    serial, parallel = ([{k: v for k, v in r.items() if k != "seconds"} for r in records[w]["runs"]] for w in (1, 2))
+    assert len(serial) == 32 and parallel == serial  # the same runs, bit for bit, in the same (plan) order
+    assert {r["threads"] for r in records[2]["runs"]} == {1} and records[2]["workers"] == 2
+
+
+def test_hybrid_random_starts_after_its_hybrid_adam_and_a_signal_starts_nothing_more():
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from hybridopt.recipes.bench import _run_plan
+    from hybridopt.training import StopRequested
+
+    started, runs, stop = [], [], SimpleNamespace(signum=None)
+
+    def start(key, replay):
+        started.append((key, replay))
+        future = Future()
+        future.set_result({"task": key[0], "arm": key[1], "lr": key[2], "seed": key[3], "lr_multiplier": [key[2]]})
+        return future
+
+    todo = [("mlp", "hybrid_adam", 0.1, 0), ("mlp", "hybrid_random", 0.1, 0), ("mlp", "adamw_cosine", 0.1, 1)]
+    _run_plan(list(todo), runs, 2, start, runs.append, stop)
+    assert started == [(todo[0], None), (todo[2], None), (todo[1], [0.1])]  # skips ahead while hybrid_adam runs
+
+    def stop_after_one(run):
+        runs.append(run)
+        stop.signum = 2
+
+    started.clear()
+    with pytest.raises(StopRequested):
+        _run_plan([("mlp", "sgd", lr, 0) for lr in (1, 2, 3, 4)], runs, 2, start, stop_after_one, stop)
+    assert len(started) == 2  # the two in flight finish; nothing more starts

@@ -32,8 +32,12 @@ CONFIGS = {
     "controller_frozen": dict(CLIP, learn_controller=False),
     "late_parameter": dict(CLIP, trace_decay=0.9, _late=True),
     "added_group": dict(controller_lr=1e-2, trace_decay=0.9, _added_group=True),
-    "other_hyperparameters": dict(betas=(0.8, 0.99), eps=1e-6, signal_ema=0.5, controller_hidden=8, trace_decay=0.5,
-                                  controller_lr=3e-3),
+    "other_hyperparameters": dict(betas=(0.8, 0.99), eps=1e-6, scale_betas=(0.5, 0.9), scale_lr=0.05,
+                                  controller_hidden=8, trace_decay=0.5, controller_lr=3e-3),
+    "scale_only": dict(CLIP, use_controller=False),
+    "warmup_holds_the_scale": dict(controller_lr=1e-2, _warmup=True),
+    "controller_only": dict(CLIP, learn_scale=False),
+    "nothing_learns": dict(CLIP, use_controller=False, learn_scale=False),
 }
 
 
@@ -46,6 +50,7 @@ def _problem():
     return X, y, model, g
 
 
+WARMUP = 20  # steps of the linear warmup of "warmup_holds_the_scale"
 LATE_UNTIL, ADDED_AT = 30, 50  # the last layer's bias has no gradient before step 30; the last layer joins at 50
 JOINS = {"late_parameter": LATE_UNTIL, "added_group": ADDED_AT}  # the step at which the last bias first moves
 
@@ -71,7 +76,8 @@ def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
     if break_fast:
         break_fast(fast)
     sched = torch.optim.lr_scheduler.LambdaLR(fast, [lambda s: 1 - s / 400, lambda s: 0.5 + 0.5 * math.cos(s / 50)]) \
-        if config.get("_groups") else None
+        if config.get("_groups") else \
+        torch.optim.lr_scheduler.LambdaLR(fast, lambda s: min(1.0, (s + 1) / WARMUP)) if config.get("_warmup") else None
     for step in range(steps):
         idx = torch.randint(0, 512, (32,), generator=g)
         if config.get("_added_group") and step == ADDED_AT:
@@ -123,11 +129,14 @@ def test_fast_matches_reference(name, default_dtype):
         for p, q in zip(fast_params, ref_params):
             assert torch.allclose(p, q, **tol), (name, step, (p - q).abs().max().item())
         assert s_fast["clipped"] == s_ref["clipped"] and s_fast["skipped_steps"] == s_ref["skipped_steps"], (name, step)
-        for key in ("trust_radius", "lr_multiplier", "avg_lr_multiplier"):
+        for key in ("trust_radius", "lr_multiplier", "avg_lr_multiplier", "learned_scale"):
             assert s_fast[key] == pytest.approx(s_ref[key], rel=tol["rtol"]), (name, step, key)
         clipped += s_fast["clipped"]
         if step == 0:
             last_bias = fast_params[3].detach().clone()
+        if CONFIGS[name].get("_warmup") and step == WARMUP - 1:  # held while the lr rose (the first update learns)
+            held = s_fast["learned_scale"]
+            assert held == s_ref["learned_scale"] and abs(math.log(held)) <= 0.1 + 1e-12, held
         if name in JOINS and step == JOINS[name] - 1:  # a tensor without a gradient, or not yet added, stays put
             assert torch.equal(fast_params[3], last_bias), (name, step)
     # The configurations really exercise what they are named for.
@@ -139,6 +148,10 @@ def test_fast_matches_reference(name, default_dtype):
     if CONFIGS[name].get("use_controller", True) and CONFIGS[name].get("learn_controller", True):
         # (a run clipped at every step trains only the radius head, so the lr multiplier may stay at 1)
         assert s_fast["lr_multiplier"] != 1.0 or s_fast["trust_radius"] != CONFIGS[name].get("trust_radius", 0.1)
+    if CONFIGS[name].get("learn_scale", True):
+        assert s_fast["learned_scale"] != 1.0 and s_fast["lr_multiplier"] != 1.0, name
+    else:
+        assert s_fast["learned_scale"] == 1.0, name
 
 
 @pytest.mark.parametrize("default_dtype", [torch.float64], indirect=True)

@@ -18,8 +18,8 @@ The arms (the design document's four first, then what practitioners pick, then a
     prodigy              Prodigy (`prodigyopt`), lr 1 with warmup-cosine, grid over d_coef
     muon                 torch.optim.Muon on the 2-D hidden weights (AdamW-matched RMS), AdamW on
                          embeddings, norms and head, one rate for both, warmup-cosine
-    hybrid_adam          `distill --hybrid`: controller and trust region over the Adam direction
-    hybrid_frozen        hybrid_adam with the controller frozen at initialisation
+    hybrid_adam          `distill --hybrid`: learned scale, controller and trust region over the Adam direction
+    hybrid_frozen        hybrid_adam with the controller frozen at initialisation (the learned scale alone)
     hybrid_random        hybrid_adam's own multipliers at the same lr and seed, shuffled in time
                          (same spread, no information)
     hybrid_no_trust      hybrid_adam without the trust region
@@ -52,11 +52,11 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 class ReplayedMultiplierHybrid(HybridOptimizer):
-    """The hybrid optimizer with its controller off and the learning-rate multiplier of each step taken
-    from a given sequence (the `hybrid_random` ablation: another run's multipliers, shuffled)."""
+    """The hybrid optimizer with its controller and learned scale off and the learning-rate multiplier of each
+    step taken from a given sequence (the `hybrid_random` ablation: another run's multipliers, shuffled)."""
 
     def __init__(self, params, multipliers: Sequence[float], **kwargs):
-        super().__init__(params, use_controller=False, **kwargs)
+        super().__init__(params, **{**kwargs, "use_controller": False, "learn_scale": False})
         self.multipliers = list(multipliers)
 
     @torch.no_grad()
@@ -71,7 +71,8 @@ def _hybrid_kwargs() -> dict:
     """The settings `hybridopt distill --hybrid` gives the hybrid optimizer (TrainConfig's defaults)."""
     d = TrainConfig()
     return dict(betas=BETAS, use_trust_region=d.trust_region, trust_radius=d.trust_radius,
-                adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, trace_decay=d.controller_trace)
+                adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, trace_decay=d.controller_trace,
+                learn_scale=d.learn_scale, scale_lr=d.scale_lr)
 
 
 def _hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -188,9 +189,9 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("schedulefree_adamw", "Schedule-Free AdamW", "adam", "none", _schedulefree),
     Arm("prodigy", "Prodigy, warmup-cosine, grid over d_coef", "prodigy", "cosine", _prodigy),
     Arm("muon", "Muon (hidden matrices) + AdamW (embeddings, norms, head), warmup-cosine", "adam", "cosine", _muon),
-    Arm("hybrid_adam", "distill --hybrid: controller + trust region over Adam, warmup-cosine", "adam", "cosine",
+    Arm("hybrid_adam", "distill --hybrid: learned scale + controller + trust region over Adam, warmup-cosine", "adam", "cosine",
         _hybrid("adam")),
-    Arm("hybrid_frozen", "ablation: hybrid_adam, controller frozen at initialisation", "adam", "cosine",
+    Arm("hybrid_frozen", "ablation: hybrid_adam, controller frozen at initialisation (learned scale alone)", "adam", "cosine",
         _hybrid("adam", learn_controller=False)),
     Arm("hybrid_random", "ablation: hybrid_adam's multipliers shuffled in time", "adam", "cosine", _hybrid_random),
     Arm("hybrid_no_trust", "ablation: hybrid_adam without the trust region", "adam", "cosine",

@@ -47,7 +47,7 @@ from hybridopt.reporting import Reporter
 from hybridopt.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
 from hybridopt.teacher import ensure_default_teacher
 from hybridopt.training import Trainer, warmup_cosine
-from hybridopt.utils import cache_dir
+from hybridopt.utils import cache_dir, seed_everything
 
 TASKS = ("distill", "distill_ternary", "mlp")
 NUM_CLUSTERS = 8  # `--data_clusters` alone
@@ -62,7 +62,8 @@ class Budget:
     batch_size: int
     seq_len: int = 128
     eval_every: int = 10
-    curve_blocks: int = 64  # validation blocks (or points / 16 for mlp) of the loss curve; the final loss uses all
+    curve_blocks: int = 64  # validation blocks (or points / 16 for mlp) of the loss curve
+    final_blocks: int = 256  # validation blocks of the final loss (the first ones; mlp: all its points)
 
     @property
     def warmup(self) -> int:
@@ -100,6 +101,7 @@ class DistillTask:
         if shared is not None:  # the ternary task shares the FP task's teacher, data, logits and clusters
             self.teacher, self.tokenizer, self.train, self.val = shared.teacher, shared.tokenizer, shared.train, shared.val
             self.teacher_dir, self._logits, self._labels = shared.teacher_dir, shared._logits, shared._labels
+            self.final_val = shared.final_val
             self.val_loss_teacher = shared.val_loss_teacher
             self.description = shared.description
         else:
@@ -108,8 +110,7 @@ class DistillTask:
         ctx = context_length(self.teacher.config)
         self.student_config = student_config(self.teacher.config, vocab_size(self.teacher), self.cfg, self.tokenizer,
                                              max_positions=ctx or budget.seq_len)
-        self.curve_val = TokenBlocks(self.val.stream[: budget.curve_blocks * budget.seq_len + 1], budget.seq_len,
-                                     "validation")
+        self.curve_val = _first_blocks(self.val, budget.curve_blocks)
         self.num_clusters = NUM_CLUSTERS
 
     def _load(self, teacher: str | None, data: list[str], reporter: Reporter) -> None:
@@ -125,7 +126,8 @@ class DistillTask:
             raise UserError(f"the training split has {len(self.train)} sequences, fewer than the batch of {b.batch_size}")
         self._logits: dict[int, torch.Tensor] = {}
         self._labels: np.ndarray | None = None
-        self.val_loss_teacher = evaluate_lm(self.teacher, self.val, b.batch_size, self.device)["loss"]
+        self.final_val = _first_blocks(self.val, b.final_blocks)
+        self.val_loss_teacher = evaluate_lm(self.teacher, self.final_val, b.batch_size, self.device)["loss"]
         self.description = f"{desc}; teacher {self.teacher_dir}"
 
     def new_model(self, seed: int) -> nn.Module:
@@ -161,7 +163,13 @@ class DistillTask:
         return evaluate_lm(model, self.curve_val, self.budget.batch_size, self.device)["loss"]
 
     def final_loss(self, model: nn.Module) -> float:
-        return evaluate_lm(model, self.val, self.budget.batch_size, self.device)["loss"]
+        return evaluate_lm(model, self.final_val, self.budget.batch_size, self.device)["loss"]
+
+
+def _first_blocks(blocks: TokenBlocks, n: int) -> TokenBlocks:
+    """The first `n` blocks of a split (all of them when it has fewer)."""
+    n = min(n, len(blocks))
+    return TokenBlocks(blocks.stream[: n * blocks.seq_len + 1], blocks.seq_len, "validation")
 
 
 class MLPTask:
@@ -256,7 +264,12 @@ def _threads(n: int | None):
 
 
 def run_arm(task, arm: Arm, lr: float, seed: int, replay: list[float] | None = None) -> RunResult:
-    """Train a fresh model of `task` with `arm` at grid value `lr`; stop early when it diverges."""
+    """Train a fresh model of `task` with `arm` at grid value `lr`; stop early when it diverges.
+
+    The global RNGs are seeded from `seed` first: the hybrid arms' controller draws its initial weights from
+    torch's, which would otherwise carry whatever the runs before it in the same process left (a resumed or
+    parallel bench gave other hybrid results)."""
+    seed_everything(seed)
     with _threads(getattr(task, "threads", None)):
         return _run_arm(task, arm, lr, seed, replay)
 

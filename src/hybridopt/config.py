@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from dataclasses import dataclass, field, fields
 
@@ -89,15 +90,17 @@ class TrainConfig:
     eval_every: int = _arg(5, "evaluate on the validation split every N epochs (and after the last)")
     seed: int = _arg(0, "random seed for initialisation, shuffling and everything else")
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto", choices=None)
-    hybrid: bool = _arg(False, "use the hybrid optimizer: Adam with a meta-learned learning-rate multiplier and trust region")
+    hybrid: bool = _arg(False, "use the hybrid optimizer: Adam with a learned learning-rate scale, a meta-learned multiplier and a trust region")
     trust_radius: float = _arg(0.1, "with --hybrid: initial trust radius, relative to the parameter norm")
     trust_region: bool = _arg(True, "with --hybrid: bound each update's norm by the trust radius; --no-trust_region turns it off")
     adapt_radius: bool = _arg(False, "with --hybrid: also adapt the radius from actual vs predicted loss decrease (the design document's rule; noisy on minibatches)")
+    learn_scale: bool = _arg(True, "with --hybrid: learn the learning rate's scale by normalised hypergradient descent, so --lr is only its starting point; --no-learn_scale leaves the controller alone")
+    scale_lr: float = _arg(0.1, "with --hybrid: how far the learned log scale may move per step (0.1: at most x1.105)")
     controller_trace: float = _arg(0.0, "with --hybrid: decay of the update trace the hypergradient is credited over (0 = the last update only, as Baydin et al.)")
     controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the auxiliary network (the design document's 1e-3; bounds how fast the multipliers move, about this much in log space per step)")
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "seq_len", "lr", "eval_every", "trust_radius", "controller_lr"):
+        for name in ("epochs", "batch_size", "seq_len", "lr", "eval_every", "trust_radius", "controller_lr", "scale_lr"):
             _positive(name, getattr(self, name))
         if self.max_steps_per_epoch < 0:
             raise UserError(f"--max_steps_per_epoch must be 0 (full pass) or positive, got {self.max_steps_per_epoch}")
@@ -329,7 +332,7 @@ BENCH_ARMS = ["sgd", "sgd_cosine", "sgd_cosine_clusters", "hybrid_sgd", "adamw_c
 BENCH_PRESETS = {
     "quick": dict(steps=6, batch_size=4, seq_len=32, eval_every=3, curve_blocks=8, grid_points=2, seeds=2,
                   mlp_steps=60),
-    "default": dict(steps=100, batch_size=8, seq_len=64, eval_every=10, curve_blocks=48, grid_points=5, seeds=3,
+    "default": dict(steps=60, batch_size=8, seq_len=64, eval_every=10, curve_blocks=48, grid_points=5, seeds=3,
                     mlp_steps=600),
     "full": dict(steps=1000, batch_size=16, seq_len=128, eval_every=25, curve_blocks=128, grid_points=7, seeds=5,
                  mlp_steps=3000),
@@ -358,8 +361,13 @@ class BenchConfig:
     resume: bool = _arg(False, "continue the bench in --out: runs already in its results.json are kept, the rest run")
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto")
     no_cost: bool = _arg(False, "skip the cost measurements (step-time ratios, pipeline overhead)")
+    workers: int | None = _arg(None, "runs at a time, each in its own process with one intra-op thread; 1 runs them one after another in this process (default: the CPU count, at most 4)")
 
     def __post_init__(self):
+        if self.workers is None:
+            self.workers = min(os.cpu_count() or 1, 4)
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.resume and not self.out:
             raise UserError("--resume continues the bench in --out DIR; pass --out")
         if self.quick and self.full:

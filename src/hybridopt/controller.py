@@ -13,6 +13,7 @@ output can always come back (it never sticks at a bound).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,11 +111,12 @@ class AuxiliaryNN(nn.Module):
         a = self(features)
         return math.exp(a[LR_HEAD].item()), math.exp(a[RADIUS_HEAD].item())
 
-    def surrogate(self, features: torch.Tensor, signal: float, head: int) -> torch.Tensor:
-        """Scalar whose gradient is the hypergradient `signal` on output `head` at `features` `(6,)`,
+    def surrogate(self, features: torch.Tensor, signal: float, heads: Sequence[int]) -> torch.Tensor:
+        """Scalar whose gradient is the hypergradient `signal` on each output in `heads` at `features` `(6,)`,
         plus the bound penalty; one optimizer step on it is one step of hypergradient descent."""
         z = self.raw(features)
-        return signal * self.clamp(z)[head] + self.bound_penalty(z)
+        a = self.clamp(z)
+        return signal * sum(a[k] for k in heads) + self.bound_penalty(z)
 
     def predict(self, state: TrainingState) -> tuple[float, float]:
         """`(lr multiplier, radius multiplier)` for one training state (does not update statistics)."""

@@ -1,39 +1,45 @@
-r"""HybridOptimizer: Adam (or SGD-momentum) with a meta-learned learning rate and a trust region.
+r"""HybridOptimizer: Adam (or SGD-momentum) with a learned step size, a meta-learned controller and a trust region.
 
 At step t, for each tensor \theta_t with gradient g_t, base direction d_t (Adam's bias-corrected
 \hat m_t / (\sqrt{\hat v_t} + \epsilon), or the momentum buffer b_t = \beta_1 b_{t-1} + g_t), group learning
-rate \eta and weight decay \lambda (any LR scheduler changes \eta), and controller outputs
-a_t = (\log m_t, \log r_t) clamped to [\log 0.1, \log 10]:
+rate \eta (any LR scheduler changes it) and weight decay \lambda, the log learning-rate multiplier is the
+sum of a learned scale \ell_t and the controller's state-dependent output c_t = a_{t,1}(x_t):
 
-    u_t = -\eta e^{a_{t,1}} (d_t + \lambda \theta_t)                       (decoupled weight decay)
+    u_t = -\eta e^{\ell_t + c_t} (d_t + \lambda \theta_t)                   (decoupled weight decay)
     \mu_t = \rho_t e^{a_{t,2}} \max(\|\theta_t\|_2, 10^{-3})                  (scale-free radius)
     \Delta\theta_t = u_t \min(1, \mu_t / \|u_t\|_2)                         (trust region, global norm)
 
 where the norms run over all parameters that have a gradient. `trust_mode="per_tensor"` bounds each
 tensor i separately: \|\Delta\theta^i_t\|_2 \le \rho_t e^{a_{t,2}} \max(\mathrm{rms}(\theta^i_t), 10^{-3}) \sqrt{n_i}.
 
-The controller learns online from hypergradients (Baydin et al. 2018, "Online Learning Rate
-Adaptation with Hypergradient Descent"): since \Delta\theta_{t-1} is proportional to
-e^{a_{t-1,1}} when the trust region does not bind,
+**The learned scale** \ell (`learn_scale`) is hypergradient descent on the log learning rate (Baydin et al.
+2018, "Online Learning Rate Adaptation with Hypergradient Descent", in its multiplicative form), with the
+hypergradient normalised the way Adam normalises a gradient, so that its step does not depend on the size
+of the loss, the gradients or the learning rate given:
 
-    \partial L_t / \partial a_{t-1,1} = g_t \cdot \Delta\theta_{t-1}.
+    h_t = g_t \cdot s_{t-1},   s_t = \gamma s_{t-1} + \Delta\theta_t        (\partial L_t / \partial \ell_{t-1} when \gamma = 0)
+    m_t = \beta_a m_{t-1} + (1 - \beta_a) h_t,   v_t = \beta_b v_{t-1} + (1 - \beta_b) h_t^2
+    \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30}),   \ell_{t+1} = \mathrm{clip}(\ell_t - \kappa \sigma_t, \pm \log 10^4)
 
-Two devices address minibatch noise and the short-horizon bias (greedy one-step hypergradients are
-known to shrink the learning rate too early; Wu et al. 2018, "Understanding Short-Horizon Bias in
-Stochastic Meta-Optimization"):
+with \kappa = `scale_lr` (0.1), (\beta_a, \beta_b) = `scale_betas` and \hat{} Adam's bias corrections. When
+successive updates point the same way (h < 0) the scale grows by up to e^\kappa per step; when they
+oscillate it shrinks. While the first group's lr rises (a warmup) \ell is held: early in training
+successive updates agree, and a scale that grew on top of the warmup overshot and cost the default
+distillation run for good (0.4 nats/token at \kappa = 0.2; docs/RESULTS.md). \ell starts at 0, so `lr` is only the starting point: from anywhere in the
+bench's three-decade grid the scale reaches a working rate within tens of steps. The hypergradient is
+taken through the trust region one way: after a clipped step (whose length the radius set, not the rate)
+\sigma_t is replaced by \max(\sigma_t, 0), so a rate that is too high still shrinks while the trust region
+holds the steps (masking clipped steps kept it from ever coming down), but a rate the trust region
+overrides cannot grow without bound (it grew 1000x on Rosenbrock). \gamma = `trace_decay` > 0 credits a rate shared by the last ~1/(1-\gamma) steps instead of the last
+step alone (it was worse on the bench's mlp task; off by default).
 
-* noise and scale: the hypergradient is normalised to a cosine and smoothed by an EMA,
-  h_t = \beta_h h_{t-1} + (1 - \beta_h) \cos(g_t, s_{t-1}) with \beta_h = `signal_ema`;
-* an optional trace of recent updates, s_t = \gamma s_{t-1} + \Delta\theta_t (`trace_decay`), credits a
-  learning rate shared by the last ~1/(1-\gamma) steps instead of the last step alone (\gamma = 0 is
-  Baydin's rule, s_t = \Delta\theta_t). The default is \gamma = 0: on the default distillation run the
-  trace did not help (the measured comparison is in docs/RESULTS.md), so it stays available for longer runs.
-
-The controller takes one Adam step (`controller_lr`) on the surrogate h_t a_{t-1,k}(x_{t-1}) plus a
-quadratic pull back inside the clamp bounds, where x_{t-1} are the features it saw at the last update.
-Steps on which the trust region clipped the update are *masked* for the learning-rate head (k = 1: the
-learning rate did not set the step length, so it gets neither credit nor blame); their signal trains
-the radius head instead (k = 2: \partial L / \partial a_{t-1,2} is the same cosine while the constraint binds).
+**The controller** (the design document's auxiliary network, `AuxiliaryNN`) maps smoothed training-state
+features x_t (EMA loss, EMA gradient norm, loss trend, gradient variance, step, data cluster) to
+a_t = (c_t, \log r_t), each clamped to [\log 0.1, \log 10]. It learns online from the same normalised
+hypergradient: one Adam step (`controller_lr`) on the surrogate \sigma_t a_{t-1,k}(x_{t-1}) plus a quadratic
+pull back inside the clamp bounds, with k = 1 (the learning-rate correction) on every step and k = 2 (the
+radius) on the steps the trust region clipped (then \partial L / \partial \log r has the sign of h).
+The learned scale carries the rate; the controller adds what depends on the training state.
 
 The base radius \rho_t (`trust_radius`, in each param group) adapts as the design document's trust
 region when `adapt_radius=True`: with the ratio of actual to first-order predicted loss decrease,
@@ -41,25 +47,28 @@ r_t = (L_{t-1} - L_t) / (-g_{t-1} \cdot \Delta\theta_{t-1}), smoothed as \bar r_
 \rho \leftarrow \min(1, 1.5\rho) when \bar r_t > 0.75 and \rho \leftarrow \max(10^{-4}, 0.7\rho) when
 \bar r_t < 0.25, both only after a step the constraint clipped (it needs the loss, passed to
 `step(loss=...)` or returned by the closure). It is off by default: on minibatches the actual decrease is
-dominated by batch-to-batch noise, so the rule shrinks the radius until training stalls; the learned
-radius head adapts the radius instead. A non-finite loss or gradient skips the step and leaves every
-tensor untouched. Without `adapt_radius` that is all (\rho stays what the user set). With it, a non-finite
-L_t or g_t counts as the worst outcome of the update that led to \theta_t, so it halves \rho, as a trust
-region shrinks after a failed step; the rule above grows \rho back by 1.5 per good clipped step, so the
-shrinking is not for good. Before the first update no step led there, and \rho is left alone.
+dominated by batch-to-batch noise, so the rule shrinks the radius until training stalls. A non-finite loss
+or gradient skips the step and leaves every tensor untouched. Without `adapt_radius` that is all. With it,
+a non-finite L_t or g_t counts as the worst outcome of the update that led to \theta_t, so it halves \rho (the
+rule above grows it back by 1.5 per good clipped step). Before the first update no step led there.
+
+Cost: the directions, the trust region and the trace are `torch._foreach_*` kernels; a step reads one
+small tensor back to the host (the loss if it is a tensor, \|g_t\|^2, h_t and the last step's trust-region
+factor, stacked), and `adapt_radius` adds one more. Memory: Adam's two moments plus the trace s (one
+parameter-sized buffer, only while something learns).
 
 Where things live (the schedule_free shape): hyperparameters in the param groups (`lr`, `betas`, `eps`,
-`weight_decay`, `trust_radius`, and the controller's `lr_multiplier` and `radius_multiplier`, which it
-writes there every step); per-tensor state in `self.state[p]` (`exp_avg`, `exp_avg_sq`, `step`, `trace`);
-optimizer-wide scalars in `HybridState`; the controller is its own module. The controller adds no forward
-or backward pass of the model: a few dot products and norms per step.
+`weight_decay`, `trust_radius`, and the `lr_multiplier` e^{\ell + c} and `radius_multiplier` written there
+every step); per-tensor state in `self.state[p]` (`exp_avg`, `exp_avg_sq`, `step`, `trace`);
+optimizer-wide scalars in `HybridState`; the controller is its own module. No extra forward or backward
+pass of the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,65 +77,91 @@ from hybridopt.controller import LR_HEAD, RADIUS_HEAD, AuxiliaryNN, TrainingStat
 
 MIN_RADIUS, MAX_RADIUS = 1e-4, 1.0
 MIN_NORM = 1e-3  # floor of the reference norm, so parameters at zero can still move
+LOG_SCALE_BOUND = math.log(1e4)  # the learned scale stays within 1e-4x ... 1e4x the given lr
+
+Tensors = list[torch.Tensor]
 
 
 # ---------------------------------------------------------------------------- pure update functions
-def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
-                   betas: tuple[float, float], eps: float) -> torch.Tensor:
-    """Adam's \\hat m / (\\sqrt{\\hat v} + eps) at `step` (1-based); updates the moment buffers in place."""
+def adam_directions(grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: list[int],
+                    betas: tuple[float, float], eps: float) -> Tensors:
+    """Adam's \\hat m / (\\sqrt{\\hat v} + eps) per tensor at its `steps` (1-based); updates the moments in place."""
     beta1, beta2 = betas
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)
-    return exp_avg / (1 - beta1 ** step) / denom
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** n) for n in steps])
+    torch._foreach_add_(denom, eps)
+    directions = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_div_(directions, [1 - beta1 ** n for n in steps])
+    return directions
 
 
-def momentum_direction(grad: torch.Tensor, buffer: torch.Tensor, beta1: float) -> torch.Tensor:
-    """Heavy-ball direction b = beta1 b + g (a new tensor); updates the buffer in place."""
-    return buffer.mul_(beta1).add_(grad).clone()
+def momentum_directions(grads: Tensors, buffers: Tensors, beta1: float) -> Tensors:
+    """Heavy-ball directions b = beta1 b + g (new tensors); updates the buffers in place."""
+    torch._foreach_mul_(buffers, beta1)
+    torch._foreach_add_(buffers, grads)
+    return torch._foreach_mul(buffers, 1.0)
 
 
-def scaled_update_(direction: torch.Tensor, param: torch.Tensor, lr: float, lr_multiplier: float,
-                   weight_decay: float) -> torch.Tensor:
-    """u = -lr m_lr (d + wd theta), in place on `direction`."""
+def scaled_updates_(directions: Tensors, params: Tensors, lr: float, lr_multiplier: float,
+                    weight_decay: float) -> Tensors:
+    """u = -lr m (d + wd theta), in place on `directions`."""
     if weight_decay:
-        direction.add_(param, alpha=weight_decay)
-    return direction.mul_(-lr * lr_multiplier)
+        torch._foreach_add_(directions, params, alpha=weight_decay)
+    torch._foreach_mul_(directions, -lr * lr_multiplier)
+    return directions
 
 
-def global_norm(tensors: Iterable[torch.Tensor]) -> float:
-    """\\|(t_1, ..., t_n)\\|_2 as a Python float."""
-    return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors))
+def norms(tensors: Tensors) -> torch.Tensor:
+    """Per-tensor 2-norms, shape `(n,)`, in float32 at least (half precision overflows when squared)."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
 
 
-def global_trust_scale(updates: list[torch.Tensor], params: list[torch.Tensor], radius: float) -> float | None:
-    """Factor bringing \\|u\\| down to radius max(\\|theta\\|, 1e-3), or None when the update is inside."""
-    limit = radius * max(global_norm(params), MIN_NORM)
-    unorm = global_norm(updates)
-    return limit / unorm if unorm > limit else None
+def global_trust_factor(updates: Tensors, params: Tensors, radius: float) -> torch.Tensor:
+    """min(1, radius max(\\|theta\\|, 1e-3) / \\|u\\|), a 0-d tensor (no host sync)."""
+    limit = radius * norms(params).norm().clamp_min(MIN_NORM)
+    return (limit / norms(updates).norm().clamp_min(1e-30)).clamp_max(1.0)
 
 
-def tensor_trust_scale(update: torch.Tensor, param: torch.Tensor, radius: float) -> float | None:
-    """Per-tensor factor: the bound is radius max(rms(theta), 1e-3) sqrt(n); None when inside."""
-    limit = radius * max(float(param.pow(2).mean().sqrt()), MIN_NORM) * math.sqrt(param.numel())
-    n = float(update.norm())
-    return limit / n if n > limit else None
+def tensor_trust_factors(updates: Tensors, params: Tensors, radii: list[float]) -> torch.Tensor:
+    """Per tensor: min(1, radius max(rms(theta), 1e-3) sqrt(n) / \\|u\\|), shape `(n,)`."""
+    sizes = torch.tensor([float(p.numel()) for p in params], device=params[0].device)
+    rms = norms(params) / sizes.sqrt()
+    limit = torch.tensor(radii, device=params[0].device) * rms.clamp_min(MIN_NORM) * sizes.sqrt()
+    return (limit / norms(updates).clamp_min(1e-30)).clamp_max(1.0)
 
 
-def hypergradient_cosine(grads: list[torch.Tensor], traces: list[torch.Tensor], grad_norm: float) -> float:
-    """cos(g_t, s_{t-1}) over all tensors, the normalised hypergradient of the log learning rate."""
-    dot = sum(torch.vdot(g.flatten(), s.flatten()) for g, s in zip(grads, traces))
-    return float(dot) / (grad_norm * global_norm(traces) + 1e-12)
+def dot(a: Tensors, b: Tensors) -> torch.Tensor:
+    """\\sum_i a_i \\cdot b_i in float32 at least, a 0-d tensor."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
+    return torch.stack([torch.vdot(x.flatten().to(dtype), y.flatten().to(dtype)) for x, y in zip(a, b)]).sum()
 
 
-def ema(average: float, value: float, decay: float) -> float:
-    """decay * average + (1 - decay) * value."""
-    return decay * average + (1 - decay) * value
+@dataclass
+class ScaleState:
+    """Adam-style moments of the hypergradient h_t behind the learned log scale \\ell."""
+
+    log_scale: float = 0.0  # \\ell
+    mean: float = 0.0  # m, EMA of h
+    sq: float = 0.0  # v, EMA of h^2
+    count: int = 0  # hypergradients seen (for the bias corrections)
 
 
-def predicted_decrease(grads: list[torch.Tensor], updates: list[torch.Tensor]) -> float:
-    """First-order predicted loss decrease of an update, -g . Delta theta (in float32 at least)."""
-    return -sum(float(torch.vdot(g.flatten().float(), u.flatten().float())) for g, u in zip(grads, updates))
+def normalized_hypergradient(state: ScaleState, h: float, betas: tuple[float, float]) -> tuple[ScaleState, float]:
+    """The moments after h, and \\sigma = \\hat m / (\\sqrt{\\hat v} + 1e-30), roughly in [-1, 1]."""
+    b1, b2 = betas
+    count = state.count + 1
+    mean, sq = b1 * state.mean + (1 - b1) * h, b2 * state.sq + (1 - b2) * h * h
+    sigma = (mean / (1 - b1 ** count)) / (math.sqrt(sq / (1 - b2 ** count)) + 1e-30)
+    return dataclasses.replace(state, mean=mean, sq=sq, count=count), sigma
+
+
+def learned_log_scale(log_scale: float, sigma: float, scale_lr: float) -> float:
+    """\\ell - \\kappa \\sigma, kept within \\pm \\log 10^4."""
+    return min(LOG_SCALE_BOUND, max(-LOG_SCALE_BOUND, log_scale - scale_lr * sigma))
 
 
 def decrease_ratio_ema(ratio_ema: float | None, prev_loss: float, loss: float, predicted: float) -> float:
@@ -147,7 +182,7 @@ def adapted_radius(radius: float, ratio_ema: float, clipped: bool) -> float:
 
 @dataclass
 class FeatureStats:
-    """Running statistics behind the controller's loss-trend and gradient-variance features."""
+    """Running statistics behind the controller's features."""
 
     loss_ema: float | None = None  # EMA (0.9) of finite losses
     loss_trend: float = 0.0  # EMA (0.9) of log(loss) - log(loss_ema)
@@ -168,11 +203,10 @@ def update_feature_stats(stats: FeatureStats, loss: float, grad_norm: float) -> 
     return new
 
 
-def training_state(stats: FeatureStats, loss: float, grad_norm: float, step: int, cluster_id: int | None,
-                   num_clusters: int) -> TrainingState:
-    """What the controller sees (a missing or non-finite loss reads as 1)."""
-    return TrainingState(loss=loss if math.isfinite(loss) else 1.0, gradient_magnitude=grad_norm,
-                         loss_trend=stats.loss_trend,
+def training_state(stats: FeatureStats, step: int, cluster_id: int | None, num_clusters: int) -> TrainingState:
+    """What the controller sees: the smoothed loss and gradient norm, not one minibatch's (no loss reads as 1)."""
+    return TrainingState(loss=stats.loss_ema if stats.loss_ema is not None else 1.0,
+                         gradient_magnitude=stats.grad_norm_mean, loss_trend=stats.loss_trend,
                          gradient_variance=stats.grad_norm_var / max(stats.grad_norm_mean ** 2, 1e-12),
                          step=step, cluster_id=cluster_id, num_clusters=num_clusters)
 
@@ -187,7 +221,9 @@ class HybridState:
     clipped_steps: int = 0
     lr_multiplier_sum: float = 0.0  # for the average multiplier of the summary
     cluster_id: int | None = None  # data cluster of the next batch, from `set_cluster`
-    signal: float = 0.0  # h_t, the smoothed normalised hypergradient
+    signal: float = 0.0  # \\sigma_t, the normalised hypergradient
+    prev_lr: float = math.inf  # the first group's lr at the last scale update (a rising lr holds the scale)
+    scale: ScaleState = field(default_factory=ScaleState)
     prev_features: list[float] | None = None  # x_{t-1}, the controller input at the last update
     features: FeatureStats = field(default_factory=FeatureStats)
     prev_loss: float | None = None  # with adapt_radius: L_{t-1}
@@ -196,17 +232,20 @@ class HybridState:
 
 
 class HybridOptimizer(torch.optim.Optimizer):
-    """Meta-learned learning rate and trust region over an Adam or SGD-momentum direction.
+    """Learned step size, meta-learned controller and trust region over an Adam or SGD-momentum direction.
 
     Args:
         params: parameters or param groups (a group may set its own `lr`, `weight_decay`, `trust_radius`).
-        lr: base learning rate (schedulers scale it; the controller multiplies it).
+        lr: base learning rate, the learned scale's starting point (schedulers scale it).
         betas: Adam betas (beta1 is the momentum of `base="sgd"`).
         eps: Adam epsilon.
         weight_decay: decoupled weight decay.
         base: "adam" or "sgd".
-        use_controller: learn multipliers with the auxiliary network; False fixes them at exactly 1.
-        learn_controller: update the controller online; False freezes it (ablation).
+        learn_scale: learn the log scale \\ell by normalised hypergradient descent (False: \\ell = 0).
+        scale_lr: \\kappa, the largest change of \\ell per step (0.1: x1.105).
+        scale_betas: EMA decays of the hypergradient's mean and square.
+        use_controller: add the auxiliary network's output; False fixes its multipliers at exactly 1.
+        learn_controller: update the controller online; False freezes it at initialisation (outputs 0).
         use_trust_region: bound the update norm.
         trust_radius: initial radius, relative to the parameter norm (global) or tensor RMS (per tensor).
         trust_mode: "global" (one bound on all parameters: every group needs the same radius) or "per_tensor".
@@ -214,39 +253,43 @@ class HybridOptimizer(torch.optim.Optimizer):
         controller_lr: Adam learning rate of the auxiliary network.
         controller_hidden: hidden width of the auxiliary network.
         trace_decay: gamma of the update trace (0, the default, is Baydin's one-step hypergradient).
-        signal_ema: smoothing of the normalised hypergradient.
         num_clusters: number of data clusters (for the cluster feature), 0 if none.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, base: str = "adam", use_controller: bool = True,
+                 weight_decay: float = 0.0, base: str = "adam", learn_scale: bool = True, scale_lr: float = 0.1,
+                 scale_betas: tuple[float, float] = (0.9, 0.99), use_controller: bool = True,
                  learn_controller: bool = True, use_trust_region: bool = True, trust_radius: float = 0.1,
                  trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-3,
-                 controller_hidden: int = 16, trace_decay: float = 0.0, signal_ema: float = 0.9,
-                 num_clusters: int = 0):
+                 controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0):
         _check(lr > 0, f"lr must be positive, got {lr}")
-        _check(all(0 <= b < 1 for b in betas) and len(betas) == 2, f"betas must be two numbers in [0, 1), got {betas}")
+        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}")
+        _check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
+               f"scale_betas must be two numbers in [0, 1), got {scale_betas}")
+        _check(scale_lr > 0, f"scale_lr must be positive, got {scale_lr}")
         _check(eps >= 0 and weight_decay >= 0, f"eps and weight_decay must be >= 0, got {eps} and {weight_decay}")
         _check(base in ("adam", "sgd"), f"base must be 'adam' or 'sgd', got {base!r}")
         _check(trust_mode in ("global", "per_tensor"), f"trust_mode must be 'global' or 'per_tensor', got {trust_mode!r}")
         _check(controller_lr > 0 and controller_hidden >= 1,
                f"controller_lr must be positive and controller_hidden at least 1, got {controller_lr} and {controller_hidden}")
-        _check(0 <= trace_decay < 1 and 0 <= signal_ema < 1,
-               f"trace_decay and signal_ema must be in [0, 1), got {trace_decay} and {signal_ema}")
+        _check(0 <= trace_decay < 1, f"trace_decay must be in [0, 1), got {trace_decay}")
         _check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius,
                                       lr_multiplier=1.0, radius_multiplier=1.0))
         self.base, self.trust_mode = base, trust_mode
+        self.learn_scale, self.scale_lr, self.scale_betas = learn_scale, scale_lr, tuple(scale_betas)
         self.use_controller, self.learn_controller = use_controller, learn_controller
         self.use_trust_region, self.adapt_radius = use_trust_region, adapt_radius
-        self.trace_decay, self.signal_ema, self.num_clusters = trace_decay, signal_ema, num_clusters
+        self.trace_decay, self.num_clusters = trace_decay, num_clusters
         self.controller = AuxiliaryNN(controller_hidden)
         self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
         self.hybrid_state = HybridState()
+        self._trust_factor: torch.Tensor | None = None  # the last step's, read back at the next sync
 
     @property
     def _learns(self) -> bool:
-        return self.use_controller and self.learn_controller
+        """Something learns from the hypergradient (so the trace is kept)."""
+        return self.learn_scale or (self.use_controller and self.learn_controller)
 
     @property
     def _adapts_radius(self) -> bool:
@@ -276,33 +319,63 @@ class HybridOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        loss_value = float(loss) if loss is not None else math.nan
         self._check_radii()
         pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        params, grads = [p for p, _ in pairs], [p.grad for p, _ in pairs]
-        grad_norm = global_norm(g.float() for g in grads)  # squared in float32: half precision overflows
+        if not pairs:
+            return loss
+        loss_value, grad_norm, h = self._read_back(pairs, loss)
         if not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss_value)):
             self._skip()
             return loss
         if self._adapts_radius and math.isfinite(loss_value):
             self._adapt_radius(loss_value)
         if self._learns and self.hybrid_state.step > 0:
-            self._learn(grads, [self.state[p].get("trace") for p in params], grad_norm)
-        if self.use_controller:
-            self._predict(loss_value, grad_norm)
+            self._learn(h)
+        self._predict(loss_value, grad_norm)
         self.hybrid_state.step += 1
-        updates = [self._update(p, group) for p, group in pairs]  # u_t, before the trust region
-        clipped = self._trust_region_(updates, pairs) if self.use_trust_region else False
-        self._record(clipped, grads, updates, loss_value)
-        for p, u in zip(params, updates):
-            p.add_(u)
+        params = [p for p, _ in pairs]
+        updates = self._updates(pairs)  # u_t, before the trust region
+        if self.use_trust_region:
+            self._trust_factor = self._trust_region_(updates, pairs)
+        if self._adapts_radius:
+            self._remember_prediction(pairs, updates, loss_value)
+        self.hybrid_state.lr_multiplier_sum += self.param_groups[0]["lr_multiplier"]
+        torch._foreach_add_(params, updates)
         if self._learns:  # s_t = gamma s_{t-1} + Delta theta_t, for the next step's hypergradient
-            for p, u in zip(params, updates):
-                st = self.state[p]
-                if "trace" not in st:  # first update of this tensor
-                    st["trace"] = torch.zeros_like(p)
-                st["trace"].mul_(self.trace_decay).add_(u)
+            traces = [self._trace(p) for p in params]
+            torch._foreach_mul_(traces, self.trace_decay)
+            torch._foreach_add_(traces, updates)
         return loss
+
+    def _read_back(self, pairs: list, loss) -> tuple[float, float, float]:
+        """The step's one host sync: (loss, \\|g_t\\|, h_t), and the last step's trust-region factor."""
+        grads = [p.grad for p, _ in pairs]
+        device = grads[0].device
+        values = [norms(grads).pow(2).sum()]
+        moved = [(p.grad, self.state[p]["trace"]) for p, _ in pairs if "trace" in self.state[p]]
+        values.append(dot(*zip(*moved)) if moved else torch.zeros((), device=device))
+        values.append(self._trust_factor.min().float() if self._trust_factor is not None else torch.ones((), device=device))
+        values.append(torch.as_tensor(loss, device=device).detach() if loss is not None
+                      else torch.full((), math.nan, device=device))
+        grad_sq, h, factor, loss_value = torch.stack([v.to(device, torch.float64) for v in values]).tolist()
+        self._settle(factor)
+        return loss_value, math.sqrt(grad_sq), h
+
+    def _settle(self, factor: float | None = None) -> None:
+        """Record whether the last update was clipped (its factor read back now)."""
+        if self._trust_factor is None:
+            return
+        if factor is None:
+            factor = float(self._trust_factor.min())
+        self._trust_factor = None
+        self.hybrid_state.clipped = factor < 1.0
+        self.hybrid_state.clipped_steps += int(factor < 1.0)
+
+    def _trace(self, p: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        if "trace" not in st:  # first update of this tensor
+            st["trace"] = torch.zeros_like(p)
+        return st["trace"]
 
     def _check_radii(self) -> None:
         radii = {group["trust_radius"] for group in self.param_groups}
@@ -324,86 +397,99 @@ class HybridOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["trust_radius"] = adapted_radius(group["trust_radius"], s.ratio_ema, s.clipped)
 
-    def _learn(self, grads: list[torch.Tensor], traces: list[torch.Tensor | None], grad_norm: float) -> None:
-        """One controller step on the surrogate h_t a_{t-1,k}(x_{t-1})."""
+    def _learn(self, h: float) -> None:
+        """The learned scale's step, and one controller step on the surrogate \\sigma_t a_{t-1,k}(x_{t-1})."""
         s = self.hybrid_state
-        # A tensor without a trace has not been updated yet: its trace is zero and adds nothing.
-        moved = [(g, t) for g, t in zip(grads, traces) if t is not None]
-        cos = hypergradient_cosine([g for g, _ in moved], [t for _, t in moved], grad_norm)
-        s.signal = ema(s.signal, cos, self.signal_ema)
-        head = RADIUS_HEAD if s.clipped else LR_HEAD  # masking: the head that set the last step's length
-        with torch.enable_grad():
-            surrogate = self.controller.surrogate(torch.tensor(s.prev_features), s.signal, head)
-            self.controller_opt.zero_grad(set_to_none=True)
-            surrogate.backward()
-        self.controller_opt.step()
+        s.scale, s.signal = normalized_hypergradient(s.scale, h, self.scale_betas)
+        rising = self.param_groups[0]["lr"] > s.prev_lr  # a warmup is raising the rate itself
+        s.prev_lr = self.param_groups[0]["lr"]
+        if self.learn_scale and not rising:  # a clipped step's length was the radius's: it may lower the scale only
+            sigma = max(s.signal, 0.0) if s.clipped else s.signal
+            s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr)
+        if self.use_controller and self.learn_controller:
+            heads = [LR_HEAD, RADIUS_HEAD] if s.clipped else [LR_HEAD]
+            with torch.enable_grad():
+                self.controller_opt.zero_grad(set_to_none=True)
+                self.controller.surrogate(torch.tensor(s.prev_features), s.signal, heads).backward()
+            self.controller_opt.step()
 
     def _predict(self, loss: float, grad_norm: float) -> None:
-        """Features of this step -> controller -> multipliers written into every param group."""
+        """Learned scale and controller -> multipliers written into every param group."""
         s = self.hybrid_state
-        s.features = update_feature_stats(s.features, loss, grad_norm)
-        raw = training_state(s.features, loss, grad_norm, s.step, s.cluster_id, self.num_clusters).features()
-        x = self.controller.observe(raw)
-        lr_multiplier, radius_multiplier = self.controller.multipliers(x)
+        if not (self.use_controller or self.learn_scale):
+            return  # the multipliers are whatever the param groups hold (1 unless set from outside)
+        log_lr, radius_multiplier = s.scale.log_scale, 1.0
+        if self.use_controller:
+            s.features = update_feature_stats(s.features, loss, grad_norm)
+            raw = training_state(s.features, s.step, s.cluster_id, self.num_clusters).features()
+            x = self.controller.observe(raw)
+            lr_correction, radius_multiplier = self.controller.multipliers(x)
+            log_lr += math.log(lr_correction)
+            s.prev_features = x.tolist()
         for group in self.param_groups:
-            group["lr_multiplier"], group["radius_multiplier"] = lr_multiplier, radius_multiplier
-        s.prev_features = x.tolist()
+            group["lr_multiplier"], group["radius_multiplier"] = math.exp(log_lr), radius_multiplier
 
-    def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """u_t for one tensor; creates and updates its state."""
-        st = self.state[p]
-        if "step" not in st:
-            st["step"] = 0
-            st["exp_avg"] = torch.zeros_like(p)
+    def _updates(self, pairs: list) -> Tensors:
+        """u_t for every tensor, group by group; creates and updates the per-tensor state."""
+        updates = []
+        for group in self.param_groups:
+            params = [p for p, g in pairs if g is group]
+            if not params:
+                continue
+            for p in params:
+                st = self.state[p]
+                if "step" not in st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p)
+                    if self.base == "adam":
+                        st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+            grads, states = [p.grad for p in params], [self.state[p] for p in params]
             if self.base == "adam":
-                st["exp_avg_sq"] = torch.zeros_like(p)
-        st["step"] += 1
-        if self.base == "adam":
-            d = adam_direction(p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], group["betas"], group["eps"])
-        else:
-            d = momentum_direction(p.grad, st["exp_avg"], group["betas"][0])
-        return scaled_update_(d, p, group["lr"], group["lr_multiplier"], group["weight_decay"])
+                d = adam_directions(grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                                    [st["step"] for st in states], group["betas"], group["eps"])
+            else:
+                d = momentum_directions(grads, [st["exp_avg"] for st in states], group["betas"][0])
+            updates += scaled_updates_(d, params, group["lr"], group["lr_multiplier"], group["weight_decay"])
+        return updates
 
-    def _trust_region_(self, updates: list[torch.Tensor], pairs: list[tuple[torch.Tensor, dict]]) -> bool:
-        """Scale `updates` into the trust region in place; return whether any was clipped."""
+    def _trust_region_(self, updates: Tensors, pairs: list) -> torch.Tensor:
+        """Scale `updates` into the trust region in place; return the factor(s), without a host sync."""
+        params = [p for p, _ in pairs]
         if self.trust_mode == "global":
-            mu = self.param_groups[0]["trust_radius"] * self.param_groups[0]["radius_multiplier"]
-            scale = global_trust_scale(updates, [p for p, _ in pairs], mu)
-            if scale is not None:
-                torch._foreach_mul_(updates, scale)
-            return scale is not None
-        clipped = False
-        for u, (p, group) in zip(updates, pairs):
-            scale = tensor_trust_scale(u, p, group["trust_radius"] * group["radius_multiplier"])
-            if scale is not None:
-                u.mul_(scale)
-                clipped = True
-        return clipped
+            group = self.param_groups[0]
+            factor = global_trust_factor(updates, params, group["trust_radius"] * group["radius_multiplier"])
+            torch._foreach_mul_(updates, factor)
+            return factor
+        factors = tensor_trust_factors(updates, params, [g["trust_radius"] * g["radius_multiplier"] for _, g in pairs])
+        torch._foreach_mul_(updates, list(factors.unbind()))
+        return factors
 
-    def _record(self, clipped: bool, grads: list[torch.Tensor], updates: list[torch.Tensor], loss: float) -> None:
+    def _remember_prediction(self, pairs: list, updates: Tensors, loss: float) -> None:
+        """With adapt_radius: -g . Delta theta and L of this step, for the next step's ratio (a second sync)."""
         s = self.hybrid_state
-        s.clipped = clipped
-        s.clipped_steps += int(clipped)
-        s.lr_multiplier_sum += self.param_groups[0]["lr_multiplier"]
-        if self._adapts_radius:  # the only reader of the predicted decrease
-            s.prev_predicted_decrease = predicted_decrease(grads, updates)
-            s.prev_loss = loss if math.isfinite(loss) else None
+        self._settle()
+        s.prev_predicted_decrease = -float(dot([p.grad for p, _ in pairs], updates))
+        s.prev_loss = loss if math.isfinite(loss) else None
 
     # ------------------------------------------------------------------ reporting and state
     def summary(self) -> dict:
         """Figures of the run so far (the design document's summary block), from the first param group.
 
-        Keys: total_steps, avg_lr_multiplier, constraint_activation_rate, trust_radius (the radius times the
-        learned multiplier), lr_multiplier, skipped_steps, clipped (the last update was clipped).
+        Keys: total_steps, avg_lr_multiplier, learned_scale (e^\\ell), constraint_activation_rate,
+        trust_radius (the radius times the learned multiplier), lr_multiplier, skipped_steps, clipped (the
+        last update was clipped).
         """
+        self._settle()
         s, group = self.hybrid_state, self.param_groups[0]
         steps = max(1, s.step)
         return {"total_steps": s.step, "avg_lr_multiplier": s.lr_multiplier_sum / steps,
-                "constraint_activation_rate": s.clipped_steps / steps,
+                "learned_scale": math.exp(s.scale.log_scale), "constraint_activation_rate": s.clipped_steps / steps,
                 "trust_radius": group["trust_radius"] * group["radius_multiplier"],
                 "lr_multiplier": group["lr_multiplier"], "skipped_steps": s.skipped_steps, "clipped": s.clipped}
 
     def state_dict(self) -> dict:
+        self._settle()
         sd = super().state_dict()
         sd["hybrid"] = {"state": dataclasses.asdict(self.hybrid_state), "controller": self.controller.state_dict(),
                         "controller_opt": self.controller_opt.state_dict()}
@@ -414,7 +500,9 @@ class HybridOptimizer(torch.optim.Optimizer):
         hybrid = state_dict.pop("hybrid")
         super().load_state_dict(state_dict)
         saved = dict(hybrid["state"])
-        self.hybrid_state = HybridState(**{**saved, "features": FeatureStats(**saved["features"])})
+        self.hybrid_state = HybridState(**{**saved, "features": FeatureStats(**saved["features"]),
+                                           "scale": ScaleState(**saved.get("scale", {}))})
+        self._trust_factor = None
         self.controller.load_state_dict(hybrid["controller"])
         self.controller_opt.load_state_dict(hybrid["controller_opt"])
 

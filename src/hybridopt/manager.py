@@ -44,7 +44,7 @@ class HybridTrainingConfig:
 
     use_quantization: bool = _help(True, "swap linears for QAT layers at target_bits on the first step")
     use_clustering: bool = _help(True, "show the batch's data cluster to the controller")
-    use_auxiliary_nn: bool = _help(True, "learn the lr and radius multipliers; False fixes them at 1")
+    use_auxiliary_nn: bool = _help(True, "learn the lr (scale and controller) and radius multipliers; False fixes them at 1")
     use_trust_region: bool = _help(True, "bound each update's norm by the trust radius")
     data_clusters: int = _help(8, "number of data clusters the cluster ids come from")
     initial_trust_radius: float = _help(0.1, "trust radius relative to the parameter norm")
@@ -90,7 +90,7 @@ class HybridOptimizationManager:
         self.model = model
         self.optimizer = HybridOptimizer(
             model.parameters(), lr=c.base_learning_rate, betas=(c.momentum, 0.999), weight_decay=c.weight_decay,
-            use_controller=c.use_auxiliary_nn, use_trust_region=c.use_trust_region,
+            use_controller=c.use_auxiliary_nn, learn_scale=c.use_auxiliary_nn, use_trust_region=c.use_trust_region,
             trust_radius=c.initial_trust_radius, adapt_radius=c.trust_radius_adaptation,
             controller_lr=c.auxiliary_nn_learning_rate, controller_hidden=c.auxiliary_nn_hidden_size,
             num_clusters=c.data_clusters if c.use_clustering else 0)
@@ -125,8 +125,10 @@ def format_summary(summary: dict, final_loss: float | None = None) -> str:
     lines = [bar, "HYBRID OPTIMIZATION SUMMARY", bar, f"Total Steps: {summary['total_steps']}"]
     if final_loss is not None:
         lines.append(f"Final Loss: {final_loss:.6f}")
-    lines += [f"Avg Learning Rate Multiplier: {summary['avg_lr_multiplier']:.2f}x",
-              f"Constraint Activation Rate: {100 * summary['constraint_activation_rate']:.1f}%",
+    lines += [f"Avg Learning Rate Multiplier: {summary['avg_lr_multiplier']:.2f}x"]
+    if "learned_scale" in summary:
+        lines.append(f"Final Learned Scale: {summary['learned_scale']:.3g}x")
+    lines += [f"Constraint Activation Rate: {100 * summary['constraint_activation_rate']:.1f}%",
               f"Final Trust Radius: {summary['trust_radius']:.6f}", bar]
     return "\n".join(lines)
 
@@ -134,13 +136,14 @@ def format_summary(summary: dict, final_loss: float | None = None) -> str:
 class ConstrainedOptimizer:
     """Momentum updates bounded by an absolute trust radius: `||delta theta||_2 <= constraint_radius`.
 
-    Thin over `HybridOptimizer(base="sgd")` with the controller off: each call sets the group's learning
+    Thin over `HybridOptimizer(base="sgd")` with the controller and the learned scale off: each call sets the group's learning
     rate and its parameter-relative `trust_radius` (the absolute radius over the parameter norm).
     """
 
     def __init__(self, parameters, momentum: float = 0.9):
         self.params = list(parameters)
-        self._opt = HybridOptimizer(self.params, lr=1.0, betas=(momentum, 0.0), base="sgd", use_controller=False)
+        self._opt = HybridOptimizer(self.params, lr=1.0, betas=(momentum, 0.0), base="sgd", use_controller=False,
+                                    learn_scale=False)
 
     def step(self, parameters=None, gradients: list[torch.Tensor] | None = None, learning_rate: float = 1e-3,
              constraint_radius: float = 0.01) -> dict:

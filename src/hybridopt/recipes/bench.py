@@ -3,20 +3,25 @@
     run_bench(BenchConfig(quick=True))   # -> the output folder
 
 Writes into `--out`: `results.json` (every run: task, arm, lr, seed, per-step training losses, validation
-curve, final loss, wall time; the summaries, costs, config and versions; rewritten after every run, so an
-interrupted bench keeps what it measured), `RESULTS.md` (the tables, the command at the top) and three
-PNG plots. The arms are in `hybridopt.bench_arms`, the tasks and the training loop in
-`hybridopt.bench_tasks`, the statistics in `hybridopt.bench_stats`.
+curve, final loss, wall time, threads; the summaries, costs, config and versions; rewritten after every run,
+so an interrupted bench keeps what it measured), `RESULTS.md` (the tables, the command at the top) and three
+PNG plots. `--workers N` runs N at a time in worker processes of one thread each. The arms are in
+`hybridopt.bench_arms`, the tasks and the training loop in `hybridopt.bench_tasks`, the statistics in
+`hybridopt.bench_stats`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing
 import platform
 import resource
 import shlex
+import signal
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -80,8 +85,8 @@ def _equivalent_command(cfg: BenchConfig) -> str:
 
 
 def _identity(cfg: BenchConfig) -> dict:
-    """The config without what a resumed bench may change (where it runs and writes)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("resume", "out", "device")}
+    """The config without what a resumed bench may change (where and how it runs, where it writes)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("resume", "out", "device", "workers")}
 
 
 def _previous_runs(out: Path, cfg: BenchConfig) -> list[dict]:
@@ -125,47 +130,45 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     arms = sorted((ARMS[a] for a in names), key=lambda a: a.name == "hybrid_random")  # after hybrid_adam
     # The cheapest task first, then seed by seed: a bench stopped early holds whole tasks and whole seeds.
     order = sorted(tasks, key=lambda t: t.name != "mlp")
-    plan = [(t, a, lr, seed) for t in order for seed in range(cfg.seeds) for a in arms for lr in a.grid(grid)]
+    plan = [(t.name, a.name, lr, seed) for t in order for seed in range(cfg.seeds) for a in arms for lr in a.grid(grid)]
+    rank = {key: i for i, key in enumerate(plan)}
     reporter.line(f"Bench ({cfg.preset} preset): {len(tasks)} tasks x {len(arms)} arms x {cfg.grid_points} grid "
                   f"points x {cfg.seeds} seeds = {len(plan)} runs; {cfg.steps} steps of {cfg.batch_size} x "
-                  f"{cfg.seq_len} tokens per LM run, {cfg.mlp_steps} steps per mlp run; writing to {out}")
+                  f"{cfg.seq_len} tokens per LM run, {cfg.mlp_steps} steps per mlp run; {cfg.workers} at a time; "
+                  f"writing to {out}")
     record = {"command": command or _equivalent_command(cfg), "config": _identity(cfg), "preset": cfg.preset, "versions": _versions(),
-              "device": str(device), "adam_grid": grid, "arms": [a.name for a in arms], "tasks": {}, "runs": []}
+              "device": str(device), "workers": cfg.workers, "adam_grid": grid, "arms": [a.name for a in arms], "tasks": {}, "runs": []}
     for t in tasks:
         record["tasks"][t.name] = {"description": t.description, "steps": t.budget.steps,
                                    "batch_size": t.budget.batch_size, "seq_len": t.budget.seq_len,
                                    "teacher_val_loss": t.val_loss_teacher}
 
-    done = {(r["task"], r["arm"], r["lr"], r["seed"]): r for r in previous}
+    done = {_key(r): r for r in previous}
+    record["runs"] = [done[key] for key in plan if key in done]
     if done:
-        reporter.line(f"Resuming: {len(done)} of {len(plan)} runs are already in {out / 'results.json'}")
+        reporter.line(f"Resuming: {len(record['runs'])} of {len(plan)} runs are already in {out / 'results.json'}")
+    if cfg.workers > 1 and any(a.clusters for a in arms):
+        for t in tasks:  # the LM tasks cache their clusters on disk: make them once here, for the workers to read
+            if isinstance(t, DistillTask):
+                t.batches(0, True)
 
     def save() -> None:
         atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
-    def _run_one(task, arm, lr, seed) -> None:
-        if (task.name, arm.name, lr, seed) in done:
-            record["runs"].append(done[(task.name, arm.name, lr, seed)])
-            bar.update(1)
-            return
-        replay = None
-        if arm.name == "hybrid_random":
-            replay = next(r["lr_multiplier"] for r in record["runs"] if r["task"] == task.name
-                          and r["arm"] == HYBRID and r["lr"] == lr and r["seed"] == seed)
-        result = asdict(run_arm(task, arm, lr, seed, replay))
-        record["runs"].append(result)
+    def finished(run: dict) -> None:
+        record["runs"].append(run)
+        record["runs"].sort(key=lambda r: rank[_key(r)])  # plan order, whatever order the runs finish in
         save()
         bar.update(1)
-        bar.set_postfix(task=task.name, arm=arm.name, lr=f"{lr:g}", loss=f"{result['final_loss']:.4f}", refresh=False)
+        bar.set_postfix(task=run["task"], arm=run["arm"], lr=f"{run['lr']:g}", loss=f"{run['final_loss']:.4f}",
+                        refresh=False)
 
-    bar = reporter.progress(len(plan), 0, "bench runs")
+    bar = reporter.progress(len(plan), len(record["runs"]), "bench runs")
     stopped = None
     try:
-        with StopOnSignal() as stop:  # SIGINT or SIGTERM: stop after the current run (a second one: at once)
-            for task, arm, lr, seed in plan:
-                if stop.signum is not None:
-                    raise StopRequested(stop.signum)
-                _run_one(task, arm, lr, seed)
+        # SIGINT or SIGTERM: start no more runs, finish the ones running (a second signal: stop at once)
+        with StopOnSignal() as stop, _starter(cfg, device, tasks) as start:
+            _run_plan([key for key in plan if key not in done], record["runs"], cfg.workers, start, finished, stop)
     except KeyboardInterrupt as e:  # Ctrl-C: report what was measured, then stop as interrupted
         stopped = e
         record["interrupted_after_runs"] = len(record["runs"])
@@ -190,6 +193,80 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     if stopped is not None:
         raise stopped
     return out
+
+
+# ---------------------------------------------------------------------------- running the plan
+_WORKER_TASKS: dict = {}  # in a worker process: its own copy of the tasks, by name
+
+
+def _key(run: dict) -> tuple:
+    return run["task"], run["arm"], run["lr"], run["seed"]
+
+
+def _run(task, arm: str, lr: float, seed: int, replay: list[float] | None) -> dict:
+    """One run as results.json records it, with the intra-op threads it trained on."""
+    result = asdict(run_arm(task, ARMS[arm], lr, seed, replay))
+    result["threads"] = getattr(task, "threads", None) or torch.get_num_threads()
+    return result
+
+
+def _init_worker(cfg: BenchConfig, device: torch.device) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the main process decides
+    torch.set_num_threads(1)  # `workers` runs share the cores; one thread each
+    _WORKER_TASKS.update((t.name, t) for t in _tasks(cfg, device, Reporter(quiet=True)))
+
+
+def _run_in_worker(task: str, arm: str, lr: float, seed: int, replay: list[float] | None) -> dict:
+    return _run(_WORKER_TASKS[task], arm, lr, seed, replay)
+
+
+@contextlib.contextmanager
+def _starter(cfg: BenchConfig, device: torch.device, tasks: list):
+    """`start(key, replay) -> Future` of a run's record: at once in this process (`--workers 1`), or in a pool
+    of worker processes, each with its own tasks (the default teacher is cached by now: they only load it)."""
+    if cfg.workers == 1:
+        by_name = {t.name: t for t in tasks}
+
+        def start(key: tuple, replay: list[float] | None) -> Future:
+            future = Future()
+            future.set_result(_run(by_name[key[0]], *key[1:], replay))
+            return future
+
+        yield start
+        return
+    # spawn, not fork: a forked torch (its thread pools, CUDA) is unsafe
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(cfg, device))
+    try:
+        yield lambda key, replay: pool.submit(_run_in_worker, *key, replay)
+    except BaseException:  # an error or a second signal: stop the workers now, losing the runs in flight
+        for process in list(pool._processes.values()):  # Python < 3.14 has no pool.terminate_workers()
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _run_plan(todo: list[tuple], runs: list[dict], workers: int, start, finished, stop: StopOnSignal) -> None:
+    """Run the keys (task, arm, lr, seed) of `todo` in its order, at most `workers` at a time, passing each run's
+    record to `finished` as it ends; `runs` holds the records so far. hybrid_random replays the multipliers of
+    hybrid_adam at its task, lr and seed, so it starts only once that run is in `runs`. After a signal, start no
+    more runs and raise `StopRequested` when the running ones have ended."""
+    running = {}
+    while todo or running:
+        if stop.signum is None:
+            replays = {(r["task"], r["lr"], r["seed"]): r["lr_multiplier"] for r in runs if r["arm"] == HYBRID}
+            ready = [k for k in todo if k[1] != "hybrid_random" or (k[0], k[2], k[3]) in replays]
+            for key in ready[: workers - len(running)]:
+                todo.remove(key)
+                running[start(key, replays.get((key[0], key[2], key[3])))] = key
+        elif not running:
+            raise StopRequested(stop.signum)
+        assert running, f"nothing can start: {todo[0]} waits for a {HYBRID} run that is not planned"
+        ended, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in ended:
+            del running[future]
+            finished(future.result())
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -374,10 +451,12 @@ def _cost_table(record: dict) -> list[str]:
 def format_results(record: dict) -> str:
     """RESULTS.md: the command, the setting, the claims, one table per task, the gap, costs and plots."""
     cfg, v = record["config"], record["versions"]
+    threads = (f"{record['workers']} worker processes of 1 thread each" if record.get("workers", 1) > 1
+               else f"{v['torch_threads']} threads")
     lines = ["# hybridopt bench results", "", "Produced by:", "", "```", record["command"], "```", "",
              f"Preset `{record['preset']}`: {cfg['grid_points']} grid points per arm, {cfg['seeds']} seeds per point, "
              f"Adam-type grid {', '.join(f'{x:g}' for x in record['adam_grid'])} (SGD arms x100; Prodigy's d_coef "
-             f"centred on 1). Device {record['device']}, {v['torch_threads']} threads; torch {v['torch']}, "
+             f"centred on 1). Device {record['device']}, {threads}; torch {v['torch']}, "
              f"transformers {v['transformers']}, schedulefree {v['schedulefree']}, prodigyopt {v['prodigyopt']}. "
              f"Wall time {record['wall_s'] / 60:.1f} min.",
              *([] if "interrupted_after_runs" not in record else [
