@@ -24,9 +24,11 @@ of the loss, the gradients or the learning rate given:
 with \kappa = `scale_lr` (0.1), (\beta_a, \beta_b) = `scale_betas` and \hat{} Adam's bias corrections. When
 successive updates point the same way (h < 0) the scale grows by up to e^\kappa per step; when they
 oscillate it shrinks. While the first group's lr rises (a warmup) \ell is held: early in training
-successive updates agree, and a scale that grew on top of the warmup overshot and cost the default
-distillation run for good (0.4 nats/token at \kappa = 0.2; docs/RESULTS.md). \ell starts at 0, so `lr` is only the starting point: from anywhere in the
-bench's three-decade grid the scale reaches a working rate within tens of steps. The hypergradient is
+successive updates agree, and a scale that grew on top of the warmup overshot in our development runs
+and cost the rest of the run. \ell starts at 0, so `lr` is only the starting point. The signal is greedy
+(one step ahead): under a decaying schedule it pushes \ell up against the decay (the short-horizon bias
+of Wu et al. 2018); how much that costs, and how far the scale carries a wrong `lr`, is measured in
+docs/RESULTS.md and benchmarks/bench/RESULTS.md. The hypergradient is
 taken through the trust region one way: after a clipped step (whose length the radius set, not the rate)
 \sigma_t is replaced by \max(\sigma_t, 0), so a rate that is too high still shrinks while the trust region
 holds the steps (masking clipped steps kept it from ever coming down), but a rate the trust region

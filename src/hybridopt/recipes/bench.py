@@ -467,7 +467,8 @@ def format_results(record: dict) -> str:
                      "this CPU runs about 50x slower than float32 (1.7 s per step for one 256 x 256 matrix)."]),
              "", "Medians over seeds with bootstrap 95% intervals; a difference is called better or worse only when "
                  "the intervals do not overlap. Validation loss in nats per token (per example for mlp). The loss "
-                 "curves use a fixed subset of the validation split; final losses use all of it. A run is "
+                 "curves use the first validation blocks (48 in the default preset), final losses the first 256 "
+                 "(all 2048 points for mlp). A run is "
                  "stopped as diverged when its loss is not finite or exceeds 3x its starting loss.", ""]
     lines += _claims(record)
     lines += _losses(record)
