@@ -315,7 +315,7 @@ def _run_arm(task, arm: Arm, lr: float, seed: int, replay: list[float] | None) -
             if isinstance(opt, HybridOptimizer):
                 opt.set_cluster(batches.cluster(indices))
                 opt.step(loss=value)
-                res.lr_multiplier.append(opt.summary()["lr_multiplier"])
+                res.lr_multiplier.append(opt.lr_multiplier)
             else:
                 opt.step()
             opt.zero_grad(set_to_none=True)

@@ -475,6 +475,11 @@ class HybridOptimizer(torch.optim.Optimizer):
         s.prev_loss = loss if math.isfinite(loss) else None
 
     # ------------------------------------------------------------------ reporting and state
+    @property
+    def lr_multiplier(self) -> float:
+        """The current learning-rate multiplier e^{\\ell + c} of the first group (no host sync, unlike `summary`)."""
+        return self.param_groups[0]["lr_multiplier"]
+
     def summary(self) -> dict:
         """Figures of the run so far (the design document's summary block), from the first param group.
 

@@ -319,7 +319,7 @@ class Trainer:
 
     def lr_multiplier(self) -> float:
         """The hybrid controller's current learning-rate multiplier (1 for AdamW)."""
-        return self.optimizer.summary()["lr_multiplier"] if isinstance(self.optimizer, HybridOptimizer) else 1.0
+        return self.optimizer.lr_multiplier if isinstance(self.optimizer, HybridOptimizer) else 1.0
 
     def hybrid_metrics(self) -> dict:
         """The hybrid optimizer's multiplier, radius and last clip, for the metrics rows ({} for AdamW)."""

@@ -33,7 +33,7 @@ from hybridopt.bench_arms import ARMS, BASELINE, HYBRID, REFERENCE
 from hybridopt.bench_stats import MIN_SEEDS, log_grid, summarize, verdict
 from hybridopt.bench_tasks import Budget, DistillTask, MLPTask, measure_costs, run_arm
 from hybridopt.checkpoint import atomic_write
-from hybridopt.config import BenchConfig
+from hybridopt.config import BENCH_PRESETS, BenchConfig
 from hybridopt.errors import UserError, for_flag
 from hybridopt.layout import RUNS_ROOT, occupied
 from hybridopt.reporting import Reporter
@@ -467,8 +467,8 @@ def format_results(record: dict) -> str:
                      "this CPU runs about 50x slower than float32 (1.7 s per step for one 256 x 256 matrix)."]),
              "", "Medians over seeds with bootstrap 95% intervals; a difference is called better or worse only when "
                  "the intervals do not overlap. Validation loss in nats per token (per example for mlp). The loss "
-                 "curves use the first validation blocks (48 in the default preset), final losses the first 256 "
-                 "(all 2048 points for mlp). A run is "
+                 f"curves use the first validation blocks ({BENCH_PRESETS['default']['curve_blocks']} in the default "
+                 f"preset), final losses the first {Budget.final_blocks} (all {MLPTask.n_val} points for mlp). A run is "
                  "stopped as diverged when its loss is not finite or exceeds 3x its starting loss.", ""]
     lines += _claims(record)
     lines += _losses(record)
