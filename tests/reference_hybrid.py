@@ -195,7 +195,12 @@ class ReferenceHybrid:
             self.prev_pred = -sum(float((p.grad.float() * u.float()).sum()) for (p, _), u in zip(items, updates))
             self.prev_loss = L if _finite(L) else None
 
-        # Delta theta_t applied; s_t = gamma s_{t-1} + Delta theta_t (kept while something learns).
+        # Delta theta_t applied; s_t = gamma s_{t-1} + Delta theta_t (kept while something learns), where a tensor
+        # this step did not move has Delta theta_t = 0.
+        moved = {id(p) for p, _ in items}
+        for key, st in self.state.items():
+            if key not in moved and "s" in st:
+                st["s"] = self.gamma * st["s"]
         for (p, _), u in zip(items, updates):
             p.add_(u)
             st = self.state[id(p)]

@@ -236,6 +236,14 @@ def _assert_running_adam_state(state: dict, steps: int) -> None:
     torch.testing.assert_close(state["exp_avg_sq"], torch.full((3,), 1 - 0.999 ** steps))
 
 
+def _assert_update_buffers_hold_the_step(opt, params, deltas) -> None:
+    """Each tensor's `update` buffer is its step before the trust region: the applied step is one common factor
+    f in (0, 1] times it (here f < 1: the steps were clipped)."""
+    ratios = torch.cat([delta / opt.state[p]["update"] for p, delta in zip(params, deltas)])
+    torch.testing.assert_close(ratios, torch.full_like(ratios, float(ratios[0])))
+    assert 0 < float(ratios[0]) < 1, ratios
+
+
 def test_a_parameter_whose_first_gradient_comes_after_step_1_starts_its_state_then():
     # Regression: KeyError 'trace' when a tensor first got a gradient after step 1 (the learning controller read
     # the trace of every tensor with a gradient).
@@ -253,9 +261,8 @@ def test_a_parameter_whose_first_gradient_comes_after_step_1_starts_its_state_th
     assert bool((delta_b > 0.05).all()) and bool((delta_a < -0.05).all()), (delta_a, delta_b)
     torch.testing.assert_close(delta_b, -delta_a)
     _assert_first_adam_state(opt.state[b], -torch.ones(3))
-    torch.testing.assert_close(opt.state[b]["trace"], delta_b)  # gamma 0: the trace is the update
+    _assert_update_buffers_hold_the_step(opt, [a, b], [delta_a, delta_b])
     _assert_running_adam_state(opt.state[a], steps=2)
-    torch.testing.assert_close(opt.state[a]["trace"], delta_a)
     b.grad = -torch.ones(3)
     opt.step(loss=1.0)  # the next hypergradient reads b's trace
     assert opt.summary()["total_steps"] == 3 and opt.state[b]["step"] == 2 and bool((b > 1 + delta_b).all())
@@ -280,7 +287,7 @@ def test_a_param_group_added_to_a_running_optimizer_starts_its_state_then():
     assert bool((delta_c > 0.05).all()), delta_c
     torch.testing.assert_close(delta_c, -delta_a)  # as in the test above: mirrored unit Adam directions
     _assert_first_adam_state(opt.state[c], -torch.ones(3))
-    torch.testing.assert_close(opt.state[c]["trace"], delta_c)
+    _assert_update_buffers_hold_the_step(opt, [a, c], [delta_a, delta_c])
     _assert_running_adam_state(opt.state[a], steps=3)
     assert opt.summary()["total_steps"] == 3
 
@@ -364,3 +371,26 @@ def test_set_cluster_checks_the_range():
     opt.set_cluster(None)
     with pytest.raises(ValueError, match="cluster_id must be in"):
         opt.set_cluster(3)
+
+
+@pytest.mark.parametrize("heads", [[0], [0, 1], [1]])
+def test_controller_hand_written_gradient_is_the_surrogates(heads):
+    """`surrogate_gradients_` (the chain rule by hand) equals autograd on `surrogate`, also with outputs beyond the
+    clamp bounds, where the bound penalty and the straight-through clamp both act."""
+    from hybridopt.controller import AuxiliaryNN
+
+    torch.manual_seed(0)
+    net = AuxiliaryNN(8)
+    x = torch.randn(6)
+    with torch.no_grad():
+        net.net[2].weight.normal_()
+        net.net[2].bias.copy_(torch.tensor([5.0, 0.0]) - net.net[2].weight @ torch.tanh(net.net[0](x)))
+    z = net.raw(x).detach()  # output 0 beyond the bound log 10, output 1 inside it
+    torch.testing.assert_close(z, torch.tensor([5.0, 0.0]))
+    net.zero_grad()
+    net.surrogate(x, 0.37, heads).backward()
+    expected = [p.grad.clone() for p in net.net.parameters()]
+    net.zero_grad()
+    net.surrogate_gradients_(x, 0.37, heads)
+    for got, want in zip([p.grad for p in net.net.parameters()], expected):
+        torch.testing.assert_close(got, want)

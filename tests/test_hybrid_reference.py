@@ -32,6 +32,10 @@ CONFIGS = {
     "controller_frozen": dict(CLIP, learn_controller=False),
     "late_parameter": dict(CLIP, trace_decay=0.9, _late=True),
     "added_group": dict(controller_lr=1e-2, trace_decay=0.9, _added_group=True),
+    "gaps": dict(CLIP, _gaps=True),  # a tensor without a gradient now and then: its Delta theta is 0 then
+    "gaps_trace_0.9": dict(CLIP, trace_decay=0.9, _gaps=True),
+    "reloaded": dict(CLIP, _reload=True),  # state_dict -> a new optimizer mid-run, the pending trust factor too
+    "reloaded_trace_0.5": dict(CLIP, trace_decay=0.5, _reload=True, _gaps=True),
     "other_hyperparameters": dict(betas=(0.8, 0.99), eps=1e-6, scale_betas=(0.5, 0.9), scale_lr=0.05,
                                   controller_hidden=8, trace_decay=0.5, controller_lr=3e-3),
     "scale_only": dict(CLIP, use_controller=False),
@@ -50,6 +54,7 @@ def _problem():
     return X, y, model, g
 
 
+RELOAD_AT = range(40, 60)  # "reloaded": the fast optimizer is rebuilt from its state_dict after these steps
 WARMUP = 20  # steps of the linear warmup of "warmup_holds_the_scale"
 LATE_UNTIL, ADDED_AT = 30, 50  # the last layer's bias has no gradient before step 30; the last layer joins at 50
 JOINS = {"late_parameter": LATE_UNTIL, "added_group": ADDED_AT}  # the step at which the last bias first moves
@@ -88,6 +93,8 @@ def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
         loss.backward()
         if config.get("_late") and step < LATE_UNTIL:
             model[2].bias.grad = None
+        if config.get("_gaps") and step % 7 in (3, 4):
+            model[2].bias.grad = None
         if config.get("_nan") and step in (0, 40, 41, 90):  # 0: before any update
             model[0].weight.grad[0, 0] = float("nan")
         loss_value = float("inf") if config.get("_nan") and step == 120 else loss.item()
@@ -102,6 +109,10 @@ def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
         ref.step() if config.get("_no_loss") else ref.step(loss=loss_value)
         if sched:
             sched.step()
+        if config.get("_reload") and step in RELOAD_AT:
+            state = copy.deepcopy(fast.state_dict())
+            fast = HybridOptimizer(_groups(model, config.get("_groups"), config.get("_added_group")), **kw)
+            fast.load_state_dict(state)
         yield step, list(model.parameters()), list(ref_model.parameters()), fast.summary(), ref.summary()
 
 

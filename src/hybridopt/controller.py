@@ -118,6 +118,24 @@ class AuxiliaryNN(nn.Module):
         a = self.clamp(z)
         return signal * sum(a[k] for k in heads) + self.bound_penalty(z)
 
+    @torch.no_grad()
+    def surrogate_gradients_(self, features: torch.Tensor, signal: float, heads: Sequence[int]) -> None:
+        """Set each parameter's `.grad` to the gradient of `surrogate(features, signal, heads)`, by hand.
+
+        The network is two layers, so the chain rule is a handful of tensor ops; an autograd graph for it cost
+        more per step than the model's own update on CPU. `surrogate` stays the definition (the reference
+        implementation in tests differentiates it with autograd).
+        """
+        first, second = self.net[0], self.net[2]
+        hidden = torch.tanh(torch.addmv(first.bias, first.weight, features))
+        z = torch.addmv(second.bias, second.weight, hidden)
+        dz = 2 * torch.relu(z.abs() - LOG_BOUND) * z.sign()  # the bound penalty
+        for k in heads:  # the clamp passes the gradient straight through
+            dz[k] += signal
+        dpre = (second.weight.t() @ dz) * (1 - hidden * hidden)
+        second.weight.grad, second.bias.grad = torch.outer(dz, hidden), dz
+        first.weight.grad, first.bias.grad = torch.outer(dpre, features), dpre
+
     def predict(self, state: TrainingState) -> tuple[float, float]:
         """`(lr multiplier, radius multiplier)` for one training state (does not update statistics)."""
         return self.multipliers(self.norm(state.features()))

@@ -54,14 +54,17 @@ or gradient skips the step and leaves every tensor untouched. Without `adapt_rad
 a non-finite L_t or g_t counts as the worst outcome of the update that led to \theta_t, so it halves \rho (the
 rule above grows it back by 1.5 per good clipped step). Before the first update no step led there.
 
-Cost: the directions, the trust region and the trace are `torch._foreach_*` kernels; a step reads one
-small tensor back to the host (the loss if it is a tensor, \|g_t\|^2, h_t and the last step's trust-region
-factor, stacked), and `adapt_radius` adds one more. Memory: Adam's two moments plus the trace s (one
-parameter-sized buffer, only while something learns).
+Cost: each tensor's u_t is computed in place in one persistent `update` buffer (no parameter-sized temporary
+per step), the global trust-region factor f is applied with the update (\theta += f u) and kept for the next
+hypergradient (h = f g \cdot u_{t-1}) instead of being multiplied into u; the moments, norms and trust region
+are `torch._foreach_*` kernels. A step reads one small tensor back to the host (the loss if it is a tensor,
+\|g_t\|^2, h_t and the last step's trust-region factor, stacked), and `adapt_radius` adds one more. Memory:
+Adam's two moments plus the `update` buffer (one parameter-sized buffer; `trace_decay` > 0 adds the trace s).
 
 Where things live (the schedule_free shape): hyperparameters in the param groups (`lr`, `betas`, `eps`,
 `weight_decay`, `trust_radius`, and the `lr_multiplier` e^{\ell + c} and `radius_multiplier` written there
-every step); per-tensor state in `self.state[p]` (`exp_avg`, `exp_avg_sq`, `step`, `trace`);
+every step); per-tensor state in `self.state[p]` (`exp_avg`, `exp_avg_sq`, `step`, `update`, and `trace` when
+`trace_decay` > 0);
 optimizer-wide scalars in `HybridState`; the controller is its own module. No extra forward or backward
 pass of the model.
 """
@@ -85,35 +88,34 @@ Tensors = list[torch.Tensor]
 
 
 # ---------------------------------------------------------------------------- pure update functions
-def adam_directions(grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: list[int],
-                    betas: tuple[float, float], eps: float) -> Tensors:
-    """Adam's \\hat m / (\\sqrt{\\hat v} + eps) per tensor at its `steps` (1-based); updates the moments in place."""
+def adam_updates_(out: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: list[int],
+                  betas: tuple[float, float], eps: float, scale: float) -> Tensors:
+    """out = scale \\hat m / (\\sqrt{\\hat v} + eps) per tensor at its `steps` (1-based); updates the moments in place.
+
+    Written into `out` with no temporary: with b_k = 1 - \\beta_k^n, \\hat m / (\\sqrt{\\hat v} + eps) equals
+    (\\sqrt{b_2} / b_1) m / (\\sqrt v + eps \\sqrt{b_2}). (A fresh parameter-sized tensor per step, as the
+    foreach version allocated, cost more on CPU than all the arithmetic.)
+    """
     beta1, beta2 = betas
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** n) for n in steps])
-    torch._foreach_add_(denom, eps)
-    directions = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_div_(directions, [1 - beta1 ** n for n in steps])
-    return directions
+    for o, m, v, n in zip(out, exp_avgs, exp_avg_sqs, steps):
+        bias1, bias2_sqrt = 1 - beta1 ** n, math.sqrt(1 - beta2 ** n)
+        torch.sqrt(v, out=o)
+        o.add_(eps * bias2_sqrt)
+        torch.div(m, o, out=o)
+        o.mul_(scale * bias2_sqrt / bias1)
+    return out
 
 
-def momentum_directions(grads: Tensors, buffers: Tensors, beta1: float) -> Tensors:
-    """Heavy-ball directions b = beta1 b + g (new tensors); updates the buffers in place."""
+def momentum_updates_(out: Tensors, grads: Tensors, buffers: Tensors, beta1: float, scale: float) -> Tensors:
+    """out = scale b with the heavy-ball buffers b = beta1 b + g (updated in place)."""
     torch._foreach_mul_(buffers, beta1)
     torch._foreach_add_(buffers, grads)
-    return torch._foreach_mul(buffers, 1.0)
-
-
-def scaled_updates_(directions: Tensors, params: Tensors, lr: float, lr_multiplier: float,
-                    weight_decay: float) -> Tensors:
-    """u = -lr m (d + wd theta), in place on `directions`."""
-    if weight_decay:
-        torch._foreach_add_(directions, params, alpha=weight_decay)
-    torch._foreach_mul_(directions, -lr * lr_multiplier)
-    return directions
+    for o, b in zip(out, buffers):
+        torch.mul(b, scale, out=o)
+    return out
 
 
 def norms(tensors: Tensors) -> torch.Tensor:
@@ -260,7 +262,7 @@ class HybridOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, base: str = "adam", learn_scale: bool = True, scale_lr: float = 0.1,
-                 scale_betas: tuple[float, float] = (0.9, 0.99), use_controller: bool = True,
+                 scale_betas: tuple[float, float] = (0.9, 0.99), scale_threshold: float = 0.0, use_controller: bool = True,
                  learn_controller: bool = True, use_trust_region: bool = True, trust_radius: float = 0.1,
                  trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-3,
                  controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0):
@@ -280,6 +282,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                                       lr_multiplier=1.0, radius_multiplier=1.0))
         self.base, self.trust_mode = base, trust_mode
         self.learn_scale, self.scale_lr, self.scale_betas = learn_scale, scale_lr, tuple(scale_betas)
+        self.scale_threshold = scale_threshold
         self.use_controller, self.learn_controller = use_controller, learn_controller
         self.use_trust_region, self.adapt_radius = use_trust_region, adapt_radius
         self.trace_decay, self.num_clusters = trace_decay, num_clusters
@@ -287,6 +290,10 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
         self.hybrid_state = HybridState()
         self._trust_factor: torch.Tensor | None = None  # the last step's, read back at the next sync
+        # The tensors the last step moved, and its global trust-region factor f when not yet multiplied into
+        # their `update` buffers (then \\Delta\\theta_{t-1} = f u_{t-1}).
+        self._moved: Tensors = []
+        self._pending_factor: torch.Tensor | None = None
 
     @property
     def _learns(self) -> bool:
@@ -336,17 +343,26 @@ class HybridOptimizer(torch.optim.Optimizer):
         self._predict(loss_value, grad_norm)
         self.hybrid_state.step += 1
         params = [p for p, _ in pairs]
-        updates = self._updates(pairs)  # u_t, before the trust region
-        if self.use_trust_region:
-            self._trust_factor = self._trust_region_(updates, pairs)
+        self._forget_unmoved(params)
+        updates = self._updates(pairs)  # u_t in each tensor's `update` buffer, before the trust region
+        factor = self._trust_region(updates, pairs) if self.use_trust_region else None
         if self._adapts_radius:
-            self._remember_prediction(pairs, updates, loss_value)
+            self._remember_prediction(pairs, updates, factor, loss_value)
         self.hybrid_state.lr_multiplier_sum += self.param_groups[0]["lr_multiplier"]
-        torch._foreach_add_(params, updates)
-        if self._learns:  # s_t = gamma s_{t-1} + Delta theta_t, for the next step's hypergradient
+        if factor is None:
+            torch._foreach_add_(params, updates)
+        else:  # \\theta += f u, and f stays pending for the hypergradient (no pass to scale u)
+            for p, u in zip(params, updates):
+                p.addcmul_(u, factor)
+        if self.trace_decay and self._learns:  # s_t = gamma s_{t-1} + Delta theta_t
             traces = [self._trace(p) for p in params]
             torch._foreach_mul_(traces, self.trace_decay)
-            torch._foreach_add_(traces, updates)
+            for trace, u in zip(traces, updates):
+                if factor is None:
+                    trace.add_(u)
+                else:
+                    trace.addcmul_(u, factor)
+        self._moved, self._pending_factor = params, factor
         return loss
 
     def _read_back(self, pairs: list, loss) -> tuple[float, float, float]:
@@ -354,8 +370,12 @@ class HybridOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p, _ in pairs]
         device = grads[0].device
         values = [norms(grads).pow(2).sum()]
-        moved = [(p.grad, self.state[p]["trace"]) for p, _ in pairs if "trace" in self.state[p]]
-        values.append(dot(*zip(*moved)) if moved else torch.zeros((), device=device))
+        key = "trace" if self.trace_decay else "update"
+        moved = [(p.grad, self.state[p][key]) for p, _ in pairs if key in self.state[p]]
+        h = dot(*zip(*moved)) if moved and self._learns else torch.zeros((), device=device)
+        if key == "update" and self._pending_factor is not None:
+            h = h * self._pending_factor
+        values.append(h)
         values.append(self._trust_factor.min().float() if self._trust_factor is not None else torch.ones((), device=device))
         values.append(torch.as_tensor(loss, device=device).detach() if loss is not None
                       else torch.full((), math.nan, device=device))
@@ -378,6 +398,19 @@ class HybridOptimizer(torch.optim.Optimizer):
         if "trace" not in st:  # first update of this tensor
             st["trace"] = torch.zeros_like(p)
         return st["trace"]
+
+    def _forget_unmoved(self, params: Tensors) -> None:
+        """A tensor the last step moved but this one does not: its \\Delta\\theta is 0 from now on (gamma 0: its
+        `update` buffer is zeroed once; gamma > 0: its trace decays)."""
+        now = {id(p) for p in params}
+        if self.trace_decay:
+            idle = [st["trace"] for p, st in self.state.items() if id(p) not in now and "trace" in st]
+            if idle:
+                torch._foreach_mul_(idle, self.trace_decay)
+            return
+        idle = [self.state[p]["update"] for p in self._moved if id(p) not in now]
+        if idle:
+            torch._foreach_zero_(idle)
 
     def _check_radii(self) -> None:
         radii = {group["trust_radius"] for group in self.param_groups}
@@ -407,12 +440,12 @@ class HybridOptimizer(torch.optim.Optimizer):
         s.prev_lr = self.param_groups[0]["lr"]
         if self.learn_scale and not rising:  # a clipped step's length was the radius's: it may lower the scale only
             sigma = max(s.signal, 0.0) if s.clipped else s.signal
+            if abs(sigma) <= self.scale_threshold:
+                sigma = 0.0
             s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr)
         if self.use_controller and self.learn_controller:
             heads = [LR_HEAD, RADIUS_HEAD] if s.clipped else [LR_HEAD]
-            with torch.enable_grad():
-                self.controller_opt.zero_grad(set_to_none=True)
-                self.controller.surrogate(torch.tensor(s.prev_features), s.signal, heads).backward()
+            self.controller.surrogate_gradients_(torch.tensor(s.prev_features), s.signal, heads)
             self.controller_opt.step()
 
     def _predict(self, loss: float, grad_norm: float) -> None:
@@ -432,7 +465,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             group["lr_multiplier"], group["radius_multiplier"] = math.exp(log_lr), radius_multiplier
 
     def _updates(self, pairs: list) -> Tensors:
-        """u_t for every tensor, group by group; creates and updates the per-tensor state."""
+        """u_t for every tensor, group by group, in its `update` buffer; creates and updates the per-tensor state."""
         updates = []
         for group in self.param_groups:
             params = [p for p, g in pairs if g is group]
@@ -445,33 +478,41 @@ class HybridOptimizer(torch.optim.Optimizer):
                     st["exp_avg"] = torch.zeros_like(p)
                     if self.base == "adam":
                         st["exp_avg_sq"] = torch.zeros_like(p)
+                if "update" not in st:
+                    st["update"] = torch.zeros_like(p)
                 st["step"] += 1
             grads, states = [p.grad for p in params], [self.state[p] for p in params]
+            out = [st["update"] for st in states]
+            rate = -group["lr"] * group["lr_multiplier"]
             if self.base == "adam":
-                d = adam_directions(grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                                    [st["step"] for st in states], group["betas"], group["eps"])
+                adam_updates_(out, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                              [st["step"] for st in states], group["betas"], group["eps"], rate)
             else:
-                d = momentum_directions(grads, [st["exp_avg"] for st in states], group["betas"][0])
-            updates += scaled_updates_(d, params, group["lr"], group["lr_multiplier"], group["weight_decay"])
+                momentum_updates_(out, grads, [st["exp_avg"] for st in states], group["betas"][0], rate)
+            if group["weight_decay"]:  # decoupled: - lr m wd theta
+                torch._foreach_add_(out, params, alpha=rate * group["weight_decay"])
+            updates += out
         return updates
 
-    def _trust_region_(self, updates: Tensors, pairs: list) -> torch.Tensor:
-        """Scale `updates` into the trust region in place; return the factor(s), without a host sync."""
+    def _trust_region(self, updates: Tensors, pairs: list) -> torch.Tensor | None:
+        """The trust-region factor, without a host sync: the global one (a 0-d tensor, applied with the update),
+        or, per tensor, None after scaling each `updates[i]` in place by its own."""
         params = [p for p, _ in pairs]
         if self.trust_mode == "global":
             group = self.param_groups[0]
-            factor = global_trust_factor(updates, params, group["trust_radius"] * group["radius_multiplier"])
-            torch._foreach_mul_(updates, factor)
-            return factor
-        factors = tensor_trust_factors(updates, params, [g["trust_radius"] * g["radius_multiplier"] for _, g in pairs])
-        torch._foreach_mul_(updates, list(factors.unbind()))
-        return factors
+            self._trust_factor = global_trust_factor(updates, params, group["trust_radius"] * group["radius_multiplier"])
+            return self._trust_factor
+        self._trust_factor = tensor_trust_factors(updates, params,
+                                                  [g["trust_radius"] * g["radius_multiplier"] for _, g in pairs])
+        torch._foreach_mul_(updates, list(self._trust_factor.unbind()))
+        return None
 
-    def _remember_prediction(self, pairs: list, updates: Tensors, loss: float) -> None:
+    def _remember_prediction(self, pairs: list, updates: Tensors, factor: torch.Tensor | None, loss: float) -> None:
         """With adapt_radius: -g . Delta theta and L of this step, for the next step's ratio (a second sync)."""
         s = self.hybrid_state
         self._settle()
-        s.prev_predicted_decrease = -float(dot([p.grad for p, _ in pairs], updates))
+        predicted = dot([p.grad for p, _ in pairs], updates)
+        s.prev_predicted_decrease = -float(predicted if factor is None else predicted * factor)
         s.prev_loss = loss if math.isfinite(loss) else None
 
     # ------------------------------------------------------------------ reporting and state
@@ -498,8 +539,11 @@ class HybridOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         self._settle()
         sd = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        pending = None if self._pending_factor is None else float(self._pending_factor)
         sd["hybrid"] = {"state": dataclasses.asdict(self.hybrid_state), "controller": self.controller.state_dict(),
-                        "controller_opt": self.controller_opt.state_dict()}
+                        "controller_opt": self.controller_opt.state_dict(),
+                        "moved": [index[id(p)] for p in self._moved], "pending_factor": pending}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -512,6 +556,17 @@ class HybridOptimizer(torch.optim.Optimizer):
         self._trust_factor = None
         self.controller.load_state_dict(hybrid["controller"])
         self.controller_opt.load_state_dict(hybrid["controller_opt"])
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:  # saved before the `update` buffer: the gamma-0 trace was the last applied update
+            st = self.state.get(p, {})
+            if not self.trace_decay and "trace" in st and "update" not in st:
+                st["update"] = st.pop("trace")
+        moved = hybrid.get("moved")
+        self._moved = ([params[i] for i in moved] if moved is not None
+                       else [p for p in params if "update" in self.state.get(p, {})])
+        pending = hybrid.get("pending_factor")
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        self._pending_factor = None if pending is None else torch.tensor(pending, dtype=dtype, device=params[0].device)
 
 
 def _check(ok: bool, message: str) -> None:
