@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hybridopt", description="Distil a language model into a small low-bit Llama student.")
     parser.add_argument("--version", action="version", version=f"hybridopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.subcommands = sub.choices  # name -> its parser (main reads which flags were given)
     p = sub.add_parser("distill", help="distil a teacher into a small student",
                        description=DistillConfig.__doc__)
     add_dataclass_arguments(p, DistillConfig)
@@ -106,9 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_UNSET = object()
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str], cls) -> frozenset[str]:
+    """The fields of `cls` that `argv` gives as flags, even at their default values (argparse fills in a
+    default only where the namespace has no value yet, so a namespace preset to a marker keeps the rest)."""
+    namespace = argparse.Namespace(**{f.name: _UNSET for f in fields(cls)})
+    parser.parse_args(argv, namespace)
+    return frozenset(k for k, v in vars(namespace).items() if v is not _UNSET)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars are noise for models this small
@@ -117,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "distill":
             from hybridopt.recipes.distill import run_distill
 
-            run_distill(DistillConfig(**values))
+            words = sys.argv[1:] if argv is None else argv
+            given = given_flags(parser.subcommands["distill"], words[words.index("distill") + 1:], DistillConfig)
+            run_distill(DistillConfig(**values), given=given)
         elif args.command == "teacher-cache":
             from hybridopt.recipes.distill import run_teacher_cache
 
