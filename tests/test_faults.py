@@ -224,6 +224,22 @@ def fault_campaign(tiny_teacher: Path, corpus_file: Path, tmp_path: Path, kills:
     return attempts
 
 
+def test_a_kill_inside_the_first_checkpoint_write_then_resume_matches_an_unbroken_run(tiny_teacher, corpus_file,
+                                                                                      tmp_path):
+    """No checkpoint yet, six step rows already logged: --resume starts again from step 0 and logs each step once."""
+    flags = ("--epochs", "2", "--max_steps_per_epoch", "6", "--eval_every", "2", "--save_metrics", "--no-baseline")
+    ref, out = tmp_path / "unbroken", tmp_path / "killed"
+    assert run_attempt(tiny_distill_args(tiny_teacher, corpus_file, ref, *flags), ref, tmp_path / "ref.log",
+                       Attempt(None, "random", 0.0)) == 0
+    attempt = Attempt("SIGKILL", "checkpoint write", 0.0)
+    assert run_attempt(tiny_distill_args(tiny_teacher, corpus_file, out, *flags), out, tmp_path / "log",
+                       attempt) == -signal.SIGKILL
+    assert attempt.step_after == "-" and len(_rows(out / "metrics_steps.csv")) == 6
+    assert list(out.glob(".checkpoint.pt.tmp-*"))  # what the kill cut short
+    assert run_attempt(["distill", "--resume", str(out)], out, tmp_path / "log", Attempt(None, "random", 0.0)) == 0
+    assert_same_run(out, ref, 12)
+
+
 def test_three_kills_then_resume_match_an_unbroken_run(tiny_teacher, corpus_file, tmp_path):
     attempts = fault_campaign(tiny_teacher, corpus_file, tmp_path, kills=3, seed=0, extra=("--no-baseline",))
     assert sum(a.killed for a in attempts) == 3
