@@ -216,9 +216,10 @@ def fault_campaign(tiny_teacher: Path, corpus_file: Path, tmp_path: Path, kills:
             assert "Traceback" not in text, text
             if attempt.signal is None:
                 assert code == 0, text
-            print(f"run {runs}: {attempt.signal or 'no fault'} ({attempt.moment}"
-                  f"{f', {attempt.delay:.2f} s into training' if attempt.moment == 'random' else ''}): "
-                  f"{attempt.status}; checkpoint at step {attempt.step_before} -> {attempt.step_after}")
+            late = "" if attempt.killed or attempt.signal is None else " (the signal came too late)"
+            when = f", {attempt.delay:.2f} s into training" if attempt.moment == "random" else ""
+            print(f"\nrun {runs}: {attempt.signal or 'no fault'} ({attempt.moment}{when}): {attempt.status}{late}; "
+                  f"checkpoint at step {attempt.step_before} -> {attempt.step_after}", end="")
             assert len(attempts) < 4 * kills + 10, "the run never finishes"
         assert_same_run(out, ref, total)
     return attempts
