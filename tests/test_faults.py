@@ -415,3 +415,26 @@ def test_a_signal_between_the_update_and_its_counters_resumes_exactly(tiny_teach
     resumed = run_distill(DistillConfig(resume=str(out)), Reporter(quiet=True))
     assert resumed["student"]["loss"] == straight["student"]["loss"]
     assert _rows(out / "metrics_steps.csv") == _rows(tmp_path / "unbroken" / "metrics_steps.csv")
+
+
+def test_metrics_rows_cut_short_by_a_full_disk_are_dropped_on_resume(tmp_path):
+    """The disk filled up in the middle of the last rows: the resumed run rewrites the files without them."""
+    from hybridopt.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.csv"
+    m = MetricsLogger(path)
+    for step in (1, 2, 3):
+        m.log("step", {"step": step, "epoch": 1, "loss": 1.0})
+    m.log("epoch", {"epoch": 1, "step": 3, "loss": 1.0})
+    m.close()
+    with open(tmp_path / "metrics_steps.csv", "a") as f:
+        f.write("4,1,0.9")  # no newline: cut short
+    with open(path, "a") as f:
+        f.write("2,")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"type": "step", "st')
+    MetricsLogger(path, resume_step=3).close()
+    assert [r["step"] for r in _csv(tmp_path / "metrics_steps.csv")] == ["1", "2", "3"]
+    assert [r["epoch"] for r in _csv(path)] == ["1"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["type"], r["step"]) for r in records] == [("step", 1), ("step", 2), ("step", 3), ("epoch", 3)]
