@@ -7,6 +7,8 @@ from hybridopt.hybrid_optimizer import HybridOptimizer
 
 
 def test_hugging_face_trainer_accepts_it(tmp_path):
+    """It trains inside transformers' Trainer: 12 steps, and the loss on the training set falls by a real margin
+    (4.16 -> 3.86 measured; a step that updated nothing leaves it at 4.16)."""
     pytest.importorskip("accelerate")
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -16,15 +18,25 @@ def test_hugging_face_trainer_accepts_it(tmp_path):
     data = [{"input_ids": torch.randint(0, 64, (12,)), "labels": None} for _ in range(32)]
     for row in data:
         row["labels"] = row["input_ids"].clone()
+    ids = torch.stack([row["input_ids"] for row in data])
+
+    def loss() -> float:
+        with torch.no_grad():
+            return model(input_ids=ids, labels=ids).loss.item()
+
+    before = loss()
     opt = HybridOptimizer(model.parameters(), lr=3e-3)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=12, report_to=[],
                              logging_steps=100, save_strategy="no", use_cpu=True, disable_tqdm=True)
     result = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train()
     assert result.global_step == 12
     assert opt.summary()["total_steps"] == 12
+    assert loss() < before - 0.15, (before, loss())
 
 
 def test_lightning_configure_optimizers():
+    """It trains inside Lightning: 40 steps of a linear regression cut the loss at least fourfold (5.56 ->
+    0.55 measured; the weights head for the true 1s)."""
     pl = pytest.importorskip("lightning.pytorch")
 
     class Module(pl.LightningModule):
@@ -39,12 +51,19 @@ def test_lightning_configure_optimizers():
         def configure_optimizers(self):
             return HybridOptimizer(self.parameters(), lr=1e-2)
 
+    torch.manual_seed(0)
     x = torch.randn(64, 4)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    y = x.sum(1, keepdim=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     module = Module()
-    pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               accelerator="cpu").fit(module, loader)
-    assert module.optimizers().optimizer.summary()["total_steps"] == 8
+    before = torch.nn.functional.mse_loss(module.layer(x), y).item()
+    distance = (module.layer.weight.detach() - 1).abs().sum().item()
+    pl.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu").fit(module, loader)
+    assert module.optimizers().optimizer.summary()["total_steps"] == 40
+    after = torch.nn.functional.mse_loss(module.layer(x), y).item()
+    assert after < before / 4, (before, after)
+    assert (module.layer.weight.detach() - 1).abs().sum().item() < distance / 2
 
 
 def test_grad_scaler_steps_after_unscaling():

@@ -143,14 +143,31 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tiny_teacher
     assert [int(r["step"]) for r in _steps(out / "metrics_steps.csv")] == list(range(1, 241))
 
 
-def test_resume_with_out_resumes_that_folder_and_names_ignored_flags(tiny_teacher, corpus_file, tmp_path, capsys):
+def test_resume_with_out_resumes_that_folder_and_refuses_changed_flags(tiny_teacher, corpus_file, tmp_path, capsys):
+    """`--out DIR --resume` resumes DIR; a flag given with another value than the run's is refused by name (even
+    at its default value, which --epochs 20 is), --device is honoured with a warning, and the run finishes with
+    its own settings."""
+    from hybridopt.cli import main
+
     out = tmp_path / "run"
     run_distill(_cfg(tiny_teacher, corpus_file, out, baseline=False, save_metrics=False), stop_after_epoch=1)
     capsys.readouterr()
-    res = run_distill(DistillConfig(out=str(out), resume="latest", epochs=8, lr=0.5))  # as `--out DIR --resume`
-    assert res["student"]["steps"] == 16  # the saved 4 epochs x 4 steps, not 8 epochs
+    with pytest.raises(UserError) as e:
+        run_distill(DistillConfig(out=str(out), resume="latest", epochs=8, lr=0.5))  # as `--out DIR --resume`
+    assert str(e.value) == (f"cannot resume '{out}' with --epochs 8, --lr 0.5: the run was started with --epochs 4, "
+                            "--lr 0.002, and its schedule, data and model follow from its settings; resume without "
+                            "them, or start a new run with another --out")
+    assert main(["distill", "--resume", str(out), "--epochs", "20", "--no-baseline"]) == 2
     err = capsys.readouterr().err
-    assert f"resuming '{out}' with its saved settings; ignoring --epochs, --lr" in err
+    assert err == (f"hybridopt: error: cannot resume '{out}' with --epochs 20: the run was started with --epochs 4, "
+                   "and its schedule, data and model follow from its settings; resume without them, or start a new "
+                   "run with another --out\n")  # --no-baseline is what the run has: not named
+    with pytest.raises(UserError, match="name different folders"):
+        run_distill(DistillConfig(out=str(tmp_path / "other"), resume=str(out)))
+    assert main(["distill", "--out", str(out), "--resume", "--device", "auto", "--epochs", "4"]) == 0
+    assert f"warning: resuming '{out}' with --device auto (it ran with --device cpu)" in capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["student"]["steps"] == 16  # the saved 4 epochs x 4 steps
 
 
 def test_resume_refuses_a_finished_run_and_leaves_its_results(tiny_teacher, corpus_file, tmp_path):

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from hybridopt.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
+# Test hook: seconds to sleep inside every checkpoint write, after the temporary file is written and before
+# it replaces the checkpoint, so a fault-injection test can kill the process in that window at will.
+FAULT_SLEEP_ENV = "HYBRIDOPT_FAULT_CHECKPOINT_SLEEP"
 
 
 def atomic_write(path: Path, write) -> None:
@@ -41,6 +45,16 @@ def atomic_write(path: Path, write) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what `atomic_write` leaves in `folder` when its process is killed mid-write: `.NAME.tmp-PID`
+    files of processes other than this one. Returns the paths removed."""
+    stale = [p for p in Path(folder).glob(".*.tmp-*")
+             if p.is_file() and p.name.rpartition("-")[2].isdigit() and p.name.rpartition("-")[2] != str(os.getpid())]
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def read_safetensors_header(path: Path, max_bytes: int = 100 << 20) -> tuple[dict, int]:
@@ -96,8 +110,13 @@ def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> Path:
     """Atomically write `payload` (plus format version and RNG state) to `out_dir/checkpoint.pt`."""
     path = Path(out_dir) / CHECKPOINT_NAME
     payload = {**payload, "format_version": FORMAT_VERSION, "rng": rng_state()}
+
+    def write(tmp: Path) -> None:
+        torch.save(payload, tmp)
+        time.sleep(float(os.environ.get(FAULT_SLEEP_ENV) or 0))
+
     try:
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, write)
     except RuntimeError as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
         raise UserError(f"cannot write the checkpoint '{path}' ({str(e).splitlines()[0]}); is the disk full? "
                         "The previous checkpoint is kept; free space and continue with --resume") from None

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hybridopt", description="Distil a language model into a small low-bit Llama student.")
     parser.add_argument("--version", action="version", version=f"hybridopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.subcommands = sub.choices  # name -> its parser (main reads which flags were given)
     p = sub.add_parser("distill", help="distil a teacher into a small student",
                        description=DistillConfig.__doc__)
     add_dataclass_arguments(p, DistillConfig)
@@ -106,18 +109,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_UNSET = object()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop (which stops at its next step boundary by itself): stop where it lands,
+    as Ctrl-C does, so the run ends with a message and exit status 143 instead of silently."""
+
+    exit_status = 128 + signal.SIGTERM
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str], cls) -> frozenset[str]:
+    """The fields of `cls` that `argv` gives as flags, even at their default values (argparse fills in a
+    default only where the namespace has no value yet, so a namespace preset to a marker keeps the rest)."""
+    namespace = argparse.Namespace(**{f.name: _UNSET for f in fields(cls)})
+    parser.parse_args(argv, namespace)
+    return frozenset(k for k, v in vars(namespace).items() if v is not _UNSET)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars are noise for models this small
     values = {k: v for k, v in vars(args).items() if k != "command"}
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
+    if previous.get(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "distill":
             from hybridopt.recipes.distill import run_distill
 
-            run_distill(DistillConfig(**values))
+            words = sys.argv[1:] if argv is None else argv
+            given = given_flags(parser.subcommands["distill"], words[words.index("distill") + 1:], DistillConfig)
+            run_distill(DistillConfig(**values), given=given)
         elif args.command == "teacher-cache":
             from hybridopt.recipes.distill import run_teacher_cache
 
@@ -147,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybridopt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        for sig in previous:  # a further Ctrl-C or SIGTERM must not cut this message into a traceback
+            signal.signal(sig, signal.SIG_IGN)
         saved = getattr(e, "signum", None) is not None  # training.StopRequested: saved after a whole step
         hint = {"distill": "continue with --resume", "teacher": "the same command continues"}.get(args.command)
         if hint:
@@ -154,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             hint = "; the finished runs and a partial report are in --out; add --resume to continue"
         print(f"hybridopt: interrupted{hint or ''}", file=sys.stderr)
-        return 128 + (e.signum if saved else 2)
+        return 128 + e.signum if saved else getattr(e, "exit_status", 128 + signal.SIGINT)
     except OSError as e:
         # Disk full, permissions: the environment, not a bug. Checkpoints are written atomically.
         print(f"hybridopt: error: {e.strerror or e} ({e.filename or 'no file'})", file=sys.stderr)
         return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

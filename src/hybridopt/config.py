@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
+import typing
 from pathlib import Path
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from hybridopt.errors import UserError
 from hybridopt.bits import TERNARY, canonical_bits
@@ -29,6 +31,20 @@ def _arg(default, help: str, **meta):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value has the type a config field is annotated with (an int is a float, a bool is neither)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def _positive(name: str, value: float | int | None) -> None:
@@ -123,7 +139,7 @@ class DistillConfig(TrainConfig, StudentConfig):
     data: list[str] = _arg([], "local .txt, .jsonl (field 'text') or .parquet (column 'text') files or folders (default: the embedded Python-docs corpus)", nargs="+")
     val_fraction: float = _arg(0.05, "fraction of documents held out for validation")
     out: str | None = _arg(None, "output directory (default: hybridopt-runs/distill-<timestamp>)")
-    resume: str | None = _arg(None, "continue the run in DIR from its last checkpoint; alone, the newest run under hybridopt-runs/", nargs="?", const="latest")
+    resume: str | None = _arg(None, "continue the run in DIR from its last checkpoint with the settings it was started with (other flags must match them; --device may change); alone, the run in --out, else the newest under hybridopt-runs/", nargs="?", const="latest")
     alpha: float = _arg(0.5, "weight of the hard-label cross-entropy; 1 - alpha goes to the distillation KL")
     temperature: float = _arg(2.0, "softmax temperature for the distillation KL (scaled by T^2)")
     teacher_topk: int | None = _arg(None, f"offline distillation: cache the teacher's top-K log-probabilities once (per teacher, data, K and temperature; built on first use, or ahead with `hybridopt teacher-cache`) and train from them instead of running the teacher every step; alone: {DEFAULT_TOPK}", nargs="?", const=DEFAULT_TOPK)
@@ -161,9 +177,13 @@ class DistillConfig(TrainConfig, StudentConfig):
             saved = json.loads(Path(path).read_text())
             if not isinstance(saved, dict):
                 raise ValueError("not a JSON object")
-            names = {f.name for f in fields(cls)} - {"resume"}
-            return cls(**{k: v for k, v in saved.items() if k in names})
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            hints = typing.get_type_hints(cls)
+            values = {k: v for k, v in saved.items() if k in hints and k != "resume"}
+            for name, value in values.items():
+                if not _fits(value, hints[name]):
+                    raise ValueError(f"{name} is {value!r}")
+            return cls(**values)
+        except (ValueError, TypeError, UserError) as e:
             raise UserError(f"the run config '{path}' is unreadable ({e}); it was not written by hybridopt "
                             "or is damaged") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from hybridopt.checkpoint import atomic_write
@@ -18,7 +19,8 @@ class MetricsLogger:
     """Append metrics rows to `<stem>.csv` (epochs), `<stem>_steps.csv` (steps) and `<stem>.jsonl` (both).
 
     On resume, rows past the checkpoint's step (written after it, before the interruption) are
-    dropped by an atomic rewrite, so the files match an uninterrupted run; rows before it are kept.
+    dropped by an atomic rewrite, so the files match an uninterrupted run; rows before it are kept. A row
+    cut short (a full disk mid-write) is dropped with them.
 
     Args:
         path: the per-epoch CSV path.
@@ -49,7 +51,7 @@ class MetricsLogger:
                 with open(p, newline="") as f:
                     reader = csv.DictReader(f)
                     names = reader.fieldnames
-                    rows = [r for r in reader if int(r["step"]) <= step]
+                    rows = [r for r in reader if _step_of(r.get("step")) <= step]
                 if names:
                     def write(tmp, names=names, rows=rows):
                         with open(tmp, "w", newline="") as out:
@@ -58,7 +60,7 @@ class MetricsLogger:
                             w.writerows(rows)
                     atomic_write(p, write)
         if self.jsonl_path.exists():
-            lines = [ln for ln in self.jsonl_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            lines = [ln for ln in self.jsonl_path.read_text().splitlines() if _step_of(_record(ln).get("step")) <= step]
             atomic_write(self.jsonl_path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
 
     def log(self, kind: str, row: dict) -> None:
@@ -73,6 +75,22 @@ class MetricsLogger:
         for f, _ in self._files.values():
             f.close()
         self._jsonl.close()
+
+
+def _step_of(value) -> float:
+    """A row's step, or infinity (dropped on resume) for a row cut short."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def _record(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _fmt(v):

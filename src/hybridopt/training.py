@@ -9,6 +9,7 @@ happens around it (teacher, data, clusters, precision plan, export) belongs to t
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -18,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from hybridopt.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from hybridopt.checkpoint import (CHECKPOINT_NAME, load_checkpoint, remove_stale_temporaries, save_checkpoint,
+                                  set_rng_state)
 from hybridopt.config import TrainConfig
 from hybridopt.data_clusters import DataClusters
 from hybridopt.dataset import TokenBlocks
@@ -30,6 +32,31 @@ from hybridopt.metrics import MetricsLogger
 from hybridopt.reporting import Reporter
 from hybridopt.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
 from hybridopt.teacher_cache import TeacherCache
+
+
+# A run stops (checkpointed) after this many non-finite steps in a row: a few are a bad batch, skipped;
+# this many mean the run itself has diverged, and skipping on would only burn the remaining steps.
+MAX_NONFINITE_STREAK = 20
+
+# Test hook: `HYBRIDOPT_FAULT_NONFINITE="3,7-9,grad:12"` makes the loss NaN at steps 3, 7, 8 and 9 (counted
+# from 1, as in the metrics) and puts an infinite gradient into step 12; read by `Trainer`.
+FAULT_NONFINITE_ENV = "HYBRIDOPT_FAULT_NONFINITE"
+
+
+def parse_fault_steps(spec: str) -> dict[int, str]:
+    """`"3,7-8,grad:12"` -> {3: "loss", 7: "loss", 8: "loss", 12: "grad"}: which steps get which fault."""
+    out = {}
+    for item in filter(None, spec.replace(" ", "").split(",")):
+        kind, _, steps = item.rpartition(":")
+        if kind not in ("", "loss", "grad"):
+            raise ValueError(f"{FAULT_NONFINITE_ENV}: unknown fault {kind!r} (loss or grad)")
+        first, _, last = steps.partition("-")
+        out.update({step: kind or "loss" for step in range(int(first), int(last or first) + 1)})
+    return out
+
+
+class NonFiniteTraining(UserError):
+    """Too many non-finite steps in a row: the run stopped at a step boundary, checkpointed."""
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -114,6 +141,9 @@ class Trainer:
         teacher_cache: the teacher's cached top-k targets for `train_data`: distil from them instead of
             running `teacher` every step.
         teacher_tail: how the KL treats the vocabulary outside the cached top-k ("bucket" or "uniform").
+        inject_nonfinite: test hook, {step: "loss" or "grad"}: a NaN loss or an infinite gradient at those
+            steps (counted from 1); default: the `HYBRIDOPT_FAULT_NONFINITE` environment variable.
+        max_nonfinite_streak: stop after this many non-finite steps in a row.
     """
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_data: TokenBlocks, val_data: TokenBlocks,
@@ -121,7 +151,8 @@ class Trainer:
                  temperature: float = 1.0, metrics_path: Path | None = None, name: str = "",
                  config_dict: dict | None = None, clusters: DataClusters | None = None,
                  sampling: str = "proportional", reporter: Reporter | None = None,
-                 teacher_cache: TeacherCache | None = None, teacher_tail: str = "bucket"):
+                 teacher_cache: TeacherCache | None = None, teacher_tail: str = "bucket",
+                 inject_nonfinite: dict[int, str] | None = None, max_nonfinite_streak: int = MAX_NONFINITE_STREAK):
         self.cfg = cfg
         self.model = model
         self.teacher = teacher
@@ -151,14 +182,22 @@ class Trainer:
         )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss_sum, self.epoch_loss_steps, self.skipped_steps = 0.0, 0, 0
+        self.nonfinite_streak, self.max_nonfinite_streak = 0, max_nonfinite_streak
+        if inject_nonfinite is None:
+            inject_nonfinite = parse_fault_steps(os.environ.get(FAULT_NONFINITE_ENV, ""))
+        self.inject_nonfinite = inject_nonfinite
         self.history: list[dict] = []
         self.elapsed = 0.0
         self.metrics: MetricsLogger | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False) -> None:
-        """Open the metrics files; on resume, restore model, optimizer, scheduler, sampler, RNG and position."""
+        """Open the metrics files; on resume, restore model, optimizer, scheduler, sampler, RNG and position
+        from the checkpoint (a run stopped before its first checkpoint starts again from step 0, and its
+        metrics rows from before are dropped, as are the temporary files of writes a kill cut short)."""
         if resume:
+            remove_stale_temporaries(self.out_dir)
+        if resume and (self.out_dir / CHECKPOINT_NAME).is_file():
             self._restore(load_checkpoint(self.out_dir))
         if self.metrics_path is not None:
             self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
@@ -175,6 +214,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
         self.epoch_loss_sum, self.epoch_loss_steps = pos["epoch_loss_sum"], pos["epoch_loss_steps"]
         self.skipped_steps, self.elapsed = pos["skipped_steps"], pos["elapsed"]
+        self.nonfinite_streak = pos.get("nonfinite_streak", 0)
         self.history = state["history"]
         set_rng_state(state["rng"])
         if "data" not in state:
@@ -222,6 +262,8 @@ class Trainer:
 
         Raises:
             StopRequested: SIGINT or SIGTERM arrived; a checkpoint was saved after the step it interrupted.
+            NonFiniteTraining: `max_nonfinite_streak` steps in a row were non-finite; a checkpoint was
+                saved after the last of them (the weights from before them: skipped steps change nothing).
         """
         cfg = self.cfg
         params = [p for p in self.model.parameters() if p.requires_grad]  # QAT swaps keep the same tensors
@@ -241,12 +283,18 @@ class Trainer:
                         if self.metrics:
                             self.metrics.log("step", {**row, "elapsed_s": self.elapsed + time.perf_counter() - start,
                                                       **self.hybrid_metrics()})
-                        if stop.signum is not None and self.step_in_epoch < self.steps_per_epoch:
+                        diverged = self.nonfinite_streak >= self.max_nonfinite_streak
+                        if (diverged or stop.signum is not None) and self.step_in_epoch < self.steps_per_epoch:
+                            # Between steps: this step's update and its counters are both done.
                             self.elapsed += time.perf_counter() - start
                             self.save_checkpoint()
+                            if diverged:
+                                self._raise_diverged()
                             raise StopRequested(stop.signum)
                     self.elapsed += time.perf_counter() - start
                     self._end_epoch()  # checkpoints
+                    if self.nonfinite_streak >= self.max_nonfinite_streak:
+                        self._raise_diverged()
                     if stop.signum is not None:
                         raise StopRequested(stop.signum)
         finally:
@@ -257,17 +305,26 @@ class Trainer:
         """Forward, backward, clip and step on one batch; a non-finite loss or gradient skips the update
         (the schedule still advances). Returns the loss and the step's metrics row."""
         cfg = self.cfg
+        fault = self.inject_nonfinite.get(self.global_step + 1)
         loss, parts = self.batch_loss(indices)
+        if fault == "loss":
+            loss = loss * float("nan")
         grad_norm = float("nan")
         if torch.isfinite(loss):
             loss.backward()
+            if fault == "grad":
+                grad = next(p.grad for p in params if p.grad is not None)
+                grad.view(-1)[0] = float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
         if not math.isfinite(grad_norm):
             # A poisoned batch must not reach the weights: skip it and keep the schedule.
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            self.reporter.warn(f"{self.prefix}non-finite loss or gradient at step {self.global_step}; step skipped")
+            self.nonfinite_streak += 1
+            what = "loss" if not torch.isfinite(loss) else "gradient"
+            self.reporter.warn(f"{self.prefix}non-finite {what} at step {self.global_step + 1}; step skipped")
         else:
+            self.nonfinite_streak = 0
             if isinstance(self.optimizer, HybridOptimizer):
                 if self.clusters is not None:
                     self.optimizer.set_cluster(self.sampler.batch_cluster(indices))
@@ -287,11 +344,20 @@ class Trainer:
             "tokens": self.global_step * cfg.batch_size * cfg.seq_len,
         }
 
+    def _raise_diverged(self) -> None:
+        """Stop, the checkpoint saved: the last `nonfinite_streak` steps were all skipped."""
+        last, n = self.global_step, self.nonfinite_streak
+        raise NonFiniteTraining(
+            f"{self.prefix}training stopped at step {last}: the loss or gradient was non-finite for {n} steps in a "
+            f"row (steps {last - n + 1}-{last}, all skipped), so the run has diverged or its data is broken; the "
+            f"checkpoint in '{self.out_dir}' holds the weights from before them: start a new run with a lower --lr "
+            "or check --data (--resume would continue from there)")
+
     def _end_epoch(self) -> None:
         cfg = self.cfg
         self.epoch += 1
         self.step_in_epoch = 0
-        mean_loss = self.epoch_loss_sum / max(1, self.epoch_loss_steps)
+        mean_loss = self.epoch_loss_sum / self.epoch_loss_steps if self.epoch_loss_steps else float("nan")
         self.epoch_loss_sum, self.epoch_loss_steps = 0.0, 0
         lr = self.scheduler.get_last_lr()[0] * self.lr_multiplier()
         row = {"epoch": self.epoch, "step": self.global_step, "loss": mean_loss, "lr": lr, **self.hybrid_metrics()}
@@ -346,6 +412,7 @@ class Trainer:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "epoch_loss_sum": self.epoch_loss_sum, "epoch_loss_steps": self.epoch_loss_steps,
                 "skipped_steps": self.skipped_steps, "elapsed": self.elapsed,
+                "nonfinite_streak": self.nonfinite_streak,
             },
             "history": self.history,
             "sampler": self.sampler.state_dict(),

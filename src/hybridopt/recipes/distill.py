@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
-from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
+from hybridopt.checkpoint import atomic_write
 from hybridopt.config import DEFAULT_TOPK, DistillConfig
 from hybridopt.data import corpus_documents, token_splits
 from hybridopt.data_clusters import DataClusters, cluster_data, format_cluster_report
@@ -70,13 +70,31 @@ class RunData:
     config_dict: dict
 
 
-# Flags a resumed run may change: where it runs, and nothing that shapes the result.
-_RESUME_MAY_CHANGE = frozenset({"device", "resume", "out"})
+# Flags a resumed run may change: where it runs. The others shape the result (schedule, data, model, what is
+# written), so one given with a value other than the run's is refused rather than silently ignored.
+_RESUME_MAY_CHANGE = frozenset({"device"})
 
 
-def resolve_run(cfg: DistillConfig, reporter: Reporter | None = None) -> tuple[Path, bool, DistillConfig]:
-    """Pick the run folder; on `--resume`, load that run's saved config (it wins over flags; flags given
-    with other values are named in a warning). `--out DIR --resume` resumes DIR.
+def _flag(name: str, value) -> str:
+    """`--name value` as a user would type it (lists space-separated, booleans on/off)."""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    elif isinstance(value, list):
+        value = " ".join(map(str, value))
+    return f"--{name} {value}"
+
+
+def resolve_run(cfg: DistillConfig, reporter: Reporter | None = None,
+                given: frozenset[str] | None = None) -> tuple[Path, bool, DistillConfig]:
+    """Pick the run folder; on `--resume`, load that run's saved config. `--out DIR --resume` resumes DIR.
+
+    Flags given with a value other than the saved one are refused in one sentence naming them, except
+    `--device`, which is honoured and named in a warning.
+
+    Args:
+        cfg: the flags.
+        reporter: where the warning goes.
+        given: the names of the flags given on the command line (None: those that differ from the defaults).
 
     Returns:
         `(out_dir, resuming, config)`.
@@ -89,6 +107,9 @@ def resolve_run(cfg: DistillConfig, reporter: Reporter | None = None) -> tuple[P
             if not runs:
                 raise UserError(f"--resume found no run under '{RUNS_ROOT}'; pass the run folder: --resume DIR")
             out = runs[-1]
+        elif cfg.out and Path(cfg.out).resolve() != Path(cfg.resume).resolve():
+            raise UserError(f"--resume '{cfg.resume}' and --out '{cfg.out}' name different folders; "
+                            "pass the run folder once: --resume DIR")
         else:
             out = Path(cfg.resume)
         layout = RunLayout(out)
@@ -96,15 +117,24 @@ def resolve_run(cfg: DistillConfig, reporter: Reporter | None = None) -> tuple[P
             raise UserError(f"--resume '{out}' is not a hybridopt run folder (no {layout.config.name})")
         if layout.results.is_file():
             raise UserError(f"--resume '{out}' is a finished run (its {layout.results.name} is written); "
-                            "start a new one with another --out")
+                            "nothing to continue: start a new one with another --out")
         saved = DistillConfig.from_file(layout.config)
-        saved.device = cfg.device if cfg.device != "auto" else saved.device
         defaults = DistillConfig()
-        ignored = [f"--{name}" for name in vars(cfg) if name not in _RESUME_MAY_CHANGE
-                   and getattr(cfg, name) != getattr(defaults, name) and getattr(cfg, name) != getattr(saved, name)]
-        if ignored and reporter is not None:
-            reporter.warn(f"resuming '{out}' with its saved settings; ignoring {', '.join(ignored)} "
-                          "(start a new run to change them)")
+        differ = [name for name in vars(cfg) if name not in ("resume", "out")
+                  and (name in given if given is not None else getattr(cfg, name) != getattr(defaults, name))
+                  and getattr(cfg, name) != getattr(saved, name)]
+        refused = [name for name in differ if name not in _RESUME_MAY_CHANGE]
+        if refused:
+            asked = ", ".join(_flag(n, getattr(cfg, n)) for n in refused)
+            had = ", ".join(_flag(n, getattr(saved, n)) for n in refused)
+            raise UserError(f"cannot resume '{out}' with {asked}: the run was started with {had}, and its schedule, "
+                            "data and model follow from its settings; resume without them, or start a new run "
+                            "with another --out")
+        for name in differ:  # the flags a resumed run may change
+            if reporter is not None:
+                reporter.warn(f"resuming '{out}' with {_flag(name, getattr(cfg, name))} "
+                              f"(it ran with {_flag(name, getattr(saved, name))})")
+            setattr(saved, name, getattr(cfg, name))
         return out, True, saved
     out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("distill-%Y%m%d-%H%M%S")
     if occupied(out):
@@ -123,8 +153,8 @@ class DistillRecipe:
         reporter: where the run's lines go (default: stdout).
     """
 
-    def __init__(self, cfg: DistillConfig, reporter: Reporter | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: DistillConfig, reporter: Reporter | None = None, given: frozenset[str] | None = None):
+        self.cfg, self.given = cfg, given
         self.reporter = reporter or Reporter()
         self.name = ""  # "baseline" for the no-teacher run
         self.teacher: torch.nn.Module | None = None
@@ -140,7 +170,7 @@ class DistillRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Resolve the run folder, load the teacher and data, build the student and its training loop."""
-        out, resuming, self.cfg = resolve_run(self.cfg, self.reporter)
+        out, resuming, self.cfg = resolve_run(self.cfg, self.reporter, self.given)
         cfg, say = self.cfg, self.reporter.line
         with for_flag("--device"):
             device = resolve_device(cfg.device)
@@ -242,7 +272,7 @@ class DistillRecipe:
                                config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
                                reporter=self.reporter, teacher_cache=self.teacher_cache,
                                teacher_tail=cfg.teacher_tail)
-        self.trainer.setup(resume=d.resuming and (out / CHECKPOINT_NAME).exists())
+        self.trainer.setup(resume=d.resuming)
 
     def baseline(self) -> DistillRecipe:
         """The same student (initial weights, seed, data order, steps, quantization and precision plan)
@@ -358,18 +388,21 @@ class DistillRecipe:
         return row
 
 
-def run_distill(cfg: DistillConfig, reporter: Reporter | None = None, stop_after_epoch: int | None = None) -> dict:
+def run_distill(cfg: DistillConfig, reporter: Reporter | None = None, stop_after_epoch: int | None = None,
+                given: frozenset[str] | None = None) -> dict:
     """Distil a teacher into a student; train the no-teacher baseline; save and report.
 
     Args:
         cfg: the run config (flags).
         reporter: where the run's lines go (default: stdout; `Reporter(quiet=True)` for none).
         stop_after_epoch: stop both runs after this many epochs, checkpointed, as an interruption would.
+        given: the flags given on the command line, which `--resume` checks against the run's (default:
+            those that differ from the defaults).
 
     Returns:
         The results dictionary also written to `<out>/results.json` (or `{"interrupted_at_epoch": N}`).
     """
-    recipe = DistillRecipe(cfg, reporter)
+    recipe = DistillRecipe(cfg, reporter, given)
     recipe.setup()
     cfg, d = recipe.cfg, recipe.data
     finished = recipe.train(stop_after_epoch)
