@@ -427,6 +427,18 @@ def is_gguf_file(path: str | Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def written_by_hybridopt(path: str | Path) -> bool:
+    """Whether `path` is a GGUF file this tool wrote (`general.quantized_by` is "hybridopt"): the only kind an
+    export may replace."""
+    if not is_gguf_file(path):
+        return False
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("general.quantized_by")
+        return field is not None and bytes(field.parts[-1]).decode() == "hybridopt"
+    except Exception:  # noqa: BLE001 - a damaged file raises anything; it is then not ours to replace
+        return False
+
+
 def find_gguf(path: str | Path) -> Path | None:
     """The GGUF file `path` names: a `.gguf` file, or a folder (without config.json) holding exactly one.
 
