@@ -494,7 +494,8 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[tor
         raise ValueError(f"'{path}' is not a .gguf file nor a folder holding one")
     check_gguf(file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True,
+                                                  trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32,
                                                      local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for files it cannot convert
