@@ -199,7 +199,7 @@ def _config_problem(c: dict) -> str | None:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if not token_id(c.get(name)):
             return f"config field {name} must be a token id, got {c[name]!r}"
-    if c.get("hidden_act", "silu") not in ACT2FN:
+    if not isinstance(c.get("hidden_act", "silu"), str) or c.get("hidden_act", "silu") not in ACT2FN:
         return f"config field hidden_act names no activation function: {c['hidden_act']!r}"
     for name in ("rope_parameters", "rope_scaling"):
         rope = c.get(name)
@@ -269,7 +269,8 @@ def _checked_header(metadata: dict[str, str], tensors: dict[str, torch.Tensor], 
 
 def _quant_problem(info, shape: tuple[int, ...], packed: torch.Tensor | None, scale: torch.Tensor | None) -> str | None:
     """What is wrong with one quantization entry of a packed file and its two tensors; None if nothing."""
-    if (not isinstance(info, dict) or info.get("packing") not in _PACKINGS or not isinstance(info.get("shape"), list)
+    if (not isinstance(info, dict) or not isinstance(info.get("packing"), str) or info["packing"] not in _PACKINGS
+            or not isinstance(info.get("shape"), list)
             or [type(d) for d in info["shape"]] != [int, int] or tuple(info["shape"]) != shape):
         return "is malformed or does not match the config"
     try:
