@@ -253,9 +253,13 @@ def _refused(argv, capsys, message):
     return err
 
 
-def test_teacher_and_export_never_write_into_a_folder_of_yours(tmp_path, hf_model, corpus_file, capsys):
+def test_teacher_and_export_never_write_into_a_folder_of_yours(tmp_path, hf_model, corpus_file, tiny_teacher, capsys):
     mine = _user_folder(tmp_path / "mine")
-    before = _snapshot(mine)
+    before, teacher_before = _snapshot(mine), _snapshot(tiny_teacher)
+    # A finished teacher is not replaced either, though hybridopt made it.
+    _refused(["teacher", "--data", str(corpus_file), "--out", str(tiny_teacher), "--epochs", "1"], capsys,
+             f"'{tiny_teacher}' holds a trained teacher; choose another")
+    assert made_by(tiny_teacher) == "teacher" and _snapshot(tiny_teacher) == teacher_before
     _refused(["teacher", "--data", str(corpus_file), "--out", str(mine), "--epochs", "1"], capsys,
              f"--out: '{mine}' exists and holds something hybridopt teacher did not write")
     _refused(["export", "--model", str(hf_model), "--out", str(mine)], capsys,

@@ -17,7 +17,7 @@ from hybridopt.config import TeacherConfig, default_teacher_config
 from hybridopt.corpus import Document, corpus_fingerprint, split_documents
 from hybridopt.modeling import build_model, num_parameters, teacher_llama_config
 from hybridopt.data import corpus_documents, token_splits
-from hybridopt.layout import OutputRefused, check_output, claim_output, occupied
+from hybridopt.layout import OutputRefused, check_output, claim_output, made_by, occupied
 from hybridopt.reporting import Reporter
 from hybridopt.tokenizer import train_bpe_tokenizer
 from hybridopt.training import Trainer
@@ -70,7 +70,8 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
     fingerprint = corpus_fingerprint(docs)
     out = check_output(out, "teacher").resolve() if out else teacher_cache_path(cfg, fingerprint)
     if occupied(out):  # a finished teacher, ours or not: never replaced (the rename below would fail anyway)
-        raise OutputRefused(f"'{out}' exists and is not an empty folder; choose another (nothing in it is replaced)")
+        what = "holds a trained teacher" if made_by(out) == "teacher" else "is not an empty folder"
+        raise OutputRefused(f"'{out}' {what}; choose another (nothing in it is replaced)")
     work = out.with_name(out.name + ".partial")
     # Ours to resume only if it is marked, or holds what an older version left there (checkpoint, tokenizer).
     claim_output(check_output(work, "teacher", legacy=(CHECKPOINT_NAME, "tokenizer.json")), "teacher")
