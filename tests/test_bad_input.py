@@ -286,16 +286,20 @@ def test_teacher_and_export_never_write_into_a_folder_of_yours(tmp_path, hf_mode
 
 @pytest.mark.parametrize("command", [
     ["teacher", "--epochs", "1"], ["export", "--model", "HF"], ["distill", "--epochs", "1"], ["bench", "--quick"]])
-@pytest.mark.parametrize("odd", [".", "..", "/", "FILE"])
+@pytest.mark.parametrize("odd", [".", "..", "/", "FILE", "MINE"])
 def test_odd_output_paths_are_refused(tmp_path, monkeypatch, hf_model, command, odd, capsys):
     work = tmp_path / "work" / "here"
     work.mkdir(parents=True)
-    monkeypatch.chdir(work)  # empty, so "." is refused for its name, not for what is in it
+    monkeypatch.chdir(work)  # "." is refused for its name (the message says so), before its contents count
     (work / "FILE").write_text("yours")
+    _user_folder(work / "MINE", ("notes.txt",))
     argv = [str(hf_model) if a == "HF" else a for a in command] + ["--out", odd]
-    message = "is a file; choose a folder" if odd == "FILE" else f"--out: '{odd}' is not a name for a new folder"
+    message = {"FILE": "--out: 'FILE' is a file; choose a folder",
+               "MINE": f"--out: 'MINE' exists and holds something hybridopt {command[0]} did not write"}.get(
+                   odd, f"--out: '{odd}' is not a name for a new folder")
     _refused(argv, capsys, message)
-    assert [p.name for p in work.iterdir()] == ["FILE"] and (work / "FILE").read_text() == "yours"
+    assert sorted(p.name for p in work.iterdir()) == ["FILE", "MINE"] and (work / "FILE").read_text() == "yours"
+    assert [p.name for p in (work / "MINE").iterdir()] == ["notes.txt"]
 
 
 def test_export_writes_again_only_into_its_own_folder(tmp_path, hf_model, capsys):
