@@ -311,6 +311,19 @@ def test_export_writes_again_only_into_its_own_folder(tmp_path, hf_model, capsys
     assert json.loads((out / "quant_report.json").read_text())["bits"] == [4.0]
     (out / MARKER).unlink()  # an export from before the marker: its packed file says it is ours
     assert main(["export", "--model", str(hf_model), "--out", str(out)]) == 0
+    # A run from before the marker whose export/ holds only a GGUF file: the run's own export/ is ours.
+    import shutil
+
+    from hybridopt.config import DistillConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(hf_model, run / "student")
+    (run / "run_config.json").write_text(json.dumps({"ternary": True}))
+    assert DistillConfig.from_file(run / "run_config.json").ternary
+    (run / "export").mkdir()
+    (run / "export" / "model-tq2_0.gguf").write_bytes(b"GGUF")
+    assert main(["export", "--model", str(run)]) == 0
+    assert (run / "export" / PACKED_NAME).is_file() and made_by(run / "export") == "export"
     capsys.readouterr()
 
 

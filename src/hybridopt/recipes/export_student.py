@@ -62,8 +62,9 @@ def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
     src, run, saved, fp_dir = _student_source(cfg)
     # `.resolve()`: the folder's real name, also for `--model .`
     out = Path(cfg.out) if cfg.out else (run.export if saved else src.resolve().with_name(f"{src.resolve().name}-packed"))
-    with for_flag("--out", OutputRefused):  # only a folder this tool exported into may be written again
-        check_output(out, "export", legacy=(PACKED_NAME,))
+    if cfg.out or not saved:  # a run's own export/ is the run's (older ones may hold only a .gguf, no marker)
+        with for_flag("--out", OutputRefused):  # only a folder this tool exported into may be written again
+            check_output(out, "export", legacy=(PACKED_NAME,))
     # A run is packed as it was trained; flags given here win; a plain model is packed to ternary.
     quant, plan = _quantization(cfg, run, saved, TERNARY, reporter)
     with for_flag("--model"):
