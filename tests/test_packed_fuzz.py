@@ -1,6 +1,7 @@
-"""Fuzzing the packed loader: whatever bytes or header fields a file holds, `load_packed` either returns a
-model or raises the documented `UserError`, never another exception, and never allocates a model the file's
-data does not back. Bounded: a tiny file and a few dozen examples per property (a few seconds each)."""
+"""Fuzzing the packed loader and its decoders: whatever bytes or header fields a file holds, `load_packed`
+either returns a model or raises the documented `UserError`, never another exception, and never allocates a
+model the file's data does not back; a decoder returns the values its width allows or raises ValueError.
+Bounded: a tiny file and a few dozen to a few hundred examples per property (a few seconds each)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 from hybridopt.errors import UserError
-from hybridopt.export import PACKED_NAME, export_packed, load_packed
+from hybridopt.export import _PACKINGS, PACKED_NAME, _unpack, export_packed, load_packed
+from hybridopt.packing import packed_nbytes
+from hybridopt.quantizers import TERNARY
 from test_bad_input import Q, rewrite, tiny_qat_model
 
 FUZZ = settings(max_examples=40, deadline=None, database=None,
@@ -94,3 +97,25 @@ def test_forged_header_fields(packed, monkeypatch, where, key, value, delete):
 
     rewrite(folder / PACKED_NAME, edit)
     _load_or_refuse(folder, monkeypatch)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(packing=st.sampled_from(sorted(_PACKINGS)), numel=st.integers(0, 300), off_by=st.sampled_from([0, 0, 0, -1, 1]),
+       data=st.data())
+def test_decoders_take_any_bytes(packing, numel, off_by, data):
+    """Each decoder, given any bytes (mostly of the right length) for `numel` values: exactly `numel` values its
+    width allows, or ValueError (which `load_packed` reports as a UserError)."""
+    bits = _PACKINGS[packing]
+    n = max(packed_nbytes(numel, bits) + off_by, 0)
+    wrong_length = n != packed_nbytes(numel, bits)
+    buffer = torch.tensor(list(data.draw(st.binary(min_size=n, max_size=n))), dtype=torch.uint8)
+    try:
+        q = _unpack(buffer, packing, numel)
+    except ValueError:
+        assert wrong_length or packing == "ternary5"  # the right length of bits is always decodable; trits can exceed 242
+        return
+    assert not wrong_length, "a buffer of the wrong length was decoded"
+    allowed = {TERNARY: (-1, 1), 1.0: (-1, 1)}.get(bits) or (-(2 ** (int(bits) - 1)), 2 ** (int(bits) - 1) - 1)
+    assert q.numel() == numel and (numel == 0 or allowed[0] <= int(q.min()) <= int(q.max()) <= allowed[1])
+    if packing == "sign1":
+        assert not (q == 0).any()
