@@ -367,3 +367,15 @@ def test_a_damaged_corpus_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch,
         assert embedded_corpus_cached() == docs
         assert "ignoring the damaged corpus cache" in capsys.readouterr().err
         assert embedded_corpus_cached() == docs and capsys.readouterr().err == ""  # rewritten, read silently
+
+
+def test_metrics_out_never_appends_to_a_file_of_yours(tmp_path, tiny_teacher, corpus_file, capsys):
+    from conftest import tiny_distill_args
+
+    for name in ("log.csv", "log_steps.csv", "log.jsonl", "log_baseline.jsonl"):  # each file a run would append to
+        mine = tmp_path / name
+        mine.write_text("the user's own rows\n")
+        _refused(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "run", "--metrics_out", str(tmp_path / "log.csv")),
+                 capsys, f"--metrics_out: '{mine}' exists; choose a new path (nothing is replaced)")
+        assert mine.read_text() == "the user's own rows\n" and not (tmp_path / "run").exists()
+        mine.unlink()

@@ -34,6 +34,7 @@ from hybridopt.gguf import GGUFReport, export_gguf
 from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.layout import RUN_CONFIG, RUNS_ROOT, OutputRefused, RunLayout, check_output, claim_output, occupied
 from hybridopt.manager import format_summary
+from hybridopt.metrics import metrics_files
 from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
 from hybridopt.qat import QATConfig, check_group_size, quantizable_linears, quantize_
@@ -143,6 +144,10 @@ class DistillRecipe:
         if self.cfg.out and not self.cfg.resume:
             with for_flag("--out", OutputRefused):  # `.`, a file; a run folder is left to resolve_run's advice
                 check_output(self.cfg.out, "distill", legacy=(RUN_CONFIG, CHECKPOINT_NAME))
+        if self.cfg.metrics_out and not self.cfg.resume:  # the metrics files are appended to: never to yours
+            taken = [p for p in metrics_files(Path(self.cfg.metrics_out), self.cfg.baseline) if p.exists()]
+            if taken:
+                raise UserError(f"--metrics_out: '{taken[0]}' exists; choose a new path (nothing is replaced)")
         out, resuming, self.cfg = resolve_run(self.cfg, self.reporter)
         cfg, say = self.cfg, self.reporter.line
         with for_flag("--device"):
