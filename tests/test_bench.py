@@ -138,7 +138,7 @@ def test_bench_refuses_bad_input_in_one_line(tmp_path, capsys):
     from hybridopt.cli import main
 
     (tmp_path / "mine.txt").write_text("keep me")
-    for args, words in [(("--out", str(tmp_path)), "exists and is not empty"),
+    for args, words in [(("--out", str(tmp_path)), "holds something hybridopt bench did not write"),
                         (("--quick", "--full"), "two presets"),
                         (("--arms", "hybrid_random"), "add hybrid_adam"),
                         (("--lr_min", "1", "--lr_max", "0.1"), "--lr_min"),

@@ -134,5 +134,5 @@ def test_teacher_never_replaces_a_folder_that_holds_files(tmp_path, corpus_file,
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     assert main(["teacher", "--data", str(corpus_file), "--out", str(out), "--epochs", "1"]) == 2
-    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert "holds something hybridopt teacher did not write" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me" and [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -87,7 +87,7 @@ def test_export_command_packs_a_full_precision_run(tiny_teacher, corpus_file, tm
     mine.mkdir()
     (mine / "config.json").write_text("{}")
     assert main(["export", "--model", str(run), "--out", str(mine)]) == 2
-    assert "holds something other than a hybridopt export" in capsys.readouterr().err
+    assert "holds something hybridopt export did not write" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["config.json"] and (mine / "config.json").read_text() == "{}"
     assert main(["export", "--model", str(run), "--bits", "4"]) == 0
 

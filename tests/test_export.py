@@ -121,38 +121,7 @@ def _forge(path, edit, rehash=True):
 Q = "model.layers.0.self_attn.q_proj.weight"
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda m, c, q: c.update(vocab_size=2**31), "vocab_size must be an integer"),  # 35 TB if allocated
-    (lambda m, c, q: c.update(vocab_size=100_000), "does not match the config"),  # fits in memory, not the data
-    (lambda m, c, q: c.update(model_type="custom", auto_map={"AutoModelForCausalLM": "evil/repo--m.M"}),
-     "only 'llama' is read"),
-    (lambda m, c, q: c.update(rms_norm_eps=float("nan")), "rms_norm_eps must be a positive number"),
-    (lambda m, c, q: c.update(hidden_size="64"), "hidden_size must be an integer"),
-    (lambda m, c, q: q[Q].update(shape="64x64"), "malformed"),
-    (lambda m, c, q: q[Q].update(bits=3), "bit width 3"),
-    (lambda m, c, q: m.update(quant="{not json"), "lacks a readable"),
-    (lambda m, c, q: m.pop("config"), "lacks a readable"),
-])
-def test_forged_headers_are_refused_before_allocating(tmp_path, edit, message):
-    export_packed(_qat_model(TERNARY), tmp_path)
-    _forge(tmp_path / PACKED_NAME, edit)
-    with pytest.raises(UserError, match=message):
-        load_packed(tmp_path)
-
-
-def test_auto_map_in_a_llama_header_is_ignored(tmp_path):
-    model = _qat_model(TERNARY)
-    export_packed(model, tmp_path, dtype=torch.float32)
-    _forge(tmp_path / PACKED_NAME, lambda m, c, q: c.update(auto_map={"AutoModelForCausalLM": "evil/repo--m.M"}))
-    loaded = load_packed(tmp_path)
-    assert type(loaded) is LlamaForCausalLM
-
-
-def test_an_edited_header_fails_the_checksum(tmp_path):
-    export_packed(_qat_model(TERNARY), tmp_path)
-    _forge(tmp_path / PACKED_NAME, lambda m, c, q: c.update(rope_theta=1.0), rehash=False)
-    with pytest.raises(UserError, match="checksum does not match"):
-        load_packed(tmp_path)
+# Forged, edited and malformed headers: the table in test_bad_input.py.
 
 
 def test_format_1_files_still_load_with_a_warning(tmp_path, capsys):

@@ -233,7 +233,7 @@ def test_export_recipe_reads_runs_and_packed_exports(tok, tmp_path):
     assert report.path == str(tmp_path / "plain-tq1_0.gguf") and report.layer_types == {"ternary -> tq1_0": 7}
     # Refusals: one sentence naming the flag.
     (tmp_path / "notes.gguf").write_text("mine")
-    with pytest.raises(UserError, match="--out .* is not a GGUF file"):
+    with pytest.raises(UserError, match="--out .* is not a GGUF file hybridopt wrote"):
         export_student_gguf(ExportConfig(model=str(run), out=str(tmp_path / "notes.gguf")), "tq2_0", reporter=quiet)
     with pytest.raises(UserError, match="--out .* must name a .gguf file"):
         export_student_gguf(ExportConfig(model=str(run), out=str(tmp_path / "x.bin")), "tq2_0", reporter=quiet)

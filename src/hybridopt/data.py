@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from hybridopt.checkpoint import atomic_write
 from hybridopt.corpus import Document, check_splittable, embedded_corpus, load_documents, split_documents
 from hybridopt.dataset import TokenBlocks, cached_token_stream
 from hybridopt.utils import cache_dir
@@ -17,13 +19,28 @@ def embedded_corpus_cached() -> list[Document]:
     key = f"py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     path = cache_dir() / "corpus" / f"embedded-{key}.jsonl"
     if path.exists():
-        return [Document(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
+        docs = _read_corpus_cache(path)
+        if docs is not None:
+            return docs
     docs = embedded_corpus()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in docs), encoding="utf-8")
-    tmp.replace(path)
+    text = "".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in docs)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return docs
+
+
+def _read_corpus_cache(path: Path) -> list[Document] | None:
+    """The cached embedded corpus, or None (with a warning; it is then rebuilt) if the file is damaged."""
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        docs = [Document(id=r["id"], text=r["text"]) for r in rows]
+        if len(docs) < 2 or not all(isinstance(d.id, str) and isinstance(d.text, str) and d.text for d in docs):
+            raise ValueError("not a list of documents")
+        return docs
+    except (OSError, ValueError, TypeError, KeyError) as e:  # UnicodeDecodeError and JSON errors are ValueErrors
+        print(f"warning: ignoring the damaged corpus cache {path} ({str(e).splitlines()[0]}); reading the corpus again",
+              file=sys.stderr)
+        return None
 
 
 def corpus_documents(data: list[str]) -> tuple[list[Document], str]:

@@ -19,6 +19,11 @@ The safetensors `__metadata__` header carries:
     precision_plan  (mixed precision only) the sensitivity-clustered plan the widths came from (JSON)
 
 `config.json` and the tokenizer are written beside it so `hybridopt generate` needs nothing else.
+
+The file is untrusted input: `load_packed` checks the checksum, then every header field against its schema
+(`_config_problem`, `_quant_problem`), then that every weight the config implies is in the data with its shape,
+dtype and packed length, and only then allocates the model. Only `model_type` "llama" is read, and only the
+fields a Llama config has reach transformers (`auto_map` and `attn_implementation` never do).
 """
 
 from __future__ import annotations
@@ -26,17 +31,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hybridopt.checkpoint import atomic_write, read_safetensors_header
 from hybridopt.errors import UserError
-from hybridopt.packing import pack_sign, pack_signed, pack_ternary, unpack_sign, unpack_signed, unpack_ternary
+from hybridopt.packing import (pack_sign, pack_signed, pack_ternary, packed_nbytes, unpack_sign, unpack_signed,
+                               unpack_ternary)
 from hybridopt.qat import ActQuantLinear, qat_layers
 from hybridopt.bits import TERNARY, canonical_bits
 from hybridopt.quantizers import code_offset, dequantize_weight, quantize_weight
@@ -152,16 +161,65 @@ def _read(path: str | Path):
     return metadata, tensors, config, quant
 
 
-_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "max_position_embeddings")
-_POSITIVE_FIELDS = ("rope_theta", "rms_norm_eps")
 _MAX_DIM = 1 << 24
-_PACKINGS = ("ternary5", "sign1", "int2", "int2mid", "int4", "int8")
+_PACKINGS = {"ternary5": TERNARY, "sign1": 1.0, "int2": 2.0, "int2mid": 2.0, "int4": 4.0, "int8": 8.0}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# The config fields a packed file may set. Anything else is dropped before the config is built: `auto_map`
+# and `attn_implementation` can name code or kernels on the Hub, and nothing a header says may reach those.
+_CONFIG_FIELDS = frozenset(LlamaConfig().to_dict()) - {"_name_or_path", "architectures", "model_type"} | {
+    "rope_theta", "rope_scaling", "torch_dtype"}  # the last three: files written by older transformers
+
+
+def _config_problem(c: dict) -> str | None:
+    """What is wrong with a packed file's Llama config (parsed JSON), checked field by field; None if nothing."""
+    def number(v):
+        return type(v) in (int, float) and math.isfinite(v)
+
+    def token_id(v):
+        return v is None or (type(v) is int and v >= 0) or (type(v) is list and all(type(x) is int and x >= 0 for x in v))
+
+    if c.get("model_type") != "llama":
+        return f"model_type {c.get('model_type')!r}; only 'llama' is read"
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings")
+    for name in (*required, "num_key_value_heads", "head_dim", "pretraining_tp"):
+        v = c.get(name)
+        if (v is not None or name in required) and (type(v) is not int or not 1 <= v <= _MAX_DIM):
+            return f"config field {name} must be an integer in [1, {_MAX_DIM}], got {v!r}"
+    for name in ("rms_norm_eps", "rope_theta"):
+        v = c.get(name)
+        if v is not None and not (number(v) and v > 0):
+            return f"config field {name} must be a positive number, got {v!r}"
+    for name in ("attention_dropout", "initializer_range"):
+        if c.get(name) is not None and not (number(c[name]) and c[name] >= 0):
+            return f"config field {name} must be a number >= 0, got {c[name]!r}"
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_cache"):
+        if c.get(name) is not None and type(c[name]) is not bool:
+            return f"config field {name} must be true or false, got {c[name]!r}"
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if not token_id(c.get(name)):
+            return f"config field {name} must be a token id, got {c[name]!r}"
+    if not isinstance(c.get("hidden_act", "silu"), str) or c.get("hidden_act", "silu") not in ACT2FN:
+        return f"config field hidden_act names no activation function: {c['hidden_act']!r}"
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = c.get(name)
+        if rope is None:
+            continue
+        if (not isinstance(rope, dict) or rope.get("rope_type", "default") not in ("default", *ROPE_INIT_FUNCTIONS)
+                or not all(v is None or number(v) or type(v) in (str, bool) or (type(v) is list and all(map(number, v)))
+                           for v in rope.values())
+                or ("rope_theta" in rope and not (number(rope["rope_theta"]) and rope["rope_theta"] > 0))):
+            return f"config field {name} is not a rope setting Llama knows: {str(rope)[:80]}"
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if (c.get("head_dim") is None and c["hidden_size"] % heads) or heads % kv:
+        return "the attention heads do not divide the hidden size (or the key/value heads the heads)"
+    return None
 
 
 def _checked_header(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path: Path):
-    """The model config and per-tensor quantization of a packed file, every field checked, and every weight
-    shape the config implies compared with the data the file holds, before any model is allocated.
+    """The model config and per-tensor quantization of a packed file, every header field checked against its
+    schema and every weight the config implies found in the data with its shape, dtype and packed length, before
+    any model is allocated: what `load_packed` allocates is bounded by what the file holds.
 
     Only Llama models are accepted (what hybridopt exports); nothing from the file can name code to run."""
     def bad(why: str) -> UserError:
@@ -173,41 +231,66 @@ def _checked_header(metadata: dict[str, str], tensors: dict[str, torch.Tensor], 
         raise bad("its header lacks a readable 'config' or 'quant' entry") from None
     if not isinstance(config_dict, dict) or not isinstance(quant, dict):
         raise bad("'config' and 'quant' must be JSON objects")
-    if config_dict.get("model_type") != "llama":
-        raise bad(f"model_type {config_dict.get('model_type')!r}; only 'llama' is read")
-    for name in _INT_FIELDS:
-        v = config_dict.get(name)
-        if v is None and name == "num_key_value_heads":
-            continue
-        if type(v) is not int or not 1 <= v <= _MAX_DIM:
-            raise bad(f"config field {name} must be an integer in [1, {_MAX_DIM}], got {v!r}")
-    for name in _POSITIVE_FIELDS:
-        v = config_dict.get(name)
-        if v is not None and (type(v) not in (int, float) or not math.isfinite(v) or v <= 0):
-            raise bad(f"config field {name} must be a positive number, got {v!r}")
-    heads, kv = config_dict["num_attention_heads"], config_dict.get("num_key_value_heads") or config_dict["num_attention_heads"]
-    if config_dict["hidden_size"] % heads or heads % kv:
-        raise bad("the attention heads do not divide the hidden size (or the key/value heads the heads)")
-    config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "auto_map")}
+    problem = _config_problem(config_dict)
+    if problem:
+        raise bad(problem)
+    # Building even a shapes-only model costs time per layer: the layer count must be what the file holds.
+    layers = {int(m.group(1)) for k in (*tensors, *quant) if (m := _LAYER.match(k))}
+    if len(layers) != config_dict["num_hidden_layers"] or max(layers, default=-1) != len(layers) - 1:
+        raise bad(f"config field num_hidden_layers is {config_dict['num_hidden_layers']}, "
+                  f"but the file holds {len(layers)} layers")
     try:
-        config = AutoConfig.for_model("llama", **config_dict)
+        config = AutoConfig.for_model("llama", **{k: v for k, v in config_dict.items() if k in _CONFIG_FIELDS})
         with torch.device("meta"):  # shapes only: nothing is allocated
-            expected = {k: tuple(t.shape) for k, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    except (TypeError, ValueError) as e:
-        raise bad(f"its config is not a Llama config ({str(e).splitlines()[0]})") from None
-    for key, info in quant.items():
-        if (not isinstance(info, dict) or info.get("packing") not in _PACKINGS or not isinstance(info.get("shape"), list)
-                or [type(d) for d in info["shape"]] != [int, int] or tuple(info["shape"]) != expected.get(key)):
-            raise bad(f"quantization entry {key!r} is malformed or does not match the config")
-        try:
-            canonical_bits(info.get("bits"))
-        except (TypeError, ValueError):
-            raise bad(f"quantization entry {key!r} has bit width {info.get('bits')!r}") from None
-    for key, t in tensors.items():
+            model = AutoModelForCausalLM.from_config(config)
+        expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+        head = next((n + ".weight" for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for configs it cannot build; nothing is allocated yet
+        raise bad(f"its config is not a Llama config ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    for key in quant:
+        if key not in expected:
+            raise bad(f"quantization entry {key!r} names no weight of the model")
+    for key in tensors:
         name = key.removesuffix(".packed").removesuffix(".scale")
-        if name not in expected or (name == key and tuple(t.shape) != expected[key]):
+        if name not in expected or (name != key) != (name in quant):
             raise bad(f"tensor {key!r} does not match the config")
+    for key, shape in expected.items():
+        if key in quant:
+            why = _quant_problem(quant[key], shape, tensors.get(f"{key}.packed"), tensors.get(f"{key}.scale"))
+            if why:
+                raise bad(f"quantization entry {key!r} {why}")
+        elif key in tensors:
+            if tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
+                raise bad(f"tensor {key!r} does not match the config")
+        elif not (key == head and config.tie_word_embeddings):
+            raise bad(f"tensor {key!r} is missing")
     return config, quant
+
+
+def _quant_problem(info, shape: tuple[int, ...], packed: torch.Tensor | None, scale: torch.Tensor | None) -> str | None:
+    """What is wrong with one quantization entry of a packed file and its two tensors; None if nothing."""
+    if (not isinstance(info, dict) or not isinstance(info.get("packing"), str) or info["packing"] not in _PACKINGS
+            or not isinstance(info.get("shape"), list)
+            or [type(d) for d in info["shape"]] != [int, int] or tuple(info["shape"]) != shape):
+        return "is malformed or does not match the config"
+    try:
+        bits = canonical_bits(info.get("bits"))
+    except (TypeError, ValueError):
+        return f"has bit width {info.get('bits')!r}"
+    if bits != _PACKINGS[info["packing"]]:
+        return f"has bit width {bits:g} but packing {info['packing']!r}"
+    group = info.get("group_size")
+    if group is not None and (type(group) is not int or group < 1 or shape[1] % group):
+        return f"has group size {group!r}, which does not divide its {shape[1]} columns"
+    if info.get("act_bits") not in (None, 8):
+        return f"has activation bits {info.get('act_bits')!r} (8 or none)"
+    if packed is None or scale is None:
+        return "lacks its .packed or .scale tensor"
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(math.prod(shape), bits):
+        return "has a packed tensor of the wrong type or length"
+    if not scale.is_floating_point() or tuple(scale.shape) != (shape[0], shape[1] // group if group else 1):
+        return "has a scale tensor of the wrong type or shape"
+    return None
 
 
 def load_packed(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

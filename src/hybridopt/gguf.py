@@ -427,6 +427,18 @@ def is_gguf_file(path: str | Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def written_by_hybridopt(path: str | Path) -> bool:
+    """Whether `path` is a GGUF file this tool wrote (`general.quantized_by` is "hybridopt"): the only kind an
+    export may replace."""
+    if not is_gguf_file(path):
+        return False
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("general.quantized_by")
+        return field is not None and bytes(field.parts[-1]).decode() == "hybridopt"
+    except Exception:  # noqa: BLE001 - a damaged file raises anything; it is then not ours to replace
+        return False
+
+
 def find_gguf(path: str | Path) -> Path | None:
     """The GGUF file `path` names: a `.gguf` file, or a folder (without config.json) holding exactly one.
 
@@ -482,7 +494,8 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[tor
         raise ValueError(f"'{path}' is not a .gguf file nor a folder holding one")
     check_gguf(file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True,
+                                                  trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32,
                                                      local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for files it cannot convert

@@ -93,5 +93,12 @@ def _record(line: str) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def metrics_files(path: Path, baseline: bool = False) -> list[Path]:
+    """The files a run with per-epoch metrics CSV `path` writes (`MetricsLogger`'s three; with `baseline`,
+    the no-teacher run's three as well, named `<stem>_baseline*`)."""
+    stems = [path] + ([path.with_name(f"{path.stem}_baseline.csv")] if baseline else [])
+    return [f for p in stems for f in (p, p.with_name(f"{p.stem}_steps.csv"), p.with_suffix(".jsonl"))]
+
+
 def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else v

@@ -17,7 +17,7 @@ from hybridopt.config import TeacherConfig, default_teacher_config
 from hybridopt.corpus import Document, corpus_fingerprint, split_documents
 from hybridopt.modeling import build_model, num_parameters, teacher_llama_config
 from hybridopt.data import corpus_documents, token_splits
-from hybridopt.layout import occupied
+from hybridopt.layout import OutputRefused, check_output, claim_output, made_by, occupied
 from hybridopt.reporting import Reporter
 from hybridopt.tokenizer import train_bpe_tokenizer
 from hybridopt.training import Trainer
@@ -61,17 +61,20 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
         The teacher directory.
 
     Raises:
-        FileExistsError: `out` is a file or a folder with something in it.
+        OutputRefused: `out` names no folder, is a file or a folder with something in it, or its work folder
+            `<out>.partial` holds something `hybridopt teacher` did not write.
         ValueError: the data is unusable (see `corpus_documents`); `NotEnoughTokens` for too little text.
     """
     reporter = reporter or Reporter()
     docs, desc = documents or corpus_documents(cfg.data)
     fingerprint = corpus_fingerprint(docs)
-    out = Path(out).resolve() if out else teacher_cache_path(cfg, fingerprint)  # resolved: `.` has no name
-    if occupied(out):  # never replace what is there
-        raise FileExistsError(f"'{out}' exists and is not an empty folder; choose another (nothing in it is replaced)")
+    out = check_output(out, "teacher").resolve() if out else teacher_cache_path(cfg, fingerprint)
+    if occupied(out):  # a finished teacher, ours or not: never replaced (the rename below would fail anyway)
+        what = "holds a trained teacher" if made_by(out) == "teacher" else "is not an empty folder"
+        raise OutputRefused(f"'{out}' {what}; choose another (nothing in it is replaced)")
     work = out.with_name(out.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
+    # Ours to resume only if it is marked, or holds what an older version left there (checkpoint, tokenizer).
+    claim_output(check_output(work, "teacher", legacy=(CHECKPOINT_NAME, "tokenizer.json")), "teacher")
     resume = (work / CHECKPOINT_NAME).exists()
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)

@@ -35,7 +35,7 @@ from hybridopt.bench_tasks import Budget, DistillTask, MLPTask, measure_costs, r
 from hybridopt.checkpoint import atomic_write
 from hybridopt.config import BENCH_PRESETS, BenchConfig
 from hybridopt.errors import UserError, for_flag
-from hybridopt.layout import RUNS_ROOT, occupied
+from hybridopt.layout import RUNS_ROOT, OutputRefused, check_output, claim_output, occupied
 from hybridopt.reporting import Reporter
 from hybridopt.training import StopOnSignal, StopRequested
 from hybridopt.utils import resolve_device
@@ -115,13 +115,16 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     reporter = reporter or Reporter()
     out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("bench-%Y%m%d-%H%M%S")
     previous = _previous_runs(out, cfg) if cfg.resume else []
+    if not cfg.resume:
+        with for_flag("--out", OutputRefused):  # `.`, a file, a folder of yours
+            check_output(out, "bench", legacy=("results.json",))
     if not cfg.resume and occupied(out):
         raise UserError(f"--out '{out}' exists and is not empty; choose another --out, or --resume a bench there")
     with for_flag("--device"):
         device = resolve_device(cfg.device)
     started = time.time()
     tasks = _tasks(cfg, device, reporter)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, "bench")
     grid = log_grid(cfg.lr_min, cfg.lr_max, cfg.grid_points)
     names = cfg.arms or [a for a in ARMS if a != "muon" or device.type == "cuda"]
     if cfg.arms is None and device.type != "cuda":

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
-from hybridopt.checkpoint import atomic_write
+from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
 from hybridopt.config import DEFAULT_TOPK, DistillConfig
 from hybridopt.data import corpus_documents, token_splits
 from hybridopt.data_clusters import DataClusters, cluster_data, format_cluster_report
@@ -32,8 +32,9 @@ from hybridopt.evaluation import evaluate_lm
 from hybridopt.export import export_packed
 from hybridopt.gguf import GGUFReport, export_gguf
 from hybridopt.hybrid_optimizer import HybridOptimizer
-from hybridopt.layout import RUNS_ROOT, RunLayout, occupied
+from hybridopt.layout import RUN_CONFIG, RUNS_ROOT, OutputRefused, RunLayout, check_output, claim_output, occupied
 from hybridopt.manager import format_summary
+from hybridopt.metrics import metrics_files
 from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
 from hybridopt.qat import QATConfig, check_group_size, quantizable_linears, quantize_
@@ -170,6 +171,13 @@ class DistillRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Resolve the run folder, load the teacher and data, build the student and its training loop."""
+        if self.cfg.out and not self.cfg.resume:
+            with for_flag("--out", OutputRefused):  # `.`, a file; a run folder is left to resolve_run's advice
+                check_output(self.cfg.out, "distill", legacy=(RUN_CONFIG, CHECKPOINT_NAME))
+        if self.cfg.metrics_out and not self.cfg.resume:  # the metrics files are appended to: never to yours
+            taken = [p for p in metrics_files(Path(self.cfg.metrics_out), self.cfg.baseline) if p.exists()]
+            if taken:
+                raise UserError(f"--metrics_out: '{taken[0]}' exists; choose a new path (nothing is replaced)")
         out, resuming, self.cfg = resolve_run(self.cfg, self.reporter, self.given)
         cfg, say = self.cfg, self.reporter.line
         with for_flag("--device"):
@@ -177,7 +185,7 @@ class DistillRecipe:
         seed_everything(cfg.seed)
         tokenizer, train, val, desc = self._setup_teacher_and_data(device)
         layout = RunLayout(out)
-        out.mkdir(parents=True, exist_ok=True)
+        claim_output(out, "distill")
         config_dict = {**asdict(cfg), "resume": None, "out": str(out), "teacher_path": str(self.teacher_dir)}
         if not resuming:
             atomic_write(layout.config, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
@@ -355,8 +363,9 @@ class DistillRecipe:
         d = self.data
         self.student.save_pretrained(d.layout.student, safe_serialization=True)
         d.tokenizer.save_pretrained(d.layout.student)
+        if self.cfg.gguf or d.quant:
+            claim_output(d.layout.export, "export")  # ours: `hybridopt export` may write into it again
         if self.cfg.gguf:
-            d.layout.export.mkdir(parents=True, exist_ok=True)
             with for_flag("--gguf"):
                 self.gguf = export_gguf(self.student, d.layout.export / f"model-{self.cfg.gguf}.gguf", d.tokenizer,
                                         self.cfg.gguf, name=d.layout.root.resolve().name)

@@ -12,8 +12,8 @@ from hybridopt.config import DistillConfig, ExportConfig
 from hybridopt.errors import UserError, for_flag
 from hybridopt.export import PACKED_NAME, export_packed
 from hybridopt.generate import load_model
-from hybridopt.gguf import GGUFReport, export_gguf, is_gguf_file, packed_codes
-from hybridopt.layout import RunLayout, occupied
+from hybridopt.gguf import GGUFReport, export_gguf, packed_codes, written_by_hybridopt
+from hybridopt.layout import OutputRefused, RunLayout, check_output, claim_output, occupied
 from hybridopt.precision_plan import PrecisionPlan
 from hybridopt.qat import QATConfig, quantize_
 from hybridopt.quant_report import format_report, quantization_report, save_report
@@ -62,17 +62,16 @@ def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
     src, run, saved, fp_dir = _student_source(cfg)
     # `.resolve()`: the folder's real name, also for `--model .`
     out = Path(cfg.out) if cfg.out else (run.export if saved else src.resolve().with_name(f"{src.resolve().name}-packed"))
-    if occupied(out) and not (out / PACKED_NAME).is_file():
-        # Only a folder this tool exported into before (it holds a packed model) may be written again.
-        raise UserError(f"--out '{out}' exists and holds something other than a hybridopt export; "
-                        "choose another --out (nothing in it is replaced)")
+    if cfg.out or not saved:  # a run's own export/ is the run's (older ones may hold only a .gguf, no marker)
+        with for_flag("--out", OutputRefused):  # only a folder this tool exported into may be written again
+            check_output(out, "export", legacy=(PACKED_NAME,))
     # A run is packed as it was trained; flags given here win; a plain model is packed to ternary.
     quant, plan = _quantization(cfg, run, saved, TERNARY, reporter)
     with for_flag("--model"):
         model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
     with for_flag("--group_size"):
         names = quantize_(model, quant)
-    path = export_packed(model, out, tokenizer, getattr(torch, cfg.export_dtype), plan)
+    path = export_packed(model, claim_output(out, "export"), tokenizer, getattr(torch, cfg.export_dtype), plan)
     report = quantization_report(model, fp_dir, out, None, 1, torch.device("cpu"),
                                  "QAT" if saved and saved.qat else "PTQ")
     save_report(report, out)
@@ -95,8 +94,9 @@ def export_student_gguf(cfg: ExportConfig, gguf_type: str, embed_type: str | Non
     out = Path(cfg.out) if cfg.out else (run.export / f"model-{gguf_type}.gguf" if saved else default)
     if out.suffix != ".gguf":
         raise UserError(f"--out '{out}' must name a .gguf file")
-    if occupied(out) and not is_gguf_file(out):
-        raise UserError(f"--out '{out}' exists and is not a GGUF file; choose another --out (nothing is replaced)")
+    if occupied(out) and not written_by_hybridopt(out):
+        raise UserError(f"--out '{out}' exists and is not a GGUF file hybridopt wrote; choose another --out "
+                        "(nothing is replaced)")
     packed = (fp_dir / PACKED_NAME).is_file()
     if packed and (cfg.bits or cfg.group_size or cfg.quantize_head):
         raise UserError(f"--model '{src}' is a packed export, whose widths are fixed; pass its run or the "
@@ -112,7 +112,9 @@ def export_student_gguf(cfg: ExportConfig, gguf_type: str, embed_type: str | Non
         if quant is not None:
             with for_flag("--group_size"):
                 quantize_(model, quant)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if saved and not cfg.out:
+        claim_output(run.export, "export")
+    out.parent.mkdir(parents=True, exist_ok=True)  # a new file in a folder of yours replaces nothing
     with for_flag("--type"):
         report = export_gguf(model, out, tokenizer, gguf_type, embed_type, codes=codes, name=src.resolve().name)
     if quant is not None and quant.act_bits:
