@@ -25,7 +25,8 @@ class ReferenceHybrid:
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, base="adam",
                  use_controller=True, learn_controller=True, use_trust_region=True, trust_radius=0.1,
                  trust_mode="global", adapt_radius=False, controller_lr=1e-3, controller_hidden=16,
-                 trace_decay=0.0, num_clusters=0, learn_scale=True, scale_lr=0.1, scale_betas=(0.9, 0.99)):
+                 trace_decay=0.0, num_clusters=0, learn_scale=True, scale_lr=0.1, scale_betas=(0.9, 0.99),
+                 scale_threshold=0.5):
         params = list(params)
         if not isinstance(params[0], dict):
             params = [{"params": params}]
@@ -37,6 +38,7 @@ class ReferenceHybrid:
         self.use_trust_region, self.adapt_radius = use_trust_region, adapt_radius
         self.gamma = trace_decay
         self.learn_scale, self.kappa, self.scale_betas = learn_scale, scale_lr, scale_betas
+        self.tau = scale_threshold
         self.controller = AuxiliaryNN(controller_hidden)
         self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
         self.state = {}  # id(p) -> {"n", "m", "v" or "b", "s"}
@@ -114,7 +116,8 @@ class ReferenceHybrid:
             self.prev_lr = self.param_groups[0]["lr"]
             if self.learn_scale and not rising:  # after a clipped step the scale may only shrink
                 step_signal = max(sigma, 0.0) if self.clipped else sigma
-                self.ell = min(math.log(1e4), max(-math.log(1e4), self.ell - self.kappa * step_signal))
+                if abs(step_signal) > self.tau:  # weaker evidence than noise alone gives leaves the scale
+                    self.ell = min(math.log(1e4), max(-math.log(1e4), self.ell - self.kappa * step_signal))
             if self.use_controller and self.learn_controller:
                 heads = [0, 1] if self.clipped else [0]  # the radius learns on clipped steps
                 with torch.enable_grad():

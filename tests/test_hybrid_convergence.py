@@ -11,7 +11,6 @@ oscillation across the valley, not the distance along it; the bounds state that 
 """
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -85,4 +84,6 @@ def test_trust_region_keeps_the_learned_scale_from_diverging(mode):
     bounded, summary = minimise("rosenbrock", "sgd", True, mode)
     unbounded, unbounded_summary = minimise("rosenbrock", "sgd", False, mode)
     assert bounded < BOUND["rosenbrock", "sgd", mode] and summary["skipped_steps"] == 0
-    assert not math.isfinite(unbounded) and unbounded_summary["skipped_steps"] > 100, (unbounded, unbounded_summary)
+    # diverged: the loss left every sane range (inf, or a finite 1e37 where the last finite step stopped) and
+    # every later step was skipped as non-finite
+    assert not unbounded < 1e6 and unbounded_summary["skipped_steps"] > 100, (unbounded, unbounded_summary)

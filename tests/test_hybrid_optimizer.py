@@ -394,3 +394,23 @@ def test_controller_hand_written_gradient_is_the_surrogates(heads):
     net.surrogate_gradients_(x, 0.37, heads)
     for got, want in zip([p.grad for p in net.net.parameters()], expected):
         torch.testing.assert_close(got, want)
+
+
+def test_scale_threshold_leaves_the_scale_alone_on_noise_and_follows_consistent_evidence():
+    """Zero-mean hypergradients (noise) give |sigma| ~ 0.23: with tau 0.5 the scale moves on ~3% of steps, with
+    tau 0 on every step; a consistent signal (h < 0 with noise of half its size) moves it on nearly every step."""
+    from hybridopt.hybrid_optimizer import ScaleState, learned_log_scale, normalized_hypergradient
+
+    def moves(mean: float, threshold: float, steps: int = 4000) -> float:
+        gen = torch.Generator().manual_seed(0)
+        state, log_scale, moved = ScaleState(), 0.0, 0
+        for h in (mean + torch.randn(steps, generator=gen, dtype=torch.float64)).tolist():
+            state, sigma = normalized_hypergradient(state, h, (0.9, 0.99))
+            new = learned_log_scale(log_scale, sigma, 1e-3, threshold)  # small steps: never reaches the bound
+            moved += new != log_scale
+            log_scale = new
+        return moved / steps
+
+    assert moves(0.0, 0.5) < 0.05
+    assert moves(0.0, 0.0) == 1.0
+    assert moves(-2.0, 0.5) > 0.95

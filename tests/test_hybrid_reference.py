@@ -11,7 +11,9 @@ from reference_hybrid import ReferenceHybrid
 from hybridopt.hybrid_optimizer import HybridOptimizer
 
 STEPS = 200
-CLIP = dict(lr=0.05, trust_radius=0.01, controller_lr=1e-2)  # clips often: exercises the radius head
+# Clips often: exercises the radius head. While steps clip, only sigma > 0 moves the scale; with the default
+# threshold (0.5) it never moves in these 200 steps, so these configurations move it on every step (tau 0).
+CLIP = dict(lr=0.05, trust_radius=0.01, controller_lr=1e-2, scale_threshold=0.0)
 CONFIGS = {
     "adam_global": dict(controller_lr=1e-2),
     "adam_global_clip": CLIP,
@@ -42,6 +44,7 @@ CONFIGS = {
     "warmup_holds_the_scale": dict(controller_lr=1e-2, _warmup=True),
     "controller_only": dict(CLIP, learn_scale=False),
     "nothing_learns": dict(CLIP, use_controller=False, learn_scale=False),
+    "no_threshold": dict(controller_lr=1e-2, scale_threshold=0.0),  # the scale moves on every step
 }
 
 

@@ -72,7 +72,7 @@ def _hybrid_kwargs() -> dict:
     d = TrainConfig()
     return dict(betas=BETAS, use_trust_region=d.trust_region, trust_radius=d.trust_radius,
                 adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, trace_decay=d.controller_trace,
-                learn_scale=d.learn_scale, scale_lr=d.scale_lr)
+                learn_scale=d.learn_scale, scale_lr=d.scale_lr, scale_threshold=d.scale_threshold)
 
 
 def _hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -112,12 +112,15 @@ class TrainConfig:
     adapt_radius: bool = _arg(False, "with --hybrid: also adapt the radius from actual vs predicted loss decrease (the design document's rule; noisy on minibatches)")
     learn_scale: bool = _arg(True, "with --hybrid: learn the learning rate's scale by normalised hypergradient descent, so --lr is only its starting point; --no-learn_scale leaves the controller alone")
     scale_lr: float = _arg(0.1, "with --hybrid: how far the learned log scale may move per step (0.1: at most x1.105)")
+    scale_threshold: float = _arg(0.5, "with --hybrid: the learned scale moves only when its normalised hypergradient exceeds this in size (noise alone stays below ~0.5); 0 moves it on every step")
     controller_trace: float = _arg(0.0, "with --hybrid: decay of the update trace the hypergradient is credited over (0 = the last update only, as Baydin et al.)")
     controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the auxiliary network (the design document's 1e-3; bounds how fast the multipliers move, about this much in log space per step)")
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "seq_len", "lr", "eval_every", "trust_radius", "controller_lr", "scale_lr"):
             _positive(name, getattr(self, name))
+        if not 0 <= self.scale_threshold < 1:
+            raise UserError(f"--scale_threshold must be in [0, 1), got {self.scale_threshold}")
         if self.max_steps_per_epoch < 0:
             raise UserError(f"--max_steps_per_epoch must be 0 (full pass) or positive, got {self.max_steps_per_epoch}")
         if self.warmup_steps is not None and self.warmup_steps < 0:

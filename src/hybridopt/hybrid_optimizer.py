@@ -19,9 +19,13 @@ of the loss, the gradients or the learning rate given:
 
     h_t = g_t \cdot s_{t-1},   s_t = \gamma s_{t-1} + \Delta\theta_t        (\partial L_t / \partial \ell_{t-1} when \gamma = 0)
     m_t = \beta_a m_{t-1} + (1 - \beta_a) h_t,   v_t = \beta_b v_{t-1} + (1 - \beta_b) h_t^2
-    \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30}),   \ell_{t+1} = \mathrm{clip}(\ell_t - \kappa \sigma_t, \pm \log 10^4)
+    \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30}),   \ell_{t+1} = \mathrm{clip}(\ell_t - \kappa \sigma_t, \pm \log 10^4)   if |\sigma_t| > \tau
 
-with \kappa = `scale_lr` (0.1), (\beta_a, \beta_b) = `scale_betas` and \hat{} Adam's bias corrections. When
+(else \ell_{t+1} = \ell_t), with \kappa = `scale_lr` (0.1), \tau = `scale_threshold` (0.5), (\beta_a, \beta_b) =
+`scale_betas` and \hat{} Adam's bias corrections. The threshold: for hypergradients that are pure noise
+(zero mean), |\sigma| is about \sqrt{(1 - \beta_a) / (1 + \beta_a)} = 0.23 and exceeds 0.5 about 3% of the time,
+so \ell moves on consistent evidence only; without it (\tau = 0) the noise-level signal near a good rate drifted
+the scale up to ~2.4x on the default distillation run and cost 0.05 nats there (docs/RESULTS.md). When
 successive updates point the same way (h < 0) the scale grows by up to e^\kappa per step; when they
 oscillate it shrinks. While the first group's lr rises (a warmup) \ell is held: early in training
 successive updates agree, and a scale that grew on top of the warmup overshot in our development runs
@@ -163,8 +167,10 @@ def normalized_hypergradient(state: ScaleState, h: float, betas: tuple[float, fl
     return dataclasses.replace(state, mean=mean, sq=sq, count=count), sigma
 
 
-def learned_log_scale(log_scale: float, sigma: float, scale_lr: float) -> float:
-    """\\ell - \\kappa \\sigma, kept within \\pm \\log 10^4."""
+def learned_log_scale(log_scale: float, sigma: float, scale_lr: float, threshold: float = 0.0) -> float:
+    """\\ell - \\kappa \\sigma when |\\sigma| > `threshold` (else \\ell), kept within \\pm \\log 10^4."""
+    if abs(sigma) <= threshold:
+        return log_scale
     return min(LOG_SCALE_BOUND, max(-LOG_SCALE_BOUND, log_scale - scale_lr * sigma))
 
 
@@ -248,6 +254,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         learn_scale: learn the log scale \\ell by normalised hypergradient descent (False: \\ell = 0).
         scale_lr: \\kappa, the largest change of \\ell per step (0.1: x1.105).
         scale_betas: EMA decays of the hypergradient's mean and square.
+        scale_threshold: \\tau, the size |\\sigma| must exceed for \\ell to move (0: every step).
         use_controller: add the auxiliary network's output; False fixes its multipliers at exactly 1.
         learn_controller: update the controller online; False freezes it at initialisation (outputs 0).
         use_trust_region: bound the update norm.
@@ -262,7 +269,7 @@ class HybridOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, base: str = "adam", learn_scale: bool = True, scale_lr: float = 0.1,
-                 scale_betas: tuple[float, float] = (0.9, 0.99), scale_threshold: float = 0.0, use_controller: bool = True,
+                 scale_betas: tuple[float, float] = (0.9, 0.99), scale_threshold: float = 0.5, use_controller: bool = True,
                  learn_controller: bool = True, use_trust_region: bool = True, trust_radius: float = 0.1,
                  trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-3,
                  controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0):
@@ -271,6 +278,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         _check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
                f"scale_betas must be two numbers in [0, 1), got {scale_betas}")
         _check(scale_lr > 0, f"scale_lr must be positive, got {scale_lr}")
+        _check(0 <= scale_threshold < 1, f"scale_threshold must be in [0, 1), got {scale_threshold}")
         _check(eps >= 0 and weight_decay >= 0, f"eps and weight_decay must be >= 0, got {eps} and {weight_decay}")
         _check(base in ("adam", "sgd"), f"base must be 'adam' or 'sgd', got {base!r}")
         _check(trust_mode in ("global", "per_tensor"), f"trust_mode must be 'global' or 'per_tensor', got {trust_mode!r}")
@@ -440,9 +448,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         s.prev_lr = self.param_groups[0]["lr"]
         if self.learn_scale and not rising:  # a clipped step's length was the radius's: it may lower the scale only
             sigma = max(s.signal, 0.0) if s.clipped else s.signal
-            if abs(sigma) <= self.scale_threshold:
-                sigma = 0.0
-            s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr)
+            s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr, self.scale_threshold)
         if self.use_controller and self.learn_controller:
             heads = [LR_HEAD, RADIUS_HEAD] if s.clipped else [LR_HEAD]
             self.controller.surrogate_gradients_(torch.tensor(s.prev_features), s.signal, heads)

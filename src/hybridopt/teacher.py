@@ -39,7 +39,7 @@ def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
     key = {k: values[k] for k in _KEY_FIELDS}
     if cfg.hybrid:
         key.update({k: values[k] for k in ("hybrid", "trust_radius", "trust_region", "adapt_radius", "controller_lr",
-                                           "controller_trace", "learn_scale", "scale_lr")})
+                                           "controller_trace", "learn_scale", "scale_lr", "scale_threshold")})
     cfg_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return cache_dir() / "teachers" / f"teacher-{fingerprint[:8]}-{cfg_hash}"
 
