@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
+from conftest import tiny_distill_args
 from hybridopt.config import TrainConfig
 from hybridopt.dataset import TokenBlocks
 from hybridopt.distributed import DistEnv
@@ -145,3 +148,38 @@ def test_torchrun_environment_is_read():
     assert DistEnv.from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == DistEnv(1, 4, 1)
     with pytest.raises(UserError, match="RANK 4 and WORLD_SIZE 4 are not a valid process group"):
         DistEnv.from_env({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+
+
+def _distill(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    """`hybridopt distill` in one process, or under torchrun with `nproc` processes on this machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "hybridopt"]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                  "-m", "hybridopt"]
+    return subprocess.run(launch + args, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_distill_matches_one_process(tmp_path, tiny_teacher, corpus_file):
+    extra = ("--hybrid", "--data_clusters", "8", "--no-baseline")
+    one = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "one", *extra), 1)
+    two = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "two", *extra), 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    epochs = [line for line in two.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(",")[0] for line in epochs] == ["Epoch 1", "Epoch 2", "Epoch 3"]  # each once: rank 0 prints
+    assert "batch 8 (2 processes x 4)" in two.stdout
+    val = [json.loads((tmp_path / run / "results.json").read_text())["student"]["loss"] for run in ("one", "two")]
+    assert val[1] == pytest.approx(val[0], abs=1e-3)
+    hist = [json.loads((tmp_path / run / "results.json").read_text())["student"]["history"] for run in ("one", "two")]
+    assert [h["loss"] for h in hist[1]] == pytest.approx([h["loss"] for h in hist[0]], abs=1e-3)
+
+
+def test_fsdp_is_refused(tmp_path, capsys):
+    from hybridopt.cli import main
+
+    assert main(["distill", "--fsdp", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hybridopt: error: --fsdp is not supported yet: the hybrid optimizer's trust-region norms")
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()

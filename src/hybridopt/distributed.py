@@ -128,30 +128,60 @@ class DistEnv:
         return tensor
 
     def on_main(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on rank 0 only and hand its result (or its UserError, raised again) to every rank, so all
-        ranks take the same decision: the run folder, refusals of bad input."""
+        """Run `fn` on rank 0 only and hand its result to every rank, so all take the same decision (the run
+        folder, a refusal of bad input: rank 0's UserError is raised on every rank)."""
         if not self.active:
             return fn()
-        box: list = [None]
-        if self.is_main:
-            try:
-                box[0] = ("ok", fn())
-            except UserError as e:
-                box[0] = ("error", type(e), str(e))
-        tdist.broadcast_object_list(box, src=0)
-        if box[0][0] == "error":
-            raise box[0][1](box[0][2])
-        return box[0][1]
+        if not self.is_main:
+            return self._receive()[1]
+        with self._sent_on_failure():
+            result = fn()
+        self._share(("ok", result))
+        return result
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (training the default teacher, filling caches); the others then run it,
-        finding the caches filled, so no two processes write the same file."""
-        if self.active and not self.is_main:
-            tdist.barrier()
-        yield
-        if self.active and self.is_main:
-            tdist.barrier()
+        """Rank 0 runs the block first (training the default teacher, filling the token and cluster caches);
+        the others run it after, finding the caches filled, so no two processes write the same file. If rank 0
+        fails in the block, every rank stops with its error."""
+        if not self.active:
+            yield
+        elif self.is_main:
+            with self._sent_on_failure():
+                yield
+            self._share(("ok", None))
+        else:
+            self._receive()
+            yield
+
+    @contextlib.contextmanager
+    def _sent_on_failure(self) -> Iterator[None]:
+        """On rank 0: an exception in the block is sent to the waiting ranks before it propagates."""
+        try:
+            yield
+        except UserError as e:
+            e.every_rank = True  # the others raise it too: the CLI prints it once, on rank 0
+            self._share(("user_error", str(e)))
+            raise
+        except Exception as e:
+            self._share(("failed", f"{type(e).__name__}: {e}"))
+            raise
+
+    def _receive(self) -> tuple:
+        """On ranks > 0: what rank 0 sent; its failure raised here."""
+        message = self._share(None)
+        if message[0] == "user_error":
+            error = UserError(message[1])
+            error.every_rank = True
+            raise error
+        if message[0] == "failed":
+            raise RuntimeError(f"rank 0 failed ({message[1]})")
+        return message
+
+    def _share(self, obj):
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.active:
