@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(InspectConfig(**values))
     except UserError as e:
         # Under torchrun, an error every rank raises (bad flags, rank 0's refusal) is printed once, by rank 0.
-        rank = os.environ.get("RANK", "0")
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
         if rank == "0" or not getattr(e, "every_rank", False):
             print(f"hybridopt: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2
