@@ -183,3 +183,14 @@ def test_fsdp_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("hybridopt: error: --fsdp is not supported yet: the hybrid optimizer's trust-region norms")
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_torchrun_refusal_is_printed_once(tmp_path, tiny_teacher, corpus_file):
+    """Rank 0's refusal reaches every rank (none waits forever), each exits 2, and the line is printed once."""
+    run = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "run", "--batch_size", "7"), 2)
+    line = ("hybridopt: error: --batch_size 7 does not split into 2 equal per-process slices; use a multiple of 2 "
+            "(the global batch is what one step sees)")
+    assert run.returncode != 0
+    assert run.stderr.count("hybridopt: error") == 1 and line in run.stderr, run.stderr
+    assert "exitcode  : 2" in run.stderr  # torchrun's summary of the failed workers
+    assert not (tmp_path / "run").exists()
