@@ -57,6 +57,8 @@ def _train(out: Path, setting: str, dist: DistEnv, stop_after_epoch: int | None 
     train, val = TokenBlocks(stream[:500], cfg.seq_len), TokenBlocks(stream[500:], cfg.seq_len, "validation")
     seed_everything(cfg.seed)  # as the recipe: the controller's initial weights come from the global RNG
     model = build_model(config, cfg.seed)
+    if dist.rank == 1:  # rank 1's random history differs, as when rank 0 alone trained the default teacher
+        torch.rand(3)
     trainer = Trainer(cfg, model, train, val, out, torch.device("cpu"), reporter=Reporter(quiet=True), dist=dist)
     trainer.setup(resume=resume)
     trainer.train(stop_after_epoch)
