@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}{hint}"
         if args.command == "bench":
             hint = "; the finished runs and a partial report are in --out; add --resume to continue"
-        print(f"hybridopt: interrupted{hint or ''}", file=sys.stderr)
+        if os.environ.get("WORLD_SIZE", "1") == "1" or os.environ.get("RANK") == "0":  # torchrun: rank 0 says it
+            print(f"hybridopt: interrupted{hint or ''}", file=sys.stderr)
         return 128 + e.signum if saved else getattr(e, "exit_status", 128 + signal.SIGINT)
     except OSError as e:
         # Disk full, permissions: the environment, not a bug. Checkpoints are written atomically.

@@ -313,8 +313,8 @@ class Trainer:
                     self._end_epoch()  # checkpoints
                     if self.nonfinite_streak >= self.max_nonfinite_streak:
                         self._raise_diverged()
-                    if stop.signum is not None:
-                        raise StopRequested(stop.signum)
+                    if self.dist.any(stop.signum is not None):  # all ranks stop after this epoch, or none
+                        raise StopRequested(stop.signum or signal.SIGTERM)
         finally:
             self.reporter.close_progress()
         return self.history
