@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 
 def _train(out: Path, setting: str, dist: DistEnv, stop_after_epoch: int | None = None,
-           resume: bool = False) -> dict:
+           resume: bool = False, device: str = "cpu") -> dict:
     """A 1-layer, 16-wide Llama trained 2 epochs x 3 steps of batch 8 on a fixed random token stream."""
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,34 +56,35 @@ def _train(out: Path, setting: str, dist: DistEnv, stop_after_epoch: int | None 
     stream = torch.randint(32, (600,), generator=torch.Generator().manual_seed(0))
     train, val = TokenBlocks(stream[:500], cfg.seq_len), TokenBlocks(stream[500:], cfg.seq_len, "validation")
     seed_everything(cfg.seed)  # as the recipe: the controller's initial weights come from the global RNG
-    model = build_model(config, cfg.seed)
+    device = dist.device(torch.device(device))
+    model = build_model(config, cfg.seed).to(device)
     if dist.rank == 1:  # rank 1's random history differs, as when rank 0 alone trained the default teacher
         torch.rand(3)
-    trainer = Trainer(cfg, model, train, val, out, torch.device("cpu"), reporter=Reporter(quiet=True), dist=dist)
+    trainer = Trainer(cfg, model, train, val, out, device, reporter=Reporter(quiet=True), dist=dist)
     trainer.setup(resume=resume)
     trainer.train(stop_after_epoch)
     summary = trainer.optimizer.summary() if setting == "hybrid" else {}
-    return {"params": {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+    return {"params": {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
             "summary": summary, "history": trainer.history}
 
 
 SCENARIOS = {"adamw": ("adamw", None), "hybrid": ("hybrid", None), "hybrid_resumed": ("hybrid", 1)}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> None:
     """One rank of the 2-process job: every scenario in turn (one spawn: starting processes is the slow part)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     dist = DistEnv.from_env()
-    dist.init(torch.device("cpu"))
+    dist.init(dist.device(torch.device(device)))
     try:
         for scenario, (setting, resume_at) in SCENARIOS.items():
             run = Path(out) / scenario
             if resume_at is not None:  # stop after an epoch (checkpointed), then resume from rank 0's checkpoint
-                _train(run, setting, dist, stop_after_epoch=resume_at)
-                result = _train(run, setting, dist, resume=True)
+                _train(run, setting, dist, stop_after_epoch=resume_at, device=device)
+                result = _train(run, setting, dist, resume=True, device=device)
             else:
-                result = _train(run, setting, dist)
+                result = _train(run, setting, dist, device=device)
             save_file(result["params"], str(run / f"rank{rank}.safetensors"))
             (run / f"rank{rank}.json").write_text(json.dumps({"summary": result["summary"],
                                                               "history": result["history"]}))
@@ -196,3 +197,16 @@ def test_torchrun_refusal_is_printed_once(tmp_path, tiny_teacher, corpus_file):
     assert run.stderr.count("hybridopt: error") == 1 and line in run.stderr, run.stderr
     assert "exitcode  : 2" in run.stderr  # torchrun's summary of the failed workers
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (nccl puts one rank on each)")
+def test_two_gpus_take_the_one_gpu_steps(tmp_path):
+    """The GPU path (nccl, cuda:LOCAL_RANK): never run where this was written (no GPU); written to be run."""
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "cuda"), nprocs=2, join=True)
+    for setting in SETTINGS:
+        single = _train(tmp_path / f"single-{setting}", setting, DistEnv(), device="cuda")
+        ranks = [load_file(str(tmp_path / setting / f"rank{r}.safetensors")) for r in range(2)]
+        for name, expected in single["params"].items():
+            torch.testing.assert_close(ranks[0][name], expected, rtol=1e-4, atol=1e-5, msg=f"{setting} {name}")
+            assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks differ on {name}"
