@@ -41,6 +41,7 @@ NOT_RUN = {
     "pip install": "installs packages over the network; CI (.ci/run) runs exactly this before the tests",
     "pytest": "the test suite itself: running it from a test would recurse",
     "rm -rf ~/.cache/hybridopt": "would delete the user's real cache; the tests use a private one (conftest.py)",
+    "torchrun": "starts several processes and a rendezvous; tests/test_distributed.py runs a 2-process torchrun distill",
 }
 # Words stripped in front of a command, which then runs: `time` only measures wall time.
 PREFIXES = ("time",)

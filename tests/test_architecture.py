@@ -18,7 +18,7 @@ LAYERS = {
         "metrics", "reporting", "controller", "config", "bench_stats"},
     1: {"dataset", "data", "modeling", "evaluation", "hybrid_optimizer", "manager", "qat", "sampler", "export",
         "precision_plan", "data_clusters", "quant_report", "generate", "layout", "teacher_cache", "gguf",
-        "bench_arms", "bench_plots"},
+        "bench_arms", "bench_plots", "distributed"},
     2: {"training", "teacher", "bench_tasks"},
     3: {"recipes", "recipes.distill", "recipes.export_student", "recipes.teacher", "recipes.bench"},
     4: {"cli", "__main__", "__init__"},

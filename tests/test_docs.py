@@ -46,6 +46,9 @@ def test_every_flag_the_docs_mention_exists():
     for script in (ROOT / "benchmarks").glob("*.py"):
         known |= set(re.findall(r"add_argument\(\s*\"(--\w+)\"", script.read_text()))
     known |= {"--version", "--index-url", "--durations", "--write-flags"}  # hybridopt, pip, pytest, this runner
+    from torch.distributed.run import get_args_parser  # torchrun's own flags (README, "Scaling out")
+
+    known |= {s for a in get_args_parser()._actions for s in a.option_strings}
     for doc in DOCS:
         mentioned = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", doc.read_text()))
         assert not mentioned - known, f"{doc.name} mentions unknown flags {sorted(mentioned - known)}"

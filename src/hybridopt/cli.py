@@ -149,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
 
             words = sys.argv[1:] if argv is None else argv
             given = given_flags(parser.subcommands["distill"], words[words.index("distill") + 1:], DistillConfig)
-            run_distill(DistillConfig(**values), given=given)
+            try:
+                cfg = DistillConfig(**values)
+            except UserError as e:  # the flags are the same on every rank of a torchrun job
+                e.every_rank = True
+                raise
+            run_distill(cfg, given=given)
         elif args.command == "teacher-cache":
             from hybridopt.recipes.distill import run_teacher_cache
 
@@ -176,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _inspect(InspectConfig(**values))
     except UserError as e:
-        print(f"hybridopt: error: {e}", file=sys.stderr)
+        # Under torchrun, an error every rank raises (bad flags, rank 0's refusal) is printed once, by rank 0.
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        if rank == "0" or not getattr(e, "every_rank", False):
+            print(f"hybridopt: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         for sig in previous:  # a further Ctrl-C or SIGTERM must not cut this message into a traceback
@@ -187,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}{hint}"
         if args.command == "bench":
             hint = "; the finished runs and a partial report are in --out; add --resume to continue"
-        print(f"hybridopt: interrupted{hint or ''}", file=sys.stderr)
+        if os.environ.get("WORLD_SIZE", "1") == "1" or os.environ.get("RANK") == "0":  # torchrun: rank 0 says it
+            print(f"hybridopt: interrupted{hint or ''}", file=sys.stderr)
         return 128 + e.signum if saved else getattr(e, "exit_status", 128 + signal.SIGINT)
     except OSError as e:
         # Disk full, permissions: the environment, not a bug. Checkpoints are written atomically.

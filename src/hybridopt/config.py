@@ -167,6 +167,8 @@ class DistillConfig(TrainConfig, StudentConfig):
     plan_method: str = _arg("measured", "with --param_clusters: measured (of the width assignments within budget, the one with the lowest calibration loss in context), sensitivity (the one with the lowest Fisher-weighted error) or random (the sensitivity plan's widths shuffled among layers: a control)", choices=["measured", "sensitivity", "random"])
     plan_after_epochs: int = _arg(1, "with --param_clusters and --qat: full-precision epochs before the plan is measured and QAT starts (Fisher of a random network says little)")
     calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information and the in-context loss are measured on")
+    # Scaling out: under torchrun, distill trains with DistributedDataParallel by itself (README, "Scaling out").
+    fsdp: bool = _arg(False, "shard parameters with FSDP2 under torchrun: not supported yet (refused); torchrun alone trains with DistributedDataParallel")
 
     @classmethod
     def from_file(cls, path: Path) -> "DistillConfig":
@@ -223,6 +225,10 @@ class DistillConfig(TrainConfig, StudentConfig):
         if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
             raise UserError("--group_size, --act_bits and --quantize_head need --qat, --ternary or --bits")
         _positive("group_size", self.group_size)
+        if self.fsdp:
+            raise UserError("--fsdp is not supported yet: the hybrid optimizer's trust-region norms and hypergradient "
+                            "dot products are not yet reduced across parameter shards; drop --fsdp (under torchrun, "
+                            "distill trains with DistributedDataParallel, each process holding the whole student)")
 
     def _check_gguf(self) -> None:
         """--gguf with a narrow type: a quantized run whose shapes its blocks tile, checked before any training."""

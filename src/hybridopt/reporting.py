@@ -20,10 +20,13 @@ class Reporter:
     Args:
         quiet: print nothing but warnings, and no progress bars.
         stream: where lines go (default: stdout at the time of each call).
+        silent: print nothing at all, warnings included: the ranks after the first of a torchrun job, whose
+            rank 0 prints the same lines.
     """
 
-    def __init__(self, quiet: bool = False, stream: TextIO | None = None):
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, stream: TextIO | None = None, silent: bool = False):
+        self.quiet = quiet or silent
+        self.silent = silent
         self._stream = stream
         self._bar: tqdm | None = None
 
@@ -41,7 +44,9 @@ class Reporter:
             print(text, file=self.stream, flush=True)
 
     def warn(self, text: str) -> None:
-        """A warning on stderr, `warning: <text>`, printed even when quiet."""
+        """A warning on stderr, `warning: <text>`, printed even when quiet (not when silent)."""
+        if self.silent:
+            return
         if self._bar is not None:
             tqdm.write(f"warning: {text}", file=sys.stderr)
         else:

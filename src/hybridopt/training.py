@@ -24,6 +24,7 @@ from hybridopt.checkpoint import (CHECKPOINT_NAME, load_checkpoint, remove_stale
 from hybridopt.config import TrainConfig
 from hybridopt.data_clusters import DataClusters
 from hybridopt.dataset import TokenBlocks
+from hybridopt.distributed import DistEnv, wrap_ddp
 from hybridopt.errors import UserError
 from hybridopt.evaluation import evaluate_lm
 from hybridopt.hybrid_optimizer import HybridOptimizer
@@ -145,6 +146,11 @@ class Trainer:
         inject_nonfinite: test hook, {step: "loss" or "grad"}: a NaN loss or an infinite gradient at those
             steps (counted from 1); default: the `HYBRIDOPT_FAULT_NONFINITE` environment variable.
         max_nonfinite_streak: stop after this many non-finite steps in a row.
+        dist: the torchrun process group this process belongs to (default: none, one process). Under
+            torchrun every rank draws the same global batch, trains on its own slice of it through
+            DistributedDataParallel, and passes the loss averaged over ranks to the optimizer, so every
+            rank takes the same step as a single process on the whole batch; rank 0 alone writes metrics
+            and checkpoints.
     """
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_data: TokenBlocks, val_data: TokenBlocks,
@@ -153,7 +159,8 @@ class Trainer:
                  config_dict: dict | None = None, clusters: DataClusters | None = None,
                  sampling: str = "proportional", reporter: Reporter | None = None,
                  teacher_cache: TeacherCache | None = None, teacher_tail: str = "bucket",
-                 inject_nonfinite: dict[int, str] | None = None, max_nonfinite_streak: int = MAX_NONFINITE_STREAK):
+                 inject_nonfinite: dict[int, str] | None = None, max_nonfinite_streak: int = MAX_NONFINITE_STREAK,
+                 dist: DistEnv | None = None):
         self.cfg = cfg
         self.model = model
         self.teacher = teacher
@@ -169,6 +176,12 @@ class Trainer:
         self.config_dict = config_dict or asdict(cfg)
         self.clusters, self.sampling = clusters, sampling
         self.reporter = reporter or Reporter()
+        self.dist = dist or DistEnv()
+        self.dist.check_batch(cfg.batch_size)
+        self.train_model = wrap_ddp(model, self.dist)  # what a training step calls: DDP averages the gradients
+        # Every rank draws what rank 0 draws from here on (the hybrid controller's initial weights first): the
+        # ranks' random histories may differ before (rank 0 alone trains the default teacher, say).
+        torch.set_rng_state(self.dist.broadcast_(torch.get_rng_state()))
         if clusters is not None:
             self.sampler = ClusterStratifiedBatchSampler(clusters.labels, cfg.batch_size, cfg.seed, sampling,
                                                          cfg.max_steps_per_epoch)
@@ -196,11 +209,12 @@ class Trainer:
         """Open the metrics files; on resume, restore model, optimizer, scheduler, sampler, RNG and position
         from the checkpoint (a run stopped before its first checkpoint starts again from step 0, and its
         metrics rows from before are dropped, as are the temporary files of writes a kill cut short)."""
-        if resume:
+        if resume and self.dist.is_main:
             remove_stale_temporaries(self.out_dir)
+        self.dist.barrier()  # every rank reads the checkpoint rank 0 wrote last
         if resume and (self.out_dir / CHECKPOINT_NAME).is_file():
             self._restore(load_checkpoint(self.out_dir))
-        if self.metrics_path is not None:
+        if self.metrics_path is not None and self.dist.is_main:
             self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
 
     def _restore(self, state: dict) -> None:
@@ -232,8 +246,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loss
     def _loss_step(self, indices: list[int], input_ids: torch.Tensor, labels: torch.Tensor,
-                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        logits = self.model(input_ids=input_ids).logits  # (B, T, V)
+                   weights: torch.Tensor | None = None, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+        logits = (model or self.model)(input_ids=input_ids).logits  # (B, T, V)
         teacher_logits, topk = None, None
         if self.alpha < 1.0 and self.teacher_cache is not None:
             topk = TopKTargets(*(t.to(self.device) for t in self.teacher_cache.targets(indices)))  # (B, T, k)
@@ -242,14 +256,16 @@ class Trainer:
                 teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, T, V)
         return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights, topk, self.teacher_tail)
 
-    def batch_loss(self, indices: list[int], weighted: bool = True) -> tuple[torch.Tensor, dict]:
+    def batch_loss(self, indices: list[int], weighted: bool = True,
+                   model: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
         """The training objective on the blocks `indices`: importance-weighted when the sampler asks and
-        `weighted` is True (batches the sampler drew); False for batches drawn uniformly elsewhere."""
+        `weighted` is True (batches the sampler drew); False for batches drawn uniformly elsewhere. `model`:
+        what computes the logits (default the trained model; a training step passes its DDP wrapper)."""
         input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
         weights = None
         if weighted and self.sampler.weighted:
             weights = self.sampler.example_weights(indices).to(self.device)
-        return self._loss_step(indices, input_ids, labels, weights)
+        return self._loss_step(indices, input_ids, labels, weights, model)
 
     def batch_ce(self, indices: list[int]) -> torch.Tensor:
         """The model's plain cross-entropy on the training blocks `indices` (what validation reports)."""
@@ -285,6 +301,8 @@ class Trainer:
                             self.metrics.log("step", {**row, "elapsed_s": self.elapsed + time.perf_counter() - start,
                                                       **self.hybrid_metrics()})
                         diverged = self.nonfinite_streak >= self.max_nonfinite_streak
+                        if self.dist.any(stop.signum is not None) and stop.signum is None:
+                            stop.signum = signal.SIGTERM  # another rank was asked to stop: all stop at this step
                         if (diverged or stop.signum is not None) and self.step_in_epoch < self.steps_per_epoch:
                             # Between steps: this step's update and its counters are both done.
                             self.elapsed += time.perf_counter() - start
@@ -296,22 +314,27 @@ class Trainer:
                     self._end_epoch()  # checkpoints
                     if self.nonfinite_streak >= self.max_nonfinite_streak:
                         self._raise_diverged()
-                    if stop.signum is not None:
-                        raise StopRequested(stop.signum)
+                    if self.dist.any(stop.signum is not None):  # all ranks stop after this epoch, or none
+                        raise StopRequested(stop.signum or signal.SIGTERM)
         finally:
             self.reporter.close_progress()
         return self.history
 
     def train_step(self, indices: list[int], params: list[torch.Tensor]) -> tuple[float, dict]:
-        """Forward, backward, clip and step on one batch; a non-finite loss or gradient skips the update
-        (the schedule still advances). Returns the loss and the step's metrics row."""
+        """Forward, backward, clip and step on one (global) batch; a non-finite loss or gradient skips the
+        update (the schedule still advances). Returns the loss and the step's metrics row.
+
+        Under torchrun this rank computes its slice of `indices`; the loss and its parts are then averaged
+        over ranks (equal slices of full blocks: the mean of the slice means is the batch mean), so the skip
+        decision, the optimizer's loss feature, the metrics and the printed loss are the global batch's."""
         cfg = self.cfg
         fault = self.inject_nonfinite.get(self.global_step + 1)
-        loss, parts = self.batch_loss(indices)
+        loss, parts = self.batch_loss(self.dist.slice(indices), model=self.train_model)
         if fault == "loss":
             loss = loss * float("nan")
+        value, ce, kl = self.dist.mean(loss.item(), parts["ce"].item(), parts["kl"].item())
         grad_norm = float("nan")
-        if torch.isfinite(loss):
+        if math.isfinite(value):  # on every rank or none: DDP's backward is collective
             loss.backward()
             if fault == "grad":
                 grad = next(p.grad for p in params if p.grad is not None)
@@ -322,26 +345,26 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.nonfinite_streak += 1
-            what = "loss" if not torch.isfinite(loss) else "gradient"
+            what = "loss" if not math.isfinite(value) else "gradient"
             self.reporter.warn(f"{self.prefix}non-finite {what} at step {self.global_step + 1}; step skipped")
         else:
             self.nonfinite_streak = 0
             if isinstance(self.optimizer, HybridOptimizer):
                 if self.clusters is not None:
                     self.optimizer.set_cluster(self.sampler.batch_cluster(indices))
-                self.optimizer.step(loss=loss.item())
+                self.optimizer.step(loss=value)  # the global batch's loss: the same decisions on every rank
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.epoch_loss_sum += loss.item()
+            self.epoch_loss_sum += value
             self.epoch_loss_steps += 1
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.global_step += 1
         self.step_in_epoch += 1
-        return loss.item(), {
-            "step": self.global_step, "epoch": self.epoch + 1, "loss": loss.item(), "ce": parts["ce"].item(),
-            "kl": parts["kl"].item(), "lr": lr * self.lr_multiplier(), "grad_norm": grad_norm,
+        return value, {
+            "step": self.global_step, "epoch": self.epoch + 1, "loss": value, "ce": ce,
+            "kl": kl, "lr": lr * self.lr_multiplier(), "grad_norm": grad_norm,
             "tokens": self.global_step * cfg.batch_size * cfg.seq_len,
         }
 
@@ -404,7 +427,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
-        """Atomically save model, optimizer, scheduler, sampler, RNG and data position."""
+        """Atomically save model, optimizer, scheduler, sampler, RNG and data position (rank 0 only: every
+        rank holds the same state)."""
+        if not self.dist.is_main:
+            return self.out_dir / CHECKPOINT_NAME
         return save_checkpoint(self.out_dir, {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
@@ -27,6 +28,7 @@ from hybridopt.config import DEFAULT_TOPK, DistillConfig
 from hybridopt.data import corpus_documents, token_splits
 from hybridopt.data_clusters import DataClusters, cluster_data, format_cluster_report
 from hybridopt.dataset import NotEnoughTokens, TokenBlocks
+from hybridopt.distributed import DistEnv
 from hybridopt.errors import UserError, for_flag
 from hybridopt.evaluation import evaluate_lm
 from hybridopt.export import export_packed
@@ -152,10 +154,16 @@ class DistillRecipe:
     Args:
         cfg: the run's flags.
         reporter: where the run's lines go (default: stdout).
+        given: the flags given on the command line (see `resolve_run`).
+        dist: the torchrun process group (default: one process). Rank 0 decides the run folder and writes
+            everything; every rank loads the same teacher and data (rank 0 first, filling the caches), takes
+            rank 0's data clusters, and trains its slice of each global batch.
     """
 
-    def __init__(self, cfg: DistillConfig, reporter: Reporter | None = None, given: frozenset[str] | None = None):
+    def __init__(self, cfg: DistillConfig, reporter: Reporter | None = None, given: frozenset[str] | None = None,
+                 dist: DistEnv | None = None):
         self.cfg, self.given = cfg, given
+        self.dist = dist or DistEnv()
         self.reporter = reporter or Reporter()
         self.name = ""  # "baseline" for the no-teacher run
         self.teacher: torch.nn.Module | None = None
@@ -171,6 +179,26 @@ class DistillRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Resolve the run folder, load the teacher and data, build the student and its training loop."""
+        out, resuming, self.cfg = self.dist.on_main(self._resolve_run)  # one folder, one decision for all ranks
+        with self.dist.main_first():
+            self._prepare(out, resuming)
+        if self.data.clusters is not None:  # rank 0's k-means (the others read its cache, or redo it): its labels
+            c = self.data.clusters
+            for name in ("labels", "val_labels"):
+                setattr(c, name, self.dist.broadcast_(torch.as_tensor(np.array(getattr(c, name)))).numpy())
+        self._build_trainer()  # collective under torchrun: DistributedDataParallel's first broadcast
+        cfg = self.cfg
+        self.reporter.line(f"Distilling: {cfg.epochs} epochs x {self.trainer.steps_per_epoch} steps, batch "
+                           f"{cfg.batch_size}{self._per_rank()}, alpha {cfg.alpha}, temperature {cfg.temperature}")
+
+    def _per_rank(self) -> str:
+        """`" (2 processes x 8)"` under torchrun, "" for one process."""
+        n = self.dist.world_size
+        return f" ({n} processes x {self.cfg.batch_size // n})" if self.dist.active else ""
+
+    def _resolve_run(self) -> tuple[Path, bool, DistillConfig]:
+        """Refuse an output or metrics path that is not ours, pick the run folder, and (under torchrun) refuse
+        what data-parallel training does not support yet."""
         if self.cfg.out and not self.cfg.resume:
             with for_flag("--out", OutputRefused):  # `.`, a file; a run folder is left to resolve_run's advice
                 check_output(self.cfg.out, "distill", legacy=(RUN_CONFIG, CHECKPOINT_NAME))
@@ -178,17 +206,28 @@ class DistillRecipe:
             taken = [p for p in metrics_files(Path(self.cfg.metrics_out), self.cfg.baseline) if p.exists()]
             if taken:
                 raise UserError(f"--metrics_out: '{taken[0]}' exists; choose a new path (nothing is replaced)")
-        out, resuming, self.cfg = resolve_run(self.cfg, self.reporter, self.given)
+        out, resuming, cfg = resolve_run(self.cfg, self.reporter, self.given)
+        if self.dist.active:
+            self.dist.check_batch(cfg.batch_size)
+            if cfg.param_clusters:
+                raise UserError(f"--param_clusters is not supported under torchrun yet ({self.dist.world_size} "
+                                "processes): the precision plan swaps the student's layers while "
+                                "DistributedDataParallel holds them; run it in one process")
+        return out, resuming, cfg
+
+    def _prepare(self, out: Path, resuming: bool) -> None:
+        """Everything before the training loop: teacher, data, student, clusters, the teacher's validation."""
         cfg, say = self.cfg, self.reporter.line
         with for_flag("--device"):
-            device = resolve_device(cfg.device)
+            device = self.dist.device(resolve_device(cfg.device))
         seed_everything(cfg.seed)
         tokenizer, train, val, desc = self._setup_teacher_and_data(device)
         layout = RunLayout(out)
-        claim_output(out, "distill")
         config_dict = {**asdict(cfg), "resume": None, "out": str(out), "teacher_path": str(self.teacher_dir)}
-        if not resuming:
-            atomic_write(layout.config, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
+        if self.dist.is_main:
+            claim_output(out, "distill")
+            if not resuming:
+                atomic_write(layout.config, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
         s_config, quant = self._setup_student(tokenizer, device)
         say(f"Teacher: {self.teacher_dir} ({num_parameters(self.teacher) / 1e6:.2f}M parameters)")
         say(f"Student: Llama, {num_parameters(self.student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
@@ -213,9 +252,6 @@ class DistillRecipe:
         say(f"Teacher validation loss {self.teacher_eval['loss']:.4f}, perplexity {self.teacher_eval['ppl']:.2f}")
         if cfg.teacher_topk and cfg.alpha < 1.0:
             self.teacher_cache = self._teacher_cache(train, device)
-        self._build_trainer()
-        say(f"Distilling: {cfg.epochs} epochs x {self.trainer.steps_per_epoch} steps, batch {cfg.batch_size}, "
-            f"alpha {cfg.alpha}, temperature {cfg.temperature}")
 
     def _setup_teacher_and_data(self, device: torch.device) -> tuple[PreTrainedTokenizerBase, TokenBlocks, TokenBlocks, str]:
         """The teacher (`--teacher`, or the default one, trained on first use) and the token blocks of the
@@ -279,13 +315,13 @@ class DistillRecipe:
                                metrics_path=metrics if cfg.save_metrics else None, name=self.name,
                                config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
                                reporter=self.reporter, teacher_cache=self.teacher_cache,
-                               teacher_tail=cfg.teacher_tail)
+                               teacher_tail=cfg.teacher_tail, dist=self.dist)
         self.trainer.setup(resume=d.resuming)
 
     def baseline(self) -> DistillRecipe:
         """The same student (initial weights, seed, data order, steps, quantization and precision plan)
         without a teacher: a second recipe sharing this one's data."""
-        base = DistillRecipe(self.cfg, self.reporter)
+        base = DistillRecipe(self.cfg, self.reporter, dist=self.dist)
         base.name, base.data, base.plan = "baseline", self.data, self.plan
         base.student = build_model(self.data.student_config, self.cfg.seed).to(self.data.device)
         if self.data.quant and self.cfg.qat and not self.cfg.param_clusters:
@@ -410,8 +446,26 @@ def run_distill(cfg: DistillConfig, reporter: Reporter | None = None, stop_after
 
     Returns:
         The results dictionary also written to `<out>/results.json` (or `{"interrupted_at_epoch": N}`).
+
+    Launched by torchrun (RANK, WORLD_SIZE and LOCAL_RANK set), every process runs this: they join one
+    process group (gloo on CPU, nccl on CUDA) and train with DistributedDataParallel; only rank 0 prints
+    and writes.
     """
-    recipe = DistillRecipe(cfg, reporter, given)
+    dist = DistEnv.from_env()
+    if dist.active:
+        with for_flag("--device"):
+            dist.init(dist.device(resolve_device(cfg.device)))
+        if not dist.is_main:
+            reporter = Reporter(silent=True)
+    try:
+        return _run_distill(cfg, reporter, stop_after_epoch, given, dist)
+    finally:
+        dist.teardown()
+
+
+def _run_distill(cfg: DistillConfig, reporter: Reporter | None, stop_after_epoch: int | None,
+                 given: frozenset[str] | None, dist: DistEnv) -> dict:
+    recipe = DistillRecipe(cfg, reporter, given, dist)
     recipe.setup()
     cfg, d = recipe.cfg, recipe.data
     finished = recipe.train(stop_after_epoch)
@@ -422,7 +476,7 @@ def run_distill(cfg: DistillConfig, reporter: Reporter | None = None, stop_after
     if isinstance(recipe.trainer.optimizer, HybridOptimizer):
         recipe.reporter.line(format_summary(recipe.trainer.optimizer.summary(),
                                             final_loss=recipe.trainer.history[-1]["loss"]))
-    quant_report = recipe.save_checkpoint()
+    quant_report = recipe.save_checkpoint() if dist.is_main else None  # every rank holds the same student
     results = {
         "teacher": {**recipe.teacher_eval, "path": str(recipe.teacher_dir), "parameters": num_parameters(recipe.teacher)},
         "student": recipe.summary(student_eval),
@@ -450,7 +504,8 @@ def run_distill(cfg: DistillConfig, reporter: Reporter | None = None, stop_after
         results["baseline"] = base.summary(base.evaluate())
 
     recipe.reporter.line(format_results(results))
-    atomic_write(d.layout.results, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    if dist.is_main:
+        atomic_write(d.layout.results, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     recipe.reporter.line(f"Student saved to {d.layout.student}; results in {d.layout.results}")
     return results
 

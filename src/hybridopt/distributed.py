@@ -1,0 +1,202 @@
+"""Data-parallel training under torchrun: the process group, rank helpers and the per-rank batch slice.
+
+Everything here is PyTorch's own machinery (`torch.distributed`, DistributedDataParallel, torchrun's
+environment); this module only decides when to use it and keeps the rest of the package rank-agnostic:
+
+    dist = DistEnv.from_env()         # RANK, WORLD_SIZE, LOCAL_RANK as torchrun sets them (1 process: rank 0 of 1)
+    dist.init(device)                  # gloo on CPU, nccl on CUDA; nothing to do for one process
+    local = dist.slice(global_batch)   # this rank's disjoint share of the global batch
+    loss = dist.mean(loss)             # the global batch's loss, equal on every rank
+    dist.teardown()
+
+The global batch is the one the single-process run draws (the same sampler, the same seed); each rank
+trains on one contiguous slice of it, and DistributedDataParallel averages the gradients, so one step on
+N ranks is one step of the single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+import torch
+import torch.distributed as tdist
+
+from hybridopt.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in a torchrun job (rank 0 of 1 outside one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "DistEnv":
+        """Read torchrun's RANK, WORLD_SIZE and LOCAL_RANK (absent: a single process).
+
+        Raises:
+            UserError: the variables are set but are not consistent integers.
+        """
+        env = os.environ if environ is None else environ
+        if "WORLD_SIZE" not in env:
+            return cls()
+        try:
+            rank, world, local = int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+        except ValueError:
+            raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (launch with torchrun, which sets "
+                            "them)") from None
+        if world < 1 or not 0 <= rank < world or local < 0:
+            raise UserError(f"RANK {rank} and WORLD_SIZE {world} are not a valid process group (launch with "
+                            "torchrun, which sets them)")
+        return cls(rank, world, local)
+
+    @property
+    def active(self) -> bool:
+        """More than one process: gradients, losses and decisions must be shared."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints, writes metrics, checkpoints and exports."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ process group
+    def device(self, device: torch.device) -> torch.device:
+        """The device this rank trains on: its own GPU (`cuda:LOCAL_RANK`) under torchrun, else `device`."""
+        if self.active and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def init(self, device: torch.device) -> None:
+        """Join the process group torchrun describes (MASTER_ADDR/MASTER_PORT): nccl for CUDA, gloo for CPU."""
+        if not self.active or tdist.is_initialized():
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=self.rank,
+                                 world_size=self.world_size)
+
+    def teardown(self) -> None:
+        """Leave the process group (if this module joined one)."""
+        if self.active and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+    # ------------------------------------------------------------------ data
+    def check_batch(self, batch_size: int) -> None:
+        """The global batch must split evenly: equal slices keep one step on N ranks the single-process step."""
+        if batch_size % self.world_size:
+            raise UserError(f"--batch_size {batch_size} does not split into {self.world_size} equal per-process "
+                            f"slices; use a multiple of {self.world_size} (the global batch is what one step sees)")
+
+    def slice(self, batch: list[int]) -> list[int]:
+        """This rank's contiguous share of a global batch: the slices of all ranks partition it."""
+        n = len(batch) // self.world_size
+        assert n * self.world_size == len(batch), (len(batch), self.world_size)
+        return batch[self.rank * n:(self.rank + 1) * n]
+
+    # ------------------------------------------------------------------ agreement
+    def mean(self, *values: float) -> list[float]:
+        """Each value averaged over ranks, in one all-reduce: the same floats on every rank (a NaN on one rank
+        is a NaN on all)."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        tdist.all_reduce(t)
+        return (t / self.world_size).tolist()
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on some rank (a stop asked of one is a stop for all)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([int(flag)], device=self._comm_device())
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t)
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrite `tensor` on every rank with rank 0's, in place."""
+        if self.active:
+            moved = tensor.to(self._comm_device())
+            tdist.broadcast(moved, src=0)
+            tensor.copy_(moved.to(tensor.device))
+        return tensor
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on rank 0 only and hand its result to every rank, so all take the same decision (the run
+        folder, a refusal of bad input: rank 0's UserError is raised on every rank)."""
+        if not self.active:
+            return fn()
+        if not self.is_main:
+            return self._receive()[1]
+        with self._sent_on_failure():
+            result = fn()
+        self._share(("ok", result))
+        return result
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (training the default teacher, filling the token and cluster caches);
+        the others run it after, finding the caches filled, so no two processes write the same file. If rank 0
+        fails in the block, every rank stops with its error."""
+        if not self.active:
+            yield
+        elif self.is_main:
+            with self._sent_on_failure():
+                yield
+            self._share(("ok", None))
+        else:
+            self._receive()
+            yield
+
+    @contextlib.contextmanager
+    def _sent_on_failure(self) -> Iterator[None]:
+        """On rank 0: an exception in the block is sent to the waiting ranks before it propagates."""
+        try:
+            yield
+        except UserError as e:
+            e.every_rank = True  # the others raise it too: the CLI prints it once, on rank 0
+            self._share(("user_error", str(e)))
+            raise
+        except Exception as e:
+            self._share(("failed", f"{type(e).__name__}: {e}"))
+            raise
+
+    def _receive(self) -> tuple:
+        """On ranks > 0: what rank 0 sent; its failure raised here."""
+        message = self._share(None)
+        if message[0] == "user_error":
+            error = UserError(message[1])
+            error.every_rank = True
+            raise error
+        if message[0] == "failed":
+            raise RuntimeError(f"rank 0 failed ({message[1]})")
+        return message
+
+    def _share(self, obj):
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    def _comm_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def wrap_ddp(model: torch.nn.Module, dist: DistEnv) -> torch.nn.Module:
+    """The module a training step calls: `model` in DistributedDataParallel under torchrun (its gradients
+    averaged over ranks in backward, its initial weights broadcast from rank 0), `model` itself otherwise."""
+    if not dist.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [model.device.index] if getattr(model, "device", torch.device("cpu")).type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
