@@ -17,7 +17,7 @@ def test_cluster_data_caches_and_assigns_validation(tiny_teacher, tmp_path):
     train = TokenBlocks(torch.randint(0, 500, (32 * 60 + 1,), generator=g), 32)
     val = TokenBlocks(torch.randint(0, 500, (32 * 10 + 1,), generator=g), 32)
     first = cluster_data(teacher, train, val, 4, 0, 8, torch.device("cpu"), cache=tmp_path)
-    assert not first.cached and first.seconds > 0
+    assert not first.cached  # computed (its wall time is reported, not asserted: no timing in tests)
     assert first.labels.shape == (60,) and first.val_labels.shape == (10,)
     assert first.sizes.sum() == 60 and (first.sizes > 0).all()
     assert all(first.labels[r[0]] == c for c, r in enumerate(first.representatives))

@@ -36,7 +36,10 @@ def test_full_configuration_quantizes_learns_and_reports():
     model, manager, metrics = _train(HybridTrainingConfig(base_learning_rate=1e-3))
     assert len(qat_layers(model)) == 7
     assert metrics[-1]["loss"] < metrics[0]["loss"]
-    assert any(m["lr_multiplier"] != 1.0 for m in metrics)
+    # One fixed batch at lr 1e-3: successive updates agree, so the learned rate grows every step (~30x in 30 steps
+    # measured); a multiplier stuck near 1 means the hybrid is not learning.
+    assert metrics[-1]["lr_multiplier"] > 5 and all(b["lr_multiplier"] > a["lr_multiplier"]
+                                                    for a, b in zip(metrics[1:], metrics[2:]))
     assert manager.optimizer.hybrid_state.cluster_id == 29 % 3
     text = manager.summary_text()
     assert "Total Steps: 30" in text and "HYBRID OPTIMIZATION SUMMARY" in text
