@@ -45,6 +45,7 @@ NOT_RUN = {
 }
 # Words stripped in front of a command, which then runs: `time` only measures wall time.
 PREFIXES = ("time",)
+ENV_ASSIGNMENT = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")  # a variable set for one command
 
 # Tiny settings appended to every command (the last occurrence of a flag wins). Two epochs of one step
 # rather than one of two: `--param_clusters` with `--qat` needs --plan_after_epochs (1) < --epochs.
@@ -166,7 +167,7 @@ class DocRun:
         if any(RUN_PLACEHOLDER in w for w in words) and self.last_run is None:
             raise DocError(f"{where}: names {RUN_PLACEHOLDER} before any distill command produced a run")
         argv = [w.replace(RUN_PLACEHOLDER, self.last_run or RUN_PLACEHOLDER) for w in words]
-        while argv and argv[0] in PREFIXES:
+        while argv and (argv[0] in PREFIXES or ENV_ASSIGNMENT.fullmatch(argv[0])):  # `OMP_NUM_THREADS=1 cmd`: cmd
             argv = argv[1:]
         if argv[:1] == ["hybridopt"]:
             code, output = self._main(argv[1:])
