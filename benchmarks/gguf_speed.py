@@ -164,7 +164,12 @@ def default_student(args, work: Path) -> dict:
 
 def _measure_default(args, work: Path, model, tokenizer, val: TokenBlocks, cfg: DistillConfig, run: Path) -> dict:
     reference = evaluate_lm(model, val, cfg.batch_size, torch.device("cpu"))
-    top1 = [model(input_ids=val.batch([i])[0]).logits[0].argmax(-1) for i in range(min(args.max_blocks, len(val)))]
+    compared = min(args.max_blocks, len(val))
+    logits = [model(input_ids=val.batch([i])[0]).logits[0] for i in range(compared)]
+    top1 = [x.argmax(-1) for x in logits]
+    # llama.cpp is compared on these blocks only: the PyTorch perplexity on the same blocks is its reference
+    subset_nll = sum(float(F.cross_entropy(x, val.batch([i])[1][0], reduction="sum")) for i, x in enumerate(logits))
+    reference["subset_ppl"] = math.exp(subset_nll / (compared * val.seq_len))
     print(f"PyTorch QAT: val loss {reference['loss']:.4f}, ppl {reference['ppl']:.2f}", file=sys.stderr)
     rows = {}
     for kind in TYPES:
@@ -182,6 +187,7 @@ def _measure_default(args, work: Path, model, tokenizer, val: TokenBlocks, cfg: 
                    emulated_top1_agreement=agree / (len(top1) * val.seq_len))
         if args.llama_cpp:
             row.update(llama_cpp_eval(path, val, top1, args.threads, args.max_blocks))
+            row["llama_cpp_ppl_ratio"] = row["llama_cpp_ppl"] / reference["subset_ppl"]
         print(f"{kind}: {json.dumps({k: v for k, v in row.items() if k != 'layer_types'})}", file=sys.stderr)
         rows[kind] = row
     return {"run": str(run), "reference": reference, "val_blocks_compared": len(top1), "seq_len": val.seq_len,
@@ -221,7 +227,9 @@ def markdown(result: dict) -> str:
     d, w = result["default"], result["wide"]
     ref = d["reference"]
     lines = [f"Default ternary QAT student ({d['types']['f16']['parameters'] / 1e6:.2f}M parameters), validation "
-             f"perplexity of the PyTorch QAT model {ref['ppl']:.2f} on {ref['tokens']:,} tokens; llama.cpp "
+             f"perplexity of the PyTorch QAT model {ref['ppl']:.2f} on {ref['tokens']:,} tokens and "
+             f"{ref['subset_ppl']:.2f} on the {d['val_blocks_compared']} blocks llama.cpp is compared on (its ppl "
+             "ratio is to that); llama.cpp "
              f"{'on ' + str(result['threads']) + ' threads' if result['llama_cpp'] else 'not installed: its columns are empty'}.",
              "", "| type | file | bits/weight (file) | bits/weight (linear) | ppl, GGUF weights in PyTorch | ppl, emulated "
              "llama.cpp | top-1 agreement, emulated | ppl, llama.cpp | ppl ratio | top-1 agreement | pp tok/s (x f16) "
@@ -234,7 +242,7 @@ def markdown(result: dict) -> str:
             f"| {kind} | {r['file_bytes'] / 2**20:.2f} MiB | {r['bits_per_weight']:.2f} | {r['linear_bits_per_weight']:.4f} "
             f"| {fmt(r.get('gguf_weights_ppl'), '.2f')} | {fmt(r.get('emulated_ppl'), '.2f')} "
             f"| {fmt(r.get('emulated_top1_agreement'), '.4f')} | {fmt(lcp, '.2f')} "
-            f"| {fmt(lcp / ref['ppl'] if lcp else None, '.4f')} | {fmt(r.get('llama_cpp_top1_agreement'), '.4f')} "
+            f"| {fmt(r.get('llama_cpp_ppl_ratio'), '.4f')} | {fmt(r.get('llama_cpp_top1_agreement'), '.4f')} "
             f"| {fmt(r.get('pp_tokens_per_s'), '.0f')} ({fmt(pp.get(kind), '.2f')}) "
             f"| {fmt(r.get('tg_tokens_per_s'), '.0f')} ({fmt(tg.get(kind), '.2f')}) |")
     pp, tg = ratios(w["types"], "pp_tokens_per_s"), ratios(w["types"], "tg_tokens_per_s")
