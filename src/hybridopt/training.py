@@ -332,7 +332,8 @@ class Trainer:
         loss, parts = self.batch_loss(self.dist.slice(indices), model=self.train_model)
         if fault == "loss":
             loss = loss * float("nan")
-        value, ce, kl = self.dist.mean(loss.item(), parts["ce"].item(), parts["kl"].item())
+        # one host read for the three (each .item() is a sync on a GPU)
+        value, ce, kl = self.dist.mean(*torch.stack([loss.detach(), parts["ce"], parts["kl"]]).tolist())
         grad_norm = float("nan")
         if math.isfinite(value):  # on every rank or none: DDP's backward is collective
             loss.backward()
