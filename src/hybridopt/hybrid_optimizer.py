@@ -25,7 +25,7 @@ of the loss, the gradients or the learning rate given:
 `scale_betas` and \hat{} Adam's bias corrections. The threshold: for hypergradients that are pure noise
 (zero mean), |\sigma| is about \sqrt{(1 - \beta_a) / (1 + \beta_a)} = 0.23 and exceeds 0.5 about 3% of the time,
 so \ell moves on consistent evidence only; without it (\tau = 0) the noise-level signal near a good rate drifted
-the scale up to ~2.4x on the default distillation run and cost 0.05 nats there (docs/RESULTS.md). When
+the scale up to ~2.4x on the default distillation run and cost 0.07 nats there (one seed; docs/RESULTS.md). When
 successive updates point the same way (h < 0) the scale grows by up to e^\kappa per step; when they
 oscillate it shrinks. While the first group's lr rises (a warmup) \ell is held: early in training
 successive updates agree, and a scale that grew on top of the warmup overshot in our development runs
