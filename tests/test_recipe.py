@@ -2,6 +2,7 @@
 
 import csv
 import math
+import os
 import json
 
 import pytest
@@ -127,7 +128,9 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tiny_teacher
             "--student_intermediate", "64", "--student_heads", "2", "--seq_len", "32", "--batch_size", "8",
             "--epochs", "40", "--max_steps_per_epoch", "6", "--eval_every", "20", "--device", "cpu",
             "--save_metrics", "--no-baseline"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the same intra-op threads as the in-process run: a float32 reduction over 1 or 2 threads rounds differently
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:  # wait until training runs
         if line.startswith("Epoch 2,"):
             proc.send_signal(getattr(signal, sig))
