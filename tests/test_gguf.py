@@ -15,7 +15,7 @@ from transformers import LlamaConfig
 from hybridopt.config import DistillConfig, ExportConfig
 from hybridopt.errors import UserError
 from hybridopt.export import export_packed
-from hybridopt.gguf import dequantize, export_gguf, find_gguf, load_gguf
+from hybridopt.gguf import context_length, dequantize, export_gguf, find_gguf, load_gguf
 from hybridopt.modeling import build_model
 from hybridopt.qat import QATConfig, qat_layers, quantizable_linears, quantize_
 from hybridopt.quantizers import TERNARY, quantize_dequantize
@@ -194,6 +194,7 @@ def test_hyperparameters_and_tokenizer_are_written_as_llama_cpp_reads_them(tok, 
         "context_length": 64, "embedding_length": 256, "block_count": 2, "feed_forward_length": 512,
         "attention.head_count": 4, "attention.head_count_kv": 2, "vocab_size": len(tok), "rope.dimension_count": 64}
     assert value("llama.rope.freq_base") == 5000.0
+    assert context_length(tmp_path / "s.gguf") == 64  # what llama.cpp generation runs in
     assert value("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
     assert value("general.file_type") == gguf.LlamaFileType.MOSTLY_TQ2_0
     assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
@@ -290,6 +291,21 @@ def test_llama_cpp_computes_what_pytorch_computes(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(hgguf, "_permute_rows", lambda w, n_head: w)  # HF's rotary layout left as it is
     export_gguf(model, tmp_path / "unpermuted.gguf", tok, "f16", embed_type="f16")
     assert error(tmp_path / "unpermuted.gguf") > 5 * errors["f16"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_generation_stays_in_the_models_context(tok, tmp_path):
+    """A 64-token model: a 200-token prompt keeps its end, and new tokens stop where the context is full."""
+    pytest.importorskip("llama_cpp")
+    from hybridopt.gguf import generate_gguf, llama_cpp_continue, llama_cpp_model
+
+    export_gguf(_model(tok, TERNARY), tmp_path / "s.gguf", tok, "tq2_0")
+    llm = llama_cpp_model(tmp_path / "s.gguf", n_ctx=64, n_threads=2)
+    prompt = tok(TEXT * 10, add_special_tokens=False)["input_ids"]
+    assert len(prompt) > 200
+    assert len(llama_cpp_continue(llm, prompt, 8, 64)) == 8
+    assert len(llama_cpp_continue(llm, prompt, 100, 64)) == 63  # 100 do not fit: the prompt keeps 1 token
+    assert generate_gguf(tmp_path / "s.gguf", TEXT * 10, 8, n_threads=2).startswith(TEXT * 10)
 
 
 # ------------------------------------------------------------------------------------------ the command line
