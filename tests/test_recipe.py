@@ -180,3 +180,21 @@ def test_resume_refuses_a_finished_run_and_leaves_its_results(tiny_teacher, corp
     with pytest.raises(UserError, match="is a finished run"):
         run_distill(DistillConfig(resume=str(out)))
     assert (out / "results.json").read_text() == before
+
+
+def test_teacher_dtype_bfloat16_halves_the_teacher_and_keeps_its_targets(tiny_teacher, corpus_file, tmp_path):
+    """--teacher_dtype bfloat16: the teacher's weights take half the bytes, its validation loss stays within
+    bfloat16's rounding of float32's, and the student trained on its logits ends close to the float32 run."""
+    from hybridopt.modeling import load_teacher
+
+    f32, _ = load_teacher(tiny_teacher, torch.device("cpu"))
+    bf16, _ = load_teacher(tiny_teacher, torch.device("cpu"), torch.bfloat16)
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and size(bf16) * 2 == size(f32)
+    kw = dict(epochs=1, max_steps_per_epoch=3, eval_every=3, baseline=False)
+    full = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "f32", **kw))
+    half = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "bf16", teacher_dtype="bfloat16", **kw))
+    assert half["teacher"]["loss"] != full["teacher"]["loss"]  # it did run in bfloat16
+    assert half["teacher"]["loss"] == pytest.approx(full["teacher"]["loss"], rel=0.01)
+    assert half["student"]["loss"] == pytest.approx(full["student"]["loss"], rel=0.01)
+    assert json.loads((tmp_path / "bf16" / "run_config.json").read_text())["teacher_dtype"] == "bfloat16"

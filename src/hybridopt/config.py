@@ -146,6 +146,7 @@ class DistillConfig(TrainConfig, StudentConfig):
     alpha: float = _arg(0.5, "weight of the hard-label cross-entropy; 1 - alpha goes to the distillation KL")
     temperature: float = _arg(2.0, "softmax temperature for the distillation KL (scaled by T^2)")
     teacher_topk: int | None = _arg(None, f"offline distillation: cache the teacher's top-K log-probabilities once (per teacher, data, K and temperature; built on first use, or ahead with `hybridopt teacher-cache`) and train from them instead of running the teacher every step; alone: {DEFAULT_TOPK}", nargs="?", const=DEFAULT_TOPK)
+    teacher_dtype: str = _arg("float32", "the teacher's weights and activations: bfloat16 or float16 halve its memory (losses are taken in float32); on CPUs without bf16 matrix units bfloat16 runs much slower", choices=["float32", "bfloat16", "float16"])
     teacher_tail: str = _arg("bucket", "with --teacher_topk: the vocabulary outside the cached top-K as one bucket (the KL of the coarsened distributions) or as the teacher's remaining mass spread evenly (uniform)", choices=["bucket", "uniform"])
     baseline: bool = _arg(True, "also train the same student without a teacher (CE only, same seed and steps) and report it; --no-baseline skips it", flag="baseline")
     save_metrics: bool = _arg(False, "write per-step and per-epoch metrics (CSV and JSONL)")

@@ -27,9 +27,14 @@ def vocab_size(model: torch.nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load a local causal LM and its tokenizer, frozen and in eval mode: a Hugging Face folder, or a GGUF
-    file (or a folder holding one and no config.json), dequantized.
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_teacher(path: str | Path, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a local causal LM and its tokenizer, frozen and in eval mode, its weights in `dtype`: a Hugging Face
+    folder (loaded straight into `dtype`), or a GGUF file (or a folder holding one and no config.json),
+    dequantized.
 
     Raises:
         ValueError: the folder is missing, has no config or weights, or has no tokenizer; or a GGUF of an
@@ -39,7 +44,8 @@ def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
 
     path = Path(path).expanduser()
     if find_gguf(path) is not None:
-        return load_gguf(path, device)
+        model, tokenizer = load_gguf(path, device)
+        return model.to(dtype), tokenizer
     if not path.is_dir():
         raise ValueError(f"'{path}' is not a directory; pass a local Hugging Face model folder or a .gguf file")
     if not (path / "config.json").is_file():
@@ -47,7 +53,7 @@ def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
     tokenizer = load_tokenizer(path)
     try:
         AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype,
                                                      trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for broken folders
         raise ValueError(f"cannot load the model in '{path}': {str(e).splitlines()[0]}") from None

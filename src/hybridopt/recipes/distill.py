@@ -37,7 +37,8 @@ from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.layout import RUN_CONFIG, RUNS_ROOT, OutputRefused, RunLayout, check_output, claim_output, occupied
 from hybridopt.manager import format_summary
 from hybridopt.metrics import metrics_files
-from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
+from hybridopt.modeling import (TEACHER_DTYPES, build_model, context_length, load_teacher, num_parameters,
+                                student_config, vocab_size)
 from hybridopt.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
 from hybridopt.qat import QATConfig, check_group_size, quantizable_linears, quantize_
 from hybridopt.quant_report import format_report, quantization_report, save_report
@@ -229,7 +230,7 @@ class DistillRecipe:
             if not resuming:
                 atomic_write(layout.config, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
         s_config, quant = self._setup_student(tokenizer, device)
-        say(f"Teacher: {self.teacher_dir} ({num_parameters(self.teacher) / 1e6:.2f}M parameters)")
+        say(f"Teacher: {self.teacher_dir} ({num_parameters(self.teacher) / 1e6:.2f}M parameters, {cfg.teacher_dtype})")
         say(f"Student: Llama, {num_parameters(self.student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
             f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")
         say(f"Data: {desc}; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens, "
@@ -260,12 +261,12 @@ class DistillRecipe:
         if cfg.teacher:
             self.teacher_dir = Path(cfg.teacher)
             with for_flag("--teacher"):
-                self.teacher, tokenizer = load_teacher(self.teacher_dir, device)
+                self.teacher, tokenizer = load_teacher(self.teacher_dir, device, TEACHER_DTYPES[cfg.teacher_dtype])
         with for_flag("--data"):
             docs, desc = corpus_documents(cfg.data)
         if not cfg.teacher:
             self.teacher_dir = ensure_default_teacher(self.reporter)
-            self.teacher, tokenizer = load_teacher(self.teacher_dir, device)
+            self.teacher, tokenizer = load_teacher(self.teacher_dir, device, TEACHER_DTYPES[cfg.teacher_dtype])
         ctx = context_length(self.teacher.config)
         if ctx is not None and cfg.seq_len > ctx:
             raise UserError(f"--seq_len {cfg.seq_len} exceeds the teacher's context length {ctx}; "
