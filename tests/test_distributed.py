@@ -187,6 +187,22 @@ def test_torchrun_distill_matches_one_process(tmp_path, tiny_teacher, corpus_fil
     assert [h["loss"] for h in hist[1]] == pytest.approx([h["loss"] for h in hist[0]], abs=1e-3)
 
 
+@pytest.mark.slow
+def test_torchrun_precision_plan_matches_one_process(tmp_path, tiny_teacher, corpus_file):
+    """--param_clusters under torchrun: rank 0 measures the plan after the full-precision epoch, every rank
+    quantizes with it, and the run goes on as the one-process run does."""
+    extra = ("--ternary", "--qat", "--param_clusters", "2", "--avg_bits", "3", "--no-baseline")
+    one = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "one", *extra), 1)
+    two = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "two", *extra), 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    plans = [json.loads((tmp_path / run / "precision_plan.json").read_text()) for run in ("one", "two")]
+    assert plans[1]["layer_bits"] == plans[0]["layer_bits"] and len(set(plans[0]["layer_bits"].values())) == 2
+    assert two.stdout.count("Replaced ") == 1  # printed once, by rank 0
+    hist = [json.loads((tmp_path / run / "results.json").read_text())["student"]["history"] for run in ("one", "two")]
+    assert [h["loss"] for h in hist[1]] == pytest.approx([h["loss"] for h in hist[0]], abs=1e-3)
+
+
 def test_fsdp_is_refused(tmp_path, capsys):
     from hybridopt.cli import main
 

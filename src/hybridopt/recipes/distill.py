@@ -210,10 +210,6 @@ class DistillRecipe:
         out, resuming, cfg = resolve_run(self.cfg, self.reporter, self.given)
         if self.dist.active:
             self.dist.check_batch(cfg.batch_size)
-            if cfg.param_clusters:
-                raise UserError(f"--param_clusters is not supported under torchrun yet ({self.dist.world_size} "
-                                "processes): the precision plan swaps the student's layers while "
-                                "DistributedDataParallel holds them; run it in one process")
         return out, resuming, cfg
 
     def _prepare(self, out: Path, resuming: bool) -> None:
@@ -350,6 +346,8 @@ class DistillRecipe:
                 self.plan = PrecisionPlan.from_json(self.data.layout.plan.read_text())
             if self.plan is None:
                 self._measure_plan()
+            # The QAT layers share the linears' parameters, so DistributedDataParallel and the optimizer go on
+            # holding the same tensors.
             self._quantize(self._with_plan(self.data.quant),
                            None if self.name else f"quantization-aware training from epoch {switch + 1}")
         trainer.train(stop_after_epoch)
@@ -357,18 +355,24 @@ class DistillRecipe:
 
     def _measure_plan(self) -> None:
         """Measure layer sensitivities on calibration batches of the training objective, and (--plan_method
-        measured) the student's cross-entropy there under each candidate plan; solve, print, save the plan."""
+        measured) the student's cross-entropy there under each candidate plan; solve, print, save the plan.
+        Under torchrun rank 0 measures (on the whole calibration batches, outside DistributedDataParallel) and
+        every rank takes its plan and random state, so all quantize alike and draw the same batches after."""
+        self.plan = self.dist.on_main(self._measured_plan)
+        torch.set_rng_state(self.dist.broadcast_(torch.get_rng_state()))
+
+    def _measured_plan(self) -> PrecisionPlan:
         cfg, quant, trainer = self.cfg, self.data.quant, self.trainer
         batches = calibration_batches(len(self.data.train), cfg.batch_size, cfg.calibration_batches, cfg.seed)
         names = quantizable_linears(self.student, quant.include_head)
         # Calibration batches are drawn uniformly, so the plain objective (no sampler importance weights).
         with for_flag("--param_clusters/--avg_bits"):
-            self.plan = plan_for_model(self.student, names, batches,
-                                       lambda b: trainer.batch_loss(b, weighted=False)[0], quant.bits,
-                                       quant.group_size, cfg.param_clusters, cfg.avg_bits, cfg.seed,
-                                       cfg.plan_method, eval_fn=trainer.batch_ce)
-        self.reporter.line(self.plan.format())
-        atomic_write(self.data.layout.plan, lambda tmp: Path(tmp).write_text(self.plan.to_json()))
+            plan = plan_for_model(self.student, names, batches, lambda b: trainer.batch_loss(b, weighted=False)[0],
+                                  quant.bits, quant.group_size, cfg.param_clusters, cfg.avg_bits, cfg.seed,
+                                  cfg.plan_method, eval_fn=trainer.batch_ce)
+        self.reporter.line(plan.format())
+        atomic_write(self.data.layout.plan, lambda tmp: Path(tmp).write_text(plan.to_json()))
+        return plan
 
     def _with_plan(self, quant: QATConfig) -> QATConfig:
         return replace(quant, layer_bits=self.plan.layer_bits) if self.plan else quant
