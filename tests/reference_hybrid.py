@@ -26,7 +26,7 @@ class ReferenceHybrid:
                  use_controller=True, learn_controller=True, use_trust_region=True, trust_radius=0.1,
                  trust_mode="global", adapt_radius=False, controller_lr=1e-3, controller_hidden=16,
                  trace_decay=0.0, num_clusters=0, learn_scale=True, scale_lr=0.1, scale_betas=(0.9, 0.99),
-                 scale_threshold=0.5):
+                 scale_threshold=0.5, controller_smoothing=0.0):
         params = list(params)
         if not isinstance(params[0], dict):
             params = [{"params": params}]
@@ -44,7 +44,8 @@ class ReferenceHybrid:
         self.state = {}  # id(p) -> {"n", "m", "v" or "b", "s"}
         self.t = 0  # applied updates
         self.skipped = 0
-        self.m_lr, self.m_r = 1.0, 1.0  # e^{a_{t,1}}, e^{a_{t,2}}
+        self.m_lr, self.m_r = 1.0, 1.0  # e^{\ell + c_t}, e^{a_{t,2}}
+        self.smoothing, self.c = controller_smoothing, 0.0  # c_t = b c_{t-1} + (1 - b) a_{t,1}
         self.ell = 0.0  # the learned log scale
         self.hm, self.hv, self.hn = 0.0, 0.0, 0  # EMAs of h and h^2, and their count
         self.prev_lr = math.inf  # the first group's lr at the last scale update
@@ -146,7 +147,8 @@ class ReferenceHybrid:
             self.controller.norm.update(raw)
             x = self.controller.norm(raw)
             a = AuxiliaryNN.clamp(self.controller.raw(x))
-            self.m_lr, self.m_r = math.exp(self.ell + float(a[0])), math.exp(float(a[1]))
+            self.c = self.smoothing * self.c + (1 - self.smoothing) * float(a[0])
+            self.m_lr, self.m_r = math.exp(self.ell + self.c), math.exp(float(a[1]))
             self.x_prev = x.clone()
         elif self.learn_scale:
             self.m_lr = math.exp(self.ell)

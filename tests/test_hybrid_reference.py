@@ -45,6 +45,8 @@ CONFIGS = {
     "controller_only": dict(CLIP, learn_scale=False),
     "nothing_learns": dict(CLIP, use_controller=False, learn_scale=False),
     "no_threshold": dict(controller_lr=1e-2, scale_threshold=0.0),  # the scale moves on every step
+    "controller_smoothed": dict(CLIP, controller_smoothing=0.9),
+    "controller_smoothed_reloaded": dict(CLIP, controller_smoothing=0.5, _reload=True),
 }
 
 
