@@ -23,6 +23,18 @@ def pytest_unconfigure(config):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
 
+@pytest.fixture
+def one_thread():
+    """The test runs on one intra-op thread, and the session gets its threads back after (a thread count left
+    behind changes how later tests' float32 reductions round)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """About 40 pydoc topics as JSONL: real English, shipped with Python, a few hundred KB."""

@@ -184,7 +184,7 @@ def test_an_interrupted_bench_reports_what_it_measured(tmp_path, monkeypatch):
     assert "**Partial**" not in (tmp_path / "b" / "RESULTS.md").read_text()
 
 
-def test_worker_processes_give_the_runs_of_one_process(tiny_teacher, corpus_file, tmp_path, monkeypatch):
+def test_worker_processes_give_the_runs_of_one_process(tiny_teacher, corpus_file, tmp_path, monkeypatch, one_thread):
     from hybridopt.config import BenchConfig
     from hybridopt.recipes.bench import run_bench
     from hybridopt.reporting import Reporter
@@ -192,19 +192,14 @@ def test_worker_processes_give_the_runs_of_one_process(tiny_teacher, corpus_file
     # One intra-op thread everywhere, from process start (the spawned workers read the variable): with torch's
     # default thread count the serial path's float kernels round differently in the last bits (documented).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     arms = ["adamw_cosine", "sgd_cosine_clusters", "hybrid_adam", "hybrid_random"]  # hybrid_random replays hybrid_adam
     records = {}
-    try:
-        for workers in (1, 2):
-            cfg = BenchConfig(quick=True, task=["distill", "mlp"], arms=arms, steps=3, mlp_steps=12,
-                              teacher=str(tiny_teacher), data=[str(corpus_file)], device="cpu",
-                              out=str(tmp_path / str(workers)), workers=workers, no_cost=True)
-            run_bench(cfg, Reporter(quiet=True))
-            records[workers] = json.loads((tmp_path / str(workers) / "results.json").read_text())
-    finally:
-        torch.set_num_threads(threads)
+    for workers in (1, 2):
+        cfg = BenchConfig(quick=True, task=["distill", "mlp"], arms=arms, steps=3, mlp_steps=12,
+                          teacher=str(tiny_teacher), data=[str(corpus_file)], device="cpu",
+                          out=str(tmp_path / str(workers)), workers=workers, no_cost=True)
+        run_bench(cfg, Reporter(quiet=True))
+        records[workers] = json.loads((tmp_path / str(workers) / "results.json").read_text())
     serial, parallel = ([{k: v for k, v in r.items() if k != "seconds"} for r in records[w]["runs"]] for w in (1, 2))
     assert len(serial) == 32 and parallel == serial  # the same runs, bit for bit, in the same (plan) order
     assert {r["threads"] for r in records[2]["runs"]} == {1} and records[2]["workers"] == 2

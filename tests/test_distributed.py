@@ -39,12 +39,7 @@ MODEL = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_lay
              num_key_value_heads=2, max_position_embeddings=16)
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """`_train` runs on one intra-op thread; give the test process back the threads it had."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as `_train` in the spawned ranks
 
 
 def _free_port() -> int:

@@ -49,15 +49,10 @@ class Attempt:
     step_after: str = ""  # ... and when it ended
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The runs are forked from this process, and a child of a process whose OpenMP team had more than one
-    thread waits forever at its first parallel region (libgomp is not fork-safe): every run here, unbroken
-    or killed, trains on one intra-op thread, and the test process gets its threads back after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The runs are forked from this process, and a child of a process whose OpenMP team had more than one thread
+# waits forever at its first parallel region (libgomp is not fork-safe): every run here, unbroken or killed,
+# trains on one intra-op thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _child(argv: list[str], log: Path, env: dict[str, str]) -> None:

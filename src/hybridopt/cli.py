@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(InspectConfig(**values))
     except UserError as e:
         # Under torchrun, an error every rank raises (bad flags, rank 0's refusal) is printed once, by rank 0.
-        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        rank = _launch_rank()
         if rank == "0" or not getattr(e, "every_rank", False):
             print(f"hybridopt: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}{hint}"
         if args.command == "bench":
             hint = "; the finished runs and a partial report are in --out; add --resume to continue"
-        if os.environ.get("WORLD_SIZE", "1") == "1" or os.environ.get("RANK") == "0":  # torchrun: rank 0 says it
+        if _launch_rank() == "0":  # torchrun: rank 0 says it
             print(f"hybridopt: interrupted{hint or ''}", file=sys.stderr)
         return 128 + e.signum if saved else getattr(e, "exit_status", 128 + signal.SIGINT)
     except OSError as e:
@@ -206,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _launch_rank() -> str:
+    """This process's rank as torchrun set it ("0" outside torchrun), read without checking the environment (the
+    error paths use it)."""
+    return os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
 
 
 def _generate(cfg: GenerateConfig) -> None:

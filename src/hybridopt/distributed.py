@@ -127,6 +127,10 @@ class DistEnv:
             tensor.copy_(moved.to(tensor.device))
         return tensor
 
+    def share_rng_state(self) -> None:
+        """Set every rank's torch random state to rank 0's, so all draw the same numbers from here on."""
+        torch.set_rng_state(self.broadcast_(torch.get_rng_state()))
+
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run `fn` on rank 0 only and hand its result to every rank, so all take the same decision (the run
         folder, a refusal of bad input: rank 0's UserError is raised on every rank)."""

@@ -27,9 +27,6 @@ def vocab_size(model: torch.nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def load_teacher(path: str | Path, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load a local causal LM and its tokenizer, frozen and in eval mode, its weights in `dtype`: a Hugging Face

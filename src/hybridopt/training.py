@@ -181,7 +181,7 @@ class Trainer:
         self.train_model = wrap_ddp(model, self.dist)  # what a training step calls: DDP averages the gradients
         # Every rank draws what rank 0 draws from here on (the hybrid controller's initial weights first): the
         # ranks' random histories may differ before (rank 0 alone trains the default teacher, say).
-        torch.set_rng_state(self.dist.broadcast_(torch.get_rng_state()))
+        self.dist.share_rng_state()
         if clusters is not None:
             self.sampler = ClusterStratifiedBatchSampler(clusters.labels, cfg.batch_size, cfg.seed, sampling,
                                                          cfg.max_steps_per_epoch)

@@ -37,8 +37,7 @@ from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.layout import RUN_CONFIG, RUNS_ROOT, OutputRefused, RunLayout, check_output, claim_output, occupied
 from hybridopt.manager import format_summary
 from hybridopt.metrics import metrics_files
-from hybridopt.modeling import (TEACHER_DTYPES, build_model, context_length, load_teacher, num_parameters,
-                                student_config, vocab_size)
+from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
 from hybridopt.qat import QATConfig, check_group_size, quantizable_linears, quantize_
 from hybridopt.quant_report import format_report, quantization_report, save_report
@@ -257,12 +256,12 @@ class DistillRecipe:
         if cfg.teacher:
             self.teacher_dir = Path(cfg.teacher)
             with for_flag("--teacher"):
-                self.teacher, tokenizer = load_teacher(self.teacher_dir, device, TEACHER_DTYPES[cfg.teacher_dtype])
+                self.teacher, tokenizer = load_teacher(self.teacher_dir, device, getattr(torch, cfg.teacher_dtype))
         with for_flag("--data"):
             docs, desc = corpus_documents(cfg.data)
         if not cfg.teacher:
             self.teacher_dir = ensure_default_teacher(self.reporter)
-            self.teacher, tokenizer = load_teacher(self.teacher_dir, device, TEACHER_DTYPES[cfg.teacher_dtype])
+            self.teacher, tokenizer = load_teacher(self.teacher_dir, device, getattr(torch, cfg.teacher_dtype))
         ctx = context_length(self.teacher.config)
         if ctx is not None and cfg.seq_len > ctx:
             raise UserError(f"--seq_len {cfg.seq_len} exceeds the teacher's context length {ctx}; "
@@ -359,7 +358,7 @@ class DistillRecipe:
         Under torchrun rank 0 measures (on the whole calibration batches, outside DistributedDataParallel) and
         every rank takes its plan and random state, so all quantize alike and draw the same batches after."""
         self.plan = self.dist.on_main(self._measured_plan)
-        torch.set_rng_state(self.dist.broadcast_(torch.get_rng_state()))
+        self.dist.share_rng_state()
 
     def _measured_plan(self) -> PrecisionPlan:
         cfg, quant, trainer = self.cfg, self.data.quant, self.trainer
