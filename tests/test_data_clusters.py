@@ -65,3 +65,18 @@ def test_report_warns_about_clusters_too_small_for_the_sampling(sampling, flagge
     assert ("warning" in report) == (flagged is not None)
     if flagged:
         assert flagged in report
+
+
+def test_clusters_made_on_gpus_are_cached_apart(tiny_teacher, monkeypatch):
+    """faiss on GPUs may break ties otherwise than on the CPU: its clusters get their own cache entry, and the
+    CPU's key is what it was before GPU k-means existed (caches already on disk stay valid)."""
+    from hybridopt import data_clusters
+    from hybridopt.dataset import TokenBlocks
+    from hybridopt.modeling import load_teacher
+
+    teacher, _ = load_teacher(tiny_teacher, torch.device("cpu"))
+    blocks = TokenBlocks(torch.arange(32 * 4 + 1) % 500, 32)
+    cpu = data_clusters._cache_key(teacher, blocks, blocks, 4, 0)
+    assert data_clusters._cache_key(teacher, blocks, blocks, 4, 0, gpu=False) == cpu
+    assert data_clusters._cache_key(teacher, blocks, blocks, 4, 0, gpu=True) != cpu
+    assert data_clusters.faiss_gpus() == 0  # faiss-cpu, the declared dependency: k-means stays on the CPU

@@ -106,6 +106,8 @@ class TrainConfig:
     eval_every: int = _arg(5, "evaluate on the validation split every N epochs (and after the last)")
     seed: int = _arg(0, "random seed for initialisation, shuffling and everything else")
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto", choices=None)
+    autocast: str = _arg("auto", "run the trained model's forward and backward under torch.autocast in this dtype (weights, optimizer, loss and validation stay float32); auto: bfloat16 on a CUDA device that supports it, off on CPU (slow there)", choices=["auto", "bfloat16", "off"])
+    compile: bool = _arg(False, "torch.compile the trained model's forward (the first steps pay for the compilation; checkpoints and exports are unchanged; benchmarks/compile_speed.py measures the gain)")
     hybrid: bool = _arg(False, "use the hybrid optimizer: Adam with a learned learning-rate scale, a meta-learned multiplier and a trust region")
     trust_radius: float = _arg(0.1, "with --hybrid: initial trust radius, relative to the parameter norm")
     trust_region: bool = _arg(True, "with --hybrid: bound each update's norm by the trust radius; --no-trust_region turns it off")

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hybridopt.checkpoint import atomic_write
 from hybridopt.dataset import TokenBlocks
-from hybridopt.kmeans import KMEANS_ITERATIONS, MAX_POINTS_PER_CENTROID, assign, faiss_module, kmeans
+from hybridopt.kmeans import KMEANS_ITERATIONS, MAX_POINTS_PER_CENTROID, assign, faiss_gpus, faiss_module, kmeans
 from hybridopt.modeling import hash_model
 
 _CACHE_VERSION = "data-clusters-v2"
@@ -88,11 +88,13 @@ class DataClusters:
         return np.bincount(self.labels, minlength=self.num_clusters)
 
 
-def _cache_key(model: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: int, seed: int) -> str:
-    """A hash of everything the clusters depend on: settings, faiss, the teacher (config and weights), the data."""
+def _cache_key(model: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: int, seed: int,
+               gpu: bool = False) -> str:
+    """A hash of everything the clusters depend on: settings, faiss (and whether on the GPU), the teacher
+    (config and weights), the data."""
     settings = (f"{_CACHE_VERSION} k={k} seed={seed} niter={KMEANS_ITERATIONS} max_points={MAX_POINTS_PER_CENTROID} "
                 f"init=kmeans++ spherical faiss={faiss_module().__version__} features=mean-last-hidden "
-                f"train={train.digest} val={val.digest}")
+                f"train={train.digest} val={val.digest}" + (" faiss-gpu" if gpu else ""))
     h = hashlib.sha256(settings.encode())
     hash_model(h, model)
     return h.hexdigest()[:24]
@@ -135,16 +137,17 @@ def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks,
     if k > len(train):
         raise ValueError(f"{k} data clusters exceed the {len(train)} training sequences; "
                          f"ask for at most {len(train)} or use shorter sequences")
+    gpu = device.type == "cuda" and faiss_gpus() > 0  # k-means on the GPU when faiss has GPU support
     path = None
     if cache is not None:
-        path = cache / f"{_cache_key(teacher, train, val, k, seed)}.npz"
+        path = cache / f"{_cache_key(teacher, train, val, k, seed, gpu)}.npz"
         cached = _read_cache(path)
         if cached is not None:
             return cached
     start = time.perf_counter()
     feats = sequence_features(teacher, train, batch_size, device, "clustering: teacher features")
     val_feats = sequence_features(teacher, val, batch_size, device, "clustering: validation features")
-    centroids, labels = kmeans(feats, k, seed, what="training sequences")
+    centroids, labels = kmeans(feats, k, seed, what="training sequences", gpu=gpu)
     sizes = np.bincount(labels, minlength=k)
     if (sizes == 0).any():
         keep = np.flatnonzero(sizes)

@@ -2,7 +2,7 @@
 
 Pure functions of arrays: no models, no files, no command-line names. k-means++ initialisation,
 a fixed seed, at most `MAX_POINTS_PER_CENTROID` training points per centroid (faiss subsamples
-beyond that), spherical (cosine) or Euclidean.
+beyond that), spherical (cosine) or Euclidean; on the GPUs with `gpu=True` (a faiss built with GPU support).
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ def faiss_module():
     return faiss
 
 
+def faiss_gpus() -> int:
+    """How many GPUs faiss can use (0 for faiss-cpu, which has no GPU support)."""
+    return getattr(faiss_module(), "get_num_gpus", lambda: 0)()
+
+
 def kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_ITERATIONS, spherical: bool = True,
-           what: str = "points", nredo: int = 1) -> tuple[np.ndarray, np.ndarray]:
+           what: str = "points", nredo: int = 1, gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Cluster the rows of `x` into `k` groups; return `(centroids (k, d), labels (n,))`.
 
     Args:
@@ -40,6 +45,7 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_ITERATIONS, sph
         spherical: cluster by cosine similarity (unit-norm centroids), else by Euclidean distance.
         what: what the points are, for error messages ("training sequences").
         nredo: restarts; the clustering with the lowest objective is kept (worth it for small `x`).
+        gpu: train on faiss's GPUs (see `faiss_gpus`); the clusters may differ from the CPU's in ties.
 
     Raises:
         ValueError: `k` is below 1, or larger than the number of (distinct) points.
@@ -57,7 +63,7 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_ITERATIONS, sph
                          f"ask for at most {distinct}")
     km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=seed % 2**31, spherical=spherical, verbose=False,
                       max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1,
-                      init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS)
+                      init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS, gpu=gpu)
     km.train(x)
     return km.centroids.copy(), assign(x, km.centroids, spherical)
 

@@ -33,6 +33,7 @@ from hybridopt.metrics import MetricsLogger
 from hybridopt.reporting import Reporter
 from hybridopt.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
 from hybridopt.teacher_cache import TeacherCache
+from hybridopt.utils import autocast_dtype
 
 
 # A run stops (checkpointed) after this many non-finite steps in a row: a few are a bad batch, skipped;
@@ -178,6 +179,9 @@ class Trainer:
         self.reporter = reporter or Reporter()
         self.dist = dist or DistEnv()
         self.dist.check_batch(cfg.batch_size)
+        self.autocast = autocast_dtype(cfg.autocast, device)  # None: the student's forward in float32
+        if cfg.compile:  # the forward only: the state dict keeps its names, checkpoints and exports are unchanged
+            model.forward = torch.compile(model.forward)  # (nn.Module.compile() compiled nothing in torch 2.13)
         self.train_model = wrap_ddp(model, self.dist)  # what a training step calls: DDP averages the gradients
         # Every rank draws what rank 0 draws from here on (the hybrid controller's initial weights first): the
         # ranks' random histories may differ before (rank 0 alone trains the default teacher, say).
@@ -247,7 +251,9 @@ class Trainer:
     # ------------------------------------------------------------------ loss
     def _loss_step(self, indices: list[int], input_ids: torch.Tensor, labels: torch.Tensor,
                    weights: torch.Tensor | None = None, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
-        logits = (model or self.model)(input_ids=input_ids).logits  # (B, T, V)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = (model or self.model)(input_ids=input_ids).logits  # (B, T, V)
+        logits = logits.float()  # the loss in float32 (a no-op without autocast)
         teacher_logits, topk = None, None
         if self.alpha < 1.0 and self.teacher_cache is not None:
             topk = TopKTargets(*(t.to(self.device) for t in self.teacher_cache.targets(indices)))  # (B, T, k)

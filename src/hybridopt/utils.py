@@ -38,6 +38,20 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"{name!r} is not a device; use cpu, cuda or auto") from None
 
 
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The dtype `torch.autocast` runs the student in for `--autocast name` on `device`, or None (off).
+
+    `auto` is bfloat16 on a CUDA device that supports it and off elsewhere: on CPU bfloat16 matrix products
+    are slower than float32 unless the CPU has bfloat16 units (benchmarks/compile_speed.py measures it).
+    """
+    if name == "off":
+        return None
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return getattr(torch, name)
+
+
 def cache_dir() -> Path:
     """Where the embedded corpus, tokenizer and default teacher are cached.
 
