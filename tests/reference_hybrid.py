@@ -167,6 +167,10 @@ class ReferenceHybrid:
                 m_hat = st["m"] / (1 - beta1 ** st["n"])
                 v_hat = st["v"] / (1 - beta2 ** st["n"])
                 d = m_hat / (torch.sqrt(v_hat) + group["eps"])
+            elif self.base == "schedulefree":  # d = g / (sqrt(v_hat) + eps); z starts at the parameters
+                st.setdefault("z", p.detach().clone())
+                st["v"] = beta2 * st.get("v", torch.zeros_like(p)) + (1 - beta2) * g * g
+                d = g / (torch.sqrt(st["v"] / (1 - beta2 ** st["n"])) + group["eps"])
             else:
                 st["b"] = beta1 * st.get("b", torch.zeros_like(p)) + g
                 d = st["b"]
@@ -206,11 +210,35 @@ class ReferenceHybrid:
         for key, st in self.state.items():
             if key not in moved and "s" in st:
                 st["s"] = self.gamma * st["s"]
-        for (p, _), u in zip(items, updates):
-            p.add_(u)
+        # Schedule-Free: c = w / sum w with w = (max rate so far)^2, per group;
+        # y <- y + c (z - y) + (1 - beta1 (1 - c)) Delta, z <- z + Delta.
+        weights = {}
+        if self.base == "schedulefree":
+            for group in self.param_groups:
+                if any(g is group for _, g in items):
+                    rate = group["lr"] * self.m_lr
+                    group["sf_lr_max"] = max(group.get("sf_lr_max", 0.0), rate)
+                    group["sf_weight_sum"] = group.get("sf_weight_sum", 0.0) + group["sf_lr_max"] ** 2
+                    weights[id(group)] = group["sf_lr_max"] ** 2 / group["sf_weight_sum"]
+        for (p, group), u in zip(items, updates):
             st = self.state[id(p)]
+            if self.base == "schedulefree":
+                c, beta1 = weights[id(group)], group["betas"][0]
+                p.copy_(p + c * (st["z"] - p) + (1 - beta1 * (1 - c)) * u)
+                st["z"] = st["z"] + u
+            else:
+                p.add_(u)
             if learns:
                 st["s"] = self.gamma * st.get("s", torch.zeros_like(p)) + u
+
+    @torch.no_grad()
+    def eval(self):
+        """Schedule-Free: the parameters become x = (y - (1 - beta1) z) / beta1."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "z" in self.state.get(id(p), {}):
+                    beta1 = group["betas"][0]
+                    p.copy_((p - (1 - beta1) * self.state[id(p)]["z"]) / beta1)
 
     def summary(self) -> dict:
         steps = max(1, self.t)

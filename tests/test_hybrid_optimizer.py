@@ -414,3 +414,58 @@ def test_scale_threshold_leaves_the_scale_alone_on_noise_and_follows_consistent_
     assert moves(0.0, 0.5) < 0.05
     assert moves(0.0, 0.0) == 1.0
     assert moves(-2.0, 0.5) > 0.95
+
+
+def test_schedulefree_base_is_schedulefree_adamw_when_nothing_learns():
+    """base='schedulefree' with the scale, controller and trust region off takes the steps of the
+    `schedulefree` package's AdamWScheduleFree (no warmup), at the training point y and, after eval(), at x."""
+    import schedulefree
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+    ours, theirs = net(), net()
+    opt = HybridOptimizer(ours.parameters(), lr=0.05, betas=(0.9, 0.95), weight_decay=0.01, base="schedulefree",
+                          learn_scale=False, use_controller=False, use_trust_region=False)
+    ref = schedulefree.AdamWScheduleFree(theirs.parameters(), lr=0.05, betas=(0.9, 0.95), weight_decay=0.01,
+                                         warmup_steps=0, foreach=False)
+    ref.train()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x = torch.randn(16, 5, generator=g)
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            model(x).pow(2).mean().backward()
+            o.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    y = [p.detach().clone() for p in ours.parameters()]
+    opt.eval()
+    ref.eval()
+    for p, q, before in zip(ours.parameters(), theirs.parameters(), y):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p, before)  # x is not y
+    with pytest.raises(ValueError, match="eval mode"):
+        opt.step()
+    opt.train()
+    for p, before in zip(ours.parameters(), y):
+        torch.testing.assert_close(p, before, rtol=0, atol=1e-6)
+
+
+def test_eval_and_train_leave_other_bases_alone():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = HybridOptimizer([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    before = p.detach().clone()
+    opt.eval()
+    assert torch.equal(p, before)
+    opt.step()  # not refused: there is no average to be at
+    opt.train()
+    assert not torch.equal(p, before)
+
+
+def test_adapt_radius_is_refused_with_schedulefree():
+    with pytest.raises(ValueError, match="adapt_radius is not supported with base='schedulefree'"):
+        HybridOptimizer([torch.nn.Parameter(torch.ones(2))], base="schedulefree", adapt_radius=True)

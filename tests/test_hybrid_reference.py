@@ -47,6 +47,13 @@ CONFIGS = {
     "no_threshold": dict(controller_lr=1e-2, scale_threshold=0.0),  # the scale moves on every step
     "controller_smoothed": dict(CLIP, controller_smoothing=0.9),
     "controller_smoothed_reloaded": dict(CLIP, controller_smoothing=0.5, _reload=True),
+    # Schedule-Free under the learned scale; `_eval`: after the last step both switch to the average x.
+    "schedulefree": dict(base="schedulefree", controller_lr=1e-2, _eval=True),
+    "schedulefree_global_clip": dict(CLIP, base="schedulefree", _eval=True),
+    "schedulefree_per_tensor_clip": dict(CLIP, base="schedulefree", trust_mode="per_tensor"),
+    "schedulefree_groups_gaps_reloaded": dict(CLIP, base="schedulefree", _groups=True, _gaps=True, _reload=True,
+                                              _eval=True),
+    "schedulefree_late_parameter": dict(CLIP, base="schedulefree", trace_decay=0.9, _late=True),
 }
 
 
@@ -118,6 +125,9 @@ def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
             state = copy.deepcopy(fast.state_dict())
             fast = HybridOptimizer(_groups(model, config.get("_groups"), config.get("_added_group")), **kw)
             fast.load_state_dict(state)
+        if config.get("_eval") and step == steps - 1:
+            fast.eval()
+            ref.eval()
         yield step, list(model.parameters()), list(ref_model.parameters()), fast.summary(), ref.summary()
 
 

@@ -198,3 +198,34 @@ def test_teacher_dtype_bfloat16_halves_the_teacher_and_keeps_its_targets(tiny_te
     assert half["teacher"]["loss"] == pytest.approx(full["teacher"]["loss"], rel=0.01)
     assert half["student"]["loss"] == pytest.approx(full["student"]["loss"], rel=0.01)
     assert json.loads((tmp_path / "bf16" / "run_config.json").read_text())["teacher_dtype"] == "bfloat16"
+
+
+def test_schedulefree_hybrid_resumes_exactly_and_saves_the_average(tiny_teacher, corpus_file, tmp_path):
+    """--hybrid_base schedulefree: validation and the saved student are at Schedule-Free's average x, the
+    checkpoint at the training point y (so --resume reproduces the uninterrupted run), the rate constant
+    after warmup."""
+    from transformers import AutoModelForCausalLM
+
+    from hybridopt.data import corpus_documents, token_splits
+    from hybridopt.evaluation import evaluate_lm
+    from hybridopt.modeling import load_teacher
+
+    kw = dict(hybrid=True, hybrid_base="schedulefree", baseline=False, warmup_steps=2)
+    straight = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "straight", **kw))
+    assert run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "resumed", **kw), stop_after_epoch=2) == \
+        {"interrupted_at_epoch": 2}
+    resumed = run_distill(DistillConfig(resume=str(tmp_path / "resumed")))
+    assert resumed["student"]["loss"] == straight["student"]["loss"]
+    assert _strip_time(resumed["student"]["history"]) == _strip_time(straight["student"]["history"])
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "student")
+    _, tokenizer = load_teacher(tiny_teacher, torch.device("cpu"))
+    cfg = _cfg(tiny_teacher, corpus_file, tmp_path / "x")
+    _, val = token_splits(corpus_documents([str(corpus_file)])[0], tokenizer, cfg.seq_len, cfg.val_fraction)
+    assert evaluate_lm(student, val, 8, torch.device("cpu"))["loss"] == pytest.approx(straight["student"]["loss"],
+                                                                                       rel=1e-6)
+    y = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    moved = [name for name, p in student.state_dict().items() if not torch.equal(p, y[name])]
+    assert moved  # the saved student is not the training point
+    rates = {round(row["lr"] / row["lr_mult"], 12) for row in straight["student"]["history"][1:]}
+    assert rates == {2e-3}  # --lr after warmup, no cosine decay

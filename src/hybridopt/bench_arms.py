@@ -19,6 +19,8 @@ The arms (the design document's four first, then what practitioners pick, then a
     muon                 torch.optim.Muon on the 2-D hidden weights (AdamW-matched RMS), AdamW on
                          embeddings, norms and head, one rate for both, warmup-cosine
     hybrid_adam          `distill --hybrid`: learned scale, controller and trust region over the Adam direction
+    hybrid_sf            `distill --hybrid --hybrid_base schedulefree`: the same over Schedule-Free AdamW's step,
+                         warmup then constant
     hybrid_frozen        hybrid_adam with the controller frozen at initialisation (the learned scale alone)
     hybrid_random        hybrid_adam's own multipliers at the same lr and seed, shuffled in time
                          (same spread, no information)
@@ -153,7 +155,8 @@ class Arm:
         name: short name (results, tables, `--arms`).
         description: one line for the tables.
         family: which grid it runs on: "adam", "sgd" or "prodigy".
-        schedule: "cosine" (warmup then cosine to 10%), "constant", or "none" (the optimizer schedules itself).
+        schedule: "cosine" (warmup then cosine to 10%), "warmup" (then constant), "constant", or "none" (the
+            optimizer schedules itself).
         clusters: sample cluster-stratified batches.
         build: (model, grid value, BuildContext) -> the optimizers (Muon has two).
     """
@@ -191,6 +194,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("muon", "Muon (hidden matrices) + AdamW (embeddings, norms, head), warmup-cosine", "adam", "cosine", _muon),
     Arm("hybrid_adam", "distill --hybrid: learned scale + controller + trust region over Adam, warmup-cosine", "adam", "cosine",
         _hybrid("adam")),
+    Arm("hybrid_sf", "distill --hybrid --hybrid_base schedulefree: learned scale + controller + trust region over "
+        "Schedule-Free AdamW, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
     Arm("hybrid_frozen", "ablation: hybrid_adam, controller frozen at initialisation (learned scale alone)", "adam", "cosine",
         _hybrid("adam", learn_controller=False)),
     Arm("hybrid_random", "ablation: hybrid_adam's multipliers shuffled in time", "adam", "cosine", _hybrid_random),
@@ -199,7 +204,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
 ]}
 
 REFERENCE = "adamw_cosine"
-HYBRID = "hybrid_adam"
+HYBRID = "hybrid_adam"  # the design document's claims are checked on it
+HYBRIDS = (HYBRID, "hybrid_sf")  # both bases of `distill --hybrid`
 BASELINE = "sgd"
 
 

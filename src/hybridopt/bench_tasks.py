@@ -282,7 +282,8 @@ def _run_arm(task, arm: Arm, lr: float, seed: int, replay: list[float] | None) -
     ctx = BuildContext(b.steps, b.warmup, task.num_clusters, replay, seed)
     optimizers = arm.build(model, lr, ctx)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    schedule = warmup_cosine(b.warmup, b.steps, DistillConfig().min_lr_ratio) if arm.schedule == "cosine" else None
+    final = {"cosine": DistillConfig().min_lr_ratio, "warmup": 1.0}.get(arm.schedule)
+    schedule = warmup_cosine(b.warmup, b.steps, final) if final is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     res = RunResult(task.name, arm.name, lr, seed)
 

@@ -109,6 +109,7 @@ class TrainConfig:
     autocast: str = _arg("auto", "run the trained model's forward and backward under torch.autocast in this dtype (weights, optimizer, loss and validation stay float32); auto: bfloat16 on a CUDA device that supports it, off on CPU (slow there)", choices=["auto", "bfloat16", "off"])
     compile: bool = _arg(False, "torch.compile the trained model's forward (the first steps pay for the compilation; checkpoints and exports are unchanged; benchmarks/compile_speed.py measures the gain)")
     hybrid: bool = _arg(False, "use the hybrid optimizer: Adam with a learned learning-rate scale, a meta-learned multiplier and a trust region")
+    hybrid_base: str = _arg("adam", "with --hybrid: the step under the learned scale and trust region: adam (AdamW's, with the warmup-cosine schedule) or schedulefree (Schedule-Free AdamW's: it averages its iterates instead of decaying the rate, so warmup then constant; validation and the saved student are the average)", choices=["adam", "schedulefree"])
     trust_radius: float = _arg(0.1, "with --hybrid: initial trust radius, relative to the parameter norm")
     trust_region: bool = _arg(True, "with --hybrid: bound each update's norm by the trust radius; --no-trust_region turns it off")
     adapt_radius: bool = _arg(False, "with --hybrid: also adapt the radius from actual vs predicted loss decrease (the design document's rule; noisy on minibatches)")
@@ -359,7 +360,7 @@ class ExportConfig:
 
 BENCH_TASKS = ["distill", "distill_ternary", "mlp"]
 BENCH_ARMS = ["sgd", "sgd_cosine", "sgd_cosine_clusters", "hybrid_sgd", "adamw_cosine", "schedulefree_adamw",
-              "prodigy", "muon", "hybrid_adam", "hybrid_frozen", "hybrid_random", "hybrid_no_trust"]
+              "prodigy", "muon", "hybrid_adam", "hybrid_sf", "hybrid_frozen", "hybrid_random", "hybrid_no_trust"]
 # Presets: steps, batch, seq_len, eval_every, curve blocks, grid points, seeds (docs/GUIDE.md, "hybridopt bench").
 BENCH_PRESETS = {
     "quick": dict(steps=6, batch_size=4, seq_len=32, eval_every=3, curve_blocks=8, grid_points=2, seeds=2,

@@ -1,4 +1,4 @@
-r"""HybridOptimizer: Adam (or SGD-momentum) with a learned step size, a meta-learned controller and a trust region.
+r"""HybridOptimizer: Adam, Schedule-Free AdamW or SGD-momentum with a learned step size, a meta-learned controller and a trust region.
 
 At step t, for each tensor \theta_t with gradient g_t, base direction d_t (Adam's bias-corrected
 \hat m_t / (\sqrt{\hat v_t} + \epsilon), or the momentum buffer b_t = \beta_1 b_{t-1} + g_t), group learning
@@ -9,7 +9,18 @@ sum of a learned scale \ell_t and the controller's state-dependent output c_t = 
     \mu_t = \rho_t e^{a_{t,2}} \max(\|\theta_t\|_2, 10^{-3})                  (scale-free radius)
     \Delta\theta_t = u_t \min(1, \mu_t / \|u_t\|_2)                         (trust region, global norm)
 
-where the norms run over all parameters that have a gradient. `trust_mode="per_tensor"` bounds each
+where the norms run over all parameters that have a gradient. With `base="schedulefree"` (Defazio et al.
+2024, "The Road Less Scheduled", in its AdamW form) d_t = g_t / (\sqrt{\hat v_t} + \epsilon), the parameters
+hold the training point y (where gradients are taken), a second sequence z takes the steps and the average x
+is what `eval()` puts in the parameters (for validation and export; `train()` returns to y):
+
+    z_{t+1} = z_t + \Delta_t,   \Delta_t = u_t \min(1, \mu_t / \|u_t\|_2)      (the trust region bounds z's step)
+    y_{t+1} = y_t + c_{t+1} (z_t - y_t) + (1 - \beta_1 (1 - c_{t+1})) \Delta_t,   y = (1 - \beta_1) z + \beta_1 x
+    c_{t+1} = w_t / \sum_{i \le t} w_i,   w_t = (\max_{i \le t} \eta_i e^{\ell_i + c_i})^2
+
+(its averaging replaces a decaying schedule: use warmup, then a constant rate). Its hypergradient is taken on
+z's step, h_t = g_t \cdot \Delta_{t-1}: \partial L(y_t) / \partial \log \eta_{t-1} is that times
+(1 - \beta_1 + \beta_1 c_t) > 0, and \sigma below is invariant to the factor's size. `trust_mode="per_tensor"` bounds each
 tensor i separately: \|\Delta\theta^i_t\|_2 \le \rho_t e^{a_{t,2}} \max(\mathrm{rms}(\theta^i_t), 10^{-3}) \sqrt{n_i}.
 
 **The learned scale** \ell (`learn_scale`) is hypergradient descent on the log learning rate (Baydin et al.
@@ -66,12 +77,12 @@ per step), the global trust-region factor f is applied with the update (\theta +
 hypergradient (h = f g \cdot u_{t-1}) instead of being multiplied into u; the moments, norms and trust region
 are `torch._foreach_*` kernels. A step reads one small tensor back to the host (the loss if it is a tensor,
 \|g_t\|^2, h_t and the last step's trust-region factor, stacked), and `adapt_radius` adds one more. Memory:
-Adam's two moments plus the `update` buffer (one parameter-sized buffer; `trace_decay` > 0 adds the trace s).
+Adam's two moments (Schedule-Free: z and the second moment) plus the `update` buffer (one parameter-sized buffer; `trace_decay` > 0 adds the trace s).
 
 Where things live (the schedule_free shape): hyperparameters in the param groups (`lr`, `betas`, `eps`,
 `weight_decay`, `trust_radius`, and the `lr_multiplier` e^{\ell + c} and `radius_multiplier` written there
-every step); per-tensor state in `self.state[p]` (`exp_avg`, `exp_avg_sq`, `step`, `update`, and `trace` when
-`trace_decay` > 0);
+every step; Schedule-Free's `weight_sum`, `lr_max` and `train_mode`); per-tensor state in `self.state[p]`
+(`exp_avg` or `z`, `exp_avg_sq`, `step`, `update`, and `trace` when `trace_decay` > 0);
 optimizer-wide scalars in `HybridState`; the controller is its own module. No extra forward or backward
 pass of the model.
 """
@@ -87,6 +98,7 @@ import torch
 
 from hybridopt.controller import LR_HEAD, RADIUS_HEAD, AuxiliaryNN, TrainingState
 
+BASES = ("adam", "sgd", "schedulefree")
 MIN_RADIUS, MAX_RADIUS = 1e-4, 1.0
 MIN_NORM = 1e-3  # floor of the reference norm, so parameters at zero can still move
 LOG_SCALE_BOUND = math.log(1e4)  # the learned scale stays within 1e-4x ... 1e4x the given lr
@@ -114,6 +126,29 @@ def adam_updates_(out: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: 
         torch.div(m, o, out=o)
         o.mul_(scale * bias2_sqrt / bias1)
     return out
+
+
+def schedulefree_updates_(out: Tensors, grads: Tensors, exp_avg_sqs: Tensors, steps: list[int], beta2: float,
+                          eps: float, scale: float) -> Tensors:
+    """out = scale g / (\sqrt{\hat v} + eps) per tensor (Schedule-Free AdamW's direction: no first moment);
+    updates the second moments in place. Written into `out` with no temporary, as `adam_updates_`."""
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    for o, g, v, n in zip(out, grads, exp_avg_sqs, steps):
+        bias2_sqrt = math.sqrt(1 - beta2 ** n)
+        torch.sqrt(v, out=o)
+        o.add_(eps * bias2_sqrt)
+        torch.div(g, o, out=o)
+        o.mul_(scale * bias2_sqrt)
+    return out
+
+
+def averaging_weight(weight_sum: float, lr_max: float, lr: float) -> tuple[float, float, float]:
+    """Schedule-Free's averaging: (c, weight_sum, lr_max) after a step at rate `lr`, where the new point
+    z enters the average x with weight c = w / \sum w, w = lr_max^2 (lr_max: the largest rate so far)."""
+    lr_max = max(lr_max, lr)
+    weight_sum += lr_max ** 2
+    return lr_max ** 2 / weight_sum, weight_sum, lr_max
 
 
 def momentum_updates_(out: Tensors, grads: Tensors, buffers: Tensors, beta1: float, scale: float) -> Tensors:
@@ -246,15 +281,17 @@ class HybridState:
 
 
 class HybridOptimizer(torch.optim.Optimizer):
-    """Learned step size, meta-learned controller and trust region over an Adam or SGD-momentum direction.
+    """Learned step size, meta-learned controller and trust region over an Adam, Schedule-Free AdamW or
+    SGD-momentum step.
 
     Args:
         params: parameters or param groups (a group may set its own `lr`, `weight_decay`, `trust_radius`).
         lr: base learning rate, the learned scale's starting point (schedulers scale it).
-        betas: Adam betas (beta1 is the momentum of `base="sgd"`).
+        betas: Adam betas (beta1 is the momentum of `base="sgd"` and the interpolation of "schedulefree").
         eps: Adam epsilon.
-        weight_decay: decoupled weight decay.
-        base: "adam" or "sgd".
+        weight_decay: decoupled weight decay (taken at y with "schedulefree").
+        base: "adam", "schedulefree" (call `eval()` before evaluating or saving the model, `train()` after)
+            or "sgd".
         learn_scale: learn the log scale \\ell by normalised hypergradient descent (False: \\ell = 0).
         scale_lr: \\kappa, the largest change of \\ell per step (0.1: x1.105).
         scale_betas: EMA decays of the hypergradient's mean and square.
@@ -286,7 +323,9 @@ class HybridOptimizer(torch.optim.Optimizer):
         _check(scale_lr > 0, f"scale_lr must be positive, got {scale_lr}")
         _check(0 <= scale_threshold < 1, f"scale_threshold must be in [0, 1), got {scale_threshold}")
         _check(eps >= 0 and weight_decay >= 0, f"eps and weight_decay must be >= 0, got {eps} and {weight_decay}")
-        _check(base in ("adam", "sgd"), f"base must be 'adam' or 'sgd', got {base!r}")
+        _check(base in BASES, f"base must be one of {', '.join(BASES)}, got {base!r}")
+        _check(not (adapt_radius and base == "schedulefree"),
+               "adapt_radius is not supported with base='schedulefree' (its step is not the update it predicts from)")
         _check(trust_mode in ("global", "per_tensor"), f"trust_mode must be 'global' or 'per_tensor', got {trust_mode!r}")
         _check(controller_lr > 0 and controller_hidden >= 1,
                f"controller_lr must be positive and controller_hidden at least 1, got {controller_lr} and {controller_hidden}")
@@ -294,7 +333,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         _check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
         _check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius,
-                                      lr_multiplier=1.0, radius_multiplier=1.0))
+                                      lr_multiplier=1.0, radius_multiplier=1.0, weight_sum=0.0, lr_max=0.0,
+                                      train_mode=True))
         self.base, self.trust_mode = base, trust_mode
         self.learn_scale, self.scale_lr, self.scale_betas = learn_scale, scale_lr, tuple(scale_betas)
         self.scale_threshold = scale_threshold
@@ -345,6 +385,8 @@ class HybridOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_radii()
+        _check(self.param_groups[0]["train_mode"], "the optimizer is in eval mode (the parameters hold the "
+               "Schedule-Free average); call optimizer.train() before training")
         pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not pairs:
             return loss
@@ -365,7 +407,9 @@ class HybridOptimizer(torch.optim.Optimizer):
         if self._adapts_radius:
             self._remember_prediction(pairs, updates, factor, loss_value)
         self.hybrid_state.lr_multiplier_sum += self.param_groups[0]["lr_multiplier"]
-        if factor is None:
+        if self.base == "schedulefree":
+            self._schedulefree_step(pairs, updates, factor)
+        elif factor is None:
             torch._foreach_add_(params, updates)
         else:  # \\theta += f u, and f stays pending for the hypergradient (no pass to scale u)
             for p, u in zip(params, updates):
@@ -380,6 +424,49 @@ class HybridOptimizer(torch.optim.Optimizer):
                     trace.addcmul_(u, factor)
         self._moved, self._pending_factor = params, factor
         return loss
+
+    def _schedulefree_step(self, pairs: list, updates: Tensors, factor: torch.Tensor | None) -> None:
+        """y <- y + c (z - y) + (1 - \\beta_1 (1 - c)) f u and z <- z + f u, group by group (the docstring)."""
+        for group in self.param_groups:
+            items = [(p, u) for (p, g), u in zip(pairs, updates) if g is group]
+            if not items:
+                continue
+            rate = group["lr"] * group["lr_multiplier"]
+            c, group["weight_sum"], group["lr_max"] = averaging_weight(group["weight_sum"], group["lr_max"], rate)
+            keep = 1 - group["betas"][0] * (1 - c)
+            for p, u in items:
+                z = self.state[p]["z"]
+                p.lerp_(z, c)
+                if factor is None:
+                    p.add_(u, alpha=keep)
+                    z.add_(u)
+                else:
+                    p.addcmul_(u, factor, value=keep)
+                    z.addcmul_(u, factor)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """With base='schedulefree': set the parameters to the average x, where the model is evaluated and
+        exported (the training point is y); `train()` returns. Other bases: nothing to do."""
+        self._swap(train=False)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """With base='schedulefree': set the parameters back to the training point y (after `eval()`)."""
+        self._swap(train=True)
+
+    def _swap(self, train: bool) -> None:
+        if self.base != "schedulefree":
+            return
+        for group in self.param_groups:
+            if group["train_mode"] == train:
+                continue
+            group["train_mode"] = train
+            beta1 = group["betas"][0]
+            for p in group["params"]:  # y = (1 - beta1) z + beta1 x
+                z = self.state.get(p, {}).get("z")
+                if z is not None:
+                    p.lerp_(z, (1 - beta1) if train else (1 - 1 / beta1))
 
     def _read_back(self, pairs: list, loss) -> tuple[float, float, float]:
         """The step's one host sync: (loss, \\|g_t\\|, h_t), and the last step's trust-region factor."""
@@ -491,8 +578,11 @@ class HybridOptimizer(torch.optim.Optimizer):
                 st = self.state[p]
                 if "step" not in st:
                     st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p)
-                    if self.base == "adam":
+                    if self.base == "schedulefree":
+                        st["z"] = p.detach().clone()
+                    else:
+                        st["exp_avg"] = torch.zeros_like(p)
+                    if self.base != "sgd":
                         st["exp_avg_sq"] = torch.zeros_like(p)
                 if "update" not in st:
                     st["update"] = torch.zeros_like(p)
@@ -503,6 +593,9 @@ class HybridOptimizer(torch.optim.Optimizer):
             if self.base == "adam":
                 adam_updates_(out, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                               [st["step"] for st in states], group["betas"], group["eps"], rate)
+            elif self.base == "schedulefree":
+                schedulefree_updates_(out, grads, [st["exp_avg_sq"] for st in states], [st["step"] for st in states],
+                                      group["betas"][1], group["eps"], rate)
             else:
                 momentum_updates_(out, grads, [st["exp_avg"] for st in states], group["betas"][0], rate)
             if group["weight_decay"]:  # decoupled: - lr m wd theta

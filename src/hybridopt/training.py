@@ -8,6 +8,7 @@ happens around it (teacher, data, clusters, precision plan, export) belongs to t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -15,7 +16,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -79,7 +80,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int 
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.hybrid:
-        return HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), use_trust_region=cfg.trust_region,
+        return HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), base=cfg.hybrid_base,
+                               use_trust_region=cfg.trust_region,
                                trust_radius=cfg.trust_radius, adapt_radius=cfg.adapt_radius,
                                learn_scale=cfg.learn_scale, scale_lr=cfg.scale_lr,
                                scale_threshold=cfg.scale_threshold,
@@ -195,9 +197,9 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(warmup, self.total_steps, cfg.min_lr_ratio)
-        )
+        # Schedule-Free's averaging takes the place of the decay: warmup, then a constant rate.
+        final = 1.0 if getattr(self.optimizer, "base", None) == "schedulefree" else cfg.min_lr_ratio
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup, self.total_steps, final))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss_sum, self.epoch_loss_steps, self.skipped_steps = 0.0, 0, 0
         self.nonfinite_streak, self.max_nonfinite_streak = 0, max_nonfinite_streak
@@ -324,7 +326,26 @@ class Trainer:
                         raise StopRequested(stop.signum or signal.SIGTERM)
         finally:
             self.reporter.close_progress()
+        if self.epoch >= cfg.epochs and self._averages:
+            self.optimizer.eval()  # trained: the model is Schedule-Free's average from here (evaluated, exported)
         return self.history
+
+    @property
+    def _averages(self) -> bool:
+        """The optimizer trains at one point and evaluates at another (Schedule-Free), now at the first."""
+        return getattr(self.optimizer, "base", None) == "schedulefree" and self.optimizer.param_groups[0]["train_mode"]
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Inside, the model holds the optimizer's evaluation point (Schedule-Free's average x); elsewhere a no-op."""
+        swap = self._averages
+        if swap:
+            self.optimizer.eval()
+        try:
+            yield
+        finally:
+            if swap:
+                self.optimizer.train()
 
     def train_step(self, indices: list[int], params: list[torch.Tensor]) -> tuple[float, dict]:
         """Forward, backward, clip and step on one (global) batch; a non-finite loss or gradient skips the
@@ -429,8 +450,9 @@ class Trainer:
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Token-averaged cross-entropy and perplexity of `model` (default: the trained one) on the validation split."""
         c = self.clusters
-        return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device,
-                           c.val_labels if c is not None else None, c.num_clusters if c is not None else None)
+        with self.averaged():
+            return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device,
+                               c.val_labels if c is not None else None, c.num_clusters if c is not None else None)
 
     # ------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:

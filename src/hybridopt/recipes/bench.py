@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from hybridopt import bench_plots
-from hybridopt.bench_arms import ARMS, BASELINE, HYBRID, REFERENCE
+from hybridopt.bench_arms import ARMS, BASELINE, HYBRID, HYBRIDS, REFERENCE
 from hybridopt.bench_stats import MIN_SEEDS, log_grid, summarize, verdict
 from hybridopt.bench_tasks import Budget, DistillTask, MLPTask, measure_costs, run_arm
 from hybridopt.checkpoint import atomic_write
@@ -406,24 +406,25 @@ def _claims(record: dict) -> list[str]:
 
 
 def _losses(record: dict) -> list[str]:
-    """Plain sentences: where the hybrid (distill --hybrid) is worse than, ties or beats tuned AdamW."""
+    """Plain sentences: where each hybrid (distill --hybrid, over Adam and over Schedule-Free) is worse than,
+    ties or beats tuned AdamW."""
     lines = ["## Where the hybrid stands", ""]
     for task, s in record["summaries"].items():
-        h, r = s["arms"].get(HYBRID), s["arms"].get(REFERENCE)
-        if h is None or r is None:
-            continue
-        v = verdict(h, r)
-        word = {-1: "beats", 0: "ties (the intervals overlap)", 1: "loses to",
-                None: f"cannot yet be judged (fewer than {MIN_SEEDS} seeds) against"}[v]
-        lines.append(f"- `{task}`: {HYBRID} {word} tuned {REFERENCE} in final loss at equal steps "
-                     f"({_f(h['final_at_best'])} vs {_f(r['final_at_best'])}); steps to target "
-                     f"{_steps(h['steps_to_target'])} vs {_steps(r['steps_to_target'])}; its worst grid "
-                     f"point ends {h['worst_vs_best_any'] * 100:+.1f}% from the best of any arm (the tuning-free goal "
-                     f"asks within 5%); within-1% range {h['within_1pct_decades']:.2f} decades vs "
-                     f"{r['within_1pct_decades']:.2f} for AdamW.")
-        better = [n for n, a in s["arms"].items() if n != HYBRID and verdict(a, h) == -1]
-        if better:
-            lines.append(f"  Arms with a final loss whose interval lies wholly below the hybrid's: {', '.join(better)}.")
+        for name in HYBRIDS:
+            h, r = s["arms"].get(name), s["arms"].get(REFERENCE)
+            if h is None or r is None:
+                continue
+            word = {-1: "beats", 0: "ties (the intervals overlap)", 1: "loses to",
+                    None: f"cannot yet be judged (fewer than {MIN_SEEDS} seeds) against"}[verdict(h, r)]
+            lines.append(f"- `{task}`: {name} {word} tuned {REFERENCE} in final loss at equal steps "
+                         f"({_f(h['final_at_best'])} vs {_f(r['final_at_best'])}); steps to target "
+                         f"{_steps(h['steps_to_target'])} vs {_steps(r['steps_to_target'])}; its worst grid "
+                         f"point ends {h['worst_vs_best_any'] * 100:+.1f}% from the best of any arm (the tuning-free "
+                         f"goal asks within 5%); within-1% range {h['within_1pct_decades']:.2f} decades vs "
+                         f"{r['within_1pct_decades']:.2f} for AdamW.")
+            better = [n for n, a in s["arms"].items() if n != name and verdict(a, h) == -1]
+            if better:
+                lines.append(f"  Arms with a final loss whose interval lies wholly below {name}'s: {', '.join(better)}.")
     return lines + [""]
 
 
