@@ -58,6 +58,16 @@ def tiny_teacher(tmp_path_factory, corpus_file) -> Path:
     return train_teacher(cfg, tmp_path_factory.mktemp("teacher") / "tiny-teacher")
 
 
+def tiny_distill_config(teacher: Path, data: Path, out: Path, **kw):
+    """The DistillConfig of a distillation run that takes seconds on CPU: the tiny student (32 wide, one layer)
+    on 32-token blocks, batches of 8; `kw` sets the run's length and anything else."""
+    from hybridopt.config import DistillConfig
+
+    return DistillConfig(**{**dict(teacher=str(teacher), data=[str(data)], out=str(out), student_hidden=32,
+                                   student_layers=1, student_intermediate=64, student_heads=2, seq_len=32,
+                                   batch_size=8, device="cpu"), **kw})
+
+
 def tiny_distill_args(teacher: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """CLI arguments of a distillation run that takes a few seconds on CPU."""
     return ["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out),

@@ -6,16 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hybridopt.config import DistillConfig
+from conftest import tiny_distill_config
+
 from hybridopt.recipes.distill import run_distill
 from hybridopt.utils import autocast_dtype
 
 
 def _cfg(teacher, data, out, **kw):
-    base = dict(teacher=str(teacher), data=[str(data)], out=str(out), student_hidden=32, student_layers=1,
-                student_intermediate=64, student_heads=2, seq_len=32, batch_size=8, epochs=1,
-                max_steps_per_epoch=3, eval_every=1, device="cpu", baseline=False)
-    return DistillConfig(**{**base, **kw})
+    return tiny_distill_config(teacher, data, out, **{**dict(epochs=1, max_steps_per_epoch=3, eval_every=1,
+                                                             baseline=False), **kw})
 
 
 class LinearDtypes:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import tiny_distill_args
+from conftest import tiny_distill_args, tiny_distill_config
 from hybridopt.cli import main
 from hybridopt.config import DistillConfig
 from hybridopt.export import load_packed, read_packed
@@ -75,11 +75,9 @@ def test_printed_reports(tiny_teacher, corpus_file, tmp_path, capsys):
 
 
 def _cfg(teacher, data, out, **kw):
-    base = dict(teacher=str(teacher), data=[str(data)], out=str(out), student_hidden=32, student_layers=1,
-                student_intermediate=64, student_heads=2, seq_len=32, batch_size=8, epochs=4,
-                max_steps_per_epoch=3, eval_every=1, device="cpu", data_clusters=3, cluster_sampling="balanced",
-                param_clusters=2, avg_bits=3.0, ternary=True, qat=True, hybrid=True, plan_after_epochs=2)
-    return DistillConfig(**{**base, **kw})
+    return tiny_distill_config(teacher, data, out, **{**dict(
+        epochs=4, max_steps_per_epoch=3, eval_every=1, data_clusters=3, cluster_sampling="balanced",
+        param_clusters=2, avg_bits=3.0, ternary=True, qat=True, hybrid=True, plan_after_epochs=2), **kw})
 
 
 def _strip_time(history):

@@ -30,7 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_distill_args
+from conftest import tiny_distill_args, tiny_distill_config
 from hybridopt.checkpoint import FAULT_SLEEP_ENV
 
 SIGNALS = ("SIGKILL", "SIGTERM", "SIGINT", "SIGINT twice")
@@ -389,10 +389,8 @@ def test_a_signal_between_the_update_and_its_counters_resumes_exactly(tiny_teach
     from hybridopt.reporting import Reporter
 
     def cfg(out, **kw):
-        return DistillConfig(**{**dict(teacher=str(tiny_teacher), data=[str(corpus_file)], out=str(out),
-                                       student_hidden=32, student_layers=1, student_intermediate=64,
-                                       student_heads=2, seq_len=32, batch_size=8, epochs=4, max_steps_per_epoch=4,
-                                       eval_every=2, device="cpu", save_metrics=True, baseline=False), **kw})
+        return tiny_distill_config(tiny_teacher, corpus_file, out, **{**dict(
+            epochs=4, max_steps_per_epoch=4, eval_every=2, save_metrics=True, baseline=False), **kw})
 
     straight = run_distill(cfg(tmp_path / "unbroken"), Reporter(quiet=True))
     real_build = training.build_optimizer

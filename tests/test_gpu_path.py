@@ -9,17 +9,16 @@ import math
 import pytest
 import torch
 
-from hybridopt.config import DistillConfig
+from conftest import tiny_distill_config
+
 from hybridopt.recipes.distill import run_distill
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def _cfg(teacher, data, out, **kw):
-    base = dict(teacher=str(teacher), data=[str(data)], out=str(out), student_hidden=32, student_layers=1,
-                student_intermediate=64, student_heads=2, seq_len=32, batch_size=8, epochs=2,
-                max_steps_per_epoch=3, eval_every=1, device="cuda", baseline=False)
-    return DistillConfig(**{**base, **kw})
+    return tiny_distill_config(teacher, data, out, **{**dict(epochs=2, max_steps_per_epoch=3, eval_every=1,
+                                                             device="cuda", baseline=False), **kw})
 
 
 def test_ternary_hybrid_run_trains_on_the_gpu_in_bfloat16(tiny_teacher, corpus_file, tmp_path):

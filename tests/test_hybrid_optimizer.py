@@ -52,6 +52,15 @@ def test_disabled_controller_is_exactly_one_and_frozen_controller_differs():
     assert learning < frozen, (learning, frozen)
 
 
+def _same_steps(pairs, inputs) -> None:
+    """Every (model, optimizer) pair takes one step on the mean squared output for each input in turn."""
+    for x in inputs:
+        for model, opt in pairs:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+
 def test_matches_adamw_when_controller_and_trust_region_are_off():
     torch.manual_seed(0)
     a = torch.nn.Linear(8, 4)
@@ -59,12 +68,7 @@ def test_matches_adamw_when_controller_and_trust_region_are_off():
     ours = HybridOptimizer(a.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, use_controller=False,
                            learn_scale=False, use_trust_region=False)
     ref = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    for _ in range(10):
-        x = torch.randn(16, 8)
-        for m, o in ((a, ours), (b, ref)):
-            o.zero_grad()
-            m(x).pow(2).mean().backward()
-            o.step()
+    _same_steps([(a, ours), (b, ref)], [torch.randn(16, 8) for _ in range(10)])
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -432,12 +436,7 @@ def test_schedulefree_base_is_schedulefree_adamw_when_nothing_learns():
                                          warmup_steps=0, foreach=False)
     ref.train()
     g = torch.Generator().manual_seed(1)
-    for _ in range(20):
-        x = torch.randn(16, 5, generator=g)
-        for model, o in ((ours, opt), (theirs, ref)):
-            o.zero_grad()
-            model(x).pow(2).mean().backward()
-            o.step()
+    _same_steps([(ours, opt), (theirs, ref)], [torch.randn(16, 5, generator=g) for _ in range(20)])
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     y = [p.detach().clone() for p in ours.parameters()]

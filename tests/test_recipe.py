@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_distill_config
+
 from hybridopt.config import DistillConfig
 from hybridopt.errors import UserError
 from hybridopt.recipes.distill import run_distill
 
 
 def _cfg(teacher, data, out, **kw):
-    base = dict(teacher=str(teacher), data=[str(data)], out=str(out), student_hidden=32, student_layers=1,
-                student_intermediate=64, student_heads=2, seq_len=32, batch_size=8, epochs=4,
-                max_steps_per_epoch=4, eval_every=2, device="cpu", save_metrics=True)
-    return DistillConfig(**{**base, **kw})
+    return tiny_distill_config(teacher, data, out, **{**dict(epochs=4, max_steps_per_epoch=4, eval_every=2,
+                                                             save_metrics=True), **kw})
 
 
 def _steps(path):

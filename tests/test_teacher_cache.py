@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rewrite_safetensors_header, tiny_distill_args
+from conftest import rewrite_safetensors_header, tiny_distill_args, tiny_distill_config
 from hybridopt.cli import main
 from hybridopt.config import DistillConfig
 from hybridopt.dataset import TokenBlocks
@@ -92,10 +92,8 @@ def test_out_of_range_values_are_refused_when_read(teacher_and_blocks, tmp_path)
 
 
 def _cfg(teacher, data, out, **kw):
-    base = dict(teacher=str(teacher), data=[str(data)], out=str(out), student_hidden=32, student_layers=1,
-                student_intermediate=64, student_heads=2, seq_len=32, batch_size=8, epochs=2,
-                max_steps_per_epoch=4, eval_every=1, device="cpu", baseline=False)
-    return DistillConfig(**{**base, **kw})
+    return tiny_distill_config(teacher, data, out, **{**dict(epochs=2, max_steps_per_epoch=4, eval_every=1,
+                                                             baseline=False), **kw})
 
 
 def test_a_cached_run_with_k_equal_to_v_reproduces_the_live_run(tiny_teacher, corpus_file, tmp_path):

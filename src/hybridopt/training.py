@@ -197,8 +197,10 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
-        # Schedule-Free's averaging takes the place of the decay: warmup, then a constant rate.
-        final = 1.0 if getattr(self.optimizer, "base", None) == "schedulefree" else cfg.min_lr_ratio
+        # Schedule-Free trains at one point and evaluates at its average, which takes the place of the decay:
+        # warmup, then a constant rate.
+        self.schedule_free = getattr(self.optimizer, "base", None) == "schedulefree"
+        final = 1.0 if self.schedule_free else cfg.min_lr_ratio
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup, self.total_steps, final))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss_sum, self.epoch_loss_steps, self.skipped_steps = 0.0, 0, 0
@@ -333,7 +335,7 @@ class Trainer:
     @property
     def _averages(self) -> bool:
         """The optimizer trains at one point and evaluates at another (Schedule-Free), now at the first."""
-        return getattr(self.optimizer, "base", None) == "schedulefree" and self.optimizer.param_groups[0]["train_mode"]
+        return self.schedule_free and self.optimizer.param_groups[0]["train_mode"]
 
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
