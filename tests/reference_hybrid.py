@@ -26,7 +26,7 @@ class ReferenceHybrid:
                  use_controller=True, learn_controller=True, use_trust_region=True, trust_radius=0.1,
                  trust_mode="global", adapt_radius=False, controller_lr=1e-3, controller_hidden=16,
                  trace_decay=0.0, num_clusters=0, learn_scale=True, scale_lr=0.1, scale_betas=(0.9, 0.99),
-                 scale_threshold=0.5, controller_smoothing=0.0):
+                 scale_threshold=0.5, controller_smoothing=0.0, min_scale=None):
         params = list(params)
         if not isinstance(params[0], dict):
             params = [{"params": params}]
@@ -39,6 +39,9 @@ class ReferenceHybrid:
         self.gamma = trace_decay
         self.learn_scale, self.kappa, self.scale_betas = learn_scale, scale_lr, scale_betas
         self.tau = scale_threshold
+        if min_scale is None:  # the scale may only raise Schedule-Free's rate
+            min_scale = 1.0 if base == "schedulefree" else 1e-4
+        self.ell_min = math.log(min_scale)
         self.controller = AuxiliaryNN(controller_hidden)
         self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
         self.state = {}  # id(p) -> {"n", "m", "v" or "b", "s"}
@@ -118,7 +121,7 @@ class ReferenceHybrid:
             if self.learn_scale and not rising:  # after a clipped step the scale may only shrink
                 step_signal = max(sigma, 0.0) if self.clipped else sigma
                 if abs(step_signal) > self.tau:  # weaker evidence than noise alone gives leaves the scale
-                    self.ell = min(math.log(1e4), max(-math.log(1e4), self.ell - self.kappa * step_signal))
+                    self.ell = min(math.log(1e4), max(self.ell_min, self.ell - self.kappa * step_signal))
             if self.use_controller and self.learn_controller:
                 heads = [0, 1] if self.clipped else [0]  # the radius learns on clipped steps
                 with torch.enable_grad():

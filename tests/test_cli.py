@@ -1,6 +1,8 @@
 """The command line as a user meets it: output format, saved artefacts, and bad input."""
 
 import csv
+import dataclasses
+import hashlib
 import json
 import re
 import subprocess
@@ -68,6 +70,7 @@ def test_bad_numbers(capsys, tmp_path):
     _bad(["distill", "--epochs", "two"], capsys, "invalid int value")
     _bad(["distill", "--student_heads", "3"], capsys, "must divide --student_hidden")
     _bad(["distill", "--hybrid", "--trust_radius", "0"], capsys, "--trust_radius must be positive")
+    _bad(["distill", "--hybrid", "--min_scale", "2"], capsys, "--min_scale must be in .1e-4, 1., got 2.0")
     _bad(["distill", "--data_clusters", "1"], capsys, "--data_clusters must be at least 2")
     _bad(["distill", "--cluster_sampling", "balanced"], capsys, "--cluster_sampling needs --data_clusters")
     _bad(["distill", "--param_clusters", "4"], capsys, "--param_clusters needs a quantized run")
@@ -136,3 +139,21 @@ def test_teacher_never_replaces_a_folder_that_holds_files(tmp_path, corpus_file,
     assert main(["teacher", "--data", str(corpus_file), "--out", str(out), "--epochs", "1"]) == 2
     assert "holds something hybridopt teacher did not write" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me" and [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_teacher_cache_key_tells_apart_what_shapes_a_hybrid_teacher(monkeypatch, tmp_path):
+    from hybridopt.config import TeacherConfig
+    from hybridopt.teacher import _KEY_FIELDS, teacher_cache_path
+
+    monkeypatch.setenv("HYBRIDOPT_CACHE", str(tmp_path))
+    path = lambda **kw: teacher_cache_path(TeacherConfig(**kw), "f" * 64).name  # noqa: E731
+    hybrid = path(hybrid=True, hybrid_base="adam", min_scale=None)
+    assert path(hybrid=True, hybrid_base="schedulefree") != hybrid
+    assert path(hybrid=True, hybrid_base="adam", min_scale=0.5) != hybrid
+    # Over Adam with the bound it chooses itself the name is the one entries were cached under before these options.
+    values = dataclasses.asdict(TeacherConfig(hybrid=True))
+    old_key = {k: values[k] for k in _KEY_FIELDS + ("hybrid", "trust_radius", "trust_region", "adapt_radius",
+                                                    "controller_lr", "controller_trace", "learn_scale", "scale_lr",
+                                                    "scale_threshold")}
+    assert hybrid.endswith(hashlib.sha256(json.dumps(old_key, sort_keys=True).encode()).hexdigest()[:8])
+    assert path(hybrid_base="schedulefree", min_scale=0.5) == path()  # AdamW teachers ignore the hybrid's options

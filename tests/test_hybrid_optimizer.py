@@ -420,6 +420,20 @@ def test_scale_threshold_leaves_the_scale_alone_on_noise_and_follows_consistent_
     assert moves(-2.0, 0.5) > 0.95
 
 
+def test_min_scale_bounds_the_learned_scale_from_below_and_defaults_by_base():
+    """The scale may only raise Schedule-Free's rate unless told otherwise; over Adam it may fall to 1e-4x."""
+    from hybridopt.hybrid_optimizer import learned_log_scale
+
+    assert learned_log_scale(0.05, 1.0, 0.1, 0.5, floor=0.0) == 0.0  # a step down to -0.05 stops at the floor
+    assert learned_log_scale(0.05, -1.0, 0.1, 0.5, floor=0.0) == pytest.approx(0.15)  # up: unaffected
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert HybridOptimizer(params, base="schedulefree").scale_floor == 0.0
+    assert HybridOptimizer(params, base="schedulefree", min_scale=0.01).scale_floor == pytest.approx(math.log(0.01))
+    assert HybridOptimizer(params, base="adam").scale_floor == pytest.approx(-math.log(1e4))
+    with pytest.raises(ValueError, match="min_scale must be in"):
+        HybridOptimizer(params, min_scale=2.0)
+
+
 def test_schedulefree_base_is_schedulefree_adamw_when_nothing_learns():
     """base='schedulefree' with the scale, controller and trust region off takes the steps of the
     `schedulefree` package's AdamWScheduleFree (no warmup), at the training point y and, after eval(), at x."""

@@ -14,6 +14,7 @@ STEPS = 200
 # Clips often: exercises the radius head. While steps clip, only sigma > 0 moves the scale; with the default
 # threshold (0.5) it never moves in these 200 steps, so these configurations move it on every step (tau 0).
 CLIP = dict(lr=0.05, trust_radius=0.01, controller_lr=1e-2, scale_threshold=0.0)
+SF = dict(base="schedulefree", min_scale=1e-4)
 CONFIGS = {
     "adam_global": dict(controller_lr=1e-2),
     "adam_global_clip": CLIP,
@@ -47,13 +48,17 @@ CONFIGS = {
     "no_threshold": dict(controller_lr=1e-2, scale_threshold=0.0),  # the scale moves on every step
     "controller_smoothed": dict(CLIP, controller_smoothing=0.9),
     "controller_smoothed_reloaded": dict(CLIP, controller_smoothing=0.5, _reload=True),
-    # Schedule-Free under the learned scale; `_eval`: after the last step both switch to the average x.
-    "schedulefree": dict(base="schedulefree", controller_lr=1e-2, _eval=True),
-    "schedulefree_global_clip": dict(CLIP, base="schedulefree", _eval=True),
-    "schedulefree_per_tensor_clip": dict(CLIP, base="schedulefree", trust_mode="per_tensor"),
-    "schedulefree_groups_gaps_reloaded": dict(CLIP, base="schedulefree", _groups=True, _gaps=True, _reload=True,
-                                              _eval=True),
-    "schedulefree_late_parameter": dict(CLIP, base="schedulefree", trace_decay=0.9, _late=True),
+    # Schedule-Free under the learned scale, here allowed to move both ways (min_scale 1e-4); `_eval`: after the
+    # last step both switch to the average x.
+    "schedulefree": dict(SF, controller_lr=1e-2, _eval=True),
+    "schedulefree_global_clip": dict(CLIP, **SF, _eval=True),
+    "schedulefree_per_tensor_clip": dict(CLIP, **SF, trust_mode="per_tensor"),
+    "schedulefree_groups_gaps_reloaded": dict(CLIP, **SF, _groups=True, _gaps=True, _reload=True, _eval=True),
+    "schedulefree_late_parameter": dict(CLIP, **SF, trace_decay=0.9, _late=True),
+    # The learned scale's lower bound (`_floor`: the bound, reached after the scale rose above it): Schedule-Free's
+    # default, one-sided; and a bound set over Adam.
+    "schedulefree_floor": dict(CLIP, base="schedulefree", lr=5e-3, _eval=True, _floor=1.0),
+    "adam_floor_0.5": dict(CLIP, min_scale=0.5, _floor=0.5),
 }
 
 
@@ -150,7 +155,7 @@ TOLERANCE = {torch.float64: dict(rtol=1e-8, atol=1e-10), torch.float32: dict(rto
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_matches_reference(name, default_dtype):
     tol = TOLERANCE[default_dtype]
-    clipped = 0
+    clipped, scales = 0, []
     for step, fast_params, ref_params, s_fast, s_ref in run_fast_and_reference(CONFIGS[name]):
         for p, q in zip(fast_params, ref_params):
             assert torch.allclose(p, q, **tol), (name, step, (p - q).abs().max().item())
@@ -158,6 +163,7 @@ def test_fast_matches_reference(name, default_dtype):
         for key in ("trust_radius", "lr_multiplier", "avg_lr_multiplier", "learned_scale"):
             assert s_fast[key] == pytest.approx(s_ref[key], rel=tol["rtol"]), (name, step, key)
         clipped += s_fast["clipped"]
+        scales.append(s_fast["learned_scale"])
         if step == 0:
             last_bias = fast_params[3].detach().clone()
         if CONFIGS[name].get("_warmup") and step == WARMUP - 1:  # held while the lr rose (the first update learns)
@@ -178,6 +184,11 @@ def test_fast_matches_reference(name, default_dtype):
         assert s_fast["learned_scale"] != 1.0 and s_fast["lr_multiplier"] != 1.0, name
     else:
         assert s_fast["learned_scale"] == 1.0, name
+    if "_floor" in CONFIGS[name]:  # held at the bound, after rising above it
+        floor = CONFIGS[name]["_floor"]
+        rose = next(i for i, v in enumerate(scales) if v > floor * 1.01)
+        assert min(scales) == pytest.approx(floor, rel=1e-12), name
+        assert any(v == pytest.approx(floor, rel=1e-12) for v in scales[rose:]), name
 
 
 @pytest.mark.parametrize("default_dtype", [torch.float64], indirect=True)

@@ -18,9 +18,10 @@ The arms (the design document's four first, then what practitioners pick, then a
     prodigy              Prodigy (`prodigyopt`), lr 1 with warmup-cosine, grid over d_coef
     muon                 torch.optim.Muon on the 2-D hidden weights (AdamW-matched RMS), AdamW on
                          embeddings, norms and head, one rate for both, warmup-cosine
-    hybrid_adam          `distill --hybrid`: learned scale, controller and trust region over the Adam direction
-    hybrid_sf            `distill --hybrid --hybrid_base schedulefree`: the same over Schedule-Free AdamW's step,
-                         warmup then constant
+    hybrid_adam          `distill --hybrid --hybrid_base adam`: learned scale, controller and trust region over
+                         the Adam direction, warmup-cosine
+    hybrid_sf            `distill --hybrid` (its default base): the same over Schedule-Free AdamW's step, warmup
+                         then constant, the scale one-sided (it may raise the rate, not lower it)
     hybrid_frozen        hybrid_adam with the controller frozen at initialisation (the learned scale alone)
     hybrid_random        hybrid_adam's own multipliers at the same lr and seed, shuffled in time
                          (same spread, no information)
@@ -74,7 +75,8 @@ def _hybrid_kwargs() -> dict:
     d = TrainConfig()
     return dict(betas=BETAS, use_trust_region=d.trust_region, trust_radius=d.trust_radius,
                 adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, trace_decay=d.controller_trace,
-                learn_scale=d.learn_scale, scale_lr=d.scale_lr, scale_threshold=d.scale_threshold)
+                learn_scale=d.learn_scale, scale_lr=d.scale_lr, scale_threshold=d.scale_threshold,
+                min_scale=d.min_scale)
 
 
 def _hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -192,10 +194,11 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("schedulefree_adamw", "Schedule-Free AdamW", "adam", "none", _schedulefree),
     Arm("prodigy", "Prodigy, warmup-cosine, grid over d_coef", "prodigy", "cosine", _prodigy),
     Arm("muon", "Muon (hidden matrices) + AdamW (embeddings, norms, head), warmup-cosine", "adam", "cosine", _muon),
-    Arm("hybrid_adam", "distill --hybrid: learned scale + controller + trust region over Adam, warmup-cosine", "adam", "cosine",
+    Arm("hybrid_adam", "distill --hybrid --hybrid_base adam: learned scale + controller + trust region over Adam, "
+        "warmup-cosine", "adam", "cosine",
         _hybrid("adam")),
-    Arm("hybrid_sf", "distill --hybrid --hybrid_base schedulefree: learned scale + controller + trust region over "
-        "Schedule-Free AdamW, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
+    Arm("hybrid_sf", "distill --hybrid: learned scale (one-sided) + controller + trust region over Schedule-Free "
+        "AdamW, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
     Arm("hybrid_frozen", "ablation: hybrid_adam, controller frozen at initialisation (learned scale alone)", "adam", "cosine",
         _hybrid("adam", learn_controller=False)),
     Arm("hybrid_random", "ablation: hybrid_adam's multipliers shuffled in time", "adam", "cosine", _hybrid_random),

@@ -108,14 +108,15 @@ class TrainConfig:
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto", choices=None)
     autocast: str = _arg("auto", "run the trained model's forward and backward under torch.autocast in this dtype (weights, optimizer, loss and validation stay float32); auto: bfloat16 on a CUDA device that supports it, off on CPU (slow there)", choices=["auto", "bfloat16", "off"])
     compile: bool = _arg(False, "torch.compile the trained model's forward (the first steps pay for the compilation; checkpoints and exports are unchanged; benchmarks/compile_speed.py measures the gain)")
-    hybrid: bool = _arg(False, "use the hybrid optimizer: Adam with a learned learning-rate scale, a meta-learned multiplier and a trust region")
-    hybrid_base: str = _arg("adam", "with --hybrid: the step under the learned scale and trust region: adam (AdamW's, with the warmup-cosine schedule) or schedulefree (Schedule-Free AdamW's: it averages its iterates instead of decaying the rate, so warmup then constant; validation and the saved student are the average)", choices=["adam", "schedulefree"])
+    hybrid: bool = _arg(False, "use the hybrid optimizer: a learned learning-rate scale, a meta-learned multiplier and a trust region over Schedule-Free AdamW (see --hybrid_base)")
+    hybrid_base: str = _arg("schedulefree", "with --hybrid: the step under the learned scale and trust region: schedulefree (Schedule-Free AdamW's: it averages its iterates instead of decaying the rate, so warmup then constant; validation and the saved student are the average) or adam (AdamW's, with the warmup-cosine schedule)", choices=["schedulefree", "adam"])
     trust_radius: float = _arg(0.1, "with --hybrid: initial trust radius, relative to the parameter norm")
     trust_region: bool = _arg(True, "with --hybrid: bound each update's norm by the trust radius; --no-trust_region turns it off")
     adapt_radius: bool = _arg(False, "with --hybrid: also adapt the radius from actual vs predicted loss decrease (the design document's rule; noisy on minibatches)")
     learn_scale: bool = _arg(True, "with --hybrid: learn the learning rate's scale by normalised hypergradient descent, so --lr is only its starting point; --no-learn_scale leaves the controller alone")
     scale_lr: float = _arg(0.1, "with --hybrid: how far the learned log scale may move per step (0.1: at most x1.105)")
     scale_threshold: float = _arg(0.5, "with --hybrid: the learned scale moves only when its normalised hypergradient exceeds this in size (noise alone stays below ~0.5); 0 moves it on every step")
+    min_scale: float | None = _arg(None, "with --hybrid: the learned scale's lower bound, in [1e-4, 1] (default: 1 over --hybrid_base schedulefree, whose averaging already does what lowering its rate would, so the scale may only raise it; 1e-4 over adam)")
     controller_trace: float = _arg(0.0, "with --hybrid: decay of the update trace the hypergradient is credited over (0 = the last update only, as Baydin et al.)")
     controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the auxiliary network (the design document's 1e-3; bounds how fast the multipliers move, about this much in log space per step)")
 
@@ -124,6 +125,8 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         if not 0 <= self.scale_threshold < 1:
             raise UserError(f"--scale_threshold must be in [0, 1), got {self.scale_threshold}")
+        if self.min_scale is not None and not 1e-4 <= self.min_scale <= 1:
+            raise UserError(f"--min_scale must be in [1e-4, 1], got {self.min_scale}")
         if self.max_steps_per_epoch < 0:
             raise UserError(f"--max_steps_per_epoch must be 0 (full pass) or positive, got {self.max_steps_per_epoch}")
         if self.warmup_steps is not None and self.warmup_steps < 0:

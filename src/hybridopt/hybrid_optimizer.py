@@ -30,10 +30,14 @@ of the loss, the gradients or the learning rate given:
 
     h_t = g_t \cdot s_{t-1},   s_t = \gamma s_{t-1} + \Delta\theta_t        (\partial L_t / \partial \ell_{t-1} when \gamma = 0)
     m_t = \beta_a m_{t-1} + (1 - \beta_a) h_t,   v_t = \beta_b v_{t-1} + (1 - \beta_b) h_t^2
-    \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30}),   \ell_{t+1} = \mathrm{clip}(\ell_t - \kappa \sigma_t, \pm \log 10^4)   if |\sigma_t| > \tau
+    \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30}),   \ell_{t+1} = \mathrm{clip}(\ell_t - \kappa \sigma_t, [\log m, \log 10^4])   if |\sigma_t| > \tau
 
 (else \ell_{t+1} = \ell_t), with \kappa = `scale_lr` (0.1), \tau = `scale_threshold` (0.5), (\beta_a, \beta_b) =
-`scale_betas` and \hat{} Adam's bias corrections. The threshold: for hypergradients that are pure noise
+`scale_betas`, m = `min_scale` and \hat{} Adam's bias corrections. m is 10^{-4} over Adam and SGD and 1 over
+Schedule-Free, where the scale is one-sided (it may raise a too-low rate, never lower the given one): under a
+constant rate z's consecutive steps oscillate, so the one-step hypergradient keeps calling the rate too high,
+while the average x already does what a lower rate would (two-sided, the scale shrank to 0.31-0.55x and cost
+0.145 nats/token on the default distillation run; docs/RESULTS.md). The threshold: for hypergradients that are pure noise
 (zero mean), |\sigma| is about \sqrt{(1 - \beta_a) / (1 + \beta_a)} = 0.23 and exceeds 0.5 about 3% of the time,
 so \ell moves on consistent evidence only; without it (\tau = 0) the noise-level signal near a good rate drifted
 the scale up to ~2.4x on the default distillation run and cost 0.07 nats there (one seed; docs/RESULTS.md). When
@@ -205,11 +209,12 @@ def normalized_hypergradient(state: ScaleState, h: float, betas: tuple[float, fl
     return dataclasses.replace(state, mean=mean, sq=sq, count=count), sigma
 
 
-def learned_log_scale(log_scale: float, sigma: float, scale_lr: float, threshold: float = 0.0) -> float:
-    """\\ell - \\kappa \\sigma when |\\sigma| > `threshold` (else \\ell), kept within \\pm \\log 10^4."""
+def learned_log_scale(log_scale: float, sigma: float, scale_lr: float, threshold: float = 0.0,
+                      floor: float = -LOG_SCALE_BOUND) -> float:
+    """\\ell - \\kappa \\sigma when |\\sigma| > `threshold` (else \\ell), kept within [`floor`, \\log 10^4]."""
     if abs(sigma) <= threshold:
         return log_scale
-    return min(LOG_SCALE_BOUND, max(-LOG_SCALE_BOUND, log_scale - scale_lr * sigma))
+    return min(LOG_SCALE_BOUND, max(floor, log_scale - scale_lr * sigma))
 
 
 def decrease_ratio_ema(ratio_ema: float | None, prev_loss: float, loss: float, predicted: float) -> float:
@@ -307,6 +312,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         trace_decay: gamma of the update trace (0, the default, is Baydin's one-step hypergradient).
         num_clusters: number of data clusters (for the cluster feature), 0 if none.
         controller_smoothing: b of the EMA over the controller's learning-rate correction (0: none).
+        min_scale: the learned scale's lower bound m, in [1e-4, 1] (None: 1 over "schedulefree", 1e-4 otherwise).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -315,7 +321,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                  learn_controller: bool = True, use_trust_region: bool = True, trust_radius: float = 0.1,
                  trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-3,
                  controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0,
-                 controller_smoothing: float = 0.0):
+                 controller_smoothing: float = 0.0, min_scale: float | None = None):
         _check(lr > 0, f"lr must be positive, got {lr}")
         _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}")
         _check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
@@ -331,13 +337,16 @@ class HybridOptimizer(torch.optim.Optimizer):
                f"controller_lr must be positive and controller_hidden at least 1, got {controller_lr} and {controller_hidden}")
         _check(0 <= trace_decay < 1, f"trace_decay must be in [0, 1), got {trace_decay}")
         _check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
+        if min_scale is None:
+            min_scale = 1.0 if base == "schedulefree" else 1e-4
+        _check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
         _check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius,
                                       lr_multiplier=1.0, radius_multiplier=1.0, weight_sum=0.0, lr_max=0.0,
                                       train_mode=True))
         self.base, self.trust_mode = base, trust_mode
         self.learn_scale, self.scale_lr, self.scale_betas = learn_scale, scale_lr, tuple(scale_betas)
-        self.scale_threshold = scale_threshold
+        self.scale_threshold, self.scale_floor = scale_threshold, math.log(min_scale)
         self.use_controller, self.learn_controller = use_controller, learn_controller
         self.use_trust_region, self.adapt_radius = use_trust_region, adapt_radius
         self.trace_decay, self.num_clusters = trace_decay, num_clusters
@@ -543,7 +552,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         s.prev_lr = self.param_groups[0]["lr"]
         if self.learn_scale and not rising:  # a clipped step's length was the radius's: it may lower the scale only
             sigma = max(s.signal, 0.0) if s.clipped else s.signal
-            s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr, self.scale_threshold)
+            s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr, self.scale_threshold,
+                                                  self.scale_floor)
         if self.use_controller and self.learn_controller:
             heads = [LR_HEAD, RADIUS_HEAD] if s.clipped else [LR_HEAD]
             self.controller.surrogate_gradients_(torch.tensor(s.prev_features), s.signal, heads)

@@ -31,6 +31,7 @@ INFO_NAME = "teacher_info.json"
 _KEY_FIELDS = ("data", "vocab_size", "hidden", "layers", "intermediate", "heads", "context", "val_fraction", "epochs",
                "max_steps_per_epoch", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                "grad_clip", "seed")
+_ADDED_HYBRID_FIELDS = {"hybrid_base": "adam", "min_scale": None}  # hybrid options older cache keys did not have
 
 
 def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
@@ -40,6 +41,9 @@ def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
     if cfg.hybrid:
         key.update({k: values[k] for k in ("hybrid", "trust_radius", "trust_region", "adapt_radius", "controller_lr",
                                            "controller_trace", "learn_scale", "scale_lr", "scale_threshold")})
+        # Options added later join the key only when they differ from what every earlier entry was trained with,
+        # so those entries keep their names (and are never taken for a run that set them otherwise).
+        key.update({k: values[k] for k, before in _ADDED_HYBRID_FIELDS.items() if values[k] != before})
     cfg_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return cache_dir() / "teachers" / f"teacher-{fingerprint[:8]}-{cfg_hash}"
 
