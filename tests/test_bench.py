@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -181,7 +182,12 @@ def test_an_interrupted_bench_reports_what_it_measured(tmp_path, monkeypatch):
     bench.run_bench(dataclasses.replace(cfg, resume=True), Reporter(quiet=True))
     record = json.loads((tmp_path / "b" / "results.json").read_text())
     assert len(record["runs"]) == 8 and record["runs"][:3] == first and "interrupted_after_runs" not in record
-    assert "**Partial**" not in (tmp_path / "b" / "RESULTS.md").read_text()
+    text = (tmp_path / "b" / "RESULTS.md").read_text()
+    assert "**Partial**" not in text
+    # both sessions are on record, each with the runs it ran, and the wall time is theirs together
+    assert [x["runs"] for x in record["sessions"]] == [3, 5]
+    assert record["wall_s"] == pytest.approx(sum(x["wall_s"] for x in record["sessions"]))
+    assert re.search(r"in 2 sessions \(`[^`]+`, 3 runs in [\d.]+ min; `[^`]+`, 5 runs in [\d.]+ min;", text)
 
 
 def test_worker_processes_give_the_runs_of_one_process(tiny_teacher, corpus_file, tmp_path, monkeypatch, one_thread):

@@ -89,8 +89,9 @@ def _identity(cfg: BenchConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("resume", "out", "device", "workers")}
 
 
-def _previous_runs(out: Path, cfg: BenchConfig) -> list[dict]:
-    """The finished runs of the bench in `out`, after checking it is the same bench."""
+def _previous_runs(out: Path, cfg: BenchConfig) -> tuple[list[dict], list[dict]]:
+    """The finished runs of the bench in `out` and the sessions that ran them, after checking it is the same
+    bench."""
     path = out / "results.json"
     if not path.is_file():
         raise UserError(f"--resume: '{out}' holds no bench (no results.json); start one with --out {out}")
@@ -106,7 +107,9 @@ def _previous_runs(out: Path, cfg: BenchConfig) -> list[dict]:
                         "resume it with the same flags or start a new one")
     if len(keys) != len(runs):
         raise UserError(f"--resume: '{path}' lists a run twice; start a new bench")
-    return runs
+    sessions = record.get("sessions") or [{"command": record.get("command"), "wall_s": record.get("wall_s"),
+                                           "runs": len(runs)}]  # a record from before sessions were kept
+    return runs, sessions
 
 
 def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str | None = None) -> Path:
@@ -114,7 +117,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     (default: `hybridopt bench` with the config's non-default flags)."""
     reporter = reporter or Reporter()
     out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("bench-%Y%m%d-%H%M%S")
-    previous = _previous_runs(out, cfg) if cfg.resume else []
+    previous, sessions = _previous_runs(out, cfg) if cfg.resume else ([], [])
     if not cfg.resume:
         with for_flag("--out", OutputRefused):  # `.`, a file, a folder of yours
             check_output(out, "bench", legacy=("results.json",))
@@ -148,6 +151,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
 
     done = {_key(r): r for r in previous}
     record["runs"] = [done[key] for key in plan if key in done]
+    kept = len(record["runs"])
     if done:
         reporter.line(f"Resuming: {len(record['runs'])} of {len(plan)} runs are already in {out / 'results.json'}")
     if cfg.workers > 1 and any(a.clusters for a in arms):
@@ -188,7 +192,9 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
         reporter.line("Measuring costs (step-time ratios in one process, pipeline overhead)")
         record["costs"] = measure_costs(tasks[0], arms, *((2, 2) if cfg.quick else (5, 5)))
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    record["wall_s"] = time.time() - started
+    record["sessions"] = sessions + [{"command": record["command"], "wall_s": time.time() - started,
+                                      "runs": len(record["runs"]) - kept}]
+    record["wall_s"] = sum(x["wall_s"] or 0.0 for x in record["sessions"])
     save()
     write_report(record, out)
     reporter.line(format_headline(record))
@@ -452,6 +458,15 @@ def _cost_table(record: dict) -> list[str]:
     return lines + [""]
 
 
+def _sessions_note(record: dict) -> str:
+    """For a resumed bench: which session ran how many runs (costs are measured by the last)."""
+    sessions = record.get("sessions", [])
+    if len(sessions) < 2:
+        return ""
+    parts = [f"`{x['command']}`, {x['runs']} runs in {(x['wall_s'] or 0) / 60:.1f} min" for x in sessions]
+    return f" in {len(sessions)} sessions ({'; '.join(parts)}; the costs below are from the last)"
+
+
 def format_results(record: dict) -> str:
     """RESULTS.md: the command, the setting, the claims, one table per task, the gap, costs and plots."""
     cfg, v = record["config"], record["versions"]
@@ -462,7 +477,7 @@ def format_results(record: dict) -> str:
              f"Adam-type grid {', '.join(f'{x:g}' for x in record['adam_grid'])} (SGD arms x100; Prodigy's d_coef "
              f"centred on 1). Device {record['device']}, {threads}; torch {v['torch']}, "
              f"transformers {v['transformers']}, schedulefree {v['schedulefree']}, prodigyopt {v['prodigyopt']}. "
-             f"Wall time {record['wall_s'] / 60:.1f} min.",
+             f"Wall time {record['wall_s'] / 60:.1f} min{_sessions_note(record)}.",
              *([] if "interrupted_after_runs" not in record else [
                  "", f"**Partial**: interrupted after {record['interrupted_after_runs']} of {record['planned_runs']} "
                      "runs; the tables summarise the runs that finished (fewer seeds where a grid point is short)."]),
