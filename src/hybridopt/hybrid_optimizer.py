@@ -78,7 +78,8 @@ rule above grows it back by 1.5 per good clipped step). Before the first update 
 
 Cost: each tensor's u_t is computed in place in one persistent `update` buffer (no parameter-sized temporary
 per step), the global trust-region factor f is applied with the update (\theta += f u) and kept for the next
-hypergradient (h = f g \cdot u_{t-1}) instead of being multiplied into u; the moments, norms and trust region
+hypergradient (h = f g \cdot u_{t-1}) instead of being multiplied into u (over Schedule-Free, whose u moves both
+y and z, it is multiplied into u once); the moments, norms, trust region and Schedule-Free's two sequences
 are `torch._foreach_*` kernels. A step reads one small tensor back to the host (the loss if it is a tensor,
 \|g_t\|^2, h_t and the last step's trust-region factor, stacked), and `adapt_radius` adds one more. Memory:
 Adam's two moments (Schedule-Free: z and the second moment) plus the `update` buffer (one parameter-sized buffer; `trace_decay` > 0 adds the trace s).
@@ -418,6 +419,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.hybrid_state.lr_multiplier_sum += self.param_groups[0]["lr_multiplier"]
         if self.base == "schedulefree":
             self._schedulefree_step(pairs, updates, factor)
+            factor = None  # now in the `update` buffers
         elif factor is None:
             torch._foreach_add_(params, updates)
         else:  # \\theta += f u, and f stays pending for the hypergradient (no pass to scale u)
@@ -435,23 +437,21 @@ class HybridOptimizer(torch.optim.Optimizer):
         return loss
 
     def _schedulefree_step(self, pairs: list, updates: Tensors, factor: torch.Tensor | None) -> None:
-        """y <- y + c (z - y) + (1 - \\beta_1 (1 - c)) f u and z <- z + f u, group by group (the docstring)."""
+        """z <- z + \Delta and y <- y + c (z - y) + (1 - \beta_1 (1 - c)) \Delta, \Delta = f u, group by group (the
+        docstring). f is multiplied into the `update` buffers first, so they hold \Delta for the next hypergradient."""
+        if factor is not None:
+            torch._foreach_mul_(updates, factor)
         for group in self.param_groups:
             items = [(p, u) for (p, g), u in zip(pairs, updates) if g is group]
             if not items:
                 continue
             rate = group["lr"] * group["lr_multiplier"]
             c, group["weight_sum"], group["lr_max"] = averaging_weight(group["weight_sum"], group["lr_max"], rate)
-            keep = 1 - group["betas"][0] * (1 - c)
-            for p, u in items:
-                z = self.state[p]["z"]
-                p.lerp_(z, c)
-                if factor is None:
-                    p.add_(u, alpha=keep)
-                    z.add_(u)
-                else:
-                    p.addcmul_(u, factor, value=keep)
-                    z.addcmul_(u, factor)
+            params, deltas = [p for p, _ in items], [u for _, u in items]
+            zs = [self.state[p]["z"] for p in params]
+            torch._foreach_lerp_(params, zs, c)
+            torch._foreach_add_(params, deltas, alpha=1 - group["betas"][0] * (1 - c))
+            torch._foreach_add_(zs, deltas)
 
     @torch.no_grad()
     def eval(self) -> None:
