@@ -150,6 +150,7 @@ def test_teacher_cache_key_tells_apart_what_shapes_a_hybrid_teacher(monkeypatch,
     hybrid = path(hybrid=True, hybrid_base="adam", min_scale=None)
     assert path(hybrid=True, hybrid_base="schedulefree") != hybrid
     assert path(hybrid=True, hybrid_base="adam", min_scale=0.5) != hybrid
+    assert path(hybrid=True, hybrid_base="adam", controller=False) != hybrid
     # Over Adam with the bound it chooses itself the name is the one entries were cached under before these options.
     values = dataclasses.asdict(TeacherConfig(hybrid=True))
     old_key = {k: values[k] for k in _KEY_FIELDS + ("hybrid", "trust_radius", "trust_region", "adapt_radius",

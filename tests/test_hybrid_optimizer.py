@@ -434,6 +434,33 @@ def test_min_scale_bounds_the_learned_scale_from_below_and_defaults_by_base():
         HybridOptimizer(params, min_scale=2.0)
 
 
+def test_distill_flags_that_switch_everything_off_leave_schedule_free_adamw():
+    """`--hybrid --no-learn_scale --no-controller --no-trust_region` trains with Schedule-Free AdamW's step (the
+    ablation RESULTS.md runs), on distill's parameter groups; each flag alone turns off only its part."""
+    import schedulefree
+
+    from hybridopt.config import TrainConfig
+    from hybridopt.training import build_optimizer
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+
+    ours, theirs = net(), net()
+    cfg = TrainConfig(hybrid=True, learn_scale=False, controller=False, trust_region=False, lr=0.05)
+    opt = build_optimizer(cfg, ours)
+    groups = [{"params": [p for p in theirs.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in theirs.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    ref = schedulefree.AdamWScheduleFree(groups, lr=0.05, betas=(0.9, 0.95), warmup_steps=0, foreach=False)
+    ref.train()
+    g = torch.Generator().manual_seed(1)
+    _same_steps([(ours, opt), (theirs, ref)], [torch.randn(16, 5, generator=g) for _ in range(20)])
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    only = build_optimizer(TrainConfig(hybrid=True, controller=False), net())
+    assert (only.use_controller, only.learn_scale, only.use_trust_region) == (False, True, True)
+
+
 def test_schedulefree_base_is_schedulefree_adamw_when_nothing_learns():
     """base='schedulefree' with the scale, controller and trust region off takes the steps of the
     `schedulefree` package's AdamWScheduleFree (no warmup), at the training point y and, after eval(), at x."""

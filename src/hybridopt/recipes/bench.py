@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from hybridopt import bench_plots
-from hybridopt.bench_arms import ARMS, BASELINE, HYBRID, HYBRIDS, REFERENCE
+from hybridopt.bench_arms import ARMS, BASELINE, HYBRID, HYBRIDS, REFERENCE, REPLAYED
 from hybridopt.bench_stats import MIN_SEEDS, log_grid, summarize, verdict
 from hybridopt.bench_tasks import Budget, DistillTask, MLPTask, measure_costs, run_arm
 from hybridopt.checkpoint import atomic_write
@@ -264,14 +264,14 @@ def _run_plan(todo: list[tuple], runs: list[dict], workers: int, start, finished
     running = {}
     while todo or running:
         if stop.signum is None:
-            replays = {(r["task"], r["lr"], r["seed"]): r["lr_multiplier"] for r in runs if r["arm"] == HYBRID}
+            replays = {(r["task"], r["lr"], r["seed"]): r["lr_multiplier"] for r in runs if r["arm"] == REPLAYED}
             ready = [k for k in todo if k[1] != "hybrid_random" or (k[0], k[2], k[3]) in replays]
             for key in ready[: workers - len(running)]:
                 todo.remove(key)
                 running[start(key, replays.get((key[0], key[2], key[3])))] = key
         elif not running:
             raise StopRequested(stop.signum)
-        assert running, f"nothing can start: {todo[0]} waits for a {HYBRID} run that is not planned"
+        assert running, f"nothing can start: {todo[0]} waits for a {REPLAYED} run that is not planned"
         ended, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in ended:
             del running[future]
@@ -395,7 +395,7 @@ def _claims(record: dict) -> list[str]:
     g_ha, g_r = gap(HYBRID), gap(REFERENCE)
     quant = "not run" if g_h is None or g_b is None else (
         f"ternary-minus-FP loss gap: hybrid_sgd {_f(g_h)} vs sgd {_f(g_b)} ({_pct(g_h, g_b)} lower)"
-        + ("" if g_ha is None or g_r is None else f"; hybrid_adam {_f(g_ha)} vs adamw_cosine {_f(g_r)} ({_pct(g_ha, g_r)} lower)"))
+        + ("" if g_ha is None or g_r is None else f"; {HYBRID} {_f(g_ha)} vs {REFERENCE} {_f(g_r)} ({_pct(g_ha, g_r)} lower)"))
     cmd = record["command"]
     return [
         "## The design document's claims", "",
@@ -412,7 +412,7 @@ def _claims(record: dict) -> list[str]:
 
 
 def _losses(record: dict) -> list[str]:
-    """Plain sentences: where each hybrid (distill --hybrid, over Adam and over Schedule-Free) is worse than,
+    """Plain sentences: where each hybrid (distill --hybrid, over Schedule-Free and over Adam) is worse than,
     ties or beats tuned AdamW."""
     lines = ["## Where the hybrid stands", ""]
     for task, s in record["summaries"].items():
