@@ -308,7 +308,7 @@ def _invocation(parser: argparse.ArgumentParser, action: argparse.Action) -> str
 def _default(action: argparse.Action) -> str:
     d = action.default
     if isinstance(action, argparse.BooleanOptionalAction):
-        return "on" if d else "off"
+        return "-" if d is None else "on" if d else "off"  # None: decided by other flags (its help says how)
     if d is False:
         return "off"
     if d is None or d == [] or d == "":

@@ -23,10 +23,12 @@ class ReferenceHybrid:
     """Same constructor arguments as `HybridOptimizer`; `param_groups` may be edited (lr, trust_radius)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, base="adam",
-                 use_controller=True, learn_controller=True, use_trust_region=True, trust_radius=0.1,
+                 use_controller=None, learn_controller=True, use_trust_region=True, trust_radius=0.1,
                  trust_mode="global", adapt_radius=False, controller_lr=1e-3, controller_hidden=16,
                  trace_decay=0.0, num_clusters=0, learn_scale=True, scale_lr=0.1, scale_betas=(0.9, 0.99),
                  scale_threshold=0.5, controller_smoothing=0.0, min_scale=None):
+        if use_controller is None:  # no controller over Schedule-Free unless asked for
+            use_controller = base != "schedulefree"
         params = list(params)
         if not isinstance(params[0], dict):
             params = [{"params": params}]

@@ -420,7 +420,7 @@ def test_scale_threshold_leaves_the_scale_alone_on_noise_and_follows_consistent_
     assert moves(-2.0, 0.5) > 0.95
 
 
-def test_min_scale_bounds_the_learned_scale_from_below_and_defaults_by_base():
+def test_min_scale_bounds_the_learned_scale_from_below_and_defaults_by_base_as_the_controller():
     """The scale may only raise Schedule-Free's rate unless told otherwise; over Adam it may fall to 1e-4x."""
     from hybridopt.hybrid_optimizer import learned_log_scale
 
@@ -432,6 +432,9 @@ def test_min_scale_bounds_the_learned_scale_from_below_and_defaults_by_base():
     assert HybridOptimizer(params, base="adam").scale_floor == pytest.approx(-math.log(1e4))
     with pytest.raises(ValueError, match="min_scale must be in"):
         HybridOptimizer(params, min_scale=2.0)
+    # and the controller: off over Schedule-Free unless asked for, on over Adam
+    assert [HybridOptimizer(params, base=b).use_controller for b in ("schedulefree", "adam", "sgd")] == [False, True, True]
+    assert HybridOptimizer(params, base="schedulefree", use_controller=True).use_controller
 
 
 def test_distill_flags_that_switch_everything_off_leave_schedule_free_adamw():

@@ -20,8 +20,9 @@ The arms (the design document's four first, then what practitioners pick, then a
                          embeddings, norms and head, one rate for both, warmup-cosine
     hybrid_adam          `distill --hybrid --hybrid_base adam`: learned scale, controller and trust region over
                          the Adam direction, warmup-cosine
-    hybrid_sf            `distill --hybrid` (its default base): the same over Schedule-Free AdamW's step, warmup
-                         then constant, the scale one-sided (it may raise the rate, not lower it)
+    hybrid_sf            `distill --hybrid` (its defaults): learned scale and trust region over Schedule-Free
+                         AdamW's step, warmup then constant, the scale one-sided (it may raise the rate, not
+                         lower it), no controller
     hybrid_frozen        hybrid_adam with the controller frozen at initialisation (the learned scale alone)
     hybrid_random        hybrid_adam's own multipliers at the same lr and seed, shuffled in time
                          (same spread, no information)
@@ -197,8 +198,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("hybrid_adam", "distill --hybrid --hybrid_base adam: learned scale + controller + trust region over Adam, "
         "warmup-cosine", "adam", "cosine",
         _hybrid("adam")),
-    Arm("hybrid_sf", "distill --hybrid: learned scale (one-sided) + controller + trust region over Schedule-Free "
-        "AdamW, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
+    Arm("hybrid_sf", "distill --hybrid: learned scale (one-sided) + trust region over Schedule-Free AdamW, no "
+        "controller, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
     Arm("hybrid_frozen", "ablation: hybrid_adam, controller frozen at initialisation (learned scale alone)", "adam", "cosine",
         _hybrid("adam", learn_controller=False)),
     Arm("hybrid_random", "ablation: hybrid_adam's multipliers shuffled in time", "adam", "cosine", _hybrid_random),

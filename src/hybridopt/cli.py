@@ -58,7 +58,8 @@ def _add_field(parser, f, hint, defaults) -> None:
     tp = _base_type(hint)
     help_text = meta.get("help", "")
     if tp is bool:
-        parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction if default else "store_true",
+        # on by default, or decided by other flags when not given (None): --x and --no-x; off: --x
+        parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction if default is not False else "store_true",
                             default=default, help=help_text)
         return
     kwargs = {"type": tp, "default": default,

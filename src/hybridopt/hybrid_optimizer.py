@@ -302,7 +302,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         scale_lr: \\kappa, the largest change of \\ell per step (0.1: x1.105).
         scale_betas: EMA decays of the hypergradient's mean and square.
         scale_threshold: \\tau, the size |\\sigma| must exceed for \\ell to move (0: every step).
-        use_controller: add the auxiliary network's output; False fixes its multipliers at exactly 1.
+        use_controller: add the auxiliary network's output; False fixes its multipliers at exactly 1 (None: off
+            over "schedulefree", where it cost the default distillation run, on otherwise).
         learn_controller: update the controller online; False freezes it at initialisation (outputs 0).
         use_trust_region: bound the update norm.
         trust_radius: initial radius, relative to the parameter norm (global) or tensor RMS (per tensor).
@@ -318,7 +319,7 @@ class HybridOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, base: str = "adam", learn_scale: bool = True, scale_lr: float = 0.1,
-                 scale_betas: tuple[float, float] = (0.9, 0.99), scale_threshold: float = 0.5, use_controller: bool = True,
+                 scale_betas: tuple[float, float] = (0.9, 0.99), scale_threshold: float = 0.5, use_controller: bool | None = None,
                  learn_controller: bool = True, use_trust_region: bool = True, trust_radius: float = 0.1,
                  trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-3,
                  controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0,
@@ -340,6 +341,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         _check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
         if min_scale is None:
             min_scale = 1.0 if base == "schedulefree" else 1e-4
+        if use_controller is None:
+            use_controller = base != "schedulefree"
         _check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
         _check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius,
