@@ -60,7 +60,9 @@ a_t = (c_t, \log r_t), each clamped to [\log 0.1, \log 10]. It learns online fro
 hypergradient: one Adam step (`controller_lr`) on the surrogate \sigma_t a_{t-1,k}(x_{t-1}) plus a quadratic
 pull back inside the clamp bounds, with k = 1 (the learning-rate correction) on every step and k = 2 (the
 radius) on the steps the trust region clipped (then \partial L / \partial \log r has the sign of h).
-The learned scale carries the rate; the controller adds what depends on the training state. With
+The learned scale carries the rate; the controller adds what depends on the training state. It is off by
+default over Schedule-Free (`use_controller=None`): there its corrections kept lowering a constant rate (average
+0.69-0.72x) and cost the default distillation run 0.07-0.13 nats/token (docs/RESULTS.md). With
 `controller_smoothing` b > 0 the correction applied is the EMA c_t = b c_{t-1} + (1 - b) a_{t,1}(x_t)
 (off by default: on the bench it cut the step-to-step jitter of the multiplier 3-5x without lowering the
 loss; docs/RESULTS.md, "Where the multiplier moves from").
