@@ -31,7 +31,7 @@ from hybridopt.utils import seed_everything
 # move the multiplier, so the test covers the optimizer's decisions, not only Adam's arithmetic.
 SETTINGS = {
     "adamw": {},
-    "hybrid": {"hybrid": True, "trust_radius": 1e-3, "controller_lr": 0.05},
+    "hybrid": {"hybrid": True, "controller": True, "trust_radius": 1e-3, "controller_lr": 0.05},  # all of it on
 }
 
 
