@@ -137,7 +137,7 @@ def adam_updates_(out: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: 
 
 def schedulefree_updates_(out: Tensors, grads: Tensors, exp_avg_sqs: Tensors, steps: list[int], beta2: float,
                           eps: float, scale: float) -> Tensors:
-    """out = scale g / (\sqrt{\hat v} + eps) per tensor (Schedule-Free AdamW's direction: no first moment);
+    """out = scale g / (\\sqrt{\\hat v} + eps) per tensor (Schedule-Free AdamW's direction: no first moment);
     updates the second moments in place. Written into `out` with no temporary, as `adam_updates_`."""
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
@@ -152,7 +152,7 @@ def schedulefree_updates_(out: Tensors, grads: Tensors, exp_avg_sqs: Tensors, st
 
 def averaging_weight(weight_sum: float, lr_max: float, lr: float) -> tuple[float, float, float]:
     """Schedule-Free's averaging: (c, weight_sum, lr_max) after a step at rate `lr`, where the new point
-    z enters the average x with weight c = w / \sum w, w = lr_max^2 (lr_max: the largest rate so far)."""
+    z enters the average x with weight c = w / \\sum w, w = lr_max^2 (lr_max: the largest rate so far)."""
     lr_max = max(lr_max, lr)
     weight_sum += lr_max ** 2
     return lr_max ** 2 / weight_sum, weight_sum, lr_max
@@ -442,8 +442,9 @@ class HybridOptimizer(torch.optim.Optimizer):
         return loss
 
     def _schedulefree_step(self, pairs: list, updates: Tensors, factor: torch.Tensor | None) -> None:
-        """z <- z + \Delta and y <- y + c (z - y) + (1 - \beta_1 (1 - c)) \Delta, \Delta = f u, group by group (the
-        docstring). f is multiplied into the `update` buffers first, so they hold \Delta for the next hypergradient."""
+        """z <- z + \\Delta and y <- y + c (z - y) + (1 - \\beta_1 (1 - c)) \\Delta, \\Delta = f u, group by group
+        (the docstring). f is multiplied into the `update` buffers first, so they hold \\Delta for the next
+        hypergradient."""
         if factor is not None:
             torch._foreach_mul_(updates, factor)
         for group in self.param_groups:
