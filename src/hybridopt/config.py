@@ -117,7 +117,7 @@ class TrainConfig:
     scale_lr: float = _arg(0.1, "with --hybrid: how far the learned log scale may move per step (0.1: at most x1.105)")
     scale_threshold: float = _arg(0.5, "with --hybrid: the learned scale moves only when its normalised hypergradient exceeds this in size (noise alone stays below ~0.5); 0 moves it on every step")
     min_scale: float | None = _arg(None, "with --hybrid: the learned scale's lower bound, in [1e-4, 1] (default: 1 over --hybrid_base schedulefree, whose averaging already does what lowering its rate would, so the scale may only raise it; 1e-4 over adam)")
-    controller: bool | None = _arg(None, "with --hybrid: apply the meta-learned controller's learning-rate and radius multipliers (default: off over --hybrid_base schedulefree, where it cost the default run 0.13 nats/token, on over adam); --no-controller fixes them at 1 (with --no-learn_scale and --no-trust_region too, the step is the base optimizer's alone)")
+    controller: bool | None = _arg(None, "with --hybrid: apply the meta-learned controller's learning-rate and radius multipliers (default: off over --hybrid_base schedulefree, where it cost the default run 0.090 nats/token on average, on over adam); --no-controller fixes them at 1 (with --no-learn_scale and --no-trust_region too, the step is the base optimizer's alone)")
     controller_trace: float = _arg(0.0, "with --hybrid: decay of the update trace the hypergradient is credited over (0 = the last update only, as Baydin et al.)")
     controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the auxiliary network (the design document's 1e-3; bounds how fast the multipliers move, about this much in log space per step)")
 
