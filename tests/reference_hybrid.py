@@ -53,7 +53,7 @@ class ReferenceHybrid:
         self.smoothing, self.c = controller_smoothing, 0.0  # c_t = b c_{t-1} + (1 - b) a_{t,1}
         self.ell = 0.0  # the learned log scale
         self.hm, self.hv, self.hn = 0.0, 0.0, 0  # EMAs of h and h^2, and their count
-        self.prev_lr = math.inf  # the first group's lr at the last scale update
+        self.prev_lr = math.inf  # the first group's lr at the last step
         self.x_prev = None  # normalised features at the last update
         self.clipped = False
         self.clipped_count = 0
@@ -107,6 +107,8 @@ class ReferenceHybrid:
                     group["trust_radius"] = max(1e-4, 0.7 * group["trust_radius"])
 
         # h_t = g_t . s_{t-1}, normalised as Adam normalises a gradient; the scale and the controller learn from it.
+        rising = self.param_groups[0]["lr"] > self.prev_lr  # a warmup is raising the rate
+        self.prev_lr = self.param_groups[0]["lr"]
         learns = self.learn_scale or (self.use_controller and self.learn_controller)
         if learns and self.t > 0:
             h = 0.0
@@ -118,11 +120,15 @@ class ReferenceHybrid:
             self.hm = b1 * self.hm + (1 - b1) * h
             self.hv = b2 * self.hv + (1 - b2) * h * h
             sigma = (self.hm / (1 - b1 ** self.hn)) / (math.sqrt(self.hv / (1 - b2 ** self.hn)) + 1e-30)
-            rising = self.param_groups[0]["lr"] > self.prev_lr  # a warmup holds the scale
-            self.prev_lr = self.param_groups[0]["lr"]
-            if self.learn_scale and not rising:  # after a clipped step the scale may only shrink
+            if self.learn_scale and rising:  # a warmup holds the scale, and its evidence is dropped
+                self.hm, self.hv, self.hn = 0.0, 0.0, 0
+            elif self.learn_scale:  # after a clipped step the scale may only shrink
                 step_signal = max(sigma, 0.0) if self.clipped else sigma
-                if abs(step_signal) > self.tau:  # weaker evidence than noise alone gives leaves the scale
+                # the threshold is tau for the settled moments and grows with the spread that zero-mean noise
+                # gives the bias-corrected mean of only hn hypergradients (about 1 for one, so no step)
+                spread_n = (1 - b1) * (1 + b1 ** self.hn) / ((1 + b1) * (1 - b1 ** self.hn))
+                spread = (1 - b1) / (1 + b1)
+                if abs(step_signal) > self.tau * math.sqrt(spread_n / spread):  # weaker evidence leaves the scale
                     self.ell = min(math.log(1e4), max(self.ell_min, self.ell - self.kappa * step_signal))
             if self.use_controller and self.learn_controller:
                 heads = [0, 1] if self.clipped else [0]  # the radius learns on clipped steps

@@ -21,14 +21,16 @@ CONFIGS = {
     "sgd_global_clip": dict(CLIP, base="sgd", lr=0.2),
     "adam_per_tensor_clip": dict(CLIP, trust_mode="per_tensor"),
     "sgd_per_tensor": dict(base="sgd", trust_mode="per_tensor", lr=0.1, trust_radius=0.02),
-    "no_trust_region": dict(use_trust_region=False, lr=0.01, controller_lr=1e-2),
+    "no_trust_region": dict(use_trust_region=False, lr=0.01, controller_lr=1e-2, scale_threshold=0.3),
     "adapt_radius": dict(CLIP, adapt_radius=True),
     "adapt_radius_per_tensor_nan": dict(CLIP, adapt_radius=True, trust_mode="per_tensor", _nan=True),
     "nan_without_adapt": dict(CLIP, _nan=True),
+    # No controller: the non-finite check reads h_t instead of \|g_t\| once every tensor has moved.
+    "nan_schedulefree_defaults": dict(base="schedulefree", lr=1e-3, _nan=True),
     "trace_0.9": dict(CLIP, trace_decay=0.9),
     "clusters": dict(num_clusters=4, controller_lr=1e-2, _clusters=True),
     "weight_decay": dict(CLIP, weight_decay=0.1),
-    "two_groups_scheduled": dict(controller_lr=1e-2, weight_decay=0.01, _groups=True),
+    "two_groups_scheduled": dict(controller_lr=1e-2, weight_decay=0.01, scale_threshold=0.1, _groups=True),
     "two_groups_per_tensor": dict(CLIP, trust_mode="per_tensor", _groups=True),
     "loss_not_passed": dict(controller_lr=1e-2, _no_loss=True),
     "controller_off": dict(CLIP, use_controller=False),
@@ -113,7 +115,7 @@ def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
         if config.get("_gaps") and step % 7 in (3, 4):
             model[2].bias.grad = None
         if config.get("_nan") and step in (0, 40, 41, 90):  # 0: before any update
-            model[0].weight.grad[0, 0] = float("nan")
+            model[0].weight.grad[0, 0] = float("inf") if step == 41 else float("nan")
         loss_value = float("inf") if config.get("_nan") and step == 120 else loss.item()
         for p, q in zip(model.parameters(), ref_model.parameters()):  # identical gradients
             q.grad = None if p.grad is None else p.grad.clone()
@@ -166,9 +168,10 @@ def test_fast_matches_reference(name, default_dtype):
         scales.append(s_fast["learned_scale"])
         if step == 0:
             last_bias = fast_params[3].detach().clone()
-        if CONFIGS[name].get("_warmup") and step == WARMUP - 1:  # held while the lr rose (the first update learns)
-            held = s_fast["learned_scale"]
-            assert held == s_ref["learned_scale"] and abs(math.log(held)) <= 0.1 + 1e-12, held
+        # Held while the lr rose, and for the first steps after it: the warmup's hypergradients were dropped, and a
+        # mean of fewer than 4 fresh ones is too noisy to move it.
+        if CONFIGS[name].get("_warmup") and step <= WARMUP + 2:
+            assert s_fast["learned_scale"] == 1.0, (step, s_fast["learned_scale"])
         if name in JOINS and step == JOINS[name] - 1:  # a tensor without a gradient, or not yet added, stays put
             assert torch.equal(fast_params[3], last_bias), (name, step)
     # The configurations really exercise what they are named for.

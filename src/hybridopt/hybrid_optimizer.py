@@ -32,8 +32,10 @@ of the loss, the gradients or the learning rate given:
     m_t = \beta_a m_{t-1} + (1 - \beta_a) h_t,   v_t = \beta_b v_{t-1} + (1 - \beta_b) h_t^2
     \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30}),   \ell_{t+1} = \mathrm{clip}(\ell_t - \kappa \sigma_t, [\log m, \log 10^4])   if |\sigma_t| > \tau
 
-(else \ell_{t+1} = \ell_t), with \kappa = `scale_lr` (0.1), \tau = `scale_threshold` (0.5), (\beta_a, \beta_b) =
-`scale_betas`, m = `min_scale` and \hat{} Adam's bias corrections. m is 10^{-4} over Adam and SGD and 1 over
+(else \ell_{t+1} = \ell_t), with \kappa = `scale_lr` (0.1), \tau = `scale_threshold` (0.5) times the factor
+by which noise spreads \sigma wider over few hypergradients than over many (`threshold_growth`: 4.4 after one,
+whose \sigma is always \pm 1, 2 after five, 1.4 after ten), (\beta_a, \beta_b) = `scale_betas`, m = `min_scale`
+and \hat{} Adam's bias corrections. m is 10^{-4} over Adam and SGD and 1 over
 Schedule-Free, where the scale is one-sided (it may raise a too-low rate, never lower the given one): under a
 constant rate z's consecutive steps oscillate, so the one-step hypergradient keeps calling the rate too high,
 while the average x already does what a lower rate would (two-sided, the scale shrank to 0.31-0.55x and cost
@@ -42,9 +44,13 @@ while the average x already does what a lower rate would (two-sided, the scale s
 so \ell moves on consistent evidence only; without it (\tau = 0) the noise-level signal near a good rate drifted
 the scale up to ~2.4x on the default distillation run and cost 0.07 nats there (one seed; docs/RESULTS.md). When
 successive updates point the same way (h < 0) the scale grows by up to e^\kappa per step; when they
-oscillate it shrinks. While the first group's lr rises (a warmup) \ell is held: early in training
-successive updates agree, and a scale that grew on top of the warmup overshot in our development runs
-and cost the rest of the run. \ell starts at 0, so `lr` is only the starting point. The signal is greedy
+oscillate it shrinks. While the first group's lr rises (a warmup) \ell is held and the moments are reset
+at every step, so the evidence after the warmup is the constant rate's own: early in training successive
+updates agree, and a scale that grew on top of the warmup overshot in our development runs and cost the rest
+of the run; carried over (with the first step's \sigma = \pm 1 taken at face value), the warmup's evidence
+raised the scale to 1.18-1.49x right after it on the default distillation run and cost 0.050 against
+Schedule-Free AdamW alone, which the reset and the count-aware threshold removed (docs/RESULTS.md). \ell
+starts at 0, so `lr` is only the starting point. The signal is greedy
 (one step ahead): under a decaying schedule it pushes \ell up against the decay (the short-horizon bias
 of Wu et al. 2018); how much that costs, and how far the scale carries a wrong `lr`, is measured in
 docs/RESULTS.md and benchmarks/bench/RESULTS.md. The hypergradient is
@@ -79,11 +85,13 @@ a non-finite L_t or g_t counts as the worst outcome of the update that led to \t
 rule above grows it back by 1.5 per good clipped step). Before the first update no step led there.
 
 Cost: each tensor's u_t is computed in place in one persistent `update` buffer (no parameter-sized temporary
-per step), the global trust-region factor f is applied with the update (\theta += f u) and kept for the next
-hypergradient (h = f g \cdot u_{t-1}) instead of being multiplied into u (over Schedule-Free, whose u moves both
-y and z, it is multiplied into u once); the moments, norms, trust region and Schedule-Free's two sequences
-are `torch._foreach_*` kernels. A step reads one small tensor back to the host (the loss if it is a tensor,
-\|g_t\|^2, h_t and the last step's trust-region factor, stacked), and `adapt_radius` adds one more. Memory:
+per step), the global trust-region factor f is applied with the update (\theta += f u; over Schedule-Free
+y += (1 - \beta_1 (1 - c)) f u and z += f u) and kept for the next hypergradient (h = f g \cdot u_{t-1})
+instead of being multiplied into u; the moments, norms, trust region and Schedule-Free's two sequences are
+`torch._foreach_*` kernels. \|g_t\| is computed only for the controller's features or when h_t does not cover
+every gradient (the non-finite check otherwise reads h_t, which any non-finite g_i makes non-finite). A step
+reads one small tensor back to the host (the loss if it is a tensor, \|g_t\|^2 or h_t, h_t and the last step's
+trust-region factor, stacked), and `adapt_radius` adds one more. Memory:
 Adam's two moments (Schedule-Free: z and the second moment) plus the `update` buffer (one parameter-sized buffer; `trace_decay` > 0 adds the trace s).
 
 Where things live (the schedule_free shape): hyperparameters in the param groups (`lr`, `betas`, `eps`,
@@ -220,6 +228,15 @@ def learned_log_scale(log_scale: float, sigma: float, scale_lr: float, threshold
     return min(LOG_SCALE_BOUND, max(floor, log_scale - scale_lr * sigma))
 
 
+def threshold_growth(count: int, beta: float) -> float:
+    """How much wider zero-mean noise spreads \\sigma after `count` hypergradients than once the moments have
+    settled: \\sqrt{v_n / v_\\infty}, v_n = (1 - \\beta)(1 + \\beta^n) / ((1 + \\beta)(1 - \\beta^n)) the variance of
+    the bias-corrected mean of n unit-variance samples (v_1 = 1: one sample gives \\sigma = \\pm 1)."""
+    n = max(count, 1)
+    spread_n = (1 - beta) * (1 + beta ** n) / ((1 + beta) * (1 - beta ** n))
+    return math.sqrt(spread_n * (1 + beta) / (1 - beta))
+
+
 def decrease_ratio_ema(ratio_ema: float | None, prev_loss: float, loss: float, predicted: float) -> float:
     """EMA (0.9) of the ratio of actual to predicted decrease, started at the first ratio."""
     ratio = (prev_loss - loss) / predicted
@@ -279,7 +296,8 @@ class HybridState:
     correction: float = 0.0  # c_t, the controller's log-lr correction as applied (smoothed with controller_smoothing)
     cluster_id: int | None = None  # data cluster of the next batch, from `set_cluster`
     signal: float = 0.0  # \\sigma_t, the normalised hypergradient
-    prev_lr: float = math.inf  # the first group's lr at the last scale update (a rising lr holds the scale)
+    prev_lr: float = math.inf  # the first group's lr at the last step (a rising lr holds the scale)
+    rising: bool = False
     scale: ScaleState = field(default_factory=ScaleState)
     prev_features: list[float] | None = None  # x_{t-1}, the controller input at the last update
     features: FeatureStats = field(default_factory=FeatureStats)
@@ -405,12 +423,15 @@ class HybridOptimizer(torch.optim.Optimizer):
         pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not pairs:
             return loss
-        loss_value, grad_norm, h = self._read_back(pairs, loss)
-        if not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss_value)):
+        loss_value, finite, grad_norm, h = self._read_back(pairs, loss)
+        if not finite:
             self._skip()
             return loss
         if self._adapts_radius and math.isfinite(loss_value):
             self._adapt_radius(loss_value)
+        lr = self.param_groups[0]["lr"]
+        self.hybrid_state.rising = lr > self.hybrid_state.prev_lr
+        self.hybrid_state.prev_lr = lr
         if self._learns and self.hybrid_state.step > 0:
             self._learn(h)
         self._predict(loss_value, grad_norm)
@@ -424,7 +445,6 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.hybrid_state.lr_multiplier_sum += self.param_groups[0]["lr_multiplier"]
         if self.base == "schedulefree":
             self._schedulefree_step(pairs, updates, factor)
-            factor = None  # now in the `update` buffers
         elif factor is None:
             torch._foreach_add_(params, updates)
         else:  # \\theta += f u, and f stays pending for the hypergradient (no pass to scale u)
@@ -443,21 +463,24 @@ class HybridOptimizer(torch.optim.Optimizer):
 
     def _schedulefree_step(self, pairs: list, updates: Tensors, factor: torch.Tensor | None) -> None:
         """z <- z + \\Delta and y <- y + c (z - y) + (1 - \\beta_1 (1 - c)) \\Delta, \\Delta = f u, group by group
-        (the docstring). f is multiplied into the `update` buffers first, so they hold \\Delta for the next
-        hypergradient."""
-        if factor is not None:
-            torch._foreach_mul_(updates, factor)
+        (the docstring). f is applied with the update and stays pending (the `update` buffers keep u), as over Adam."""
         for group in self.param_groups:
             items = [(p, u) for (p, g), u in zip(pairs, updates) if g is group]
             if not items:
                 continue
             rate = group["lr"] * group["lr_multiplier"]
             c, group["weight_sum"], group["lr_max"] = averaging_weight(group["weight_sum"], group["lr_max"], rate)
-            params, deltas = [p for p, _ in items], [u for _, u in items]
+            params, updates_ = [p for p, _ in items], [u for _, u in items]
             zs = [self.state[p]["z"] for p in params]
             torch._foreach_lerp_(params, zs, c)
-            torch._foreach_add_(params, deltas, alpha=1 - group["betas"][0] * (1 - c))
-            torch._foreach_add_(zs, deltas)
+            weight = 1 - group["betas"][0] * (1 - c)
+            if factor is None:
+                torch._foreach_add_(params, updates_, alpha=weight)
+                torch._foreach_add_(zs, updates_)
+            else:  # \Delta = f u applied with the update (no pass to scale u; f stays pending for h)
+                for p, z, u in zip(params, zs, updates_):
+                    p.addcmul_(u, factor * weight)
+                    z.addcmul_(u, factor)
 
     @torch.no_grad()
     def eval(self) -> None:
@@ -483,23 +506,27 @@ class HybridOptimizer(torch.optim.Optimizer):
                 if z is not None:
                     p.lerp_(z, (1 - beta1) if train else (1 - 1 / beta1))
 
-    def _read_back(self, pairs: list, loss) -> tuple[float, float, float]:
-        """The step's one host sync: (loss, \\|g_t\\|, h_t), and the last step's trust-region factor."""
+    def _read_back(self, pairs: list, loss) -> tuple[float, bool, float | None, float]:
+        """The step's one host sync: (loss, whether loss and g_t are finite, \\|g_t\\| (None when not needed),
+        h_t), and the last step's trust-region factor."""
         grads = [p.grad for p, _ in pairs]
         device = grads[0].device
-        values = [norms(grads).pow(2).sum()]
         key = "trace" if self.trace_decay else "update"
         moved = [(p.grad, self.state[p][key]) for p, _ in pairs if key in self.state[p]]
         h = dot(*zip(*moved)) if moved and self._learns else torch.zeros((), device=device)
         if key == "update" and self._pending_factor is not None:
             h = h * self._pending_factor
-        values.append(h)
+        # \|g\| feeds the controller and, otherwise, only the non-finite check, which h makes as well when it
+        # covers every gradient (a non-finite g_i makes g \cdot s non-finite, 0 \cdot inf included): one pass less.
+        by_h = self._learns and len(moved) == len(pairs) and not self.use_controller
+        values = [h if by_h else norms(grads).pow(2).sum(), h]
         values.append(self._trust_factor.min().float() if self._trust_factor is not None else torch.ones((), device=device))
         values.append(torch.as_tensor(loss, device=device).detach() if loss is not None
                       else torch.full((), math.nan, device=device))
         grad_sq, h, factor, loss_value = torch.stack([v.to(device, torch.float64) for v in values]).tolist()
         self._settle(factor)
-        return loss_value, math.sqrt(grad_sq), h
+        finite = math.isfinite(grad_sq) and (loss is None or math.isfinite(loss_value))
+        return loss_value, finite, None if by_h else math.sqrt(grad_sq), h
 
     def _settle(self, factor: float | None = None) -> None:
         """Record whether the last update was clipped (its factor read back now)."""
@@ -554,18 +581,19 @@ class HybridOptimizer(torch.optim.Optimizer):
         """The learned scale's step, and one controller step on the surrogate \\sigma_t a_{t-1,k}(x_{t-1})."""
         s = self.hybrid_state
         s.scale, s.signal = normalized_hypergradient(s.scale, h, self.scale_betas)
-        rising = self.param_groups[0]["lr"] > s.prev_lr  # a warmup is raising the rate itself
-        s.prev_lr = self.param_groups[0]["lr"]
-        if self.learn_scale and not rising:  # a clipped step's length was the radius's: it may lower the scale only
+        if self.learn_scale and s.rising:  # held, and what the warmup's steps said is dropped (docstring)
+            s.scale = ScaleState(log_scale=s.scale.log_scale)
+        elif self.learn_scale:  # a clipped step's length was the radius's: it may lower the scale only
             sigma = max(s.signal, 0.0) if s.clipped else s.signal
-            s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr, self.scale_threshold,
+            tau = self.scale_threshold * threshold_growth(s.scale.count, self.scale_betas[0])
+            s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr, tau,
                                                   self.scale_floor)
         if self.use_controller and self.learn_controller:
             heads = [LR_HEAD, RADIUS_HEAD] if s.clipped else [LR_HEAD]
             self.controller.surrogate_gradients_(torch.tensor(s.prev_features), s.signal, heads)
             self.controller_opt.step()
 
-    def _predict(self, loss: float, grad_norm: float) -> None:
+    def _predict(self, loss: float, grad_norm: float | None) -> None:
         """Learned scale and controller -> multipliers written into every param group."""
         s = self.hybrid_state
         if not (self.use_controller or self.learn_scale):
