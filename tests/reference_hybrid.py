@@ -26,7 +26,7 @@ class ReferenceHybrid:
                  use_controller=None, learn_controller=True, use_trust_region=True, trust_radius=0.1,
                  trust_mode="global", adapt_radius=False, controller_lr=1e-3, controller_hidden=16,
                  trace_decay=0.0, num_clusters=0, learn_scale=True, scale_lr=0.1, scale_betas=(0.9, 0.99),
-                 scale_threshold=0.5, controller_smoothing=0.0, min_scale=None):
+                 scale_threshold=0.5, controller_smoothing=0.0, min_scale=None, radius_start=None):
         if use_controller is None:  # no controller over Schedule-Free unless asked for
             use_controller = base != "schedulefree"
         params = list(params)
@@ -44,6 +44,11 @@ class ReferenceHybrid:
         if min_scale is None:  # the scale may only raise Schedule-Free's rate
             min_scale = 1.0 if base == "schedulefree" else 1e-4
         self.ell_min = math.log(min_scale)
+        if radius_start is None:  # over Schedule-Free the first step after the warmup starts at a quarter of the radius
+            radius_start = 0.25 if base == "schedulefree" else 0.0
+        self.radius_start = radius_start
+        self.ratio = None  # global trust region: the last step's radius over the length of its update
+        self.started = False
         self.controller = AuxiliaryNN(controller_hidden)
         self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
         self.state = {}  # id(p) -> {"n", "m", "v" or "b", "s"}
@@ -130,6 +135,10 @@ class ReferenceHybrid:
                 spread = (1 - b1) / (1 + b1)
                 if abs(step_signal) > self.tau * math.sqrt(spread_n / spread):  # weaker evidence leaves the scale
                     self.ell = min(math.log(1e4), max(self.ell_min, self.ell - self.kappa * step_signal))
+                if not self.started:  # the first step after the warmup: raised to radius_start x the radius's rate
+                    self.started = True
+                    if self.radius_start > 0 and self.ratio is not None and self.radius_start * self.ratio > 1:
+                        self.ell = min(math.log(1e4), self.ell + math.log(self.radius_start * self.ratio))
             if self.use_controller and self.learn_controller:
                 heads = [0, 1] if self.clipped else [0]  # the radius learns on clipped steps
                 with torch.enable_grad():
@@ -196,6 +205,7 @@ class ReferenceHybrid:
                 theta_sq += float((p * p).sum())
                 u_sq += float((u * u).sum())
             bound = mu * max(math.sqrt(theta_sq), 1e-3)
+            self.ratio = bound / math.sqrt(u_sq) if u_sq > 0 else 1.0
             if math.sqrt(u_sq) > bound:
                 updates = [u * (bound / math.sqrt(u_sq)) for u in updates]
                 clipped = True

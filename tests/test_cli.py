@@ -71,6 +71,7 @@ def test_bad_numbers(capsys, tmp_path):
     _bad(["distill", "--student_heads", "3"], capsys, "must divide --student_hidden")
     _bad(["distill", "--hybrid", "--trust_radius", "0"], capsys, "--trust_radius must be positive")
     _bad(["distill", "--hybrid", "--min_scale", "2"], capsys, "--min_scale must be in .1e-4, 1., got 2.0")
+    _bad(["distill", "--hybrid", "--radius_start", "1.5"], capsys, "--radius_start must be in .0, 1., got 1.5")
     _bad(["distill", "--data_clusters", "1"], capsys, "--data_clusters must be at least 2")
     _bad(["distill", "--cluster_sampling", "balanced"], capsys, "--cluster_sampling needs --data_clusters")
     _bad(["distill", "--param_clusters", "4"], capsys, "--param_clusters needs a quantized run")
@@ -151,6 +152,7 @@ def test_teacher_cache_key_tells_apart_what_shapes_a_hybrid_teacher(monkeypatch,
     assert path(hybrid=True, hybrid_base="schedulefree") != hybrid
     assert path(hybrid=True, hybrid_base="adam", min_scale=0.5) != hybrid
     assert path(hybrid=True, hybrid_base="adam", controller=False) != hybrid
+    assert path(hybrid=True, hybrid_base="adam", radius_start=0.5) != hybrid
     # Over Adam with the bound it chooses itself the name is the one entries were cached under before these options.
     values = dataclasses.asdict(TeacherConfig(hybrid=True))
     old_key = {k: values[k] for k in _KEY_FIELDS + ("hybrid", "trust_radius", "trust_region", "adapt_radius",

@@ -437,6 +437,37 @@ def test_min_scale_bounds_the_learned_scale_from_below_and_defaults_by_base_as_t
     assert HybridOptimizer(params, base="schedulefree", use_controller=True).use_controller
 
 
+def test_radius_start_lifts_a_far_too_low_rate_once_after_the_warmup():
+    """Over Schedule-Free the first step after the warmup lifts the scale so that a step would be a quarter of the
+    trust radius long (the ratio read from the global trust region); later steps do not do it again, and a rate already
+    near the radius is left alone."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+
+    def scales(lr, warmup, steps=6, **kw):
+        opt = HybridOptimizer([w], lr=lr, base="schedulefree", **kw)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        out = []
+        for _ in range(steps):
+            w.grad = torch.randn_like(w)
+            opt.step()
+            sched.step()
+            out.append(opt.summary()["learned_scale"])
+        return out, opt.hybrid_state.radius_ratio
+
+    # At lr 1e-6 a step is lr sqrt(n) long against a radius of 0.1 |w| = 0.1 * 0.1 sqrt(n): ratio ~1e4.
+    low, ratio = scales(1e-6, warmup=3)
+    assert low[:3] == [1.0, 1.0, 1.0]  # held through the warmup (steps 1-3)
+    assert low[3] == pytest.approx(0.25 * 1e4, rel=0.1)  # lifted at the first step after it
+    assert low[4] == pytest.approx(low[3], rel=0.25) and ratio == pytest.approx(4.0, rel=0.2)  # once; now a quarter
+    assert scales(1e-6, warmup=3, radius_start=0.0)[0][3] == 1.0  # off
+    assert scales(1e-6, warmup=3, use_trust_region=False)[0][3] == 1.0  # no global radius to start from
+    assert scales(1e-2, warmup=1)[0][1] == 1.0  # 0.25 x a ratio of ~1 is no lift
+    with pytest.raises(ValueError, match="radius_start must be in"):
+        HybridOptimizer([w], radius_start=1.5)
+    assert [HybridOptimizer([w], base=b).radius_start for b in ("schedulefree", "adam")] == [0.25, 0.0]
+
+
 def test_distill_flags_that_switch_everything_off_leave_schedule_free_adamw():
     """`--hybrid --no-learn_scale --no-controller --no-trust_region` trains with Schedule-Free AdamW's step (the
     ablation RESULTS.md runs), on distill's parameter groups; each flag alone turns off only its part."""

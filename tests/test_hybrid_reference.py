@@ -61,6 +61,10 @@ CONFIGS = {
     # defaults (one-sided, no controller); and a bound set over Adam.
     "schedulefree_floor": dict(CLIP, base="schedulefree", lr=3e-3, _eval=True, _floor=1.0),
     "adam_floor_0.5": dict(CLIP, min_scale=0.5, _floor=0.5),
+    # A rate far below the trust radius's: Schedule-Free's first step after the warmup (here the second) starts
+    # the scale at a quarter of the radius's rate; radius_start 0 turns that off.
+    "schedulefree_radius_start": dict(base="schedulefree", lr=1e-5, _eval=True, _started=True),
+    "schedulefree_no_radius_start": dict(base="schedulefree", lr=1e-5, radius_start=0.0),
 }
 
 
@@ -172,6 +176,9 @@ def test_fast_matches_reference(name, default_dtype):
         # mean of fewer than 4 fresh ones is too noisy to move it.
         if CONFIGS[name].get("_warmup") and step <= WARMUP + 2:
             assert s_fast["learned_scale"] == 1.0, (step, s_fast["learned_scale"])
+        if step == 1 and CONFIGS[name].get("base") == "schedulefree" and CONFIGS[name].get("lr") == 1e-5:
+            started = CONFIGS[name].get("_started", False)
+            assert (s_fast["learned_scale"] > 100) == started, (name, s_fast["learned_scale"])
         if name in JOINS and step == JOINS[name] - 1:  # a tensor without a gradient, or not yet added, stays put
             assert torch.equal(fast_params[3], last_bias), (name, step)
     # The configurations really exercise what they are named for.

@@ -77,7 +77,7 @@ def _hybrid_kwargs() -> dict:
     return dict(betas=BETAS, use_trust_region=d.trust_region, trust_radius=d.trust_radius,
                 adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, trace_decay=d.controller_trace,
                 learn_scale=d.learn_scale, scale_lr=d.scale_lr, scale_threshold=d.scale_threshold,
-                min_scale=d.min_scale, use_controller=d.controller)
+                min_scale=d.min_scale, radius_start=d.radius_start, use_controller=d.controller)
 
 
 def _hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

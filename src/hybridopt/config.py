@@ -117,6 +117,7 @@ class TrainConfig:
     scale_lr: float = _arg(0.1, "with --hybrid: how far the learned log scale may move per step (0.1: at most x1.105)")
     scale_threshold: float = _arg(0.5, "with --hybrid: the learned scale moves only when its normalised hypergradient exceeds this in size (noise alone stays below ~0.5); 0 moves it on every step")
     min_scale: float | None = _arg(None, "with --hybrid: the learned scale's lower bound, in [1e-4, 1] (default: 1 over --hybrid_base schedulefree, whose averaging already does what lowering its rate would, so the scale may only raise it; 1e-4 over adam)")
+    radius_start: float | None = _arg(None, "with --hybrid: at the first step after the warmup, raise the learned scale until the step is at least this fraction of the trust radius's length, in [0, 1] (default: 0.25 over --hybrid_base schedulefree, so a far too low --lr starts near a workable rate while a good one, whose steps are already about half the radius long on the default run, is left alone; 0 over adam, and 0 turns it off)")
     controller: bool | None = _arg(None, "with --hybrid: apply the meta-learned controller's learning-rate and radius multipliers (default: off over --hybrid_base schedulefree, where it cost the default run 0.090 nats/token on average, on over adam); --no-controller fixes them at 1 (with --no-learn_scale and --no-trust_region too, the step is the base optimizer's alone)")
     controller_trace: float = _arg(0.0, "with --hybrid: decay of the update trace the hypergradient is credited over (0 = the last update only, as Baydin et al.)")
     controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the auxiliary network (the design document's 1e-3; bounds how fast the multipliers move, about this much in log space per step)")
@@ -128,6 +129,8 @@ class TrainConfig:
             raise UserError(f"--scale_threshold must be in [0, 1), got {self.scale_threshold}")
         if self.min_scale is not None and not 1e-4 <= self.min_scale <= 1:
             raise UserError(f"--min_scale must be in [1e-4, 1], got {self.min_scale}")
+        if self.radius_start is not None and not 0 <= self.radius_start <= 1:
+            raise UserError(f"--radius_start must be in [0, 1], got {self.radius_start}")
         if self.max_steps_per_epoch < 0:
             raise UserError(f"--max_steps_per_epoch must be 0 (full pass) or positive, got {self.max_steps_per_epoch}")
         if self.warmup_steps is not None and self.warmup_steps < 0:

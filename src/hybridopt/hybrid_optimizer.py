@@ -50,7 +50,11 @@ updates agree, and a scale that grew on top of the warmup overshot in our develo
 of the run; carried over (with the first step's \sigma = \pm 1 taken at face value), the warmup's evidence
 raised the scale to 1.18-1.49x right after it on the default distillation run and cost 0.050 against
 Schedule-Free AdamW alone, which the reset and the count-aware threshold removed (docs/RESULTS.md). \ell
-starts at 0, so `lr` is only the starting point. The signal is greedy
+starts at 0, so `lr` is only the starting point, and over Schedule-Free (`radius_start` q = 0.25) not even
+that: at the first step after the warmup, \ell \leftarrow \min(\log 10^4, \ell + \max(0, \log(q \rho_{t-1}
+\max(\|\theta_{t-1}\|, 10^{-3}) / \|u_{t-1}\|))) (the ratio from the global trust region's last step; 1 when
+u = 0), so a rate far below the one whose step fills the radius starts at q times that rate instead of
+climbing there at e^\kappa per step, which took most of a short run (docs/RESULTS.md). The signal is greedy
 (one step ahead): under a decaying schedule it pushes \ell up against the decay (the short-horizon bias
 of Wu et al. 2018); how much that costs, and how far the scale carries a wrong `lr`, is measured in
 docs/RESULTS.md and benchmarks/bench/RESULTS.md. The hypergradient is
@@ -181,10 +185,17 @@ def norms(tensors: Tensors) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
 
 
+def radius_ratio(updates: Tensors, params: Tensors, radius: float) -> torch.Tensor:
+    """radius max(\\|theta\\|, 1e-3) / \\|u\\| (1 when u = 0), a 0-d tensor (no host sync): how many times
+    longer than u a step may be before the global trust region clips it."""
+    limit = radius * norms(params).norm().clamp_min(MIN_NORM)
+    length = norms(updates).norm()
+    return torch.where(length > 0, limit / length.clamp_min(1e-30), torch.ones_like(limit))
+
+
 def global_trust_factor(updates: Tensors, params: Tensors, radius: float) -> torch.Tensor:
     """min(1, radius max(\\|theta\\|, 1e-3) / \\|u\\|), a 0-d tensor (no host sync)."""
-    limit = radius * norms(params).norm().clamp_min(MIN_NORM)
-    return (limit / norms(updates).norm().clamp_min(1e-30)).clamp_max(1.0)
+    return radius_ratio(updates, params, radius).clamp_max(1.0)
 
 
 def tensor_trust_factors(updates: Tensors, params: Tensors, radii: list[float]) -> torch.Tensor:
@@ -297,7 +308,9 @@ class HybridState:
     cluster_id: int | None = None  # data cluster of the next batch, from `set_cluster`
     signal: float = 0.0  # \\sigma_t, the normalised hypergradient
     prev_lr: float = math.inf  # the first group's lr at the last step (a rising lr holds the scale)
-    rising: bool = False
+    rising: bool = False  # the first group's lr rose at this step (a warmup)
+    radius_ratio: float | None = None  # global trust region: the last step's radius / \\|u\\|
+    started: bool = False  # the first step after the warmup has been taken (radius_start applied)
     scale: ScaleState = field(default_factory=ScaleState)
     prev_features: list[float] | None = None  # x_{t-1}, the controller input at the last update
     features: FeatureStats = field(default_factory=FeatureStats)
@@ -335,6 +348,9 @@ class HybridOptimizer(torch.optim.Optimizer):
         num_clusters: number of data clusters (for the cluster feature), 0 if none.
         controller_smoothing: b of the EMA over the controller's learning-rate correction (0: none).
         min_scale: the learned scale's lower bound m, in [1e-4, 1] (None: 1 over "schedulefree", 1e-4 otherwise).
+        radius_start: q in [0, 1]: at the first step after the warmup the scale is raised so that the last step
+            would have been at least q times the global trust radius long (None: 0.25 over "schedulefree", 0,
+            off, otherwise; needs the global trust region).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -343,7 +359,8 @@ class HybridOptimizer(torch.optim.Optimizer):
                  learn_controller: bool = True, use_trust_region: bool = True, trust_radius: float = 0.1,
                  trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-3,
                  controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0,
-                 controller_smoothing: float = 0.0, min_scale: float | None = None):
+                 controller_smoothing: float = 0.0, min_scale: float | None = None,
+                 radius_start: float | None = None):
         _check(lr > 0, f"lr must be positive, got {lr}")
         _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}")
         _check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
@@ -363,6 +380,9 @@ class HybridOptimizer(torch.optim.Optimizer):
             min_scale = 1.0 if base == "schedulefree" else 1e-4
         if use_controller is None:
             use_controller = base != "schedulefree"
+        if radius_start is None:
+            radius_start = 0.25 if base == "schedulefree" else 0.0
+        _check(0 <= radius_start <= 1, f"radius_start must be in [0, 1], got {radius_start}")
         _check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
         _check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius,
@@ -375,6 +395,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.use_trust_region, self.adapt_radius = use_trust_region, adapt_radius
         self.trace_decay, self.num_clusters = trace_decay, num_clusters
         self.controller_smoothing = controller_smoothing
+        self.radius_start = radius_start
         self.controller = AuxiliaryNN(controller_hidden)
         self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
         self.hybrid_state = HybridState()
@@ -535,6 +556,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         if factor is None:
             factor = float(self._trust_factor.min())
         self._trust_factor = None
+        if self.trust_mode == "global":  # the global factor is kept unclamped until read: radius / \\|u\\|
+            self.hybrid_state.radius_ratio = factor
         self.hybrid_state.clipped = factor < 1.0
         self.hybrid_state.clipped_steps += int(factor < 1.0)
 
@@ -588,6 +611,11 @@ class HybridOptimizer(torch.optim.Optimizer):
             tau = self.scale_threshold * threshold_growth(s.scale.count, self.scale_betas[0])
             s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr, tau,
                                                   self.scale_floor)
+        if self.learn_scale and not s.rising and not s.started:  # the first step after the warmup
+            s.started = True
+            if self.radius_start and s.radius_ratio is not None:  # at least radius_start x the radius's rate
+                s.scale.log_scale = min(LOG_SCALE_BOUND, s.scale.log_scale
+                                        + max(0.0, math.log(self.radius_start * s.radius_ratio)))
         if self.use_controller and self.learn_controller:
             heads = [LR_HEAD, RADIUS_HEAD] if s.clipped else [LR_HEAD]
             self.controller.surrogate_gradients_(torch.tensor(s.prev_features), s.signal, heads)
@@ -653,8 +681,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         params = [p for p, _ in pairs]
         if self.trust_mode == "global":
             group = self.param_groups[0]
-            self._trust_factor = global_trust_factor(updates, params, group["trust_radius"] * group["radius_multiplier"])
-            return self._trust_factor
+            self._trust_factor = radius_ratio(updates, params, group["trust_radius"] * group["radius_multiplier"])
+            return self._trust_factor.clamp_max(1.0)
         self._trust_factor = tensor_trust_factors(updates, params,
                                                   [g["trust_radius"] * g["radius_multiplier"] for _, g in pairs])
         torch._foreach_mul_(updates, list(self._trust_factor.unbind()))

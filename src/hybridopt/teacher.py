@@ -31,7 +31,7 @@ INFO_NAME = "teacher_info.json"
 _KEY_FIELDS = ("data", "vocab_size", "hidden", "layers", "intermediate", "heads", "context", "val_fraction", "epochs",
                "max_steps_per_epoch", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                "grad_clip", "seed")
-_ADDED_HYBRID_FIELDS = {"hybrid_base": "adam", "min_scale": None, "controller": None}  # hybrid options older cache keys did not have
+_ADDED_HYBRID_FIELDS = {"hybrid_base": "adam", "min_scale": None, "controller": None, "radius_start": None}  # hybrid options older cache keys did not have
 
 
 def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:

@@ -85,6 +85,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int 
                                trust_radius=cfg.trust_radius, adapt_radius=cfg.adapt_radius,
                                learn_scale=cfg.learn_scale, scale_lr=cfg.scale_lr,
                                scale_threshold=cfg.scale_threshold, min_scale=cfg.min_scale,
+                               radius_start=cfg.radius_start,
                                use_controller=cfg.controller,
                                controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace,
                                num_clusters=num_clusters)
