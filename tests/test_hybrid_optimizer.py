@@ -465,6 +465,16 @@ def test_radius_start_lifts_a_far_too_low_rate_once_after_the_warmup():
     assert scales(1e-2, warmup=1)[0][1] == 1.0  # 0.25 x a ratio of ~1 is no lift
     with pytest.raises(ValueError, match="radius_start must be in"):
         HybridOptimizer([w], radius_start=1.5)
+    # A state saved mid-run before radius_start existed does not lift the scale at the resume.
+    opt = HybridOptimizer([w], lr=1e-6, base="schedulefree")
+    for _ in range(2):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    sd = opt.state_dict()
+    del sd["hybrid"]["state"]["started"]
+    resumed = HybridOptimizer([w], lr=1e-6, base="schedulefree")
+    resumed.load_state_dict(sd)
+    assert resumed.hybrid_state.started
     assert [HybridOptimizer([w], base=b).radius_start for b in ("schedulefree", "adam")] == [0.25, 0.0]
 
 

@@ -732,6 +732,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         hybrid = state_dict.pop("hybrid")
         super().load_state_dict(state_dict)
         saved = dict(hybrid["state"])
+        saved.setdefault("started", saved.get("step", 0) > 0)  # saved before radius_start: not at a resume
         self.hybrid_state = HybridState(**{**saved, "features": FeatureStats(**saved["features"]),
                                            "scale": ScaleState(**saved.get("scale", {}))})
         self._trust_factor = None
