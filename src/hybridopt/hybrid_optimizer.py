@@ -193,11 +193,6 @@ def radius_ratio(updates: Tensors, params: Tensors, radius: float) -> torch.Tens
     return torch.where(length > 0, limit / length.clamp_min(1e-30), torch.ones_like(limit))
 
 
-def global_trust_factor(updates: Tensors, params: Tensors, radius: float) -> torch.Tensor:
-    """min(1, radius max(\\|theta\\|, 1e-3) / \\|u\\|), a 0-d tensor (no host sync)."""
-    return radius_ratio(updates, params, radius).clamp_max(1.0)
-
-
 def tensor_trust_factors(updates: Tensors, params: Tensors, radii: list[float]) -> torch.Tensor:
     """Per tensor: min(1, radius max(rms(theta), 1e-3) sqrt(n) / \\|u\\|), shape `(n,)`."""
     sizes = torch.tensor([float(p.numel()) for p in params], device=params[0].device)
