@@ -475,6 +475,13 @@ def test_radius_start_lifts_a_far_too_low_rate_once_after_the_warmup():
     resumed = HybridOptimizer([w], lr=1e-6, base="schedulefree")
     resumed.load_state_dict(sd)
     assert resumed.hybrid_state.started
+    # A state saved while HybridState still held `rising` (a per-step value now) loads and resumes identically.
+    sd = opt.state_dict()
+    sd["hybrid"]["state"]["rising"] = True
+    twins = [HybridOptimizer([w], lr=1e-6, base="schedulefree") for _ in range(2)]
+    twins[0].load_state_dict(opt.state_dict())
+    twins[1].load_state_dict(sd)
+    assert twins[0].hybrid_state == twins[1].hybrid_state
     assert [HybridOptimizer([w], base=b).radius_start for b in ("schedulefree", "adam")] == [0.25, 0.0]
 
 

@@ -123,6 +123,7 @@ MIN_NORM = 1e-3  # floor of the reference norm, so parameters at zero can still 
 LOG_SCALE_BOUND = math.log(1e4)  # the learned scale stays within 1e-4x ... 1e4x the given lr
 
 Tensors = list[torch.Tensor]
+RETIRED_STATE_KEYS = frozenset({"rising"})  # HybridState fields older versions saved; dropped when loading
 
 
 # ---------------------------------------------------------------------------- pure update functions
@@ -303,7 +304,6 @@ class HybridState:
     cluster_id: int | None = None  # data cluster of the next batch, from `set_cluster`
     signal: float = 0.0  # \\sigma_t, the normalised hypergradient
     prev_lr: float = math.inf  # the first group's lr at the last step (a rising lr holds the scale)
-    rising: bool = False  # the first group's lr rose at this step (a warmup)
     radius_ratio: float | None = None  # global trust region: the last step's radius / \\|u\\|
     started: bool = False  # the first step after the warmup has been taken (radius_start applied)
     scale: ScaleState = field(default_factory=ScaleState)
@@ -446,10 +446,9 @@ class HybridOptimizer(torch.optim.Optimizer):
         if self._adapts_radius and math.isfinite(loss_value):
             self._adapt_radius(loss_value)
         lr = self.param_groups[0]["lr"]
-        self.hybrid_state.rising = lr > self.hybrid_state.prev_lr
-        self.hybrid_state.prev_lr = lr
+        rising, self.hybrid_state.prev_lr = lr > self.hybrid_state.prev_lr, lr  # a warmup is raising the rate
         if self._learns and self.hybrid_state.step > 0:
-            self._learn(h)
+            self._learn(h, rising)
         self._predict(loss_value, grad_norm)
         self.hybrid_state.step += 1
         params = [p for p, _ in pairs]
@@ -595,18 +594,18 @@ class HybridOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["trust_radius"] = adapted_radius(group["trust_radius"], s.ratio_ema, s.clipped)
 
-    def _learn(self, h: float) -> None:
+    def _learn(self, h: float, rising: bool) -> None:
         """The learned scale's step, and one controller step on the surrogate \\sigma_t a_{t-1,k}(x_{t-1})."""
         s = self.hybrid_state
         s.scale, s.signal = normalized_hypergradient(s.scale, h, self.scale_betas)
-        if self.learn_scale and s.rising:  # held, and what the warmup's steps said is dropped (docstring)
+        if self.learn_scale and rising:  # held, and what the warmup's steps said is dropped (docstring)
             s.scale = ScaleState(log_scale=s.scale.log_scale)
         elif self.learn_scale:  # a clipped step's length was the radius's: it may lower the scale only
             sigma = max(s.signal, 0.0) if s.clipped else s.signal
             tau = self.scale_threshold * threshold_growth(s.scale.count, self.scale_betas[0])
             s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr, tau,
                                                   self.scale_floor)
-        if self.learn_scale and not s.rising and not s.started:  # the first step after the warmup
+        if self.learn_scale and not rising and not s.started:  # the first step after the warmup
             s.started = True
             if self.radius_start and s.radius_ratio is not None:  # at least radius_start x the radius's rate
                 s.scale.log_scale = min(LOG_SCALE_BOUND, s.scale.log_scale
@@ -726,7 +725,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         hybrid = state_dict.pop("hybrid")
         super().load_state_dict(state_dict)
-        saved = dict(hybrid["state"])
+        saved = {k: v for k, v in hybrid["state"].items() if k not in RETIRED_STATE_KEYS}
         saved.setdefault("started", saved.get("step", 0) > 0)  # saved before radius_start: not at a resume
         self.hybrid_state = HybridState(**{**saved, "features": FeatureStats(**saved["features"]),
                                            "scale": ScaleState(**saved.get("scale", {}))})
