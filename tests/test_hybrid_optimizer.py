@@ -560,3 +560,39 @@ def test_eval_and_train_leave_other_bases_alone():
 def test_adapt_radius_is_refused_with_schedulefree():
     with pytest.raises(ValueError, match="adapt_radius is not supported with base='schedulefree'"):
         HybridOptimizer([torch.nn.Parameter(torch.ones(2))], base="schedulefree", adapt_radius=True)
+
+
+def _rule_fingerprint() -> dict:
+    """What 40 steps of each base compute on a fixed noisy quadratic (float64): final loss and learned scale,
+    to 6 significant digits."""
+    out = {}
+    for base in ("adam", "schedulefree", "sgd"):
+        torch.manual_seed(0)  # the controller's initial weights
+        gen = torch.Generator().manual_seed(0)
+        target = torch.randn(2, 50, generator=gen, dtype=torch.float64)
+        w = [torch.randn(50, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2)]
+        opt = HybridOptimizer(w, lr=1e-3 if base != "sgd" else 1e-2, base=base, weight_decay=0.01)
+        for t in range(40):
+            for group in opt.param_groups:  # a 5-step warmup, then constant
+                group["lr"] = opt.defaults["lr"] * min(1.0, (t + 1) / 5)
+            noise = torch.randn(2, 50, generator=gen, dtype=torch.float64)
+            loss = sum(((x - y - 0.3 * n) ** 2).sum() for x, y, n in zip(w, target, noise))
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss)
+        opt.eval()
+        final = sum(((x - y) ** 2).sum() for x, y in zip(w, target)).item()
+        out[base] = (float(f"{final:.6g}"), float(f"{opt.summary()['learned_scale']:.6g}"))
+    return out
+
+
+def test_rule_version_is_bumped_with_every_change_of_what_a_step_computes():
+    """RULE_VERSION names the cache entries of teachers trained with --hybrid, so a teacher trained by an
+    older rule is never taken for a newer one: when this test fails, the rule changed; bump RULE_VERSION in
+    hybrid_optimizer.py and put the new fingerprint here under it."""
+    from hybridopt.hybrid_optimizer import RULE_VERSION
+
+    fingerprints = {9: {"adam": (173.745, 33.846), "schedulefree": (45.6048, 160.653), "sgd": (1.60014, 1.0)}}
+    assert RULE_VERSION in fingerprints, "RULE_VERSION has no fingerprint here: add the one this test prints"
+    assert _rule_fingerprint() == fingerprints[RULE_VERSION], (
+        f"the rule computes {_rule_fingerprint()}: bump RULE_VERSION and record that under it")

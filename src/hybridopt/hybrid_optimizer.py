@@ -123,6 +123,7 @@ MIN_NORM = 1e-3  # floor of the reference norm, so parameters at zero can still 
 LOG_SCALE_BOUND = math.log(1e4)  # the learned scale stays within 1e-4x ... 1e4x the given lr
 
 Tensors = list[torch.Tensor]
+RULE_VERSION = 9  # bumped with every change to what a step computes (names the hybrid-trained teachers' cache entries)
 RETIRED_STATE_KEYS = frozenset({"rising"})  # HybridState fields older versions saved; dropped when loading
 
 

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from hybridopt import hybrid_optimizer
 from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
 from hybridopt.config import TeacherConfig, default_teacher_config
 from hybridopt.corpus import Document, corpus_fingerprint, split_documents
@@ -44,6 +45,7 @@ def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
         # Options added later join the key only when they differ from what every earlier entry was trained with,
         # so those entries keep their names (and are never taken for a run that set them otherwise).
         key.update({k: values[k] for k, before in _ADDED_HYBRID_FIELDS.items() if values[k] != before})
+        key["hybrid_rule"] = hybrid_optimizer.RULE_VERSION  # a teacher trained by an older rule is not this one
     cfg_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return cache_dir() / "teachers" / f"teacher-{fingerprint[:8]}-{cfg_hash}"
 
