@@ -6,7 +6,10 @@ Times forward+backward+step of the default 3.41M-parameter student (batch 16 x 1
 AdamW with foreach (the reference of issue 13's cost goal), AdamW as torch builds it by default (one tensor at a
 time on CPU), Schedule-Free AdamW (foreach), `distill --hybrid`'s optimizer (over Schedule-Free) and the hybrid
 over Adam, alternating blocks so machine noise hits all, and reports medians of the whole training step and
-of `optimizer.step()` alone, each as a ratio to AdamW foreach's. Writes `hybrid_overhead.json`.
+of `optimizer.step()` alone, each as a ratio to AdamW foreach's. With `--compile` it adds both hybrids with
+`compile=True` (`distill --hybrid --compile`) and AdamW foreach with its step under `torch.compile` (as torch's
+documentation compiles an optimizer; the rate here is constant); their compilation
+happens in the warm-up steps, whose time is reported apart. Writes `hybrid_overhead.json`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,20 @@ from transformers import LlamaForCausalLM
 from hybridopt.hybrid_optimizer import HybridOptimizer
 
 from common import default_student_config  # benchmarks/common.py, beside this script
+
+
+class CompiledStep:
+    """An optimizer whose `step()` runs under `torch.compile`."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self._step = torch.compile(opt.step)
+
+    def step(self):
+        self._step()
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
 
 
 def _timed_steps(model, opt, x, n, hybrid):
@@ -46,6 +63,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer per block")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--compile", action="store_true", help="also the compiled optimizers")
     args = parser.parse_args()
     cfg = default_student_config()
     x = torch.randint(0, cfg.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0))
@@ -57,13 +75,25 @@ def main() -> None:
         "hybrid": lambda m: HybridOptimizer(m.parameters(), lr=1e-3, betas=(0.9, 0.95), base="schedulefree"),
         "hybrid_adam": lambda m: HybridOptimizer(m.parameters(), lr=1e-3, betas=(0.9, 0.95)),
     }
+    if args.compile:
+        makers.update({
+            "adamw_foreach_compiled": lambda m: CompiledStep(torch.optim.AdamW(
+                m.parameters(), lr=1e-3, betas=(0.9, 0.95), foreach=True)),
+            "hybrid_compiled": lambda m: HybridOptimizer(m.parameters(), lr=1e-3, betas=(0.9, 0.95),
+                                                         base="schedulefree", compile=True),
+            "hybrid_adam_compiled": lambda m: HybridOptimizer(m.parameters(), lr=1e-3, betas=(0.9, 0.95),
+                                                              compile=True),
+        })
+    warmup_s = {}
     runs = {}
     for name, make in makers.items():
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg)
         opt = make(model)
         getattr(opt, "train", lambda: None)()  # Schedule-Free steps in train mode
-        _timed_steps(model, opt, x, 3, isinstance(opt, HybridOptimizer))  # warm-up
+        start = time.perf_counter()
+        _timed_steps(model, opt, x, 3, isinstance(opt, HybridOptimizer))  # warm-up (and compilation)
+        warmup_s[name] = time.perf_counter() - start
         runs[name] = (model, opt, [], [])
     for _ in range(args.blocks):
         for name, (model, opt, total, step_only) in runs.items():
@@ -78,6 +108,7 @@ def main() -> None:
         "adamw_foreach_train_step_s": ref[0], "adamw_foreach_optimizer_step_s": ref[1],
         "optimizer_step_ratio": {name: m[1] / ref[1] for name, m in med.items() if name != "adamw_foreach"},
         "train_step_ratio": {name: m[0] / ref[0] for name, m in med.items() if name != "adamw_foreach"},
+        "warmup_3_steps_s": warmup_s,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -596,3 +596,41 @@ def test_rule_version_is_bumped_with_every_change_of_what_a_step_computes():
     assert RULE_VERSION in fingerprints, "RULE_VERSION has no fingerprint here: add the one this test prints"
     assert _rule_fingerprint() == fingerprints[RULE_VERSION], (
         f"the rule computes {_rule_fingerprint()}: bump RULE_VERSION and record that under it")
+
+
+def test_compiled_update_computes_what_the_eager_one_does():
+    """compile=True runs the update through torch.compile's fused_step_: the same parameters, moments and
+    summary as the eager step (to float rounding), over Schedule-Free with the trust region clipping some steps
+    and over Adam without it; settings it does not cover take the eager path."""
+
+    def run(compile, **kw):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        groups = [{"params": [p for p in net.parameters() if p.dim() == 2], "weight_decay": 0.1},
+                  {"params": [p for p in net.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+        opt = HybridOptimizer(groups, lr=1e-2, betas=(0.9, 0.95), compile=compile, **kw)
+        x, y = torch.randn(32, 8), torch.randn(32, 4)
+        for t in range(12):
+            for group in opt.param_groups:  # warmup, so the rate and the coefficients change
+                group["lr"] = 1e-2 * min(1.0, (t + 1) / 3)
+            loss = ((net(x) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss)
+        opt.eval()
+        moments = [t for st in opt.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq", "z")]
+        return [p.detach().clone() for p in net.parameters()] + moments, opt.summary(), opt._fuses
+
+    for kw in ({"base": "schedulefree", "trust_radius": 0.02}, {"base": "adam", "use_trust_region": False}):
+        (eager, eager_summary, _), (fused, fused_summary, fuses) = run(False, **kw), run(True, **kw)
+        assert fuses and len(eager) == len(fused)
+        for a, b in zip(eager, fused):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        assert fused_summary == pytest.approx(eager_summary, rel=1e-6)
+        if kw["base"] == "schedulefree":  # the trust region clipped most steps
+            assert 0.5 < eager_summary["constraint_activation_rate"] < 1
+        else:  # the scale learned, so the rate changed after the warmup too
+            assert eager_summary["learned_scale"] > 1.2
+    w = torch.zeros(3, requires_grad=True)
+    assert not HybridOptimizer([w], compile=True, trust_mode="per_tensor")._fuses  # eager there
+    assert not HybridOptimizer([w], compile=True, base="sgd")._fuses

@@ -107,7 +107,7 @@ class TrainConfig:
     seed: int = _arg(0, "random seed for initialisation, shuffling and everything else")
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto", choices=None)
     autocast: str = _arg("auto", "run the trained model's forward and backward under torch.autocast in this dtype (weights, optimizer, loss and validation stay float32); auto: bfloat16 on a CUDA device that supports it, off on CPU (slow there)", choices=["auto", "bfloat16", "off"])
-    compile: bool = _arg(False, "torch.compile the trained model's forward (the first steps pay for the compilation; checkpoints and exports are unchanged; benchmarks/compile_speed.py measures the gain)")
+    compile: bool = _arg(False, "torch.compile the trained model's forward and, with --hybrid, the optimizer's update (the first steps pay for the compilation; checkpoints and exports are unchanged; benchmarks/compile_speed.py and benchmarks/hybrid_overhead.py --compile measure the gains)")
     hybrid: bool = _arg(False, "use the hybrid optimizer: a learned learning-rate scale, a meta-learned multiplier and a trust region over Schedule-Free AdamW (see --hybrid_base)")
     hybrid_base: str = _arg("schedulefree", "with --hybrid: the step under the learned scale and trust region: schedulefree (Schedule-Free AdamW's: it averages its iterates instead of decaying the rate, so warmup then constant; validation and the saved student are the average) or adam (AdamW's, with the warmup-cosine schedule)", choices=["schedulefree", "adam"])
     trust_radius: float = _arg(0.1, "with --hybrid: initial trust radius, relative to the parameter norm")

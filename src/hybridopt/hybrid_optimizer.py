@@ -95,7 +95,10 @@ instead of being multiplied into u; the moments, norms, trust region and Schedul
 `torch._foreach_*` kernels. \|g_t\| is computed only for the controller's features or when h_t does not cover
 every gradient (the non-finite check otherwise reads h_t, which any non-finite g_i makes non-finite). A step
 reads one small tensor back to the host (the loss if it is a tensor, \|g_t\|^2 or h_t, h_t and the last step's
-trust-region factor, stacked), and `adapt_radius` adds one more. Memory:
+trust-region factor, stacked), and `adapt_radius` adds one more. With `compile=True` the update after the
+learned scale (moments, direction, weight decay, global trust region, step) is one function, `fused_step_`,
+run through `torch.compile`, which fuses it into a few passes over each tensor (benchmarks/hybrid_overhead.py
+--compile measures it; docs/RESULTS.md). Memory:
 Adam's two moments (Schedule-Free: z and the second moment) plus the `update` buffer (one parameter-sized buffer; `trace_decay` > 0 adds the trace s).
 
 Where things live (the schedule_free shape): hyperparameters in the param groups (`lr`, `betas`, `eps`,
@@ -207,6 +210,44 @@ def dot(a: Tensors, b: Tensors) -> torch.Tensor:
     """\\sum_i a_i \\cdot b_i in float32 at least, a 0-d tensor."""
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
     return torch.stack([torch.vdot(x.flatten().to(dtype), y.flatten().to(dtype)) for x, y in zip(a, b)]).sum()
+
+
+def fused_step_(params: Tensors, grads: Tensors, firsts: Tensors | None, exp_avg_sqs: Tensors, updates: Tensors,
+                zs: Tensors | None, coefs: torch.Tensor, radius: torch.Tensor | None, betas: tuple[float, float]
+                ) -> torch.Tensor:
+    """The whole update after the learned scale has set the rate, in one function for `torch.compile` (which
+    fuses it into a few passes over each tensor): the direction u into `updates`, weight decay, the global
+    trust region and the step, over Adam (`firsts` the first moments, `zs` None) or Schedule-Free (`firsts`
+    None, `zs` the z sequence). The same arithmetic as `adam_updates_` / `schedulefree_updates_`,
+    `radius_ratio` and the eager step, which define it (a test holds them equal).
+
+    `coefs` has a row per tensor: (eps \sqrt{b_2}, the direction's factor (rate \sqrt{b_2}, over Adam
+    / b_1), rate x weight decay, Schedule-Free's c and y-weight 1 - \beta_1 (1 - c); 0 over Adam). `radius`:
+    the global radius (0-d), None without a trust region. Returns radius max(\|theta\|, 1e-3) / \|u\| (the
+    unclamped factor; 1 without a trust region); \Delta = min(1, that) u.
+    """
+    beta1, beta2 = betas
+    param_sq = update_sq = coefs.new_zeros((), dtype=torch.float32 if coefs.dtype != torch.float64 else coefs.dtype)
+    for i, (p, g, v, o) in enumerate(zip(params, grads, exp_avg_sqs, updates)):
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        top = g if firsts is None else firsts[i].lerp_(g, 1 - beta1)
+        o.copy_(top / (v.sqrt() + coefs[i, 0]) * coefs[i, 1] + p * coefs[i, 2])
+        param_sq = param_sq + p.to(param_sq.dtype).square().sum()
+        update_sq = update_sq + o.to(param_sq.dtype).square().sum()
+    if radius is None:
+        ratio = torch.ones_like(param_sq)
+    else:
+        limit = radius * param_sq.sqrt().clamp_min(MIN_NORM)
+        length = update_sq.sqrt()
+        ratio = torch.where(length > 0, limit / length.clamp_min(1e-30), torch.ones_like(limit))
+    factor = ratio.clamp_max(1.0)
+    for i, (p, o) in enumerate(zip(params, updates)):
+        if zs is None:
+            p.add_(o * factor.to(p.dtype))
+        else:
+            p.lerp_(zs[i], coefs[i, 3].to(p.dtype)).add_(o * (factor * coefs[i, 4]).to(p.dtype))
+            zs[i].add_(o * factor.to(p.dtype))
+    return ratio
 
 
 @dataclass
@@ -347,6 +388,10 @@ class HybridOptimizer(torch.optim.Optimizer):
         radius_start: q in [0, 1]: at the first step after the warmup the scale is raised so that the last step
             would have been at least q times the global trust radius long (None: 0.25 over "schedulefree", 0,
             off, otherwise; needs the global trust region).
+        compile: run the update (`fused_step_`: moments, direction, weight decay, global trust region, step)
+            through `torch.compile`, which fuses it into a few passes over each tensor; the first step pays for
+            the compilation. Over "adam" and "schedulefree" with the global trust region (or none) and one
+            `betas` for all groups; other settings take the eager path.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -356,7 +401,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                  trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-3,
                  controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0,
                  controller_smoothing: float = 0.0, min_scale: float | None = None,
-                 radius_start: float | None = None):
+                 radius_start: float | None = None, compile: bool = False):
         _check(lr > 0, f"lr must be positive, got {lr}")
         _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}")
         _check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
@@ -392,6 +437,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.trace_decay, self.num_clusters = trace_decay, num_clusters
         self.controller_smoothing = controller_smoothing
         self.radius_start = radius_start
+        self._fused = torch.compile(fused_step_) if compile else None
         self.controller = AuxiliaryNN(controller_hidden)
         self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
         self.hybrid_state = HybridState()
@@ -454,12 +500,18 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.hybrid_state.step += 1
         params = [p for p, _ in pairs]
         self._forget_unmoved(params)
-        updates = self._updates(pairs)  # u_t in each tensor's `update` buffer, before the trust region
-        factor = self._trust_region(updates, pairs) if self.use_trust_region else None
+        self._init_state(params)
+        if self._fuses:  # u_t, the factor f and the step, in one compiled function
+            updates, factor = self._fused_step(pairs)
+        else:
+            updates = self._updates(pairs)  # u_t in each tensor's `update` buffer, before the trust region
+            factor = self._trust_region(updates, pairs) if self.use_trust_region else None
         if self._adapts_radius:
             self._remember_prediction(pairs, updates, factor, loss_value)
         self.hybrid_state.lr_multiplier_sum += self.param_groups[0]["lr_multiplier"]
-        if self.base == "schedulefree":
+        if self._fuses:
+            pass  # applied
+        elif self.base == "schedulefree":
             self._schedulefree_step(pairs, updates, factor)
         elif factor is None:
             torch._foreach_add_(params, updates)
@@ -634,26 +686,74 @@ class HybridOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr_multiplier"], group["radius_multiplier"] = math.exp(log_lr), radius_multiplier
 
+    def _init_state(self, params: Tensors) -> None:
+        """Creates the per-tensor state of tensors updated for the first time, and counts this step in each."""
+        for p in params:
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = 0
+                if self.base == "schedulefree":
+                    st["z"] = p.detach().clone()
+                else:
+                    st["exp_avg"] = torch.zeros_like(p)
+                if self.base != "sgd":
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+            if "update" not in st:
+                st["update"] = torch.zeros_like(p)
+            st["step"] += 1
+
+    @property
+    def _fuses(self) -> bool:
+        """The compiled `fused_step_` covers this step (see `compile`)."""
+        return (self._fused is not None and self.base != "sgd"
+                and (not self.use_trust_region or self.trust_mode == "global")
+                and len({tuple(g["betas"]) for g in self.param_groups}) == 1)
+
+    def _fused_step(self, pairs: list) -> tuple[Tensors, torch.Tensor | None]:
+        """u_t, the trust-region factor and the step through the compiled `fused_step_`: the per-tensor
+        coefficients (bias corrections, rate, weight decay, Schedule-Free's weights) as one tensor, so a new
+        rate does not recompile."""
+        rows, params = [], []
+        for group in self.param_groups:
+            group_params = [p for p, g in pairs if g is group]
+            if not group_params:
+                continue
+            beta1, beta2 = group["betas"]
+            rate = -group["lr"] * group["lr_multiplier"]
+            c = weight = 0.0
+            if self.base == "schedulefree":
+                c, group["weight_sum"], group["lr_max"] = averaging_weight(group["weight_sum"], group["lr_max"], -rate)
+                weight = 1 - beta1 * (1 - c)
+            for p in group_params:
+                n = self.state[p]["step"]
+                bias2_sqrt = math.sqrt(1 - beta2 ** n)
+                direction = rate * bias2_sqrt / (1 - beta1 ** n if self.base == "adam" else 1.0)
+                rows.append((group["eps"] * bias2_sqrt, direction, rate * group["weight_decay"], c, weight))
+            params += group_params
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        device = params[0].device
+        states = [self.state[p] for p in params]
+        group = self.param_groups[0]
+        radius = (torch.tensor(group["trust_radius"] * group["radius_multiplier"], dtype=dtype, device=device)
+                  if self.use_trust_region else None)
+        updates = [st["update"] for st in states]
+        ratio = self._fused(params, [p.grad for p in params],
+                            [st["exp_avg"] for st in states] if self.base == "adam" else None,
+                            [st["exp_avg_sq"] for st in states], updates,
+                            [st["z"] for st in states] if self.base == "schedulefree" else None,
+                            torch.tensor(rows, dtype=dtype, device=device), radius, tuple(group["betas"]))
+        if not self.use_trust_region:
+            return updates, None
+        self._trust_factor = ratio
+        return updates, ratio.clamp_max(1.0)
+
     def _updates(self, pairs: list) -> Tensors:
-        """u_t for every tensor, group by group, in its `update` buffer; creates and updates the per-tensor state."""
+        """u_t for every tensor, group by group, in its `update` buffer (the state made by `_init_state`)."""
         updates = []
         for group in self.param_groups:
             params = [p for p, g in pairs if g is group]
             if not params:
                 continue
-            for p in params:
-                st = self.state[p]
-                if "step" not in st:
-                    st["step"] = 0
-                    if self.base == "schedulefree":
-                        st["z"] = p.detach().clone()
-                    else:
-                        st["exp_avg"] = torch.zeros_like(p)
-                    if self.base != "sgd":
-                        st["exp_avg_sq"] = torch.zeros_like(p)
-                if "update" not in st:
-                    st["update"] = torch.zeros_like(p)
-                st["step"] += 1
             grads, states = [p.grad for p in params], [self.state[p] for p in params]
             out = [st["update"] for st in states]
             rate = -group["lr"] * group["lr_multiplier"]

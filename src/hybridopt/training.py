@@ -88,7 +88,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int 
                                radius_start=cfg.radius_start,
                                use_controller=cfg.controller,
                                controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace,
-                               num_clusters=num_clusters)
+                               num_clusters=num_clusters, compile=cfg.compile)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
