@@ -134,7 +134,9 @@ class ReferenceHybrid:
                 spread_n = (1 - b1) * (1 + b1 ** self.hn) / ((1 + b1) * (1 - b1 ** self.hn))
                 spread = (1 - b1) / (1 + b1)
                 if abs(step_signal) > self.tau * math.sqrt(spread_n / spread):  # weaker evidence leaves the scale
-                    self.ell = min(math.log(1e4), max(self.ell_min, self.ell - self.kappa * step_signal))
+                    # lowering after a clipped step starts from the rate whose step the radius allowed
+                    drop = math.log(self.ratio) if self.clipped and step_signal > 0 and self.ratio is not None else 0.0
+                    self.ell = min(math.log(1e4), max(self.ell_min, self.ell + drop - self.kappa * step_signal))
                 if not self.started:  # the first step after the warmup: raised to radius_start x the radius's rate
                     self.started = True
                     if self.radius_start > 0 and self.ratio is not None and self.radius_start * self.ratio > 1:

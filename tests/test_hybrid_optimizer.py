@@ -420,6 +420,18 @@ def test_scale_threshold_leaves_the_scale_alone_on_noise_and_follows_consistent_
     assert moves(-2.0, 0.5) > 0.95
 
 
+def test_a_lowering_after_a_clipped_step_starts_from_the_rate_the_radius_allowed():
+    """Clipped to 1% of its length, a step said too long lowers the scale from ell + log 0.01, so the next step
+    is shorter at once; a raising signal, an unclipped step and a signal below the threshold ignore the ratio."""
+    from hybridopt.hybrid_optimizer import learned_log_scale
+
+    assert learned_log_scale(0.0, 0.8, 0.1, 0.5, -10.0, clip_ratio=0.01) == pytest.approx(math.log(0.01) - 0.08)
+    assert learned_log_scale(0.0, 0.8, 0.1, 0.5, -3.0, clip_ratio=0.01) == -3.0  # the floor holds
+    assert learned_log_scale(0.0, -0.8, 0.1, 0.5, -10.0, clip_ratio=0.01) == pytest.approx(0.08)
+    assert learned_log_scale(0.0, 0.8, 0.1, 0.5, -10.0) == pytest.approx(-0.08)
+    assert learned_log_scale(0.0, 0.4, 0.1, 0.5, -10.0, clip_ratio=0.01) == 0.0
+
+
 def test_min_scale_bounds_the_learned_scale_from_below_and_defaults_by_base_as_the_controller():
     """The scale may only raise Schedule-Free's rate unless told otherwise; over Adam it may fall to 1e-4x."""
     from hybridopt.hybrid_optimizer import learned_log_scale
@@ -571,7 +583,7 @@ def _rule_fingerprint() -> dict:
         gen = torch.Generator().manual_seed(0)
         target = torch.randn(2, 50, generator=gen, dtype=torch.float64)
         w = [torch.randn(50, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2)]
-        opt = HybridOptimizer(w, lr=1e-3 if base != "sgd" else 1e-2, base=base, weight_decay=0.01)
+        opt = HybridOptimizer(w, lr=1e-3 if base != "sgd" else 2.0, base=base, weight_decay=0.01)  # SGD: too high
         for t in range(40):
             for group in opt.param_groups:  # a 5-step warmup, then constant
                 group["lr"] = opt.defaults["lr"] * min(1.0, (t + 1) / 5)
@@ -592,7 +604,7 @@ def test_rule_version_is_bumped_with_every_change_of_what_a_step_computes():
     hybrid_optimizer.py and put the new fingerprint here under it."""
     from hybridopt.hybrid_optimizer import RULE_VERSION
 
-    fingerprints = {9: {"adam": (173.745, 33.846), "schedulefree": (45.6048, 160.653), "sgd": (1.60014, 1.0)}}
+    fingerprints = {10: {"adam": (173.745, 33.846), "schedulefree": (45.6048, 160.653), "sgd": (8.00952, 0.0698589)}}
     assert RULE_VERSION in fingerprints, "RULE_VERSION has no fingerprint here: add the one this test prints"
     assert _rule_fingerprint() == fingerprints[RULE_VERSION], (
         f"the rule computes {_rule_fingerprint()}: bump RULE_VERSION and record that under it")

@@ -184,7 +184,7 @@ def test_fast_matches_reference(name, default_dtype):
     # The configurations really exercise what they are named for.
     assert s_fast["total_steps"] == STEPS - (5 if CONFIGS[name].get("_nan") else 0)
     if "clip" in name:
-        assert clipped > 20, clipped
+        assert clipped > 5, clipped  # fewer since a lowering after a clipped step starts from the radius's rate
     if name in JOINS:
         assert not torch.equal(fast_params[3], last_bias), name
     controller = CONFIGS[name].get("use_controller", CONFIGS[name].get("base") != "schedulefree")  # its default

@@ -61,7 +61,11 @@ docs/RESULTS.md and benchmarks/bench/RESULTS.md. The hypergradient is
 taken through the trust region one way: after a clipped step (whose length the radius set, not the rate)
 \sigma_t is replaced by \max(\sigma_t, 0), so a rate that is too high still shrinks while the trust region
 holds the steps (masking clipped steps kept it from ever coming down), but a rate the trust region
-overrides cannot grow without bound (it grew 1000x on Rosenbrock). \gamma = `trace_decay` > 0 credits a rate shared by the last ~1/(1-\gamma) steps instead of the last
+overrides cannot grow without bound (it grew 1000x on Rosenbrock). And a lowering after a clipped step starts
+from the rate whose step the radius allowed, \ell + \log(\rho \max(\|\theta\|, 10^{-3}) / \|u\|) (global trust
+region), so it shortens the next step at once: lowered from the given rate, a rate 100x too high shrank at
+e^{-\kappa} per step while every step stayed at the radius, and the design document's hybrid over SGD
+diverged at the bench's highest rate (docs/RESULTS.md). \gamma = `trace_decay` > 0 credits a rate shared by the last ~1/(1-\gamma) steps instead of the last
 step alone (it was worse on the bench's mlp task; off by default).
 
 **The controller** (the design document's auxiliary network, `AuxiliaryNN`) maps smoothed training-state
@@ -126,7 +130,7 @@ MIN_NORM = 1e-3  # floor of the reference norm, so parameters at zero can still 
 LOG_SCALE_BOUND = math.log(1e4)  # the learned scale stays within 1e-4x ... 1e4x the given lr
 
 Tensors = list[torch.Tensor]
-RULE_VERSION = 9  # bumped with every change to what a step computes (names the hybrid-trained teachers' cache entries)
+RULE_VERSION = 10  # bumped with every change to what a step computes (names the hybrid-trained teachers' cache entries)
 RETIRED_STATE_KEYS = frozenset({"rising"})  # HybridState fields older versions saved; dropped when loading
 
 
@@ -270,10 +274,15 @@ def normalized_hypergradient(state: ScaleState, h: float, betas: tuple[float, fl
 
 
 def learned_log_scale(log_scale: float, sigma: float, scale_lr: float, threshold: float = 0.0,
-                      floor: float = -LOG_SCALE_BOUND) -> float:
-    """\\ell - \\kappa \\sigma when |\\sigma| > `threshold` (else \\ell), kept within [`floor`, \\log 10^4]."""
+                      floor: float = -LOG_SCALE_BOUND, clip_ratio: float = 1.0) -> float:
+    """\\ell - \\kappa \\sigma when |\\sigma| > `threshold` (else \\ell), kept within [`floor`, \\log 10^4].
+
+    `clip_ratio` < 1: the last step was clipped to that fraction of its length; a lowering (\\sigma > 0) then
+    starts from the rate whose step the radius allowed, \\ell + \\log(clip_ratio), so it shortens the next step."""
     if abs(sigma) <= threshold:
         return log_scale
+    if sigma > 0:
+        log_scale += math.log(min(clip_ratio, 1.0))
     return min(LOG_SCALE_BOUND, max(floor, log_scale - scale_lr * sigma))
 
 
@@ -653,11 +662,12 @@ class HybridOptimizer(torch.optim.Optimizer):
         s.scale, s.signal = normalized_hypergradient(s.scale, h, self.scale_betas)
         if self.learn_scale and rising:  # held, and what the warmup's steps said is dropped (docstring)
             s.scale = ScaleState(log_scale=s.scale.log_scale)
-        elif self.learn_scale:  # a clipped step's length was the radius's: it may lower the scale only
+        elif self.learn_scale:  # a clipped step's length was the radius's: it may lower the scale only, from there
             sigma = max(s.signal, 0.0) if s.clipped else s.signal
             tau = self.scale_threshold * threshold_growth(s.scale.count, self.scale_betas[0])
+            ratio = s.radius_ratio if s.clipped and s.radius_ratio is not None else 1.0
             s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr, tau,
-                                                  self.scale_floor)
+                                                  self.scale_floor, ratio)
         if self.learn_scale and not rising and not s.started:  # the first step after the warmup
             s.started = True
             if self.radius_start and s.radius_ratio is not None:  # at least radius_start x the radius's rate
