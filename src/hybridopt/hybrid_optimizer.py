@@ -515,18 +515,10 @@ class HybridOptimizer(torch.optim.Optimizer):
         else:
             updates = self._updates(pairs)  # u_t in each tensor's `update` buffer, before the trust region
             factor = self._trust_region(updates, pairs) if self.use_trust_region else None
+            self._apply(pairs, updates, factor)
         if self._adapts_radius:
             self._remember_prediction(pairs, updates, factor, loss_value)
         self.hybrid_state.lr_multiplier_sum += self.param_groups[0]["lr_multiplier"]
-        if self._fuses:
-            pass  # applied
-        elif self.base == "schedulefree":
-            self._schedulefree_step(pairs, updates, factor)
-        elif factor is None:
-            torch._foreach_add_(params, updates)
-        else:  # \\theta += f u, and f stays pending for the hypergradient (no pass to scale u)
-            for p, u in zip(params, updates):
-                p.addcmul_(u, factor)
         if self.trace_decay and self._learns:  # s_t = gamma s_{t-1} + Delta theta_t
             traces = [self._trace(p) for p in params]
             torch._foreach_mul_(traces, self.trace_decay)
@@ -537,6 +529,17 @@ class HybridOptimizer(torch.optim.Optimizer):
                     trace.addcmul_(u, factor)
         self._moved, self._pending_factor = params, factor
         return loss
+
+    def _apply(self, pairs: list, updates: Tensors, factor: torch.Tensor | None) -> None:
+        """The eager step: \\theta += f u (f stays pending for the hypergradient: no pass to scale u), or
+        Schedule-Free's two sequences."""
+        if self.base == "schedulefree":
+            self._schedulefree_step(pairs, updates, factor)
+        elif factor is None:
+            torch._foreach_add_([p for p, _ in pairs], updates)
+        else:
+            for (p, _), u in zip(pairs, updates):
+                p.addcmul_(u, factor)
 
     def _schedulefree_step(self, pairs: list, updates: Tensors, factor: torch.Tensor | None) -> None:
         """z <- z + \\Delta and y <- y + c (z - y) + (1 - \\beta_1 (1 - c)) \\Delta, \\Delta = f u, group by group
