@@ -41,6 +41,8 @@ from hybridopt.sampler import SAMPLING_MODES, ClusterStratifiedBatchSampler
 from hybridopt.teacher import ensure_default_teacher
 from hybridopt.training import Trainer
 
+from common import RESULTS_DIR  # benchmarks/common.py, beside this script
+
 
 def gradient_variance(recipe: Trainer, sampler: ClusterStratifiedBatchSampler, batches: int) -> float:
     """Unbiased `E||g_i - mean g||^2` over `batches` batches drawn by `sampler`."""
@@ -61,7 +63,7 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=8)
     parser.add_argument("--batches", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import LlamaConfig
 
 from hybridopt.config import DistillConfig, TeacherConfig
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # every script's default --out, from any working directory
 
 
 def default_student_config() -> LlamaConfig:

@@ -46,6 +46,8 @@ from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
 from hybridopt.tokenizer import load_tokenizer
 
+from common import RESULTS_DIR  # benchmarks/common.py, beside this script
+
 TYPES = ("f16", "q8_0", "tq2_0", "tq1_0")
 
 
@@ -266,7 +268,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--max_blocks", type=int, default=64, help="validation blocks compared token by token")
     parser.add_argument("--no_wide", action="store_true", help="skip the 1024-hidden, 8-layer student")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 

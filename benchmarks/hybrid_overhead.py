@@ -26,7 +26,7 @@ from transformers import LlamaForCausalLM
 
 from hybridopt.hybrid_optimizer import HybridOptimizer
 
-from common import default_student_config  # benchmarks/common.py, beside this script
+from common import RESULTS_DIR, default_student_config  # benchmarks/common.py, beside this script
 
 
 class CompiledStep:
@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer per block")
     parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--compile", action="store_true", help="also the compiled optimizers")
     args = parser.parse_args()
     cfg = default_student_config()

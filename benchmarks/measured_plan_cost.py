@@ -25,14 +25,14 @@ from hybridopt.precision_plan import in_context_loss
 from hybridopt.qat import quantizable_linears
 from hybridopt.bits import TERNARY
 
-from common import default_student_config  # benchmarks/common.py, beside this script
+from common import RESULTS_DIR, default_student_config  # benchmarks/common.py, beside this script
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed assignments (and blocks of 8 steps)")
     parser.add_argument("--calibration_batches", type=int, default=8)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     cfg = default_student_config()
     torch.manual_seed(0)

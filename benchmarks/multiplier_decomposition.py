@@ -39,6 +39,8 @@ from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.recipes.bench import _tasks
 from hybridopt.reporting import Reporter
 
+from common import RESULTS_DIR  # benchmarks/common.py, beside this script
+
 PARTS = ("scale", "learning", "features", "applied")
 
 
@@ -90,7 +92,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--controller_smoothing", type=float, default=None,
                         help="the optimizer's controller_smoothing (default: distill --hybrid's)")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.controller_smoothing is not None:

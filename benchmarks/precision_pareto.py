@@ -51,6 +51,8 @@ from hybridopt.reporting import Reporter
 from hybridopt.teacher import ensure_default_teacher
 from hybridopt.training import Trainer
 
+from common import RESULTS_DIR  # benchmarks/common.py, beside this script
+
 
 def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: int,
               runs: Path) -> tuple[list[dict], list[dict]]:
@@ -135,7 +137,7 @@ def main() -> None:
     parser.add_argument("--ptq_budgets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 4.0])
     parser.add_argument("--random_seeds", type=int, default=5)
     parser.add_argument("--skip_qat", action="store_true", help="only the PTQ table")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 

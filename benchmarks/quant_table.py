@@ -20,6 +20,8 @@ from hybridopt.config import DistillConfig
 from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
 
+from common import RESULTS_DIR  # benchmarks/common.py, beside this script
+
 ARMS = {
     "FP32 (no quantization)": {},
     "1-bit QAT (--qat)": {"qat": True},
@@ -31,7 +33,7 @@ ARMS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 

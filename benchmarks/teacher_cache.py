@@ -39,7 +39,7 @@ from hybridopt.teacher import ensure_default_teacher
 from hybridopt.teacher_cache import build_cache
 from hybridopt.training import Trainer
 
-from common import default_student_config  # benchmarks/common.py, beside this script
+from common import RESULTS_DIR, default_student_config  # benchmarks/common.py, beside this script
 
 QUIET = Reporter(quiet=True)
 
@@ -207,7 +207,7 @@ def main() -> None:
     s.add_argument("--k", type=int, default=32)
     s.add_argument("--steps", type=int, default=8)
     for p in (q, s):
-        p.add_argument("--out", default="benchmarks/results")
+        p.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
