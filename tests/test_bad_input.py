@@ -109,7 +109,9 @@ HOSTILE = [
     ("rms_norm_eps edited", edited_in_place(b'"rms_norm_eps\\": 1e-06', b'"rms_norm_eps\\": 1e-01'),
      "checksum does not match"),
     # The header, forged with a matching checksum: each field against its schema, before any allocation.
-    ("future format_version", header(lambda m, c, q: m.update(format_version="3")), "has format version 3"),
+    ("future format_version", header(lambda m, c, q: m.update(format_version="3")),
+     "has format version 3; this hybridopt reads 1, 2; it was written by a newer hybridopt: upgrade this one"),
+    ("unknown format_version", header(lambda m, c, q: m.update(format_version="x")), "has format version x; this hybridopt reads 1, 2$"),
     ("another format", header(lambda m, c, q: m.update(format="other")), "is not a hybridopt packed model"),
     ("no config", header(lambda m, c, q: m.pop("config")), "lacks a readable 'config' or 'quant' entry"),
     ("quant not JSON", header(lambda m, c, q: m.update(quant="{not json")), "lacks a readable 'config' or 'quant'"),

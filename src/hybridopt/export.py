@@ -151,7 +151,9 @@ def _read(path: str | Path):
         raise UserError(f"'{path}' is not a hybridopt packed model (no '{FORMAT}' header)")
     version = metadata.get("format_version")
     if version not in _READ_VERSIONS:
-        raise UserError(f"'{path}' has format version {version}; this hybridopt reads {', '.join(_READ_VERSIONS)}")
+        newer = isinstance(version, str) and version.isdigit() and int(version) > int(FORMAT_VERSION)
+        raise UserError(f"'{path}' has format version {version}; this hybridopt reads {', '.join(_READ_VERSIONS)}"
+                        + ("; it was written by a newer hybridopt: upgrade this one to read it" if newer else ""))
     if _digest(tensors, metadata if version == FORMAT_VERSION else None) != metadata.get("sha256"):
         raise UserError(f"'{path}' is corrupted or was edited (its checksum does not match); export it again")
     if version != FORMAT_VERSION:
