@@ -747,14 +747,13 @@ class HybridOptimizer(torch.optim.Optimizer):
         device = params[0].device
         states = [self.state[p] for p in params]
         group = self.param_groups[0]
-        radius = (torch.tensor(group["trust_radius"] * group["radius_multiplier"], dtype=dtype, device=device)
-                  if self.use_trust_region else None)
+        coefs = _host_values(rows + [(group["trust_radius"] * group["radius_multiplier"],) * 5], dtype, device)
         updates = [st["update"] for st in states]
         ratio = self._fused(params, [p.grad for p in params],
                             [st["exp_avg"] for st in states] if self.base == "adam" else None,
                             [st["exp_avg_sq"] for st in states], updates,
                             [st["z"] for st in states] if self.base == "schedulefree" else None,
-                            torch.tensor(rows, dtype=dtype, device=device), radius, tuple(group["betas"]))
+                            coefs[:-1], coefs[-1, 0] if self.use_trust_region else None, tuple(group["betas"]))
         if not self.use_trust_region:
             return updates, None
         self._trust_factor = ratio
@@ -857,6 +856,15 @@ class HybridOptimizer(torch.optim.Optimizer):
         pending = hybrid.get("pending_factor")
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         self._pending_factor = None if pending is None else torch.tensor(pending, dtype=dtype, device=params[0].device)
+
+
+def _host_values(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers as a tensor on `device`; to a GPU through pinned memory without blocking, so the step keeps
+    its one host sync."""
+    values = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def _check(ok: bool, message: str) -> None:
