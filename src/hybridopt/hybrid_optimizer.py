@@ -188,18 +188,27 @@ def momentum_updates_(out: Tensors, grads: Tensors, buffers: Tensors, beta1: flo
     return out
 
 
+def reduction_dtype(tensors: Tensors) -> torch.dtype:
+    """float64 when any tensor is, else float32: sums of squares and dot products in half precision overflow."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def norms(tensors: Tensors) -> torch.Tensor:
     """Per-tensor 2-norms, shape `(n,)`, in float32 at least (half precision overflows when squared)."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    dtype = reduction_dtype(tensors)
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+
+
+def ratio_of_norms(radius: float | torch.Tensor, param_norm: torch.Tensor, update_norm: torch.Tensor) -> torch.Tensor:
+    """radius max(\\|theta\\|, 1e-3) / \\|u\\| from the two norms (1 when u = 0), a 0-d tensor."""
+    limit = radius * param_norm.clamp_min(MIN_NORM)
+    return torch.where(update_norm > 0, limit / update_norm.clamp_min(1e-30), torch.ones_like(limit))
 
 
 def radius_ratio(updates: Tensors, params: Tensors, radius: float) -> torch.Tensor:
     """radius max(\\|theta\\|, 1e-3) / \\|u\\| (1 when u = 0), a 0-d tensor (no host sync): how many times
     longer than u a step may be before the global trust region clips it."""
-    limit = radius * norms(params).norm().clamp_min(MIN_NORM)
-    length = norms(updates).norm()
-    return torch.where(length > 0, limit / length.clamp_min(1e-30), torch.ones_like(limit))
+    return ratio_of_norms(radius, norms(params).norm(), norms(updates).norm())
 
 
 def tensor_trust_factors(updates: Tensors, params: Tensors, radii: list[float]) -> torch.Tensor:
@@ -212,7 +221,7 @@ def tensor_trust_factors(updates: Tensors, params: Tensors, radii: list[float]) 
 
 def dot(a: Tensors, b: Tensors) -> torch.Tensor:
     """\\sum_i a_i \\cdot b_i in float32 at least, a 0-d tensor."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
+    dtype = reduction_dtype(a)
     return torch.stack([torch.vdot(x.flatten().to(dtype), y.flatten().to(dtype)) for x, y in zip(a, b)]).sum()
 
 
@@ -231,19 +240,14 @@ def fused_step_(params: Tensors, grads: Tensors, firsts: Tensors | None, exp_avg
     unclamped factor; 1 without a trust region); \Delta = min(1, that) u.
     """
     beta1, beta2 = betas
-    param_sq = update_sq = coefs.new_zeros((), dtype=torch.float32 if coefs.dtype != torch.float64 else coefs.dtype)
+    param_sq = update_sq = coefs.new_zeros((), dtype=reduction_dtype([coefs]))
     for i, (p, g, v, o) in enumerate(zip(params, grads, exp_avg_sqs, updates)):
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         top = g if firsts is None else firsts[i].lerp_(g, 1 - beta1)
         o.copy_(top / (v.sqrt() + coefs[i, 0]) * coefs[i, 1] + p * coefs[i, 2])
         param_sq = param_sq + p.to(param_sq.dtype).square().sum()
         update_sq = update_sq + o.to(param_sq.dtype).square().sum()
-    if radius is None:
-        ratio = torch.ones_like(param_sq)
-    else:
-        limit = radius * param_sq.sqrt().clamp_min(MIN_NORM)
-        length = update_sq.sqrt()
-        ratio = torch.where(length > 0, limit / length.clamp_min(1e-30), torch.ones_like(limit))
+    ratio = torch.ones_like(param_sq) if radius is None else ratio_of_norms(radius, param_sq.sqrt(), update_sq.sqrt())
     factor = ratio.clamp_max(1.0)
     for i, (p, o) in enumerate(zip(params, updates)):
         if zs is None:
@@ -743,11 +747,12 @@ class HybridOptimizer(torch.optim.Optimizer):
                 direction = rate * bias2_sqrt / (1 - beta1 ** n if self.base == "adam" else 1.0)
                 rows.append((group["eps"] * bias2_sqrt, direction, rate * group["weight_decay"], c, weight))
             params += group_params
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        dtype = reduction_dtype(params)
         device = params[0].device
         states = [self.state[p] for p in params]
         group = self.param_groups[0]
-        coefs = _host_values(rows + [(group["trust_radius"] * group["radius_multiplier"],) * 5], dtype, device)
+        radius_row = (group["trust_radius"] * group["radius_multiplier"], 0.0, 0.0, 0.0, 0.0)  # one copy to the device
+        coefs = _host_values(rows + [radius_row], dtype, device)
         updates = [st["update"] for st in states]
         ratio = self._fused(params, [p.grad for p in params],
                             [st["exp_avg"] for st in states] if self.base == "adam" else None,
@@ -854,7 +859,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         self._moved = ([params[i] for i in moved] if moved is not None
                        else [p for p in params if "update" in self.state.get(p, {})])
         pending = hybrid.get("pending_factor")
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        dtype = reduction_dtype(params)
         self._pending_factor = None if pending is None else torch.tensor(pending, dtype=dtype, device=params[0].device)
 
 
