@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hybridopt.bench_arms import ARMS, BuildContext, ReplayedMultiplierHybrid, _hidden_matrices
+from hybridopt.bench_arms import (ARMS, BuildContext, Float32Muon, ReplayedMultiplierHybrid, _hidden_matrices,
+                                  newton_schulz_float32)
 from hybridopt.bench_tasks import Budget, MLPTask, run_arm
 from hybridopt.config import BENCH_ARMS
 from hybridopt.errors import UserError
@@ -70,8 +71,6 @@ def test_every_arm_trains_the_mlp_and_same_seed_means_same_start_and_batches():
     assert list(task.batches(3, False)(5)) == list(task.batches(3, False)(5))
     replay = None
     for name, arm in ARMS.items():
-        if name == "muon":  # bfloat16 Newton-Schulz is slow on CPU: test_muon_arm_trains_a_tiny_llama
-            continue
         res = run_arm(task, arm, arm.grid([3e-3])[0], 0, replay)
         if name == "hybrid_adam":
             replay = res.lr_multiplier
@@ -98,6 +97,41 @@ def test_muon_arm_trains_a_tiny_llama():
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_float32_newton_schulz_is_torchs_orthogonalisation_without_bfloat16_rounding(shape):
+    import torch.optim._muon as torch_muon
+
+    torch.manual_seed(0)
+    g = torch.randn(*shape)
+    coefficients, steps, eps = (3.4445, -4.7750, 2.0315), 5, 1e-7
+    ours = newton_schulz_float32(g, coefficients, steps, eps)
+    theirs = torch_muon._zeropower_via_newtonschulz(g, coefficients, steps, eps).float()
+    assert ours.dtype == torch.float32 and ours.shape == g.shape
+    assert (ours - theirs).norm() / theirs.norm() < 0.03  # bfloat16's rounding, not another iteration
+    s = torch.linalg.svdvals(ours)
+    assert 0.5 < s.min() and s.max() < 1.5  # what Muon's quintic iteration gives: roughly orthogonal
+
+
+def test_float32_muon_steps_as_torchs_muon_and_puts_torchs_function_back():
+    import torch.optim._muon as torch_muon
+
+    original = torch_muon._zeropower_via_newtonschulz
+    models = [_tiny_llama() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.Muon([p for p in m.parameters() if p.dim() == 2], lr=0.02) for m in models[:1]]
+    opts.append(Float32Muon([p for p in models[1].parameters() if p.dim() == 2], lr=0.02))
+    x = torch.randint(0, 64, (4, 16))
+    before = [p.clone() for p in models[0].parameters()]
+    for m, opt in zip(models, opts):
+        m(input_ids=x, labels=x).loss.backward()
+        opt.step()
+    assert torch_muon._zeropower_via_newtonschulz is original
+    moved = [(p - b).norm() for p, b in zip(models[0].parameters(), before)]
+    differ = [(p - q).norm() for p, q in zip(models[0].parameters(), models[1].parameters())]
+    assert sum(moved) > 0 and sum(differ) < 0.05 * sum(moved)
+    assert sum(differ) > 0  # float32, not torch's bfloat16 step
+
+
 def test_a_diverging_run_stops_and_scores_infinite():
     task = MLPTask(Budget(steps=60, batch_size=64, seq_len=0, eval_every=5, curve_blocks=16), torch.device("cpu"))
     res = run_arm(task, ARMS["sgd"], 1e4, 0)
@@ -117,11 +151,11 @@ def test_bench_quick_runs_every_arm_on_every_task(tiny_teacher, corpus_file, tmp
     record = json.loads((out / "results.json").read_text())
     runs = {(x["task"], x["arm"], x["lr"], x["seed"]) for x in record["runs"]}
     grid = record["adam_grid"]
-    cpu_arms = [a for a in ARMS.values() if a.name != "muon"]  # muon runs on a GPU, or when named in --arms
+    cpu_arms = list(ARMS.values())  # muon too: in float32 on a CPU
     expected = {(t, a.name, lr, s) for t in ("distill", "distill_ternary", "mlp") for a in cpu_arms
                 for lr in a.grid(grid) for s in range(2)}
     assert runs == expected
-    assert "leaving out the muon arm on CPU" in r.stderr
+    assert "`Float32Muon`" in (out / "RESULTS.md").read_text()
     text = (out / "RESULTS.md").read_text()
     assert text.splitlines()[5].startswith("hybridopt bench --quick")
     for task in ("distill", "distill_ternary", "mlp"):

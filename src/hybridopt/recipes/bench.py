@@ -129,10 +129,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     tasks = _tasks(cfg, device, reporter)
     claim_output(out, "bench")
     grid = log_grid(cfg.lr_min, cfg.lr_max, cfg.grid_points)
-    names = cfg.arms or [a for a in ARMS if a != "muon" or device.type == "cuda"]
-    if cfg.arms is None and device.type != "cuda":
-        reporter.warn("leaving out the muon arm on CPU: torch.optim.Muon orthogonalises in bfloat16, about 50x "
-                      "slower than float32 on CPUs without bf16 matrix units; --arms ... muon runs it anyway")
+    names = cfg.arms or list(ARMS)
     arms = sorted((ARMS[a] for a in names), key=lambda a: a.name == "hybrid_random")  # after hybrid_adam
     # The cheapest task first, then seed by seed: a bench stopped early holds whole tasks and whole seeds.
     order = sorted(tasks, key=lambda t: t.name != "mlp")
@@ -481,9 +478,10 @@ def format_results(record: dict) -> str:
              *([] if "interrupted_after_runs" not in record else [
                  "", f"**Partial**: interrupted after {record['interrupted_after_runs']} of {record['planned_runs']} "
                      "runs; the tables summarise the runs that finished (fewer seeds where a grid point is short)."]),
-             *([] if "muon" in record["arms"] else [
-                 "", "The `muon` arm is left out of CPU runs: torch.optim.Muon orthogonalises in bfloat16, which "
-                     "this CPU runs about 50x slower than float32 (1.7 s per step for one 256 x 256 matrix)."]),
+             *([] if "muon" not in record["arms"] or record["device"] != "cpu" else [
+                 "", "On this CPU the `muon` arm runs torch.optim.Muon with its Newton-Schulz orthogonalisation in "
+                     "float32 instead of bfloat16 (`Float32Muon`: bfloat16 is about 30x slower on CPUs without "
+                     "bfloat16 matrix units)."]),
              "", "Medians over seeds with bootstrap 95% intervals; a difference is called better or worse only when "
                  "the intervals do not overlap. Validation loss in nats per token (per example for mlp). The loss "
                  f"curves use the first validation blocks ({BENCH_PRESETS['default']['curve_blocks']} in the default "
