@@ -15,6 +15,22 @@ import torch
 from hybridopt.controller import AuxiliaryNN, TrainingState
 
 
+def _newton_schulz(x: torch.Tensor) -> torch.Tensor:
+    """Five quintic Newton-Schulz iterations X <- aX + b(XX^T)X + c(XX^T)(XX^T)X from X = x / |x|_F, on the wide
+    orientation (torch.optim.Muon's coefficients), in float32 at least."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = x.double() if x.dtype == torch.float64 else x.float()
+    if x.shape[0] > x.shape[1]:
+        X = X.T
+    X = X / max(float(X.norm()), 1e-7)
+    for _ in range(5):
+        A = X @ X.T
+        X = a * X + b * (A @ X) + c * (A @ (A @ X))
+    if x.shape[0] > x.shape[1]:
+        X = X.T
+    return X.to(x.dtype)
+
+
 def _finite(x: float) -> bool:
     return not (math.isnan(x) or math.isinf(x))
 
@@ -26,16 +42,18 @@ class ReferenceHybrid:
                  use_controller=None, learn_controller=True, use_trust_region=True, trust_radius=0.1,
                  trust_mode="global", adapt_radius=False, controller_lr=1e-3, controller_hidden=16,
                  trace_decay=0.0, num_clusters=0, learn_scale=True, scale_lr=0.1, scale_betas=(0.9, 0.99),
-                 scale_threshold=0.5, controller_smoothing=0.0, min_scale=None, radius_start=None):
+                 scale_threshold=0.5, controller_smoothing=0.0, min_scale=None, radius_start=None, muon_momentum=0.95):
         if use_controller is None:  # no controller over Schedule-Free unless asked for
             use_controller = base != "schedulefree"
         params = list(params)
         if not isinstance(params[0], dict):
             params = [{"params": params}]
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius,
+                        orthogonalize=True)
         self.defaults = defaults
         self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in params]
         self.base, self.trust_mode, self.num_clusters = base, trust_mode, num_clusters
+        self.nu = muon_momentum
         self.use_controller, self.learn_controller = use_controller, learn_controller
         self.use_trust_region, self.adapt_radius = use_trust_region, adapt_radius
         self.gamma = trace_decay
@@ -45,7 +63,7 @@ class ReferenceHybrid:
             min_scale = 1.0 if base == "schedulefree" else 1e-4
         self.ell_min = math.log(min_scale)
         if radius_start is None:  # over Schedule-Free the first step after the warmup starts at a quarter of the radius
-            radius_start = 0.25 if base == "schedulefree" else 0.0
+            radius_start = 0.25 if base in ("schedulefree", "muon") else 0.0
         self.radius_start = radius_start
         self.ratio = None  # global trust region: the last step's radius over the length of its update
         self.started = False
@@ -183,7 +201,11 @@ class ReferenceHybrid:
             st = self.state.setdefault(id(p), {"n": 0})
             st["n"] += 1
             g = p.grad
-            if self.base == "adam":
+            if self.base == "muon" and p.dim() == 2 and group["orthogonalize"]:
+                # Nesterov momentum, orthogonalised, at Adam's RMS: 0.2 sqrt(max(A, B)) O(g + nu (b - g))
+                st["b"] = st.get("b", torch.zeros_like(p)) + (1 - self.nu) * (g - st.get("b", torch.zeros_like(p)))
+                d = 0.2 * math.sqrt(max(p.shape)) * _newton_schulz(g + self.nu * (st["b"] - g))
+            elif self.base in ("adam", "muon"):
                 st["m"] = beta1 * st.get("m", torch.zeros_like(p)) + (1 - beta1) * g
                 st["v"] = beta2 * st.get("v", torch.zeros_like(p)) + (1 - beta2) * g * g
                 m_hat = st["m"] / (1 - beta1 ** st["n"])

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hybridopt.bench_arms import (ARMS, BuildContext, Float32Muon, ReplayedMultiplierHybrid, _hidden_matrices,
-                                  newton_schulz_float32)
+from hybridopt.bench_arms import ARMS, BuildContext, Float32Muon, ReplayedMultiplierHybrid, newton_schulz_float32
 from hybridopt.bench_tasks import Budget, MLPTask, run_arm
 from hybridopt.config import BENCH_ARMS
 from hybridopt.errors import UserError
+from hybridopt.modeling import hidden_matrices
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -36,7 +36,7 @@ def test_arms_cover_the_config_choices_and_scale_their_grids():
 
 def test_muon_gets_the_hidden_matrices_and_adamw_the_rest():
     model = _tiny_llama()
-    hidden, rest = _hidden_matrices(model)
+    hidden, rest = hidden_matrices(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in hidden) == sorted(
         n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n)

@@ -578,16 +578,17 @@ def _rule_fingerprint() -> dict:
     """What 40 steps of each base compute on a fixed noisy quadratic (float64): final loss and learned scale,
     to 6 significant digits."""
     out = {}
-    for base in ("adam", "schedulefree", "sgd"):
+    for base in ("adam", "schedulefree", "sgd", "muon"):
+        shape = (5, 10) if base == "muon" else (50,)  # Muon orthogonalises matrices
         torch.manual_seed(0)  # the controller's initial weights
         gen = torch.Generator().manual_seed(0)
-        target = torch.randn(2, 50, generator=gen, dtype=torch.float64)
-        w = [torch.randn(50, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2)]
+        target = torch.randn(2, 50, generator=gen, dtype=torch.float64).view(2, *shape)
+        w = [torch.randn(50, generator=gen, dtype=torch.float64).view(shape).requires_grad_() for _ in range(2)]
         opt = HybridOptimizer(w, lr=1e-3 if base != "sgd" else 2.0, base=base, weight_decay=0.01)  # SGD: too high
         for t in range(40):
             for group in opt.param_groups:  # a 5-step warmup, then constant
                 group["lr"] = opt.defaults["lr"] * min(1.0, (t + 1) / 5)
-            noise = torch.randn(2, 50, generator=gen, dtype=torch.float64)
+            noise = torch.randn(2, 50, generator=gen, dtype=torch.float64).view(2, *shape)
             loss = sum(((x - y - 0.3 * n) ** 2).sum() for x, y, n in zip(w, target, noise))
             opt.zero_grad()
             loss.backward()
@@ -604,7 +605,8 @@ def test_rule_version_is_bumped_with_every_change_of_what_a_step_computes():
     hybrid_optimizer.py and put the new fingerprint here under it."""
     from hybridopt.hybrid_optimizer import RULE_VERSION
 
-    fingerprints = {10: {"adam": (173.745, 33.846), "schedulefree": (45.6048, 160.653), "sgd": (8.00952, 0.0698589)}}
+    fingerprints = {10: {"adam": (173.745, 33.846), "schedulefree": (45.6048, 160.653), "sgd": (8.00952, 0.0698589),
+                         "muon": (54.2458, 531.266)}}
     assert RULE_VERSION in fingerprints, "RULE_VERSION has no fingerprint here: add the one this test prints"
     assert _rule_fingerprint() == fingerprints[RULE_VERSION], (
         f"the rule computes {_rule_fingerprint()}: bump RULE_VERSION and record that under it")

@@ -65,6 +65,14 @@ CONFIGS = {
     # the scale at a quarter of the radius's rate; radius_start 0 turns that off.
     "schedulefree_radius_start": dict(base="schedulefree", lr=1e-5, _eval=True, _started=True),
     "schedulefree_no_radius_start": dict(base="schedulefree", lr=1e-5, radius_start=0.0),
+    # Muon's orthogonalised momentum on the matrices (16 x 6: the tall orientation, 1 x 16: the wide one), Adam's on
+    # the biases; `_muon_groups`: the output layer's matrix opts out (Adam), as an LM's head does.
+    "muon": dict(base="muon", controller_lr=1e-2),
+    "muon_global_clip": dict(CLIP, base="muon"),
+    "muon_per_tensor_clip": dict(CLIP, base="muon", trust_mode="per_tensor", muon_momentum=0.8),
+    "muon_head_opts_out": dict(base="muon", controller_lr=1e-2, weight_decay=0.01, _muon_groups=True),
+    "muon_reloaded_gaps": dict(CLIP, base="muon", _reload=True, _gaps=True),
+    "muon_low_rate": dict(base="muon", lr=1e-5, _started=True),  # radius_start 0.25 by default over Muon
 }
 
 
@@ -83,9 +91,13 @@ LATE_UNTIL, ADDED_AT = 30, 50  # the last layer's bias has no gradient before st
 JOINS = {"late_parameter": LATE_UNTIL, "added_group": ADDED_AT}  # the step at which the last bias first moves
 
 
-def _groups(model, grouped, added_group=False):
+def _groups(model, config):
+    grouped, added_group = config.get("_groups"), config.get("_added_group")
     if added_group:
         return list(model[0].parameters())
+    if config.get("_muon_groups"):
+        return [{"params": [model[0].weight]}, {"params": [model[2].weight], "orthogonalize": False},
+                {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
     if not grouped:
         return list(model.parameters())
     return [{"params": [p for p in model.parameters() if p.dim() == 2], "lr": 0.01, "weight_decay": 0.05},
@@ -98,9 +110,9 @@ def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
     X, y, model, g = _problem()
     ref_model = copy.deepcopy(model)
     torch.manual_seed(1)  # same controller initialisation in both
-    fast = HybridOptimizer(_groups(model, config.get("_groups"), config.get("_added_group")), **kw)
+    fast = HybridOptimizer(_groups(model, config), **kw)
     torch.manual_seed(1)
-    ref = ReferenceHybrid(_groups(ref_model, config.get("_groups"), config.get("_added_group")), **kw)
+    ref = ReferenceHybrid(_groups(ref_model, config), **kw)
     if break_fast:
         break_fast(fast)
     sched = torch.optim.lr_scheduler.LambdaLR(fast, [lambda s: 1 - s / 400, lambda s: 0.5 + 0.5 * math.cos(s / 50)]) \
@@ -134,7 +146,7 @@ def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
             sched.step()
         if config.get("_reload") and step in RELOAD_AT:
             state = copy.deepcopy(fast.state_dict())
-            fast = HybridOptimizer(_groups(model, config.get("_groups"), config.get("_added_group")), **kw)
+            fast = HybridOptimizer(_groups(model, config), **kw)
             fast.load_state_dict(state)
         if config.get("_eval") and step == steps - 1:
             fast.eval()
@@ -176,7 +188,7 @@ def test_fast_matches_reference(name, default_dtype):
         # mean of fewer than 4 fresh ones is too noisy to move it.
         if CONFIGS[name].get("_warmup") and step <= WARMUP + 2:
             assert s_fast["learned_scale"] == 1.0, (step, s_fast["learned_scale"])
-        if step == 1 and CONFIGS[name].get("base") == "schedulefree" and CONFIGS[name].get("lr") == 1e-5:
+        if step == 1 and CONFIGS[name].get("base") in ("schedulefree", "muon") and CONFIGS[name].get("lr") == 1e-5:
             started = CONFIGS[name].get("_started", False)
             assert (s_fast["learned_scale"] > 100) == started, (name, s_fast["learned_scale"])
         if name in JOINS and step == JOINS[name] - 1:  # a tensor without a gradient, or not yet added, stays put

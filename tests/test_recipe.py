@@ -229,3 +229,35 @@ def test_schedulefree_hybrid_resumes_exactly_and_saves_the_average(tiny_teacher,
     assert moved  # the saved student is not the training point
     rates = {round(row["lr"] / row["lr_mult"], 12) for row in straight["student"]["history"][1:]}
     assert rates == {2e-3}  # --lr after warmup, no cosine decay
+
+
+def test_muon_hybrid_orthogonalises_the_hidden_matrices_only_and_resumes_exactly(tiny_teacher, corpus_file, tmp_path):
+    """--hybrid_base muon: Muon's step on the hidden matrices (one momentum buffer each), Adam's on the
+    embeddings, head and norms (two moments); the checkpoint carries both and --resume reproduces the run."""
+    kw = dict(hybrid=True, hybrid_base="muon", baseline=False, warmup_steps=2)
+    straight = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "straight", **kw))
+    assert run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "resumed", **kw), stop_after_epoch=2) == \
+        {"interrupted_at_epoch": 2}
+    resumed = run_distill(DistillConfig(resume=str(tmp_path / "resumed")))
+    assert resumed["student"]["loss"] == straight["student"]["loss"]
+    assert _strip_time(resumed["student"]["history"]) == _strip_time(straight["student"]["history"])
+    history = straight["student"]["history"]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.2  # it learns (training loss)
+
+    from transformers import AutoModelForCausalLM
+
+    from hybridopt.modeling import param_groups
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "student")
+    name_of = {id(p): n for n, p in student.named_parameters()}
+    names = [name_of[id(p)] for g in param_groups(student, 0.0, muon=True) for p in g["params"]]  # the state's order
+    ckpt = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["orthogonalize"] for g in groups] == [True, False, False]
+    state = ckpt["optimizer"]["state"]
+    hidden = [names[i] for i in groups[0]["params"]]
+    assert hidden and all(".layers." in n and n.endswith(".weight") and "norm" not in n for n in hidden)
+    assert all("exp_avg_sq" not in state[i] for i in groups[0]["params"])
+    rest = [i for g in groups[1:] for i in g["params"]]
+    assert {names[i] for i in rest} >= {"model.embed_tokens.weight", "model.norm.weight"}
+    assert all("exp_avg_sq" in state[i] for i in rest)

@@ -21,6 +21,9 @@ The arms (the design document's four first, then what practitioners pick, then a
                          Newton-Schulz orthogonalisation runs in float32 (`Float32Muon`)
     hybrid_adam          `distill --hybrid --hybrid_base adam`: learned scale, controller and trust region over
                          the Adam direction, warmup-cosine
+    hybrid_muon          `distill --hybrid --hybrid_base muon`: learned scale, controller and trust region over
+                         Muon's orthogonalised momentum on the hidden matrices and Adam's on the rest,
+                         warmup-cosine (as the muon arm's)
     hybrid_sf            `distill --hybrid` (its defaults): learned scale and trust region over Schedule-Free
                          AdamW's step, warmup then constant, the scale one-sided (it may raise the rate, not
                          lower it), no controller
@@ -41,8 +44,9 @@ import torch
 import torch.optim._muon
 from torch import nn
 
+from hybridopt import modeling
 from hybridopt.config import TrainConfig
-from hybridopt.hybrid_optimizer import HybridOptimizer
+from hybridopt.hybrid_optimizer import HybridOptimizer, orthogonalized
 
 WEIGHT_DECAY = 0.01
 MOMENTUM = 0.9
@@ -51,11 +55,9 @@ SGD_SCALE = 100.0  # SGD's grid is the Adam grid times this
 PRODIGY_CENTRE = 1.0  # Prodigy's grid (d_coef) is the Adam grid moved to centre on this
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay on matrices only, as `hybridopt distill`."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, muon: bool = False) -> list[dict]:
+    """Weight decay on matrices only, as `hybridopt distill` (`modeling.param_groups`)."""
+    return modeling.param_groups(model, WEIGHT_DECAY, muon)
 
 
 class ReplayedMultiplierHybrid(HybridOptimizer):
@@ -81,19 +83,6 @@ def _hybrid_kwargs() -> dict:
                 adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, trace_decay=d.controller_trace,
                 learn_scale=d.learn_scale, scale_lr=d.scale_lr, scale_threshold=d.scale_threshold,
                 min_scale=d.min_scale, radius_start=d.radius_start, use_controller=d.controller)
-
-
-def _hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(2-D weights inside the blocks, everything else): Muon's and AdamW's shares of a model."""
-    io = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    out = getattr(model, "get_output_embeddings", lambda: None)()
-    if out is not None:
-        io |= {id(p) for p in out.parameters()}
-    hidden, rest = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (hidden if p.dim() == 2 and id(p) not in io else rest).append(p)
-    return hidden, rest
 
 
 @dataclass(frozen=True)
@@ -130,18 +119,9 @@ def _prodigy(model, d_coef, ctx):
 
 def newton_schulz_float32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
                           eps: float) -> torch.Tensor:
-    """torch.optim.Muon's orthogonalisation (`torch.optim._muon._zeropower_via_newtonschulz`: the same quintic
-    iteration, coefficients and normalisation) computed in float32 instead of bfloat16."""
-    a, b, c = ns_coefficients
-    x = grad.float()
-    tall = grad.size(0) > grad.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if tall else x).to(grad.dtype)
+    """torch.optim.Muon's orthogonalisation (`torch.optim._muon._zeropower_via_newtonschulz`'s signature: the same
+    quintic iteration, coefficients and normalisation) computed in float32 instead of bfloat16."""
+    return orthogonalized(grad.float(), ns_coefficients, ns_steps, eps).to(grad.dtype)
 
 
 @contextlib.contextmanager
@@ -174,7 +154,7 @@ class Float32Muon(torch.optim.Muon):
 
 
 def _muon(model, lr, ctx):
-    hidden, rest = _hidden_matrices(model)
+    hidden, rest = modeling.hidden_matrices(model)
     decay = [p for p in rest if p.dim() >= 2]
     no_decay = [p for p in rest if p.dim() < 2]
     muon = Float32Muon if all(p.device.type == "cpu" for p in hidden) else torch.optim.Muon
@@ -186,7 +166,7 @@ def _muon(model, lr, ctx):
 def _hybrid(base: str, clusters: bool = False, **overrides) -> Callable:
     def build(model, lr, ctx):
         kwargs = {**_hybrid_kwargs(), **overrides}
-        return [HybridOptimizer(param_groups(model), lr=lr, base=base,
+        return [HybridOptimizer(param_groups(model, muon=base == "muon"), lr=lr, base=base,
                                 num_clusters=ctx.num_clusters if clusters else 0, **kwargs)]
     return build
 
@@ -247,6 +227,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("hybrid_adam", "distill --hybrid --hybrid_base adam: learned scale + controller + trust region over Adam, "
         "warmup-cosine", "adam", "cosine",
         _hybrid("adam")),
+    Arm("hybrid_muon", "distill --hybrid --hybrid_base muon: learned scale + controller + trust region over Muon "
+        "(hidden matrices) and Adam (the rest), warmup-cosine", "adam", "cosine", _hybrid("muon")),
     Arm("hybrid_sf", "distill --hybrid: learned scale (one-sided) + trust region over Schedule-Free AdamW, no "
         "controller, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
     Arm("hybrid_frozen", "ablation: hybrid_adam, controller frozen at initialisation (learned scale alone)", "adam", "cosine",
@@ -259,7 +241,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
 REFERENCE = "adamw_cosine"
 HYBRID = "hybrid_sf"  # `distill --hybrid`'s defaults: the headline and the design document's claims check it
 REPLAYED = "hybrid_adam"  # the run whose multipliers hybrid_random shuffles
-HYBRIDS = (HYBRID, "hybrid_adam")  # both bases of `distill --hybrid`
+HYBRIDS = (HYBRID, "hybrid_adam", "hybrid_muon")  # the bases of `distill --hybrid`
 BASELINE = "sgd"
 
 

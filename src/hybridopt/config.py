@@ -109,16 +109,16 @@ class TrainConfig:
     autocast: str = _arg("auto", "run the trained model's forward and backward under torch.autocast in this dtype (weights, optimizer, loss and validation stay float32); auto: bfloat16 on a CUDA device that supports it, off on CPU (slow there)", choices=["auto", "bfloat16", "off"])
     compile: bool = _arg(False, "torch.compile the trained model's forward and, with --hybrid, the optimizer's update (the first steps pay for the compilation; checkpoints and exports are unchanged; benchmarks/compile_speed.py and benchmarks/hybrid_overhead.py --compile measure the gains)")
     hybrid: bool = _arg(False, "use the hybrid optimizer: a learned learning-rate scale, a meta-learned multiplier and a trust region over Schedule-Free AdamW (see --hybrid_base)")
-    hybrid_base: str = _arg("schedulefree", "with --hybrid: the step under the learned scale and trust region: schedulefree (Schedule-Free AdamW's: it averages its iterates instead of decaying the rate, so warmup then constant; validation and the saved student are the average) or adam (AdamW's, with the warmup-cosine schedule)", choices=["schedulefree", "adam"])
+    hybrid_base: str = _arg("schedulefree", "with --hybrid: the step under the learned scale and trust region: schedulefree (Schedule-Free AdamW's: it averages its iterates instead of decaying the rate, so warmup then constant; validation and the saved student are the average), adam (AdamW's, with the warmup-cosine schedule) or muon (Muon's orthogonalised momentum on the hidden matrices, AdamW's on the embeddings, head and norms, warmup-cosine)", choices=["schedulefree", "adam", "muon"])
     trust_radius: float = _arg(0.1, "with --hybrid: initial trust radius, relative to the parameter norm")
     trust_region: bool = _arg(True, "with --hybrid: bound each update's norm by the trust radius; --no-trust_region turns it off")
     adapt_radius: bool = _arg(False, "with --hybrid: also adapt the radius from actual vs predicted loss decrease (the design document's rule; noisy on minibatches)")
     learn_scale: bool = _arg(True, "with --hybrid: learn the learning rate's scale by normalised hypergradient descent, so --lr is only its starting point; --no-learn_scale leaves the controller alone")
     scale_lr: float = _arg(0.1, "with --hybrid: how far the learned log scale may move per step (0.1: at most x1.105)")
     scale_threshold: float = _arg(0.5, "with --hybrid: the learned scale moves only when its normalised hypergradient exceeds this in size (noise alone stays below ~0.5); 0 moves it on every step")
-    min_scale: float | None = _arg(None, "with --hybrid: the learned scale's lower bound, in [1e-4, 1] (default: 1 over --hybrid_base schedulefree, whose averaging already does what lowering its rate would, so the scale may only raise it; 1e-4 over adam)")
-    radius_start: float | None = _arg(None, "with --hybrid: at the first step after the warmup, raise the learned scale until the step is at least this fraction of the trust radius's length, in [0, 1] (default: 0.25 over --hybrid_base schedulefree, so a far too low --lr starts near a workable rate while a good one, whose steps are already about half the radius long on the default run, is left alone; 0 over adam, and 0 turns it off)")
-    controller: bool | None = _arg(None, "with --hybrid: apply the meta-learned controller's learning-rate and radius multipliers (default: off over --hybrid_base schedulefree, where it cost the default run 0.090 nats/token on average, on over adam); --no-controller fixes them at 1 (with --no-learn_scale and --no-trust_region too, the step is the base optimizer's alone)")
+    min_scale: float | None = _arg(None, "with --hybrid: the learned scale's lower bound, in [1e-4, 1] (default: 1 over --hybrid_base schedulefree, whose averaging already does what lowering its rate would, so the scale may only raise it; 1e-4 over adam and muon)")
+    radius_start: float | None = _arg(None, "with --hybrid: at the first step after the warmup, raise the learned scale until the step is at least this fraction of the trust radius's length, in [0, 1] (default: 0.25 over --hybrid_base schedulefree, so a far too low --lr starts near a workable rate while a good one, whose steps are already about half the radius long on the default run, is left alone; 0.25 over muon too; 0 over adam, and 0 turns it off)")
+    controller: bool | None = _arg(None, "with --hybrid: apply the meta-learned controller's learning-rate and radius multipliers (default: off over --hybrid_base schedulefree, where it cost the default run 0.090 nats/token on average, on over adam and muon); --no-controller fixes them at 1 (with --no-learn_scale and --no-trust_region too, the step is the base optimizer's alone)")
     controller_trace: float = _arg(0.0, "with --hybrid: decay of the update trace the hypergradient is credited over (0 = the last update only, as Baydin et al.)")
     controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the auxiliary network (the design document's 1e-3; bounds how fast the multipliers move, about this much in log space per step)")
 
@@ -367,7 +367,7 @@ class ExportConfig:
 
 BENCH_TASKS = ["distill", "distill_ternary", "mlp"]
 BENCH_ARMS = ["sgd", "sgd_cosine", "sgd_cosine_clusters", "hybrid_sgd", "adamw_cosine", "schedulefree_adamw",
-              "prodigy", "muon", "hybrid_adam", "hybrid_sf", "hybrid_frozen", "hybrid_random", "hybrid_no_trust"]
+              "prodigy", "muon", "hybrid_adam", "hybrid_muon", "hybrid_sf", "hybrid_frozen", "hybrid_random", "hybrid_no_trust"]
 # Presets: steps, batch, seq_len, eval_every, curve blocks, grid points, seeds (docs/GUIDE.md, "hybridopt bench").
 BENCH_PRESETS = {
     "quick": dict(steps=6, batch_size=4, seq_len=32, eval_every=3, curve_blocks=8, grid_points=2, seeds=2,

@@ -1,7 +1,10 @@
-r"""HybridOptimizer: Adam, Schedule-Free AdamW or SGD-momentum with a learned step size, a meta-learned controller and a trust region.
+r"""HybridOptimizer: Adam, Schedule-Free AdamW, Muon or SGD-momentum with a learned step size, a meta-learned controller and a trust region.
 
 At step t, for each tensor \theta_t with gradient g_t, base direction d_t (Adam's bias-corrected
-\hat m_t / (\sqrt{\hat v_t} + \epsilon), or the momentum buffer b_t = \beta_1 b_{t-1} + g_t), group learning
+\hat m_t / (\sqrt{\hat v_t} + \epsilon), or the momentum buffer b_t = \beta_1 b_{t-1} + g_t, or for an
+A x B matrix under `base="muon"` Muon's 0.2 \sqrt{\max(A, B)} O(g_t + \nu (b_t - g_t)) with
+b_t = b_{t-1} + (1 - \nu)(g_t - b_{t-1}), \nu = `muon_momentum`, and O five Newton-Schulz iterations that orthogonalise it,
+torch.optim.Muon's step at its AdamW-matched size), group learning
 rate \eta (any LR scheduler changes it) and weight decay \lambda, the log learning-rate multiplier is the
 sum of a learned scale \ell_t and the controller's state-dependent output c_t = a_{t,1}(x_t):
 
@@ -124,7 +127,9 @@ import torch
 
 from hybridopt.controller import LR_HEAD, RADIUS_HEAD, AuxiliaryNN, TrainingState
 
-BASES = ("adam", "sgd", "schedulefree")
+BASES = ("adam", "sgd", "schedulefree", "muon")
+MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic Newton-Schulz iteration (Keller Jordan's)
+MUON_STEPS = 5
 MIN_RADIUS, MAX_RADIUS = 1e-4, 1.0
 MIN_NORM = 1e-3  # floor of the reference norm, so parameters at zero can still move
 LOG_SCALE_BOUND = math.log(1e4)  # the learned scale stays within 1e-4x ... 1e4x the given lr
@@ -185,6 +190,35 @@ def momentum_updates_(out: Tensors, grads: Tensors, buffers: Tensors, beta1: flo
     torch._foreach_add_(buffers, grads)
     for o, b in zip(out, buffers):
         torch.mul(b, scale, out=o)
+    return out
+
+
+def orthogonalized(x: torch.Tensor, coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+                   steps: int = MUON_STEPS, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's orthogonalisation of a matrix: `steps` quintic Newton-Schulz iterations X <- aX + b(XX^T)X +
+    c(XX^T)^2 X from X = x / \|x\|_F, on the wide orientation (torch.optim.Muon's iteration, which gives U S' V^T
+    with S' roughly in [0.5, 1.5] rather than U V^T). In float32 at least: torch's runs in bfloat16, which
+    CPUs without bfloat16 matrix units run about 30x slower (bench_arms.Float32Muon)."""
+    a, b, c = coefficients
+    tall = x.size(0) > x.size(1)
+    y = x.to(torch.promote_types(x.dtype, torch.float32))
+    if tall:
+        y = y.T
+    y = y / y.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = y @ y.T
+        y = torch.addmm(y, torch.addmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
+    return (y.T if tall else y).to(x.dtype)
+
+
+def muon_updates_(out: Tensors, grads: Tensors, buffers: Tensors, momentum: float, scale: float) -> Tensors:
+    """out = scale 0.2 \sqrt{\max(A, B)} O(g + momentum (b - g)) per A x B matrix with the momentum buffers
+    b = lerp(b, g, 1 - momentum) (updated in place): Muon's Nesterov direction, orthogonalised, at
+    torch.optim.Muon's `match_rms_adamw` size (RMS 0.2, as an Adam step's), so a rate that suits Adam suits it."""
+    torch._foreach_lerp_(buffers, grads, 1 - momentum)
+    for o, g, b in zip(out, grads, buffers):
+        o.copy_(orthogonalized(torch.lerp(g, b, momentum)))
+        o.mul_(scale * 0.2 * math.sqrt(max(o.shape)))
     return out
 
 
@@ -379,8 +413,10 @@ class HybridOptimizer(torch.optim.Optimizer):
         betas: Adam betas (beta1 is the momentum of `base="sgd"` and the interpolation of "schedulefree").
         eps: Adam epsilon.
         weight_decay: decoupled weight decay (taken at y with "schedulefree").
-        base: "adam", "schedulefree" (call `eval()` before evaluating or saving the model, `train()` after)
-            or "sgd".
+        base: "adam", "schedulefree" (call `eval()` before evaluating or saving the model, `train()` after),
+            "muon" (Muon's orthogonalised momentum on the matrices of groups that keep `orthogonalize` True,
+            the default; Adam on everything else: give embeddings and the output head a group with
+            `"orthogonalize": False`, as Muon's authors advise; `hybridopt.modeling.param_groups` does) or "sgd".
         learn_scale: learn the log scale \\ell by normalised hypergradient descent (False: \\ell = 0).
         scale_lr: \\kappa, the largest change of \\ell per step (0.1: x1.105).
         scale_betas: EMA decays of the hypergradient's mean and square.
@@ -399,12 +435,13 @@ class HybridOptimizer(torch.optim.Optimizer):
         controller_smoothing: b of the EMA over the controller's learning-rate correction (0: none).
         min_scale: the learned scale's lower bound m, in [1e-4, 1] (None: 1 over "schedulefree", 1e-4 otherwise).
         radius_start: q in [0, 1]: at the first step after the warmup the scale is raised so that the last step
-            would have been at least q times the global trust radius long (None: 0.25 over "schedulefree", 0,
-            off, otherwise; needs the global trust region).
+            would have been at least q times the global trust radius long (None: 0.25 over "schedulefree" and
+            "muon", 0, off, otherwise; needs the global trust region).
         compile: run the update (`fused_step_`: moments, direction, weight decay, global trust region, step)
             through `torch.compile`, which fuses it into a few passes over each tensor; the first step pays for
             the compilation. Over "adam" and "schedulefree" with the global trust region (or none) and one
             `betas` for all groups; other settings take the eager path.
+        muon_momentum: the momentum of Muon's Nesterov buffer with base "muon" (torch.optim.Muon's 0.95).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -414,7 +451,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                  trust_mode: str = "global", adapt_radius: bool = False, controller_lr: float = 1e-3,
                  controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0,
                  controller_smoothing: float = 0.0, min_scale: float | None = None,
-                 radius_start: float | None = None, compile: bool = False):
+                 radius_start: float | None = None, compile: bool = False, muon_momentum: float = 0.95):
         _check(lr > 0, f"lr must be positive, got {lr}")
         _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}")
         _check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
@@ -430,19 +467,20 @@ class HybridOptimizer(torch.optim.Optimizer):
                f"controller_lr must be positive and controller_hidden at least 1, got {controller_lr} and {controller_hidden}")
         _check(0 <= trace_decay < 1, f"trace_decay must be in [0, 1), got {trace_decay}")
         _check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
+        _check(0 <= muon_momentum < 1, f"muon_momentum must be in [0, 1), got {muon_momentum}")
         if min_scale is None:
             min_scale = 1.0 if base == "schedulefree" else 1e-4
         if use_controller is None:
             use_controller = base != "schedulefree"
         if radius_start is None:
-            radius_start = 0.25 if base == "schedulefree" else 0.0
+            radius_start = 0.25 if base in ("schedulefree", "muon") else 0.0
         _check(0 <= radius_start <= 1, f"radius_start must be in [0, 1], got {radius_start}")
         _check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
         _check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius,
                                       lr_multiplier=1.0, radius_multiplier=1.0, weight_sum=0.0, lr_max=0.0,
-                                      train_mode=True))
-        self.base, self.trust_mode = base, trust_mode
+                                      train_mode=True, orthogonalize=True))
+        self.base, self.trust_mode, self.muon_momentum = base, trust_mode, muon_momentum
         self.learn_scale, self.scale_lr, self.scale_betas = learn_scale, scale_lr, tuple(scale_betas)
         self.scale_threshold, self.scale_floor = scale_threshold, math.log(min_scale)
         self.use_controller, self.learn_controller = use_controller, learn_controller
@@ -513,7 +551,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.hybrid_state.step += 1
         params = [p for p, _ in pairs]
         self._forget_unmoved(params)
-        self._init_state(params)
+        self._init_state(pairs)
         if self._fuses:  # u_t, the factor f and the step, in one compiled function
             updates, factor = self._fused_step(pairs)
         else:
@@ -703,17 +741,21 @@ class HybridOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr_multiplier"], group["radius_multiplier"] = math.exp(log_lr), radius_multiplier
 
-    def _init_state(self, params: Tensors) -> None:
+    def _orthogonalizes(self, p: torch.Tensor, group: dict) -> bool:
+        """p takes Muon's direction: base "muon", a matrix, in a group that does not opt out."""
+        return self.base == "muon" and p.dim() == 2 and group["orthogonalize"]
+
+    def _init_state(self, pairs: list) -> None:
         """Creates the per-tensor state of tensors updated for the first time, and counts this step in each."""
-        for p in params:
+        for p, group in pairs:
             st = self.state[p]
             if "step" not in st:
                 st["step"] = 0
                 if self.base == "schedulefree":
                     st["z"] = p.detach().clone()
                 else:
-                    st["exp_avg"] = torch.zeros_like(p)
-                if self.base != "sgd":
+                    st["exp_avg"] = torch.zeros_like(p)  # Muon's and SGD's momentum buffer, or Adam's first moment
+                if self.base != "sgd" and not self._orthogonalizes(p, group):
                     st["exp_avg_sq"] = torch.zeros_like(p)
             if "update" not in st:
                 st["update"] = torch.zeros_like(p)
@@ -722,7 +764,7 @@ class HybridOptimizer(torch.optim.Optimizer):
     @property
     def _fuses(self) -> bool:
         """The compiled `fused_step_` covers this step (see `compile`)."""
-        return (self._fused is not None and self.base != "sgd"
+        return (self._fused is not None and self.base in ("adam", "schedulefree")
                 and (not self.use_trust_region or self.trust_mode == "global")
                 and len({tuple(g["betas"]) for g in self.param_groups}) == 1)
 
@@ -774,7 +816,16 @@ class HybridOptimizer(torch.optim.Optimizer):
             grads, states = [p.grad for p in params], [self.state[p] for p in params]
             out = [st["update"] for st in states]
             rate = -group["lr"] * group["lr_multiplier"]
-            if self.base == "adam":
+            if self.base == "muon":  # Muon on the matrices, Adam on the rest
+                mask = [self._orthogonalizes(p, group) for p in params]
+                (out_m, out_a), (grads_m, grads_a), (states_m, states_a) = (_split(x, mask) for x in (out, grads, states))
+                if out_m:
+                    muon_updates_(out_m, grads_m, [st["exp_avg"] for st in states_m], self.muon_momentum, rate)
+                if out_a:
+                    adam_updates_(out_a, grads_a, [st["exp_avg"] for st in states_a],
+                                  [st["exp_avg_sq"] for st in states_a], [st["step"] for st in states_a],
+                                  group["betas"], group["eps"], rate)
+            elif self.base == "adam":
                 adam_updates_(out, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                               [st["step"] for st in states], group["betas"], group["eps"], rate)
             elif self.base == "schedulefree":
@@ -870,6 +921,11 @@ def _host_values(rows: list, dtype: torch.dtype, device: torch.device) -> torch.
     if device.type == "cuda":
         return values.pin_memory().to(device, non_blocking=True)
     return values.to(device)
+
+
+def _split(xs: list, mask: list[bool]) -> tuple[list, list]:
+    """(the items where mask is True, the others), in order."""
+    return [x for x, m in zip(xs, mask) if m], [x for x, m in zip(xs, mask) if not m]
 
 
 def _check(ok: bool, message: str) -> None:

@@ -113,3 +113,31 @@ def hash_model(h: "hashlib._Hash", model: torch.nn.Module) -> None:
 def num_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def hidden_matrices(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(the trainable 2-D weights inside the model, every other trainable parameter): the matrices Muon's
+    orthogonalised step suits, and the embeddings, output head, norms and biases it does not."""
+    io = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    out = getattr(model, "get_output_embeddings", lambda: None)()
+    if out is not None:
+        io |= {id(p) for p in out.parameters()}
+    hidden, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (hidden if p.dim() == 2 and id(p) not in io else rest).append(p)
+    return hidden, rest
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, muon: bool = False) -> list[dict]:
+    """Weight decay on matrices only (not norms or biases). With `muon`: the hidden matrices in a group of their
+    own and every other group `"orthogonalize": False` (for `HybridOptimizer(base="muon")`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not muon:
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    hidden, rest = hidden_matrices(model)
+    groups = [{"params": hidden, "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "orthogonalize": False},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "orthogonalize": False}]
+    return [g for g in groups if g["params"]]

@@ -31,6 +31,7 @@ from hybridopt.evaluation import evaluate_lm
 from hybridopt.hybrid_optimizer import HybridOptimizer
 from hybridopt.losses import TopKTargets, kd_loss
 from hybridopt.metrics import MetricsLogger
+from hybridopt.modeling import param_groups
 from hybridopt.reporting import Reporter
 from hybridopt.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
 from hybridopt.teacher_cache import TeacherCache
@@ -75,10 +76,9 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], 
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int = 0) -> torch.optim.Optimizer:
-    """AdamW, or the hybrid optimizer with `cfg.hybrid`; weight decay on matrices only (not norms or biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW, or the hybrid optimizer with `cfg.hybrid`; weight decay on matrices only (not norms or biases);
+    over Muon, the embeddings and the output head take Adam's step (`modeling.param_groups`)."""
+    groups = param_groups(model, cfg.weight_decay, muon=cfg.hybrid and cfg.hybrid_base == "muon")
     if cfg.hybrid:
         return HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), base=cfg.hybrid_base,
                                use_trust_region=cfg.trust_region,
