@@ -11,12 +11,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hybridopt.bench_arms import ARMS, HYBRIDS  # noqa: E402
 from hybridopt.bench_stats import median  # noqa: E402
 
 
 def _colors(arms: list[str]) -> dict[str, tuple]:
+    """tab20's ten dark shades in turn to the hybrids `distill --hybrid` runs, the other arms and the SGD arms
+    (dashed), its light ones to whatever is left and to the ablations."""
     cmap = plt.get_cmap("tab20")
-    return {a: cmap(i % 20) for i, a in enumerate(arms)}
+    ablation = {a for a in arms if a in ARMS and ARMS[a].description.startswith("ablation")}
+    rank = lambda a: (a in ablation, a not in HYBRIDS, a.startswith("sgd") or a == "hybrid_sgd")  # noqa: E731
+    ranked = sorted(arms, key=rank)  # stable: the given order within each rank
+    return {a: cmap((2 * i) % 20 + (2 * i) // 20 % 2) for i, a in enumerate(ranked)}
+
+
+def _width(arm: str) -> float:
+    """The hybrids `distill --hybrid` runs (HYBRIDS) drawn thicker."""
+    return 2.4 if arm in HYBRIDS else 1.2
 
 
 def _panels(n: int, height: float):
@@ -59,7 +70,7 @@ def curves(runs: list[dict], summaries: dict[str, dict], path: Path) -> None:
                 continue
             steps = best[0]["steps"][:n]
             cols = [[r["curve"][i] for r in best] for i in range(n)]
-            ax.plot(steps, [median(c) for c in cols], _style(arm), color=color[arm], lw=1.4,
+            ax.plot(steps, [median(c) for c in cols], _style(arm), color=color[arm], lw=_width(arm),
                     label=f"{arm} ({s['arms'][arm]['best_lr']:g})")
             ax.fill_between(steps, [min(c) for c in cols], [max(c) for c in cols], color=color[arm], alpha=0.12)
         if s["target"] is not None:
@@ -87,7 +98,7 @@ def robustness(summaries: dict[str, dict], path: Path) -> None:
             # Grid position, not value: Prodigy's d_coef and SGD's x100 rates share the Adam grid's positions.
             xs = list(range(len(a["grid"])))
             ys = [v if math.isfinite(v) else top * 1.02 for v in a["median_by_lr"]]
-            ax.plot(xs, ys, _style(arm), marker="o", ms=3, color=color[arm], lw=1.2, label=arm)
+            ax.plot(xs, ys, _style(arm), marker="o", ms=3, color=color[arm], lw=_width(arm), label=arm)
         ax.axhline(s["best_any"] * 1.01, color="k", lw=0.7, ls="-.", label="best of any arm +1%")
         ax.axhline(s["best_any"] * 1.05, color="gray", lw=0.7, ls=":", label="+5%")
         grid = next(iter(s["arms"].values()))["grid"]
