@@ -6,7 +6,9 @@ Times forward+backward+step of the default 3.41M-parameter student (batch 16 x 1
 AdamW with foreach (the reference of issue 13's cost goal), AdamW as torch builds it by default (one tensor at a
 time on CPU), Schedule-Free AdamW (foreach), `distill --hybrid`'s optimizer (over Schedule-Free) and the hybrid
 over Adam, alternating blocks so machine noise hits all, and reports medians of the whole training step and
-of `optimizer.step()` alone, each as a ratio to AdamW foreach's. With `--compile` it adds both hybrids with
+of `optimizer.step()` alone, each as a ratio to AdamW foreach's. With `--muon` it adds torch.optim.Muon on the
+hidden matrices with AdamW on the rest (the bench's `muon` arm: `Float32Muon` on a CPU) and the hybrid over
+Muon (`distill --hybrid --hybrid_base muon`). With `--compile` it adds both hybrids with
 `compile=True` (`distill --hybrid --compile`) and AdamW foreach with its step under `torch.compile` (as torch's
 documentation compiles an optimizer; the rate here is constant); their compilation
 happens in the warm-up steps, whose time is reported apart. Writes `hybrid_overhead.json`.
@@ -24,7 +26,9 @@ import schedulefree
 import torch
 from transformers import LlamaForCausalLM
 
+from hybridopt.bench_arms import ARMS, BuildContext
 from hybridopt.hybrid_optimizer import HybridOptimizer
+from hybridopt.modeling import param_groups
 
 from common import RESULTS_DIR, default_student_config  # benchmarks/common.py, beside this script
 
@@ -41,6 +45,21 @@ class CompiledStep:
 
     def zero_grad(self, set_to_none=True):
         self.opt.zero_grad(set_to_none=set_to_none)
+
+
+class Together:
+    """Several optimizers stepped as one (Muon on the hidden matrices, AdamW on the rest)."""
+
+    def __init__(self, opts):
+        self.opts = opts
+
+    def step(self):
+        for opt in self.opts:
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=set_to_none)
 
 
 def _timed_steps(model, opt, x, n, hybrid):
@@ -64,6 +83,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--compile", action="store_true", help="also the compiled optimizers")
+    parser.add_argument("--muon", action="store_true", help="also Muon and the hybrid over Muon")
     args = parser.parse_args()
     cfg = default_student_config()
     x = torch.randint(0, cfg.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0))
@@ -75,6 +95,12 @@ def main() -> None:
         "hybrid": lambda m: HybridOptimizer(m.parameters(), lr=1e-3, betas=(0.9, 0.95), base="schedulefree"),
         "hybrid_adam": lambda m: HybridOptimizer(m.parameters(), lr=1e-3, betas=(0.9, 0.95)),
     }
+    if args.muon:
+        makers.update({
+            "muon": lambda m: Together(ARMS["muon"].build(m, 1e-3, BuildContext(total_steps=1, warmup_steps=1))),
+            "hybrid_muon": lambda m: HybridOptimizer(param_groups(m, 0.0, muon=True), lr=1e-3, betas=(0.9, 0.95),
+                                                     base="muon"),
+        })
     if args.compile:
         makers.update({
             "adamw_foreach_compiled": lambda m: CompiledStep(torch.optim.AdamW(

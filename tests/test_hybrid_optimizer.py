@@ -510,7 +510,8 @@ def test_distill_flags_that_switch_everything_off_leave_schedule_free_adamw():
         return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
 
     ours, theirs = net(), net()
-    cfg = TrainConfig(hybrid=True, learn_scale=False, controller=False, trust_region=False, lr=0.05)
+    cfg = TrainConfig(hybrid=True, hybrid_base="schedulefree", learn_scale=False, controller=False, trust_region=False,
+                      lr=0.05)
     opt = build_optimizer(cfg, ours)
     groups = [{"params": [p for p in theirs.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in theirs.parameters() if p.dim() < 2], "weight_decay": 0.0}]
@@ -522,6 +523,58 @@ def test_distill_flags_that_switch_everything_off_leave_schedule_free_adamw():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     only = build_optimizer(TrainConfig(hybrid=True, controller=False), net())
     assert (only.use_controller, only.learn_scale, only.use_trust_region) == (False, True, True)
+
+
+def test_muon_base_is_torchs_muon_and_adamw_when_nothing_learns():
+    """`--hybrid --hybrid_base muon` with the scale, controller and trust region off takes the steps of
+    torch.optim.Muon (its iteration in float32: the bench's Float32Muon) on the hidden matrices and AdamW on the
+    embeddings, head and norms, with distill's parameter groups."""
+    from hybridopt.bench_arms import Float32Muon
+    from hybridopt.config import TrainConfig
+    from hybridopt.modeling import hidden_matrices
+    from hybridopt.training import build_optimizer
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(11, 8)
+            self.body = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.Tanh(), torch.nn.Linear(24, 8))
+            self.norm = torch.nn.LayerNorm(8)
+            self.head = torch.nn.Linear(8, 5, bias=False)
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, x):
+            return self.head(self.norm(self.body(self.embed(x))))
+
+    def net():
+        torch.manual_seed(0)
+        return Net()
+
+    ours, theirs = net(), net()
+    cfg = TrainConfig(hybrid=True, hybrid_base="muon", learn_scale=False, controller=False, trust_region=False,
+                      lr=0.02, weight_decay=0.1)
+    opt = build_optimizer(cfg, ours)
+    hidden, rest = hidden_matrices(theirs)
+    assert [p.shape for p in hidden] == [(24, 8), (8, 24)]  # not the embedding or the head
+    muon = Float32Muon(hidden, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() == 2], "weight_decay": 0.1},
+                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=0.02, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(15):
+        x = torch.randint(0, 11, (16,), generator=g)
+        for model, opts in ((ours, [opt]), (theirs, [muon, adamw])):
+            for o in opts:
+                o.zero_grad()
+            model(x).pow(2).mean().backward()
+            for o in opts:
+                o.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    moved = sum((p - q).abs().sum() for p, q in zip(ours.parameters(), net().parameters()))
+    assert moved > 0.1
 
 
 def test_schedulefree_base_is_schedulefree_adamw_when_nothing_learns():
