@@ -4,12 +4,12 @@
 
 Times forward+backward+step of the default 3.41M-parameter student (batch 16 x 128 tokens, CE loss) under
 AdamW with foreach (the reference of issue 13's cost goal), AdamW as torch builds it by default (one tensor at a
-time on CPU), Schedule-Free AdamW (foreach), `distill --hybrid`'s optimizer (over Schedule-Free) and the hybrid
+time on CPU), Schedule-Free AdamW (foreach), the hybrid over Schedule-Free (`distill --hybrid --hybrid_base schedulefree`) and the hybrid
 over Adam, alternating blocks so machine noise hits all, and reports medians of the whole training step and
 of `optimizer.step()` alone, each as a ratio to AdamW foreach's. With `--muon` it adds torch.optim.Muon on the
 hidden matrices with AdamW on the rest (the bench's `muon` arm: `Float32Muon` on a CPU) and the hybrid over
 Muon (`distill --hybrid --hybrid_base muon`). With `--compile` it adds both hybrids with
-`compile=True` (`distill --hybrid --compile`) and AdamW foreach with its step under `torch.compile` (as torch's
+`compile=True` (`--compile`) and AdamW foreach with its step under `torch.compile` (as torch's
 documentation compiles an optimizer; the rate here is constant); their compilation
 happens in the warm-up steps, whose time is reported apart. Writes `hybrid_overhead.json`.
 """

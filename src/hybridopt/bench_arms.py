@@ -21,10 +21,10 @@ The arms (the design document's four first, then what practitioners pick, then a
                          Newton-Schulz orthogonalisation runs in float32 (`Float32Muon`)
     hybrid_adam          `distill --hybrid --hybrid_base adam`: learned scale, controller and trust region over
                          the Adam direction, warmup-cosine
-    hybrid_muon          `distill --hybrid --hybrid_base muon`: learned scale, controller and trust region over
+    hybrid_muon          `distill --hybrid` (its defaults): learned scale, controller and trust region over
                          Muon's orthogonalised momentum on the hidden matrices and Adam's on the rest,
                          warmup-cosine (as the muon arm's)
-    hybrid_sf            `distill --hybrid` (its defaults): learned scale and trust region over Schedule-Free
+    hybrid_sf            `distill --hybrid --hybrid_base schedulefree`: learned scale and trust region over Schedule-Free
                          AdamW's step, warmup then constant, the scale one-sided (it may raise the rate, not
                          lower it), no controller
     hybrid_frozen        hybrid_adam with the controller frozen at initialisation (the learned scale alone)
@@ -227,9 +227,9 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("hybrid_adam", "distill --hybrid --hybrid_base adam: learned scale + controller + trust region over Adam, "
         "warmup-cosine", "adam", "cosine",
         _hybrid("adam")),
-    Arm("hybrid_muon", "distill --hybrid --hybrid_base muon: learned scale + controller + trust region over Muon "
+    Arm("hybrid_muon", "distill --hybrid: learned scale + controller + trust region over Muon "
         "(hidden matrices) and Adam (the rest), warmup-cosine", "adam", "cosine", _hybrid("muon")),
-    Arm("hybrid_sf", "distill --hybrid: learned scale (one-sided) + trust region over Schedule-Free AdamW, no "
+    Arm("hybrid_sf", "distill --hybrid --hybrid_base schedulefree: learned scale (one-sided) + trust region over Schedule-Free AdamW, no "
         "controller, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
     Arm("hybrid_frozen", "ablation: hybrid_adam, controller frozen at initialisation (learned scale alone)", "adam", "cosine",
         _hybrid("adam", learn_controller=False)),
@@ -239,9 +239,9 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
 ]}
 
 REFERENCE = "adamw_cosine"
-HYBRID = "hybrid_sf"  # `distill --hybrid`'s defaults: the headline and the design document's claims check it
+HYBRID = "hybrid_muon"  # `distill --hybrid`'s defaults: the headline and the design document's claims check it
 REPLAYED = "hybrid_adam"  # the run whose multipliers hybrid_random shuffles
-HYBRIDS = (HYBRID, "hybrid_adam", "hybrid_muon")  # the bases of `distill --hybrid`
+HYBRIDS = (HYBRID, "hybrid_sf", "hybrid_adam")  # the bases of `distill --hybrid`
 BASELINE = "sgd"
 
 
