@@ -47,6 +47,21 @@ def test_muon_gets_the_hidden_matrices_and_adamw_the_rest():
     assert not in_muon & in_adamw and in_muon | in_adamw == {id(p) for p in model.parameters()}
 
 
+def test_muon_orthogonalises_only_the_mlp_tasks_hidden_matrix():
+    """The mlp network names its input and output layers (as transformers models do), so the muon arms give
+    them AdamW's step, as Muon is meant to be used; the other arms' models are unchanged."""
+    task = MLPTask(Budget(steps=1, batch_size=8, seq_len=0), torch.device("cpu"))
+    model = task.new_model(0)
+    hidden, rest = hidden_matrices(model)
+    assert [tuple(p.shape) for p in hidden] == [(256, 256)]
+    assert sorted(tuple(p.shape) for p in rest if p.dim() == 2) == [(10, 256), (256, 32)]
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*[type(m)(*m.normalized_shape) if isinstance(m, torch.nn.LayerNorm) else
+                                  torch.nn.GELU() if isinstance(m, torch.nn.GELU) else
+                                  torch.nn.Linear(m.in_features, m.out_features) for m in model])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))  # same start as before
+
+
 def test_hybrid_random_replays_exactly_the_given_multipliers_shuffled():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)

@@ -172,6 +172,17 @@ def _first_blocks(blocks: TokenBlocks, n: int) -> TokenBlocks:
     return TokenBlocks(blocks.stream[: n * blocks.seq_len + 1], blocks.seq_len, "validation")
 
 
+class _MLP(nn.Sequential):
+    """The mlp task's network, naming its input and output layers as a transformers model does, so Muon's arms
+    give them AdamW's step and orthogonalise only the hidden matrix (`modeling.hidden_matrices`)."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self[0]
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self[-1]
+
+
 class MLPTask:
     """A small classification problem made here: 10 classes of 32-d points from a mixture of 16 Gaussians,
     labelled by a fixed random 2-layer tanh network, 10% of labels flipped at random; the student is a
@@ -199,9 +210,9 @@ class MLPTask:
 
     def new_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(self.dim, self.hidden), nn.LayerNorm(self.hidden), nn.GELU(),
-                             nn.Linear(self.hidden, self.hidden), nn.LayerNorm(self.hidden), nn.GELU(),
-                             nn.Linear(self.hidden, self.classes)).to(self.device)
+        return _MLP(nn.Linear(self.dim, self.hidden), nn.LayerNorm(self.hidden), nn.GELU(),
+                    nn.Linear(self.hidden, self.hidden), nn.LayerNorm(self.hidden), nn.GELU(),
+                    nn.Linear(self.hidden, self.classes)).to(self.device)
 
     def batches(self, seed: int, clusters: bool) -> _Batches:
         if clusters and self._labels is None:

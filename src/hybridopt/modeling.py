@@ -117,11 +117,13 @@ def num_parameters(model: torch.nn.Module) -> int:
 
 def hidden_matrices(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(the trainable 2-D weights inside the model, every other trainable parameter): the matrices Muon's
-    orthogonalised step suits, and the embeddings, output head, norms and biases it does not."""
+    orthogonalised step suits, and the embeddings, input and output layers (`get_input_embeddings` and
+    `get_output_embeddings`, as transformers models name them), norms and biases it does not."""
     io = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    out = getattr(model, "get_output_embeddings", lambda: None)()
-    if out is not None:
-        io |= {id(p) for p in out.parameters()}
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        layer = getattr(model, name, lambda: None)()
+        if layer is not None:
+            io |= {id(p) for p in layer.parameters()}
     hidden, rest = [], []
     for p in model.parameters():
         if p.requires_grad:
