@@ -118,6 +118,8 @@ def test_hybrid_prints_trust_radius_and_the_summary_block(tiny_teacher, corpus_f
     out = tmp_path / "run"
     assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--hybrid", "--no-baseline", "--save_metrics")) == 0
     stdout = capsys.readouterr().out
+    assert ("Optimizer: hybrid over Muon (hidden matrices) and AdamW (embeddings, head, norms) (--hybrid_base muon); "
+            "learned scale on, controller on, trust region on") in stdout.splitlines()
     lines = [line for line in stdout.splitlines() if line.startswith("Epoch ")]
     assert len(lines) == 3
     assert all(re.match(r"^Epoch \d+, Loss: \d+\.\d{6}, LR: \d+\.\d{6}, Trust Radius: \d+\.\d{6}", ln) for ln in lines)
