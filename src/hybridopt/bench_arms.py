@@ -154,13 +154,10 @@ class Float32Muon(torch.optim.Muon):
 
 
 def _muon(model, lr, ctx):
-    hidden, rest = modeling.hidden_matrices(model)
-    decay = [p for p in rest if p.dim() >= 2]
-    no_decay = [p for p in rest if p.dim() < 2]
-    muon = Float32Muon if all(p.device.type == "cpu" for p in hidden) else torch.optim.Muon
-    return [muon(hidden, lr=lr, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw"),
-            torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=BETAS)]
+    hidden, *rest = param_groups(model, muon=True)  # the hidden matrices first, as the hybrid over Muon gets them
+    muon = Float32Muon if all(p.device.type == "cpu" for p in hidden["params"]) else torch.optim.Muon
+    return [muon(hidden["params"], lr=lr, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW(rest, lr=lr, betas=BETAS)]
 
 
 def _hybrid(base: str, clusters: bool = False, **overrides) -> Callable:
