@@ -200,6 +200,19 @@ def test_teacher_dtype_bfloat16_halves_the_teacher_and_keeps_its_targets(tiny_te
     assert json.loads((tmp_path / "bf16" / "run_config.json").read_text())["teacher_dtype"] == "bfloat16"
 
 
+def _hybrid_run_resumes_exactly(teacher, data, tmp_path, base: str) -> dict:
+    """A --hybrid run over `base`, straight and stopped after epoch 2 then resumed: the same student loss and
+    history. Returns the straight run's results (its folder: tmp_path / "straight")."""
+    kw = dict(hybrid=True, hybrid_base=base, baseline=False, warmup_steps=2)
+    straight = run_distill(_cfg(teacher, data, tmp_path / "straight", **kw))
+    assert run_distill(_cfg(teacher, data, tmp_path / "resumed", **kw), stop_after_epoch=2) == \
+        {"interrupted_at_epoch": 2}
+    resumed = run_distill(DistillConfig(resume=str(tmp_path / "resumed")))
+    assert resumed["student"]["loss"] == straight["student"]["loss"]
+    assert _strip_time(resumed["student"]["history"]) == _strip_time(straight["student"]["history"])
+    return straight
+
+
 def test_schedulefree_hybrid_resumes_exactly_and_saves_the_average(tiny_teacher, corpus_file, tmp_path):
     """--hybrid_base schedulefree: validation and the saved student are at Schedule-Free's average x, the
     checkpoint at the training point y (so --resume reproduces the uninterrupted run), the rate constant
@@ -210,13 +223,7 @@ def test_schedulefree_hybrid_resumes_exactly_and_saves_the_average(tiny_teacher,
     from hybridopt.evaluation import evaluate_lm
     from hybridopt.modeling import load_teacher
 
-    kw = dict(hybrid=True, hybrid_base="schedulefree", baseline=False, warmup_steps=2)
-    straight = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "straight", **kw))
-    assert run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "resumed", **kw), stop_after_epoch=2) == \
-        {"interrupted_at_epoch": 2}
-    resumed = run_distill(DistillConfig(resume=str(tmp_path / "resumed")))
-    assert resumed["student"]["loss"] == straight["student"]["loss"]
-    assert _strip_time(resumed["student"]["history"]) == _strip_time(straight["student"]["history"])
+    straight = _hybrid_run_resumes_exactly(tiny_teacher, corpus_file, tmp_path, "schedulefree")
 
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "student")
     _, tokenizer = load_teacher(tiny_teacher, torch.device("cpu"))
@@ -234,13 +241,7 @@ def test_schedulefree_hybrid_resumes_exactly_and_saves_the_average(tiny_teacher,
 def test_muon_hybrid_orthogonalises_the_hidden_matrices_only_and_resumes_exactly(tiny_teacher, corpus_file, tmp_path):
     """--hybrid_base muon: Muon's step on the hidden matrices (one momentum buffer each), Adam's on the
     embeddings, head and norms (two moments); the checkpoint carries both and --resume reproduces the run."""
-    kw = dict(hybrid=True, hybrid_base="muon", baseline=False, warmup_steps=2)
-    straight = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "straight", **kw))
-    assert run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "resumed", **kw), stop_after_epoch=2) == \
-        {"interrupted_at_epoch": 2}
-    resumed = run_distill(DistillConfig(resume=str(tmp_path / "resumed")))
-    assert resumed["student"]["loss"] == straight["student"]["loss"]
-    assert _strip_time(resumed["student"]["history"]) == _strip_time(straight["student"]["history"])
+    straight = _hybrid_run_resumes_exactly(tiny_teacher, corpus_file, tmp_path, "muon")
     history = straight["student"]["history"]
     assert history[-1]["loss"] < history[0]["loss"] - 0.2  # it learns (training loss)
 
