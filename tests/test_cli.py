@@ -158,3 +158,13 @@ def test_teacher_cache_key_tells_apart_what_shapes_a_hybrid_teacher(monkeypatch,
     monkeypatch.setattr("hybridopt.hybrid_optimizer.RULE_VERSION", -1)
     assert path(hybrid=True, hybrid_base="adam", min_scale=None) != hybrid and path() == plain
     assert path(hybrid_base="schedulefree", min_scale=0.5) == path()  # AdamW teachers ignore the hybrid's options
+
+
+def test_teacher_hybrid_names_its_optimizer_as_distill_does(tmp_path, corpus_file, capsys):
+    args = ["--data", str(corpus_file), "--vocab_size", "300", "--hidden", "32", "--layers", "1", "--intermediate",
+            "64", "--heads", "2", "--seq_len", "32", "--epochs", "1", "--max_steps_per_epoch", "2", "--device", "cpu"]
+    assert main(["teacher", *args, "--out", str(tmp_path / "a"), "--hybrid", "--hybrid_base", "schedulefree"]) == 0
+    assert ("Optimizer: hybrid over Schedule-Free AdamW (--hybrid_base schedulefree); learned scale on, controller "
+            "off, trust region on") in capsys.readouterr().out
+    assert main(["teacher", *args, "--out", str(tmp_path / "b")]) == 0
+    assert "Optimizer:" not in capsys.readouterr().out  # AdamW: no line, as distill

@@ -21,7 +21,7 @@ from hybridopt.data import corpus_documents, token_splits
 from hybridopt.layout import OutputRefused, check_output, claim_output, made_by, occupied
 from hybridopt.reporting import Reporter
 from hybridopt.tokenizer import train_bpe_tokenizer
-from hybridopt.training import Trainer
+from hybridopt.training import Trainer, describe_optimizer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
 
 INFO_NAME = "teacher_info.json"
@@ -95,6 +95,8 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
                   f"hidden; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens"
                   + (f"; resuming from {work}" if resume else ""))
     trainer = Trainer(cfg, model, train, val, work, device, name="teacher", config_dict=asdict(cfg), reporter=reporter)
+    if (line := describe_optimizer(trainer.optimizer)) is not None:
+        reporter.line(line)
     trainer.setup(resume=resume)
     trainer.train()
     trainer.cleanup()

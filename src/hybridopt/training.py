@@ -92,6 +92,19 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
+HYBRID_BASE_NAMES = {"muon": "Muon (hidden matrices) and AdamW (embeddings, head, norms)",
+                     "schedulefree": "Schedule-Free AdamW", "adam": "AdamW", "sgd": "SGD momentum"}
+
+
+def describe_optimizer(opt: torch.optim.Optimizer) -> str | None:
+    """The `Optimizer:` line `--hybrid` prints (its base and which parts are on); None for plain AdamW."""
+    if not isinstance(opt, HybridOptimizer):
+        return None
+    on = {True: "on", False: "off"}
+    return (f"Optimizer: hybrid over {HYBRID_BASE_NAMES[opt.base]} (--hybrid_base {opt.base}); learned scale "
+            f"{on[opt.learn_scale]}, controller {on[opt.use_controller]}, trust region {on[opt.use_trust_region]}")
+
+
 class StopRequested(KeyboardInterrupt):
     """Training stopped at a step boundary on SIGINT or SIGTERM, after saving a checkpoint there."""
 

@@ -44,12 +44,8 @@ from hybridopt.quant_report import format_report, quantization_report, save_repo
 from hybridopt.reporting import Reporter
 from hybridopt.teacher import ensure_default_teacher
 from hybridopt.teacher_cache import TeacherCache, ensure_cache
-from hybridopt.training import Trainer
+from hybridopt.training import Trainer, describe_optimizer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
-
-HYBRID_BASE_NAMES = {"muon": "Muon (hidden matrices) and AdamW (embeddings, head, norms)",
-                     "schedulefree": "Schedule-Free AdamW", "adam": "AdamW"}
-
 
 def quant_config(cfg: DistillConfig) -> QATConfig | None:
     """The quantization the flags ask for: --qat alone is 1-bit, --ternary 1.58-bit, --bits any width."""
@@ -193,12 +189,8 @@ class DistillRecipe:
         cfg = self.cfg
         self.reporter.line(f"Distilling: {cfg.epochs} epochs x {self.trainer.steps_per_epoch} steps, batch "
                            f"{cfg.batch_size}{self._per_rank()}, alpha {cfg.alpha}, temperature {cfg.temperature}")
-        opt = self.trainer.optimizer
-        if isinstance(opt, HybridOptimizer):
-            on = {True: "on", False: "off"}
-            self.reporter.line(f"Optimizer: hybrid over {HYBRID_BASE_NAMES[opt.base]} (--hybrid_base {opt.base}); "
-                               f"learned scale {on[opt.learn_scale]}, controller {on[opt.use_controller]}, trust "
-                               f"region {on[opt.use_trust_region]}")
+        if (line := describe_optimizer(self.trainer.optimizer)) is not None:
+            self.reporter.line(line)
 
     def _per_rank(self) -> str:
         """`" (2 processes x 8)"` under torchrun, "" for one process."""
