@@ -1,6 +1,7 @@
 """Cost of the hybrid optimizer against AdamW on the default student, measured as ratios in one run.
 
     python benchmarks/hybrid_overhead.py [--steps 30] [--blocks 4] [--out benchmarks/results]
+        [--muon] [--compile] [--batch_size 16] [--only adamw_foreach muon hybrid_muon]
 
 Times forward+backward+step of the default 3.41M-parameter student (batch 16 x 128 tokens, CE loss) under
 AdamW with foreach (the reference of issue 13's cost goal), AdamW as torch builds it by default (one tensor at a
@@ -11,7 +12,10 @@ hidden matrices with AdamW on the rest (the bench's `muon` arm: `Float32Muon` on
 Muon (`distill --hybrid --hybrid_base muon`). With `--compile` it adds both hybrids with
 `compile=True` (`--compile`) and AdamW foreach with its step under `torch.compile` (as torch's
 documentation compiles an optimizer; the rate here is constant); their compilation
-happens in the warm-up steps, whose time is reported apart. Writes `hybrid_overhead.json`.
+happens in the warm-up steps, whose time is reported apart. `--batch_size` sets the sequences of 128 tokens per
+step (`optimizer.step()` costs the same at any batch, so its share of the training step falls as the batch
+grows); `--only` times only the named optimizers (adamw_foreach, the reference, always). Writes
+`hybrid_overhead.json`.
 """
 
 from __future__ import annotations
@@ -84,9 +88,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--compile", action="store_true", help="also the compiled optimizers")
     parser.add_argument("--muon", action="store_true", help="also Muon and the hybrid over Muon")
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences of 128 tokens per step")
+    parser.add_argument("--only", nargs="+", help="time only these optimizers (and adamw_foreach)")
     args = parser.parse_args()
     cfg = default_student_config()
-    x = torch.randint(0, cfg.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, 128), generator=torch.Generator().manual_seed(0))
     makers = {
         "adamw_foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), foreach=True),
         "adamw_default": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95)),
@@ -110,6 +116,11 @@ def main() -> None:
             "hybrid_adam_compiled": lambda m: HybridOptimizer(m.parameters(), lr=1e-3, betas=(0.9, 0.95),
                                                               compile=True),
         })
+    if args.only:
+        unknown = set(args.only) - set(makers)
+        if unknown:
+            parser.error(f"--only: unknown {sorted(unknown)} (with --muon/--compile: {sorted(makers)})")
+        makers = {k: v for k, v in makers.items() if k == "adamw_foreach" or k in args.only}
     warmup_s = {}
     runs = {}
     for name, make in makers.items():
@@ -131,6 +142,7 @@ def main() -> None:
     result = {
         "parameters": sum(p.numel() for p in runs["adamw_foreach"][0].parameters()),
         "threads": torch.get_num_threads(), "blocks": args.blocks, "steps_per_block": args.steps,
+        "batch": [args.batch_size, 128],
         "adamw_foreach_train_step_s": ref[0], "adamw_foreach_optimizer_step_s": ref[1],
         "optimizer_step_ratio": {name: m[1] / ref[1] for name, m in med.items() if name != "adamw_foreach"},
         "train_step_ratio": {name: m[0] / ref[0] for name, m in med.items() if name != "adamw_foreach"},
