@@ -171,6 +171,17 @@ def test_hostile_packed_files_are_refused_in_one_sentence(tmp_path, monkeypatch,
     assert "\n" not in str(e.value) and str(e.value).startswith(f"'{tmp_path}")
 
 
+@pytest.mark.parametrize("metadata", [None, {"format": "hybridopt-packed", "format_version": "3"}], ids=["foreign", "newer"])
+def test_a_foreign_or_newer_file_is_refused_before_its_tensors_are_read(tmp_path, monkeypatch, metadata):
+    """A model of someone else's (safetensors, no packed header) is refused from its header alone, not read."""
+    save_file({"model.embed_tokens.weight": torch.zeros(64, 16)}, tmp_path / PACKED_NAME, metadata=metadata)
+    reads = []
+    monkeypatch.setattr("safetensors.safe_open.get_tensor", lambda self, k: reads.append(k), raising=False)
+    with pytest.raises(UserError, match="is not a hybridopt packed model|has format version 3") as e:
+        load_packed(tmp_path)
+    assert reads == [] and "\n" not in str(e.value)
+
+
 def test_the_table_reaches_the_loader_unharmed_without_damage(tmp_path):
     """The untouched file loads (the table's refusals come from the damage, not the helper)."""
     export_packed(tiny_qat_model(), tmp_path)

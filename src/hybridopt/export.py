@@ -144,16 +144,10 @@ def _read(path: str | Path):
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
+            version = _checked_format(metadata, path)  # before any tensor is read: a foreign file costs nothing
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"'{path}' is truncated or corrupted ({str(e).splitlines()[0]}); export it again") from None
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"'{path}' is not a hybridopt packed model (no '{FORMAT}' header)")
-    version = metadata.get("format_version")
-    if version not in _READ_VERSIONS:
-        newer = isinstance(version, str) and version.isdigit() and int(version) > int(FORMAT_VERSION)
-        raise UserError(f"'{path}' has format version {version}; this hybridopt reads {', '.join(_READ_VERSIONS)}"
-                        + ("; it was written by a newer hybridopt: upgrade this one to read it" if newer else ""))
     if _digest(tensors, metadata if version == FORMAT_VERSION else None) != metadata.get("sha256"):
         raise UserError(f"'{path}' is corrupted or was edited (its checksum does not match); export it again")
     if version != FORMAT_VERSION:
@@ -161,6 +155,18 @@ def _read(path: str | Path):
               "export it again to protect that too", file=sys.stderr)
     config, quant = _checked_header(metadata, tensors, path)
     return metadata, tensors, config, quant
+
+
+def _checked_format(metadata: dict[str, str], path: Path) -> str:
+    """The file's packed format version, if it is a hybridopt packed file this version reads."""
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not a hybridopt packed model (no '{FORMAT}' header)")
+    version = metadata.get("format_version")
+    if version not in _READ_VERSIONS:
+        newer = isinstance(version, str) and version.isdigit() and int(version) > int(FORMAT_VERSION)
+        raise UserError(f"'{path}' has format version {version}; this hybridopt reads {', '.join(_READ_VERSIONS)}"
+                        + ("; it was written by a newer hybridopt: upgrade this one to read it" if newer else ""))
+    return version
 
 
 _MAX_DIM = 1 << 24
