@@ -14,7 +14,7 @@ the EMA c_t = b c_{t-1} + (1 - b) f(W_t, x_t)). Each step's change of f splits e
 and "applied" is the change of the correction as applied, c_t - c_{t-1} (equal to the sum of the two without
 smoothing).
 
-On the bench's own tasks, budgets, schedule (warmup-cosine) and `distill --hybrid` settings (`hybrid_adam`),
+On the bench's own tasks, budgets, schedule (warmup-cosine) and `distill --hybrid --hybrid_base adam` settings (`hybrid_adam`),
 for every learning rate and seed; reported per part as the RMS per step and the largest single step (in log
 units: 0.1 is x1.105), plus the final multiplier and validation loss. Writes multiplier_decomposition.json.
 """
