@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hybridopt.bench_arms import ARMS, BuildContext, Float32Muon, ReplayedMultiplierHybrid, newton_schulz_float32
+from hybridopt.bench_arms import (ARMS, REPLAYED, BuildContext, Float32Muon, ReplayedMultiplierHybrid,
+                                  newton_schulz_float32)
 from hybridopt.bench_tasks import Budget, MLPTask, run_arm
 from hybridopt.config import BENCH_ARMS
 from hybridopt.errors import UserError
@@ -47,6 +48,22 @@ def test_muon_gets_the_hidden_matrices_and_adamw_the_rest():
     assert not in_muon & in_adamw and in_muon | in_adamw == {id(p) for p in model.parameters()}
 
 
+def test_the_ablations_take_apart_distill_hybrids_defaults():
+    """hybrid_frozen, hybrid_no_trust and hybrid_random are hybrid_muon (`distill --hybrid`) with one part off."""
+    model = _tiny_llama()
+    ctx = BuildContext(10, 1, replay_multipliers=[1.0], seed=0)
+    (full,) = ARMS[REPLAYED].build(model, 1e-3, ctx)
+    assert REPLAYED == "hybrid_muon" and full.base == "muon"
+    groups = lambda opt: [({id(p) for p in g["params"]}, g["orthogonalize"]) for g in opt.param_groups]  # noqa: E731
+    off = {"hybrid_frozen": ("learn_controller",), "hybrid_no_trust": ("use_trust_region",),
+           "hybrid_random": ("use_controller", "learn_scale")}
+    for name, parts in off.items():
+        (opt,) = ARMS[name].build(model, 1e-3, ctx)
+        assert opt.base == "muon" and groups(opt) == groups(full), name
+        for attr in ("learn_controller", "use_trust_region", "use_controller", "learn_scale", "radius_start"):
+            assert getattr(opt, attr) == (False if attr in parts else getattr(full, attr)), (name, attr)
+
+
 def test_muon_orthogonalises_only_the_mlp_tasks_hidden_matrix():
     """The mlp network names its input and output layers (as transformers models do), so the muon arms give
     them AdamW's step, as Muon is meant to be used; the other arms' models are unchanged."""
@@ -75,7 +92,7 @@ def test_hybrid_random_replays_exactly_the_given_multipliers_shuffled():
         opt.zero_grad()
         seen.append(opt.param_groups[0]["lr_multiplier"])
     assert sorted(seen) == given and seen != given  # a permutation, not the original order
-    with pytest.raises(ValueError, match="run hybrid_adam first"):
+    with pytest.raises(ValueError, match="run hybrid_muon first"):
         ARMS["hybrid_random"].build(model, 1e-3, BuildContext(4, 1))
 
 
@@ -87,7 +104,7 @@ def test_every_arm_trains_the_mlp_and_same_seed_means_same_start_and_batches():
     replay = None
     for name, arm in ARMS.items():
         res = run_arm(task, arm, arm.grid([3e-3])[0], 0, replay)
-        if name == "hybrid_adam":
+        if name == REPLAYED:
             replay = res.lr_multiplier
             assert len(res.lr_multiplier) == 40
         assert res.steps == [0, 20, 40] and len(res.train_loss) == 40
@@ -190,7 +207,7 @@ def test_bench_refuses_bad_input_in_one_line(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep me")
     for args, words in [(("--out", str(tmp_path)), "holds something hybridopt bench did not write"),
                         (("--quick", "--full"), "two presets"),
-                        (("--arms", "hybrid_random"), "add hybrid_adam"),
+                        (("--arms", "hybrid_random"), "add hybrid_muon"),
                         (("--lr_min", "1", "--lr_max", "0.1"), "--lr_min"),
                         (("--resume",), "pass --out"),
                         (("--workers", "0"), "--workers must be at least 1"),
@@ -247,7 +264,7 @@ def test_worker_processes_give_the_runs_of_one_process(tiny_teacher, corpus_file
     # One intra-op thread everywhere, from process start (the spawned workers read the variable): with torch's
     # default thread count the serial path's float kernels round differently in the last bits (documented).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    arms = ["adamw_cosine", "sgd_cosine_clusters", "hybrid_adam", "hybrid_random"]  # hybrid_random replays hybrid_adam
+    arms = ["adamw_cosine", "sgd_cosine_clusters", "hybrid_muon", "hybrid_random"]  # hybrid_random replays hybrid_muon
     records = {}
     for workers in (1, 2):
         cfg = BenchConfig(quick=True, task=["distill", "mlp"], arms=arms, steps=3, mlp_steps=12,
@@ -260,7 +277,7 @@ def test_worker_processes_give_the_runs_of_one_process(tiny_teacher, corpus_file
     assert {r["threads"] for r in records[2]["runs"]} == {1} and records[2]["workers"] == 2
 
 
-def test_hybrid_random_starts_after_its_hybrid_adam_and_a_signal_starts_nothing_more():
+def test_hybrid_random_starts_after_its_hybrid_muon_and_a_signal_starts_nothing_more():
     from concurrent.futures import Future
     from types import SimpleNamespace
 
@@ -275,9 +292,9 @@ def test_hybrid_random_starts_after_its_hybrid_adam_and_a_signal_starts_nothing_
         future.set_result({"task": key[0], "arm": key[1], "lr": key[2], "seed": key[3], "lr_multiplier": [key[2]]})
         return future
 
-    todo = [("mlp", "hybrid_adam", 0.1, 0), ("mlp", "hybrid_random", 0.1, 0), ("mlp", "adamw_cosine", 0.1, 1)]
+    todo = [("mlp", "hybrid_muon", 0.1, 0), ("mlp", "hybrid_random", 0.1, 0), ("mlp", "adamw_cosine", 0.1, 1)]
     _run_plan(list(todo), runs, 2, start, runs.append, stop)
-    assert started == [(todo[0], None), (todo[2], None), (todo[1], [0.1])]  # skips ahead while hybrid_adam runs
+    assert started == [(todo[0], None), (todo[2], None), (todo[1], [0.1])]  # skips ahead while hybrid_muon runs
 
     def stop_after_one(run):
         runs.append(run)

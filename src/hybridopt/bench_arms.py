@@ -27,10 +27,12 @@ The arms (the design document's four first, then what practitioners pick, then a
     hybrid_sf            `distill --hybrid --hybrid_base schedulefree`: learned scale and trust region over Schedule-Free
                          AdamW's step, warmup then constant, the scale one-sided (it may raise the rate, not
                          lower it), no controller
-    hybrid_frozen        hybrid_adam with the controller frozen at initialisation (the learned scale alone)
-    hybrid_random        hybrid_adam's own multipliers at the same lr and seed, shuffled in time
+    hybrid_frozen        hybrid_muon with the controller frozen at initialisation (the learned scale alone)
+    hybrid_random        hybrid_muon's own multipliers at the same lr and seed, shuffled in time
                          (same spread, no information)
-    hybrid_no_trust      hybrid_adam without the trust region
+    hybrid_no_trust      hybrid_muon without the trust region
+
+The ablations take apart `distill --hybrid`'s defaults (hybrid_muon); the `muon` arm is all of it off.
 """
 
 from __future__ import annotations
@@ -170,10 +172,11 @@ def _hybrid(base: str, clusters: bool = False, **overrides) -> Callable:
 
 def _hybrid_random(model, lr, ctx):
     if not ctx.replay_multipliers:
-        raise ValueError("hybrid_random replays hybrid_adam's multipliers: run hybrid_adam first")
+        raise ValueError(f"hybrid_random replays {REPLAYED}'s multipliers: run {REPLAYED} first")
     shuffled = list(ctx.replay_multipliers)
     random.Random(ctx.seed).shuffle(shuffled)
-    return [ReplayedMultiplierHybrid(param_groups(model), shuffled, lr=lr, base="adam", **_hybrid_kwargs())]
+    return [ReplayedMultiplierHybrid(param_groups(model, muon=True), shuffled, lr=lr, base="muon",
+                                     **_hybrid_kwargs())]
 
 
 @dataclass(frozen=True)
@@ -228,16 +231,16 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
         "(hidden matrices) and Adam (the rest), warmup-cosine", "adam", "cosine", _hybrid("muon")),
     Arm("hybrid_sf", "distill --hybrid --hybrid_base schedulefree: learned scale (one-sided) + trust region over Schedule-Free AdamW, no "
         "controller, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
-    Arm("hybrid_frozen", "ablation: hybrid_adam, controller frozen at initialisation (learned scale alone)", "adam", "cosine",
-        _hybrid("adam", learn_controller=False)),
-    Arm("hybrid_random", "ablation: hybrid_adam's multipliers shuffled in time", "adam", "cosine", _hybrid_random),
-    Arm("hybrid_no_trust", "ablation: hybrid_adam without the trust region", "adam", "cosine",
-        _hybrid("adam", use_trust_region=False)),
+    Arm("hybrid_frozen", "ablation: hybrid_muon, controller frozen at initialisation (learned scale alone)", "adam",
+        "cosine", _hybrid("muon", learn_controller=False)),
+    Arm("hybrid_random", "ablation: hybrid_muon's multipliers shuffled in time", "adam", "cosine", _hybrid_random),
+    Arm("hybrid_no_trust", "ablation: hybrid_muon without the trust region", "adam", "cosine",
+        _hybrid("muon", use_trust_region=False)),
 ]}
 
 REFERENCE = "adamw_cosine"
 HYBRID = "hybrid_muon"  # `distill --hybrid`'s defaults: the headline and the design document's claims check it
-REPLAYED = "hybrid_adam"  # the run whose multipliers hybrid_random shuffles
+REPLAYED = HYBRID  # the run whose multipliers hybrid_random shuffles
 HYBRIDS = (HYBRID, "hybrid_sf", "hybrid_adam")  # the bases of `distill --hybrid`
 BASELINE = "sgd"
 

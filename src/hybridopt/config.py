@@ -384,7 +384,7 @@ class BenchConfig:
     """`hybridopt bench`: every optimizer arm on the same tasks, learning-rate grid and seeds."""
 
     task: list[str] = _arg(list(BENCH_TASKS), "tasks to run", nargs="+", choices=BENCH_TASKS)
-    arms: list[str] | None = _arg(None, "arms to run (hybrid_random needs hybrid_adam); default: all (on a CPU the muon arm orthogonalises in float32: torch.optim.Muon's bfloat16 is about 30x slower there)", nargs="+", choices=BENCH_ARMS)
+    arms: list[str] | None = _arg(None, "arms to run (hybrid_random needs hybrid_muon); default: all (on a CPU the muon arm orthogonalises in float32: torch.optim.Muon's bfloat16 is about 30x slower there)", nargs="+", choices=BENCH_ARMS)
     quick: bool = _arg(False, "smoke preset: a few steps, 2 grid points, 2 seeds (minutes on 2 CPU cores)")
     full: bool = _arg(False, "large preset for a GPU: 1000 steps of 16 x 128 tokens, 7 grid points, 5 seeds")
     steps: int | None = _arg(None, "optimizer steps per LM run (default: the preset's)")
@@ -424,8 +424,8 @@ class BenchConfig:
             raise UserError(f"--lr_min must be positive and below --lr_max, got {self.lr_min} and {self.lr_max}")
         if self.arms is None:
             return
-        if "hybrid_random" in self.arms and "hybrid_adam" not in self.arms:
-            raise UserError("--arms hybrid_random replays hybrid_adam's multipliers; add hybrid_adam")
+        if "hybrid_random" in self.arms and "hybrid_muon" not in self.arms:
+            raise UserError("--arms hybrid_random replays hybrid_muon's multipliers; add hybrid_muon")
         self.task = list(dict.fromkeys(self.task))
         self.arms = list(dict.fromkeys(self.arms))
 

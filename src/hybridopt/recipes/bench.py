@@ -130,7 +130,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     claim_output(out, "bench")
     grid = log_grid(cfg.lr_min, cfg.lr_max, cfg.grid_points)
     names = cfg.arms or list(ARMS)
-    arms = sorted((ARMS[a] for a in names), key=lambda a: a.name == "hybrid_random")  # after hybrid_adam
+    arms = sorted((ARMS[a] for a in names), key=lambda a: a.name == "hybrid_random")  # after REPLAYED
     # The cheapest task first, then seed by seed: a bench stopped early holds whole tasks and whole seeds.
     order = sorted(tasks, key=lambda t: t.name != "mlp")
     plan = [(t.name, a.name, lr, seed) for t in order for seed in range(cfg.seeds) for a in arms for lr in a.grid(grid)]
@@ -256,7 +256,7 @@ def _starter(cfg: BenchConfig, device: torch.device, tasks: list):
 def _run_plan(todo: list[tuple], runs: list[dict], workers: int, start, finished, stop: StopOnSignal) -> None:
     """Run the keys (task, arm, lr, seed) of `todo` in its order, at most `workers` at a time, passing each run's
     record to `finished` as it ends; `runs` holds the records so far. hybrid_random replays the multipliers of
-    hybrid_adam at its task, lr and seed, so it starts only once that run is in `runs`. After a signal, start no
+    REPLAYED at its task, lr and seed, so it starts only once that run is in `runs`. After a signal, start no
     more runs and raise `StopRequested` when the running ones have ended."""
     running = {}
     while todo or running:
