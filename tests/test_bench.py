@@ -304,3 +304,27 @@ def test_hybrid_random_starts_after_its_hybrid_muon_and_a_signal_starts_nothing_
     with pytest.raises(StopRequested):
         _run_plan([("mlp", "sgd", lr, 0) for lr in (1, 2, 3, 4)], runs, 2, start, stop_after_one, stop)
     assert len(started) == 2  # the two in flight finish; nothing more starts
+
+
+def test_an_error_stops_the_worker_processes_at_once():
+    import multiprocessing
+    import time
+
+    from hybridopt.config import BenchConfig
+    from hybridopt.recipes.bench import _starter
+
+    before = set(multiprocessing.active_children())
+    cfg = BenchConfig(quick=True, task=["mlp"], mlp_steps=100_000, workers=2)  # runs that would take minutes
+    with pytest.raises(RuntimeError, match="stop"):
+        with _starter(cfg, torch.device("cpu"), []) as start:
+            futures = [start(("mlp", "adamw_cosine", 1e-3, seed), None) for seed in (0, 1)]
+            time.sleep(0.5)
+            raise RuntimeError("stop")
+    workers = set(multiprocessing.active_children()) - before
+    for process in workers:
+        process.join(timeout=10)
+    alive = [p for p in workers if p.is_alive()]
+    for process in alive:  # so that a failure here does not wait minutes for the runs
+        process.kill()
+    assert workers and not alive  # terminated, not left to finish their runs
+    assert all(f.cancelled() or f.exception(timeout=10) is not None for f in futures)

@@ -168,3 +168,37 @@ def test_teacher_hybrid_names_its_optimizer_as_distill_does(tmp_path, corpus_fil
             "off, trust region on") in capsys.readouterr().out
     assert main(["teacher", *args, "--out", str(tmp_path / "b")]) == 0
     assert "Optimizer:" not in capsys.readouterr().out  # AdamW: no line, as distill
+
+
+def test_ctrl_c_while_starting_or_exiting_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import hybridopt.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def status(argv):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:  # pytest would stop the session instead of failing the test
+            pytest.fail("Ctrl-C escaped main(): the user gets a traceback")
+
+    with monkeypatch.context() as m:  # while starting: importing transformers, parsing the flags
+        m.setattr(cli, "build_parser", interrupted)
+        assert status(["inspect", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "hybridopt: interrupted\n"
+
+    real, restoring = signal.signal, []
+
+    def ctrl_c_lands_while_restoring(sig, handler):  # the command ended; its handlers are being put back
+        if not restoring and sig == signal.SIGINT:
+            restoring.append(sig)
+            real(sig, handler)
+            raise KeyboardInterrupt
+        return real(sig, handler)
+
+    with monkeypatch.context() as m:
+        m.setattr(signal, "signal", ctrl_c_lands_while_restoring)
+        assert status(["inspect", str(tmp_path)]) == 130  # inspect refused the empty folder (2), then Ctrl-C
+    assert restoring and capsys.readouterr().err.endswith("hybridopt: interrupted\n")

@@ -133,6 +133,18 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str], cls) -> frozen
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `hybridopt ARGV` (default: the command line); returns the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:
+        # Ctrl-C while starting up (importing, parsing) or while exiting, where the command's own handling is not
+        # in force: one line, no traceback. `_main` handles one during the command's work itself.
+        if _launch_rank() == "0":
+            print("hybridopt: interrupted", file=sys.stderr)
+        return getattr(e, "exit_status", 128 + signal.SIGINT)
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -246,8 +246,11 @@ def _starter(cfg: BenchConfig, device: torch.device, tasks: list):
     try:
         yield lambda key, replay: pool.submit(_run_in_worker, *key, replay)
     except BaseException:  # an error or a second signal: stop the workers now, losing the runs in flight
-        for process in list(pool._processes.values()):  # Python < 3.14 has no pool.terminate_workers()
-            process.terminate()
+        if hasattr(pool, "terminate_workers"):  # Python 3.14+
+            pool.terminate_workers()
+        else:
+            for process in list(pool._processes.values()):
+                process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
