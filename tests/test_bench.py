@@ -178,14 +178,14 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 def test_bench_quick_runs_every_arm_on_every_task(tiny_teacher, corpus_file, tmp_path):
     out = tmp_path / "bench"
     r = _bench("--quick", "--teacher", str(tiny_teacher), "--data", str(corpus_file), "--out", str(out),
-               "--device", "cpu", "--workers", "2")  # both cores of a CI machine
+               "--device", "cpu", "--workers", "2", "--seeds", "1")  # both cores of a CI machine
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
     runs = {(x["task"], x["arm"], x["lr"], x["seed"]) for x in record["runs"]}
     grid = record["adam_grid"]
     cpu_arms = list(ARMS.values())  # muon too: in float32 on a CPU
     expected = {(t, a.name, lr, s) for t in ("distill", "distill_ternary", "mlp") for a in cpu_arms
-                for lr in a.grid(grid) for s in range(2)}
+                for lr in a.grid(grid) for s in range(1)}
     assert runs == expected
     assert "`Float32Muon`" in (out / "RESULTS.md").read_text()
     text = (out / "RESULTS.md").read_text()
