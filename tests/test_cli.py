@@ -202,3 +202,25 @@ def test_ctrl_c_while_starting_or_exiting_is_one_line_and_status_130(tmp_path, c
         m.setattr(signal, "signal", ctrl_c_lands_while_restoring)
         assert status(["inspect", str(tmp_path)]) == 130  # inspect refused the empty folder (2), then Ctrl-C
     assert restoring and capsys.readouterr().err.endswith("hybridopt: interrupted\n")
+
+
+def test_ctrl_c_during_setup_says_whether_and_where_to_resume(tiny_teacher, corpus_file, tmp_path, capsys,
+                                                               monkeypatch):
+    from hybridopt.recipes.distill import DistillRecipe
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:  # before the run folder exists: nothing to resume
+        m.setattr(DistillRecipe, "_resolve_run", interrupted)
+        assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--no-baseline")) == 130
+    assert capsys.readouterr().err == "hybridopt: interrupted; nothing was saved yet\n" and not out.exists()
+
+    with monkeypatch.context() as m:  # the run folder is written, no checkpoint yet
+        m.setattr(DistillRecipe, "_build_trainer", interrupted)
+        assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--no-baseline")) == 130
+    err = capsys.readouterr().err
+    assert err == f"hybridopt: interrupted; no checkpoint yet, it starts over, continue with --resume {out}\n"
+    assert main(["distill", "--resume", str(out)]) == 0  # what the message says works
+    assert (out / "results.json").is_file()

@@ -137,7 +137,7 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tiny_teacher
             break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + getattr(signal, sig), err
-    assert "a checkpoint was saved, continue with --resume" in err and "Traceback" not in err
+    assert f"a checkpoint was saved, continue with --resume {out}" in err and "Traceback" not in err
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["position"]["global_step"] < 120  # stopped before the end
     resumed = run_distill(DistillConfig(resume=str(out)))

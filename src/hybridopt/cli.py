@@ -203,9 +203,19 @@ def _main(argv: list[str] | None) -> int:
         for sig in previous:  # a further Ctrl-C or SIGTERM must not cut this message into a traceback
             signal.signal(sig, signal.SIG_IGN)
         saved = getattr(e, "signum", None) is not None  # training.StopRequested: saved after a whole step
-        hint = {"distill": "continue with --resume", "teacher": "the same command continues"}.get(args.command)
-        if hint:
-            hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}{hint}"
+        hint = None
+        if args.command == "distill":
+            folder = getattr(e, "run_folder", None)  # None: interrupted before the run folder was written
+            if folder is None:
+                hint = "; nothing was saved yet"
+            else:
+                from hybridopt.layout import RunLayout
+
+                where = ("a checkpoint was saved" if saved else "from the last checkpoint"
+                         if RunLayout(folder).checkpoint.exists() else "no checkpoint yet, it starts over")
+                hint = f"; {where}, continue with --resume {shlex.quote(str(folder))}"
+        elif args.command == "teacher":
+            hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}the same command continues"
         if args.command == "bench":
             hint = "; the finished runs and a partial report are in --out; add --resume to continue"
         if _launch_rank() == "0":  # torchrun: rank 0 says it

@@ -174,11 +174,13 @@ class DistillRecipe:
         self.plan: PrecisionPlan | None = None
         self.teacher_cache: TeacherCache | None = None
         self.gguf: GGUFReport | None = None
+        self.out: Path | None = None  # the run folder, once resolved
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Resolve the run folder, load the teacher and data, build the student and its training loop."""
         out, resuming, self.cfg = self.dist.on_main(self._resolve_run)  # one folder, one decision for all ranks
+        self.out = out
         with self.dist.main_first():
             self._prepare(out, resuming)
         if self.data.clusters is not None:  # rank 0's k-means (the others read its cache, or redo it): its labels
@@ -471,6 +473,15 @@ def run_distill(cfg: DistillConfig, reporter: Reporter | None = None, stop_after
 def _run_distill(cfg: DistillConfig, reporter: Reporter | None, stop_after_epoch: int | None,
                  given: frozenset[str] | None, dist: DistEnv) -> dict:
     recipe = DistillRecipe(cfg, reporter, given, dist)
+    try:
+        return _distill(recipe, stop_after_epoch, dist)
+    except KeyboardInterrupt as e:  # for the message: the folder --resume continues, if the run has one yet
+        if recipe.out is not None and RunLayout(recipe.out).config.exists():
+            e.run_folder = recipe.out
+        raise
+
+
+def _distill(recipe: DistillRecipe, stop_after_epoch: int | None, dist: DistEnv) -> dict:
     recipe.setup()
     cfg, d = recipe.cfg, recipe.data
     finished = recipe.train(stop_after_epoch)
