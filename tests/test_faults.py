@@ -442,3 +442,20 @@ def test_metrics_rows_cut_short_by_a_full_disk_are_dropped_on_resume(tmp_path):
     assert [r["epoch"] for r in _csv(path)] == ["1"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["type"], r["step"]) for r in records] == [("step", 1), ("step", 2), ("step", 3), ("epoch", 3)]
+
+
+def test_resume_removes_what_a_kill_inside_an_export_write_left(tiny_teacher, corpus_file, tmp_path):
+    """A kill while the packed file or its report is written (every resume after the student's training writes
+    them again) leaves `.NAME.tmp-PID` in export/; the next --resume removes it, and nothing else of the run."""
+    from hybridopt.cli import main
+
+    out = tmp_path / "run"
+    flags = ("--epochs", "2", "--max_steps_per_epoch", "3", "--ternary", "--qat", "--no-baseline")
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, out, *flags)) == 0
+    export = sorted(p.name for p in (out / "export").iterdir())
+    stale = [out / "export" / ".quant_report.json.tmp-999999", out / "export" / ".model.packed.safetensors.tmp-999998"]
+    for p in stale:
+        p.write_bytes(b"cut short")
+    (out / "results.json").unlink()  # killed inside the export write, before the results were written
+    assert main(["distill", "--resume", str(out)]) == 0
+    assert sorted(p.name for p in (out / "export").iterdir()) == export

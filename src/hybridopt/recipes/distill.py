@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
-from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write
+from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write, remove_stale_temporaries
 from hybridopt.config import DEFAULT_TOPK, DistillConfig
 from hybridopt.data import corpus_documents, token_splits
 from hybridopt.data_clusters import DataClusters, cluster_data, format_cluster_report
@@ -227,6 +227,8 @@ class DistillRecipe:
             claim_output(out, "distill")
             if not resuming:
                 atomic_write(layout.config, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
+            else:  # a kill inside an export write (the trainers clean their own folders)
+                remove_stale_temporaries(layout.export)
         s_config, quant = self._setup_student(tokenizer, device)
         say(f"Teacher: {self.teacher_dir} ({num_parameters(self.teacher) / 1e6:.2f}M parameters, {cfg.teacher_dtype})")
         say(f"Student: Llama, {num_parameters(self.student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
