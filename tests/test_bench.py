@@ -178,7 +178,8 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 def test_bench_quick_runs_every_arm_on_every_task(tiny_teacher, corpus_file, tmp_path):
     out = tmp_path / "bench"
     r = _bench("--quick", "--teacher", str(tiny_teacher), "--data", str(corpus_file), "--out", str(out),
-               "--device", "cpu", "--workers", "2", "--seeds", "1")  # both cores of a CI machine
+               "--device", "cpu", "--workers", "2",  # both cores of a CI machine
+               "--seeds", "1")  # intervals are test_bench_stats's; this test holds every arm on every task
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
     runs = {(x["task"], x["arm"], x["lr"], x["seed"]) for x in record["runs"]}

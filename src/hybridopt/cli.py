@@ -18,6 +18,7 @@ import threading
 import types
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from hybridopt import __version__
 from hybridopt.config import BenchConfig, DistillConfig, ExportConfig, GenerateConfig, InspectConfig, TeacherConfig, default_teacher_config
@@ -203,23 +204,15 @@ def _main(argv: list[str] | None) -> int:
         for sig in previous:  # a further Ctrl-C or SIGTERM must not cut this message into a traceback
             signal.signal(sig, signal.SIG_IGN)
         saved = getattr(e, "signum", None) is not None  # training.StopRequested: saved after a whole step
-        hint = None
+        hint = ""
         if args.command == "distill":
-            folder = getattr(e, "run_folder", None)  # None: interrupted before the run folder was written
-            if folder is None:
-                hint = "; nothing was saved yet"
-            else:
-                from hybridopt.layout import RunLayout
-
-                where = ("a checkpoint was saved" if saved else "from the last checkpoint"
-                         if RunLayout(folder).checkpoint.exists() else "no checkpoint yet, it starts over")
-                hint = f"; {where}, continue with --resume {shlex.quote(str(folder))}"
+            hint = _distill_resume_hint(getattr(e, "run_folder", None), saved)
         elif args.command == "teacher":
             hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}the same command continues"
-        if args.command == "bench":
+        elif args.command == "bench":
             hint = "; the finished runs and a partial report are in --out; add --resume to continue"
         if _launch_rank() == "0":  # torchrun: rank 0 says it
-            print(f"hybridopt: interrupted{hint or ''}", file=sys.stderr)
+            print(f"hybridopt: interrupted{hint}", file=sys.stderr)
         return 128 + e.signum if saved else getattr(e, "exit_status", 128 + signal.SIGINT)
     except OSError as e:
         # Disk full, permissions: the environment, not a bug. Checkpoints are written atomically.
@@ -229,6 +222,21 @@ def _main(argv: list[str] | None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _distill_resume_hint(folder: Path | None, saved: bool) -> str:
+    """What an interrupted distill leaves to continue: `folder` is its run folder once written (None before)."""
+    if folder is None:
+        return "; nothing was saved yet"
+    from hybridopt.layout import RunLayout
+
+    if saved:
+        where = "a checkpoint was saved"
+    elif RunLayout(folder).checkpoint.exists():
+        where = "from the last checkpoint"
+    else:
+        where = "no checkpoint yet, it starts over"
+    return f"; {where}, continue with --resume {shlex.quote(str(folder))}"
 
 
 def _launch_rank() -> str:
@@ -264,7 +272,6 @@ def _generate(cfg: GenerateConfig) -> None:
 
 def _inspect(cfg: InspectConfig) -> None:
     import json
-    from pathlib import Path
 
     from hybridopt.export import PACKED_NAME, read_packed
     from hybridopt.layout import RunLayout
