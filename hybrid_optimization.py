@@ -3,7 +3,7 @@
 Re-exports `hybridopt.manager` (and the controller's `AuxiliaryNN`, `TrainingState`); the package is the
 source of truth.
 """
-from hybridopt.controller import AuxiliaryNN, TrainingState
+from hybridopt.optim.controller import AuxiliaryNN, TrainingState
 from hybridopt.manager import ConstrainedOptimizer, HybridOptimizationManager, HybridTrainingConfig, format_summary
 
 __all__ = ["AuxiliaryNN", "ConstrainedOptimizer", "HybridOptimizationManager", "HybridTrainingConfig", "TrainingState",

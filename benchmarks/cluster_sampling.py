@@ -30,16 +30,16 @@ from pathlib import Path
 
 import torch
 
-from hybridopt.checkpoint import load_checkpoint
+from hybridopt.training.checkpoint import load_checkpoint
 from hybridopt.config import DistillConfig
-from hybridopt.data import corpus_documents, token_splits
-from hybridopt.data_clusters import cluster_data
-from hybridopt.modeling import build_model, context_length, load_teacher, student_config, vocab_size
+from hybridopt.data.splits import corpus_documents, token_splits
+from hybridopt.data.clusters import cluster_data
+from hybridopt.models.modeling import build_model, context_length, load_teacher, student_config, vocab_size
 from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
-from hybridopt.sampler import SAMPLING_MODES, ClusterStratifiedBatchSampler
-from hybridopt.teacher import ensure_default_teacher
-from hybridopt.training import Trainer
+from hybridopt.data.sampler import SAMPLING_MODES, ClusterStratifiedBatchSampler
+from hybridopt.training.default_teacher import ensure_default_teacher
+from hybridopt.training.trainer import Trainer
 
 from common import RESULTS_DIR  # benchmarks/common.py, beside this script
 

@@ -25,11 +25,11 @@ import torch
 
 from common import default_student_config
 from hybridopt.config import TrainConfig
-from hybridopt.dataset import TokenBlocks
-from hybridopt.modeling import build_model
-from hybridopt.qat import QATConfig, quantize_
+from hybridopt.data.blocks import TokenBlocks
+from hybridopt.models.modeling import build_model
+from hybridopt.quant.qat import QATConfig, quantize_
 from hybridopt.reporting import Reporter
-from hybridopt.training import Trainer
+from hybridopt.training.trainer import Trainer
 from hybridopt.utils import resolve_device, seed_everything
 
 RESULTS = Path(__file__).parent / "results" / "compile_speed.json"

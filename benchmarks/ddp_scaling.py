@@ -26,11 +26,11 @@ import torch.multiprocessing as mp
 
 from common import default_student_config
 from hybridopt.config import TrainConfig
-from hybridopt.dataset import TokenBlocks
-from hybridopt.distributed import DistEnv
-from hybridopt.modeling import build_model
+from hybridopt.data.blocks import TokenBlocks
+from hybridopt.training.distributed import DistEnv
+from hybridopt.models.modeling import build_model
 from hybridopt.reporting import Reporter
-from hybridopt.training import Trainer
+from hybridopt.training.trainer import Trainer
 from hybridopt.utils import seed_everything
 
 RESULTS = Path(__file__).parent / "results" / "ddp_scaling.json"

@@ -30,9 +30,9 @@ import schedulefree
 import torch
 from transformers import LlamaForCausalLM
 
-from hybridopt.bench_arms import ARMS, BuildContext
-from hybridopt.hybrid_optimizer import HybridOptimizer
-from hybridopt.modeling import param_groups
+from hybridopt.bench.arms import ARMS, BuildContext
+from hybridopt.optim.hybrid import HybridOptimizer
+from hybridopt.models.modeling import param_groups
 
 from common import RESULTS_DIR, default_student_config  # benchmarks/common.py, beside this script
 

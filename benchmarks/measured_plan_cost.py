@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from hybridopt.losses import kd_loss
-from hybridopt.precision_plan import in_context_loss
-from hybridopt.qat import quantizable_linears
-from hybridopt.bits import TERNARY
+from hybridopt.training.losses import kd_loss
+from hybridopt.quant.precision_plan import in_context_loss
+from hybridopt.quant.qat import quantizable_linears
+from hybridopt.quant.bits import TERNARY
 
 from common import RESULTS_DIR, default_student_config  # benchmarks/common.py, beside this script
 

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from hybridopt.bench_arms import ARMS, _hybrid_kwargs, param_groups
-from hybridopt.bench_tasks import run_arm
+from hybridopt.bench.arms import ARMS, _hybrid_kwargs, param_groups
+from hybridopt.bench.tasks import run_arm
 from hybridopt.config import BenchConfig
-from hybridopt.controller import LR_HEAD
-from hybridopt.hybrid_optimizer import HybridOptimizer
+from hybridopt.optim.controller import LR_HEAD
+from hybridopt.optim.hybrid import HybridOptimizer
 from hybridopt.recipes.bench import _tasks
 from hybridopt.reporting import Reporter
 

@@ -40,16 +40,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hybridopt.config import DistillConfig
-from hybridopt.data import corpus_documents, token_splits
-from hybridopt.evaluation import evaluate_lm
-from hybridopt.modeling import load_teacher
-from hybridopt.precision_plan import build_plan, calibration_batches, in_context_loss, measure_layers, mix_name
-from hybridopt.qat import QATConfig, quantizable_linears, quantize_
-from hybridopt.bits import TERNARY
+from hybridopt.data.splits import corpus_documents, token_splits
+from hybridopt.training.evaluation import evaluate_lm
+from hybridopt.models.modeling import load_teacher
+from hybridopt.quant.precision_plan import build_plan, calibration_batches, in_context_loss, measure_layers, mix_name
+from hybridopt.quant.qat import QATConfig, quantizable_linears, quantize_
+from hybridopt.quant.bits import TERNARY
 from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
-from hybridopt.teacher import ensure_default_teacher
-from hybridopt.training import Trainer
+from hybridopt.training.default_teacher import ensure_default_teacher
+from hybridopt.training.trainer import Trainer
 
 from common import RESULTS_DIR  # benchmarks/common.py, beside this script
 

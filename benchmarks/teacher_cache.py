@@ -7,7 +7,7 @@ quality: the default run (default teacher, data and student, no baseline) with t
     with cached top-k targets for each K and tail treatment (`--teacher_tail`), for each seed; validation
     loss of the student, the cache's size and build time. Runs already in teacher_cache_quality.json (same
     epochs) are kept, not repeated, so arms can be added later. K = V (the whole vocabulary) is not run here: it is 4096 x 6 bytes per token (13 GB for
-    the embedded corpus), and tests/test_teacher_cache.py shows it reproduces the live run.
+    the embedded corpus), and tests/data/test_teacher_cache.py shows it reproduces the live run.
 speed: one training step (student forward + backward + AdamW step, batch 16 x 128) with the live teacher
     and with the cache, interleaved so machine noise hits both, medians, as a ratio; on the default
     teacher and on a wide random teacher (768 hidden, 12 layers, 32,000-token vocabulary).
@@ -30,14 +30,14 @@ import torch
 from transformers import LlamaConfig
 
 from hybridopt.config import DistillConfig
-from hybridopt.data import corpus_documents, token_splits
-from hybridopt.dataset import TokenBlocks
-from hybridopt.modeling import build_model, load_teacher
+from hybridopt.data.splits import corpus_documents, token_splits
+from hybridopt.data.blocks import TokenBlocks
+from hybridopt.models.modeling import build_model, load_teacher
 from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
-from hybridopt.teacher import ensure_default_teacher
-from hybridopt.teacher_cache import build_cache
-from hybridopt.training import Trainer
+from hybridopt.training.default_teacher import ensure_default_teacher
+from hybridopt.data.teacher_cache import build_cache
+from hybridopt.training.trainer import Trainer
 
 from common import RESULTS_DIR, default_student_config  # benchmarks/common.py, beside this script
 

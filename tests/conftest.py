@@ -50,7 +50,7 @@ def corpus_file(tmp_path_factory) -> Path:
 def tiny_teacher(tmp_path_factory, corpus_file) -> Path:
     """A 2-layer, 64-wide teacher trained for a few seconds on `corpus_file`."""
     from hybridopt.config import TeacherConfig
-    from hybridopt.teacher import train_teacher
+    from hybridopt.training.default_teacher import train_teacher
 
     cfg = TeacherConfig(data=[str(corpus_file)], vocab_size=512, hidden=64, layers=2, intermediate=192, heads=2,
                         context=128, seq_len=64, batch_size=16, epochs=4, max_steps_per_epoch=60, lr=5e-3,

@@ -41,7 +41,7 @@ NOT_RUN = {
     "pip install": "installs packages over the network; CI (.ci/run) runs exactly this before the tests",
     "pytest": "the test suite itself: running it from a test would recurse",
     "rm -rf ~/.cache/hybridopt": "would delete the user's real cache; the tests use a private one (conftest.py)",
-    "torchrun": "starts several processes and a rendezvous; tests/test_distributed.py runs a 2-process torchrun distill",
+    "torchrun": "starts several processes and a rendezvous; tests/training/test_distributed.py runs a 2-process torchrun distill",
 }
 # Words stripped in front of a command, which then runs: `time` only measures wall time.
 PREFIXES = ("time",)
@@ -50,7 +50,7 @@ ENV_ASSIGNMENT = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")  # a variable set for one c
 # Tiny settings appended to every command (the last occurrence of a flag wins). Two epochs of one step
 # rather than one of two: `--param_clusters` with `--qat` needs --plan_after_epochs (1) < --epochs.
 # Validation dominates a tiny run, so batches of 16 (fewer forward passes) and no no-teacher baseline
-# (it would double every run; tests/test_cli.py and tests/test_recipe.py cover it).
+# (it would double every run; tests/recipes/test_cli.py and tests/recipes/test_distill.py cover it).
 TINY_STUDENT = ["--student_hidden", "32", "--student_layers", "1", "--student_intermediate", "64",
                 "--student_heads", "2", "--student_kv_heads", "2", "--seq_len", "32", "--batch_size", "16",
                 "--epochs", "2", "--max_steps_per_epoch", "1", "--device", "cpu", "--no-baseline"]
@@ -233,7 +233,7 @@ class DocRun:
             if not _value(args, "--out"):
                 self.runs += 1
                 args += ["--out", f"teachers/teacher-docs-{self.runs:03d}"]
-        elif sub == "bench":  # two arms, a few steps: the quick preset of all arms runs in tests/test_bench.py
+        elif sub == "bench":  # two arms, a few steps: the quick preset of all arms runs in tests/bench/test_bench.py
             args += ["--teacher", str(self.teacher), "--data", str(self.data), *TINY_BENCH]
             if not _value(args, "--out"):
                 self.runs += 1

@@ -1,5 +1,6 @@
-"""The package's shape: imports flow one way (library -> training -> recipes -> CLI), recipes are
-leaves, there are no import cycles, and the public API imports from the top of the package."""
+"""The package's shape: subpackages by concern, imports flowing one way between them (core -> quant, optim ->
+export -> models -> data -> training -> bench, manager -> recipes -> CLI), recipes as leaves, no import cycles,
+and the public API importable from the top of the package."""
 
 from __future__ import annotations
 
@@ -12,56 +13,79 @@ import hybridopt
 
 PACKAGE = Path(hybridopt.__file__).parent
 
-# Lower layers never import higher ones. Modules not listed are rejected, so a new module gets a layer.
-LAYERS = {
-    0: {"errors", "bits", "utils", "quantizers", "packing", "losses", "kmeans", "corpus", "tokenizer", "checkpoint",
-        "metrics", "reporting", "controller", "config", "bench_stats"},
-    1: {"dataset", "data", "modeling", "evaluation", "hybrid_optimizer", "manager", "qat", "sampler", "export",
-        "precision_plan", "data_clusters", "quant_report", "generate", "layout", "teacher_cache", "gguf",
-        "bench_arms", "bench_plots", "distributed"},
-    2: {"training", "teacher", "bench_tasks"},
-    3: {"recipes", "recipes.distill", "recipes.export_student", "recipes.teacher", "recipes.bench"},
-    4: {"cli", "__main__", "__init__"},
+# Each unit (a subpackage, or a top-level module) may import the units of lower rank and itself, never higher.
+# A unit not listed is rejected, so a new subpackage or top-level module gets a rank.
+RANKS = {
+    0: {"errors", "utils", "fileio", "reporting", "kmeans"},  # core: no concern of its own
+    1: {"quant", "optim"},  # the quantizers and QAT layer; the optimizer and its controller
+    2: {"config"},  # the run configs (commands' settings), composed from the components' fields
+    3: {"export"},  # packed format and GGUF
+    4: {"models"},  # teacher loading, student construction, tokenizers
+    5: {"data"},  # corpus, splits, blocks, samplers, data clusters, the teacher-logit cache
+    6: {"training"},  # the Trainer, objectives, evaluation, checkpoints, distributed, run layout
+    7: {"bench", "manager"},  # the optimizer bench; the design document's facade
+    8: {"recipes"},  # one per command
+    9: {"cli"},
+    10: {"__main__", "__init__"},
 }
-LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
+RANK_OF = {unit: rank for rank, units in RANKS.items() for unit in units}
+# Library code takes plain arguments or its component's config, never a command's run config.
+NO_RUN_CONFIG = {"quant", "optim", "export", "data"}
 
 
 def _modules() -> dict[str, Path]:
+    """hybridopt module name (without `hybridopt.`) -> file."""
     mods = {}
     for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE).with_suffix("")
-        name = ".".join(rel.parts).removesuffix(".__init__") if rel.name == "__init__" and rel.parts[:-1] else ".".join(rel.parts)
-        mods[name] = path
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
     return mods
+
+
+def _unit(module: str) -> str:
+    return module.split(".")[0]
 
 
 def _imports(path: Path) -> set[str]:
     """Every hybridopt module `path` imports, at module level or inside functions (`hybridopt.` stripped)."""
-    found = set()
+    found, modules = set(), _modules()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hybridopt"):
             base = node.module.removeprefix("hybridopt").lstrip(".")
             for alias in node.names:  # `from hybridopt.recipes import distill` imports hybridopt.recipes.distill
                 sub = f"{base}.{alias.name}" if base else alias.name
-                found.add(sub if sub in LAYER_OF else base)
+                found.add(sub if sub in modules else base)
         elif isinstance(node, ast.Import):
             found |= {a.name.removeprefix("hybridopt.") for a in node.names if a.name.startswith("hybridopt.")}
-    return {m for m in found if m}
+    return {m for m in found if m and m != "__version__"}
 
 
-def test_every_module_has_a_layer():
-    assert sorted(set(_modules()) - set(LAYER_OF)) == []
+def test_every_unit_has_a_rank():
+    assert sorted({_unit(m) for m in _modules()} - set(RANK_OF)) == []
+
+
+def test_every_subpackage_says_what_it_owns_and_may_import():
+    for init in PACKAGE.glob("*/__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "May import" in doc, f"{init.parent.name}/__init__.py's docstring does not say what it may import"
 
 
 @pytest.mark.parametrize("module", sorted(_modules()))
 def test_imports_flow_one_way(module):
-    layer = LAYER_OF[module]
+    unit = _unit(module)
     if module == "__init__":
         return  # lazy re-exports of the library (PEP 562), checked by test_public_api
     for imported in _imports(_modules()[module]):
-        assert LAYER_OF[imported] <= layer, f"{module} (layer {layer}) imports {imported} (layer {LAYER_OF[imported]})"
-        if imported.startswith("recipes") and imported != "recipes":
+        other = _unit(imported)
+        assert RANK_OF[other] <= RANK_OF[unit], f"{module} ({unit}, rank {RANK_OF[unit]}) imports {imported} ({other}, rank {RANK_OF[other]})"
+        if RANK_OF[other] == RANK_OF[unit]:
+            assert other == unit, f"{module} imports {imported}: {unit} and {other} are peers and stay apart"
+        if imported.startswith("recipes.") and unit != "recipes":
             assert module == "cli", f"{module} imports the recipe {imported}: only the CLI may"
+        if unit in NO_RUN_CONFIG:
+            assert other != "config", f"{module} imports the run configs: pass plain arguments instead"
 
 
 def test_no_import_cycles():

@@ -16,11 +16,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybridopt.cli import main
 from hybridopt.errors import UserError
-from hybridopt.export import PACKED_NAME, _digest, export_packed, load_packed
-from hybridopt.layout import MARKER, OutputRefused, check_output, claim_output, made_by
-from hybridopt.qat import QATConfig, quantize_
-from hybridopt.quantizers import TERNARY
-from hybridopt.tokenizer import train_bpe_tokenizer
+from hybridopt.export.packed import PACKED_NAME, _digest, export_packed, load_packed
+from hybridopt.training.layout import MARKER, OutputRefused, check_output, claim_output, made_by
+from hybridopt.quant.qat import QATConfig, quantize_
+from hybridopt.quant.quantizers import TERNARY
+from hybridopt.models.tokenizer import train_bpe_tokenizer
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -204,7 +204,7 @@ def test_fields_that_could_name_code_are_dropped(tmp_path):
 
 
 def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path):
-    from hybridopt.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from hybridopt.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
     witness = tmp_path / "pwned"
 
@@ -367,12 +367,12 @@ def test_packed_file_refusals_on_the_command_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------- caches
 def test_a_damaged_corpus_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, capsys):
-    from hybridopt.corpus import Document
-    from hybridopt.data import embedded_corpus_cached
+    from hybridopt.data.corpus import Document
+    from hybridopt.data.splits import embedded_corpus_cached
 
     monkeypatch.setenv("HYBRIDOPT_CACHE", str(tmp_path))
     docs = [Document(f"d{i}", f"document {i}") for i in range(3)]
-    monkeypatch.setattr("hybridopt.data.embedded_corpus", lambda: docs)  # reading the stdlib takes 10 s a time
+    monkeypatch.setattr("hybridopt.data.splits.embedded_corpus", lambda: docs)  # reading the stdlib takes 10 s a time
     assert embedded_corpus_cached() == docs
     (path,) = (tmp_path / "corpus").glob("*.jsonl")
     for damage in ("{not json\n", '{"id": "a"}\n', "", '{"id": "a", "text": "b", "extra": 1}\n'):

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_distill_args, tiny_distill_config
-from hybridopt.checkpoint import FAULT_SLEEP_ENV
+from hybridopt.training.checkpoint import FAULT_SLEEP_ENV
 
 SIGNALS = ("SIGKILL", "SIGTERM", "SIGINT", "SIGINT twice")
 
@@ -295,7 +295,7 @@ def test_a_streak_of_non_finite_steps_stops_the_run_with_a_usable_checkpoint(tin
     """19 in a row are skipped and the run finishes; 20 (MAX_NONFINITE_STREAK) stop it, checkpointed after the
     20th, exit 2 with one sentence; --resume then finishes the run with every step logged once."""
     from hybridopt.cli import main
-    from hybridopt.training import MAX_NONFINITE_STREAK
+    from hybridopt.training.trainer import MAX_NONFINITE_STREAK
 
     assert MAX_NONFINITE_STREAK == 20
     flags = ("--epochs", "6", "--max_steps_per_epoch", "5", "--no-baseline", "--save_metrics")
@@ -383,7 +383,7 @@ def test_a_signal_between_the_update_and_its_counters_resumes_exactly(tiny_teach
     """The signal lands right after optimizer.step() of step 6, before the step counters advance: the checkpoint
     must hold that update and count it (step 6), so --resume ends where an unbroken run ends. (Saving from an
     exception raised there would store the update without its count, and the resumed run would differ.)"""
-    from hybridopt import training
+    from hybridopt.training import trainer as training
     from hybridopt.config import DistillConfig
     from hybridopt.recipes.distill import run_distill
     from hybridopt.reporting import Reporter
@@ -423,7 +423,7 @@ def test_a_signal_between_the_update_and_its_counters_resumes_exactly(tiny_teach
 
 def test_metrics_rows_cut_short_by_a_full_disk_are_dropped_on_resume(tmp_path):
     """The disk filled up in the middle of the last rows: the resumed run rewrites the files without them."""
-    from hybridopt.metrics import MetricsLogger
+    from hybridopt.training.metrics import MetricsLogger
 
     path = tmp_path / "metrics.csv"
     m = MetricsLogger(path)

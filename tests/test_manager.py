@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hybridopt.controller import AuxiliaryNN, TrainingState
+from hybridopt.optim.controller import AuxiliaryNN, TrainingState
 from hybridopt.manager import ConstrainedOptimizer, HybridOptimizationManager, HybridTrainingConfig, format_summary
-from hybridopt.qat import qat_layers
+from hybridopt.quant.qat import qat_layers
 
 
 def _model():

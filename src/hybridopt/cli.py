@@ -228,7 +228,7 @@ def _distill_resume_hint(folder: Path | None, saved: bool) -> str:
     """What an interrupted distill leaves to continue: `folder` is its run folder once written (None before)."""
     if folder is None:
         return "; nothing was saved yet"
-    from hybridopt.layout import RunLayout
+    from hybridopt.training.layout import RunLayout
 
     if saved:
         where = "a checkpoint was saved"
@@ -246,10 +246,10 @@ def _launch_rank() -> str:
 
 
 def _generate(cfg: GenerateConfig) -> None:
-    from hybridopt.generate import generate_text, load_model
+    from hybridopt.recipes.generate import generate_text, load_model
     from hybridopt.utils import resolve_device
 
-    from hybridopt.gguf import find_gguf, generate_gguf, have_llama_cpp, load_gguf
+    from hybridopt.export.gguf import find_gguf, generate_gguf, have_llama_cpp, load_gguf
 
     with for_flag("--model"):
         gguf_file = find_gguf(cfg.model)
@@ -273,10 +273,10 @@ def _generate(cfg: GenerateConfig) -> None:
 def _inspect(cfg: InspectConfig) -> None:
     import json
 
-    from hybridopt.export import PACKED_NAME, read_packed
-    from hybridopt.layout import RunLayout
-    from hybridopt.precision_plan import PrecisionPlan
-    from hybridopt.quant_report import REPORT_NAME, describe_export, format_report
+    from hybridopt.export.packed import PACKED_NAME, read_packed
+    from hybridopt.training.layout import RunLayout
+    from hybridopt.quant.precision_plan import PrecisionPlan
+    from hybridopt.training.quant_report import REPORT_NAME, describe_export, format_report
 
     path = Path(cfg.path)
     export = RunLayout(path).export

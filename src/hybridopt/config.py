@@ -15,12 +15,12 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 from hybridopt.errors import UserError
-from hybridopt.bits import TERNARY, canonical_bits
+from hybridopt.quant.bits import TERNARY, canonical_bits
 
 # K of --teacher_topk given alone: the best K measured (docs/RESULTS.md, "Offline distillation"); no K up to
 # 128 came within seed noise of the live teacher on the default run, so the live teacher stays the default.
 DEFAULT_TOPK = 128
-# GGUF types for the linear layers (hybridopt.gguf.GGUF_TYPES; config imports no torch), and the block whose
+# GGUF types for the linear layers (hybridopt.export.gguf.GGUF_TYPES; config imports no torch), and the block whose
 # multiple every row length and scale group must be for each narrow one.
 GGUF_TYPES = ["auto", "q1_0", "tq1_0", "tq2_0", "q8_0", "f16"]
 GGUF_BLOCKS = {"q1_0": 128, "tq1_0": 256, "tq2_0": 256}

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybridopt.controller import AuxiliaryNN, TrainingState  # noqa: F401  (re-exported for seed users)
-from hybridopt.hybrid_optimizer import HybridOptimizer
-from hybridopt.bits import TERNARY, canonical_bits
-from hybridopt.qat import QATConfig, qat_layers, quantize_
+from hybridopt.optim.controller import AuxiliaryNN, TrainingState  # noqa: F401  (re-exported for seed users)
+from hybridopt.optim.hybrid import HybridOptimizer
+from hybridopt.quant.bits import TERNARY, canonical_bits
+from hybridopt.quant.qat import QATConfig, qat_layers, quantize_
 
 
 def _help(default, text: str):

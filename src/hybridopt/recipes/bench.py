@@ -6,8 +6,8 @@ Writes into `--out`: `results.json` (every run: task, arm, lr, seed, per-step tr
 curve, final loss, wall time, threads; the summaries, costs, config and versions; rewritten after every run,
 so an interrupted bench keeps what it measured), `RESULTS.md` (the tables, the command at the top) and three
 PNG plots. `--workers N` runs N at a time in worker processes of one thread each. The arms are in
-`hybridopt.bench_arms`, the tasks and the training loop in `hybridopt.bench_tasks`, the statistics in
-`hybridopt.bench_stats`.
+`hybridopt.bench.arms`, the tasks and the training loop in `hybridopt.bench.tasks`, the statistics in
+`hybridopt.bench.stats`.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ from pathlib import Path
 
 import torch
 
-from hybridopt import bench_plots
-from hybridopt.bench_arms import ARMS, BASELINE, HYBRID, HYBRIDS, REFERENCE, REPLAYED
-from hybridopt.bench_stats import MIN_SEEDS, log_grid, summarize, verdict
-from hybridopt.bench_tasks import Budget, DistillTask, MLPTask, measure_costs, run_arm
-from hybridopt.checkpoint import atomic_write
+from hybridopt.bench import plots as bench_plots
+from hybridopt.bench.arms import ARMS, BASELINE, HYBRID, HYBRIDS, REFERENCE, REPLAYED
+from hybridopt.bench.stats import MIN_SEEDS, log_grid, summarize, verdict
+from hybridopt.bench.tasks import Budget, DistillTask, MLPTask, measure_costs, run_arm
+from hybridopt.fileio import atomic_write
 from hybridopt.config import BENCH_PRESETS, BenchConfig
 from hybridopt.errors import UserError, for_flag
-from hybridopt.layout import RUNS_ROOT, OutputRefused, check_output, claim_output, occupied
+from hybridopt.training.layout import RUNS_ROOT, OutputRefused, check_output, claim_output, occupied
 from hybridopt.reporting import Reporter
-from hybridopt.training import StopOnSignal, StopRequested
+from hybridopt.training.trainer import StopOnSignal, StopRequested
 from hybridopt.utils import resolve_device
 
 

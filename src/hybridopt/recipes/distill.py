@@ -23,28 +23,29 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
-from hybridopt.checkpoint import CHECKPOINT_NAME, atomic_write, remove_stale_temporaries
+from hybridopt.fileio import atomic_write, remove_stale_temporaries
+from hybridopt.training.checkpoint import CHECKPOINT_NAME
 from hybridopt.config import DEFAULT_TOPK, DistillConfig
-from hybridopt.data import corpus_documents, token_splits
-from hybridopt.data_clusters import DataClusters, cluster_data, format_cluster_report
-from hybridopt.dataset import NotEnoughTokens, TokenBlocks
-from hybridopt.distributed import DistEnv
+from hybridopt.data.splits import corpus_documents, token_splits
+from hybridopt.data.clusters import DataClusters, cluster_data, format_cluster_report
+from hybridopt.data.blocks import NotEnoughTokens, TokenBlocks
+from hybridopt.training.distributed import DistEnv
 from hybridopt.errors import UserError, for_flag
-from hybridopt.evaluation import evaluate_lm
-from hybridopt.export import export_packed
-from hybridopt.gguf import GGUFReport, export_gguf
-from hybridopt.hybrid_optimizer import HybridOptimizer
-from hybridopt.layout import RUN_CONFIG, RUNS_ROOT, OutputRefused, RunLayout, check_output, claim_output, occupied
+from hybridopt.training.evaluation import evaluate_lm
+from hybridopt.export.packed import export_packed
+from hybridopt.export.gguf import GGUFReport, export_gguf
+from hybridopt.optim.hybrid import HybridOptimizer
+from hybridopt.training.layout import RUN_CONFIG, RUNS_ROOT, OutputRefused, RunLayout, check_output, claim_output, occupied
 from hybridopt.manager import format_summary
-from hybridopt.metrics import metrics_files
-from hybridopt.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
-from hybridopt.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
-from hybridopt.qat import QATConfig, check_group_size, quantizable_linears, quantize_
-from hybridopt.quant_report import format_report, quantization_report, save_report
+from hybridopt.training.metrics import metrics_files
+from hybridopt.models.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
+from hybridopt.quant.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
+from hybridopt.quant.qat import QATConfig, check_group_size, quantizable_linears, quantize_
+from hybridopt.training.quant_report import format_report, quantization_report, save_report
 from hybridopt.reporting import Reporter
-from hybridopt.teacher import ensure_default_teacher
-from hybridopt.teacher_cache import TeacherCache, ensure_cache
-from hybridopt.training import Trainer, describe_optimizer
+from hybridopt.training.default_teacher import ensure_default_teacher
+from hybridopt.data.teacher_cache import TeacherCache, ensure_cache
+from hybridopt.training.trainer import Trainer, describe_optimizer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
 
 def quant_config(cfg: DistillConfig) -> QATConfig | None:

@@ -10,14 +10,14 @@ import torch
 
 from hybridopt.config import DistillConfig, ExportConfig
 from hybridopt.errors import UserError, for_flag
-from hybridopt.export import PACKED_NAME, export_packed
-from hybridopt.generate import load_model
-from hybridopt.gguf import GGUFReport, export_gguf, packed_codes, written_by_hybridopt
-from hybridopt.layout import OutputRefused, RunLayout, check_output, claim_output, occupied
-from hybridopt.precision_plan import PrecisionPlan
-from hybridopt.qat import QATConfig, quantize_
-from hybridopt.quant_report import format_report, quantization_report, save_report
-from hybridopt.bits import TERNARY
+from hybridopt.export.packed import PACKED_NAME, export_packed
+from hybridopt.recipes.generate import load_model
+from hybridopt.export.gguf import GGUFReport, export_gguf, packed_codes, written_by_hybridopt
+from hybridopt.training.layout import OutputRefused, RunLayout, check_output, claim_output, occupied
+from hybridopt.quant.precision_plan import PrecisionPlan
+from hybridopt.quant.qat import QATConfig, quantize_
+from hybridopt.training.quant_report import format_report, quantization_report, save_report
+from hybridopt.quant.bits import TERNARY
 from hybridopt.reporting import Reporter
 
 

@@ -1,17 +1,17 @@
 """`hybridopt teacher`: train a small Llama teacher (and its tokenizer) from scratch on your data or the
-embedded corpus. The work is `hybridopt.teacher.train_teacher`; this recipe names the flags in errors."""
+embedded corpus. The work is `hybridopt.training.default_teacher.train_teacher`; this recipe names the flags in errors."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from hybridopt.config import TeacherConfig
-from hybridopt.data import corpus_documents
-from hybridopt.dataset import NotEnoughTokens
+from hybridopt.data.splits import corpus_documents
+from hybridopt.data.blocks import NotEnoughTokens
 from hybridopt.errors import for_flag
-from hybridopt.layout import OutputRefused, check_output
+from hybridopt.training.layout import OutputRefused, check_output
 from hybridopt.reporting import Reporter
-from hybridopt.teacher import train_teacher
+from hybridopt.training.default_teacher import train_teacher
 from hybridopt.utils import resolve_device
 
 

@@ -1,0 +1,504 @@
+"""The training loop: one student (or teacher) trained on token blocks, resumable at every epoch.
+
+`Trainer` runs the steps of a run: the batch sampler, the optimizer (AdamW or the hybrid
+optimizer) and its warmup-cosine schedule, the KD (or plain cross-entropy) loss, non-finite-step
+skipping, per-epoch evaluation, metrics files and atomic checkpoints. What is trained and what
+happens around it (teacher, data, clusters, precision plan, export) belongs to the recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from hybridopt.fileio import remove_stale_temporaries
+from hybridopt.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from hybridopt.config import TrainConfig
+from hybridopt.data.clusters import DataClusters
+from hybridopt.data.blocks import TokenBlocks
+from hybridopt.training.distributed import DistEnv, wrap_ddp
+from hybridopt.errors import UserError
+from hybridopt.training.evaluation import evaluate_lm
+from hybridopt.optim.hybrid import HybridOptimizer
+from hybridopt.training.losses import kd_loss
+from hybridopt.training.metrics import MetricsLogger
+from hybridopt.models.modeling import param_groups
+from hybridopt.reporting import Reporter
+from hybridopt.data.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
+from hybridopt.data.teacher_cache import TeacherCache, TopKTargets
+from hybridopt.utils import autocast_dtype
+
+
+# A run stops (checkpointed) after this many non-finite steps in a row: a few are a bad batch, skipped;
+# this many mean the run itself has diverged, and skipping on would only burn the remaining steps.
+MAX_NONFINITE_STREAK = 20
+
+# Test hook: `HYBRIDOPT_FAULT_NONFINITE="3,7-9,grad:12"` makes the loss NaN at steps 3, 7, 8 and 9 (counted
+# from 1, as in the metrics) and puts an infinite gradient into step 12; read by `Trainer`.
+FAULT_NONFINITE_ENV = "HYBRIDOPT_FAULT_NONFINITE"
+
+
+def parse_fault_steps(spec: str) -> dict[int, str]:
+    """`"3,7-8,grad:12"` -> {3: "loss", 7: "loss", 8: "loss", 12: "grad"}: which steps get which fault."""
+    out = {}
+    for item in filter(None, spec.replace(" ", "").split(",")):
+        kind, _, steps = item.rpartition(":")
+        if kind not in ("", "loss", "grad"):
+            raise ValueError(f"{FAULT_NONFINITE_ENV}: unknown fault {kind!r} (loss or grad)")
+        first, _, last = steps.partition("-")
+        out.update({step: kind or "loss" for step in range(int(first), int(last or first) + 1)})
+    return out
+
+
+class NonFiniteTraining(UserError):
+    """Too many non-finite steps in a row: the run stopped at a step boundary, checkpointed."""
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int = 0) -> torch.optim.Optimizer:
+    """AdamW, or the hybrid optimizer with `cfg.hybrid`; weight decay on matrices only (not norms or biases);
+    over Muon, the embeddings and the output head take Adam's step (`modeling.param_groups`)."""
+    groups = param_groups(model, cfg.weight_decay, muon=cfg.hybrid and cfg.hybrid_base == "muon")
+    if cfg.hybrid:
+        return HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), base=cfg.hybrid_base,
+                               use_trust_region=cfg.trust_region,
+                               trust_radius=cfg.trust_radius, adapt_radius=cfg.adapt_radius,
+                               learn_scale=cfg.learn_scale, scale_lr=cfg.scale_lr,
+                               scale_threshold=cfg.scale_threshold, min_scale=cfg.min_scale,
+                               radius_start=cfg.radius_start,
+                               use_controller=cfg.controller,
+                               controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace,
+                               num_clusters=num_clusters, compile=cfg.compile)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+HYBRID_BASE_NAMES = {"muon": "Muon (hidden matrices) and AdamW (embeddings, head, norms)",
+                     "schedulefree": "Schedule-Free AdamW", "adam": "AdamW", "sgd": "SGD momentum"}
+
+
+def describe_optimizer(opt: torch.optim.Optimizer) -> str | None:
+    """The `Optimizer:` line `--hybrid` prints (its base and which parts are on); None for plain AdamW."""
+    if not isinstance(opt, HybridOptimizer):
+        return None
+    on = {True: "on", False: "off"}
+    return (f"Optimizer: hybrid over {HYBRID_BASE_NAMES[opt.base]} (--hybrid_base {opt.base}); learned scale "
+            f"{on[opt.learn_scale]}, controller {on[opt.use_controller]}, trust region {on[opt.use_trust_region]}")
+
+
+class StopRequested(KeyboardInterrupt):
+    """Training stopped at a step boundary on SIGINT or SIGTERM, after saving a checkpoint there."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """While active, the first SIGINT or SIGTERM only asks training to stop at the next step boundary, where
+    the update and its counters are complete, so the checkpoint saved there resumes exactly; a second signal
+    interrupts at once (the last checkpoint stays). Signals reach only the main thread: elsewhere it does
+    nothing."""
+
+    def __enter__(self) -> "StopOnSignal":
+        self.signum: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class Trainer:
+    """Train `model` on `train_data`, distilling from `teacher` when one is given.
+
+    Args:
+        cfg: loop settings (epochs, lr, batch size, optimizer...).
+        model: the model to train, already on `device`.
+        train_data: training blocks.
+        val_data: validation blocks.
+        out_dir: where the checkpoint goes.
+        device: where the batches go.
+        teacher: frozen teacher in eval mode, or None for plain cross-entropy.
+        alpha: weight of the cross-entropy term (1 when there is no teacher).
+        temperature: KD softmax temperature.
+        metrics_path: per-epoch metrics CSV, or None to write no metrics files.
+        name: prefix of printed lines (empty for the main student).
+        config_dict: the resolved run config, stored in every checkpoint.
+        clusters: data clusters, to sample batches by cluster and report validation loss per cluster;
+            None for plain shuffling.
+        sampling: `ClusterStratifiedBatchSampler` mode when `clusters` is given.
+        reporter: where epoch lines and warnings go.
+        teacher_cache: the teacher's cached top-k targets for `train_data`: distil from them instead of
+            running `teacher` every step.
+        teacher_tail: how the KL treats the vocabulary outside the cached top-k ("bucket" or "uniform").
+        inject_nonfinite: test hook, {step: "loss" or "grad"}: a NaN loss or an infinite gradient at those
+            steps (counted from 1); default: the `HYBRIDOPT_FAULT_NONFINITE` environment variable.
+        max_nonfinite_streak: stop after this many non-finite steps in a row.
+        dist: the torchrun process group this process belongs to (default: none, one process). Under
+            torchrun every rank draws the same global batch, trains on its own slice of it through
+            DistributedDataParallel, and passes the loss averaged over ranks to the optimizer, so every
+            rank takes the same step as a single process on the whole batch; rank 0 alone writes metrics
+            and checkpoints.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_data: TokenBlocks, val_data: TokenBlocks,
+                 out_dir: Path, device: torch.device, teacher: torch.nn.Module | None = None, alpha: float = 1.0,
+                 temperature: float = 1.0, metrics_path: Path | None = None, name: str = "",
+                 config_dict: dict | None = None, clusters: DataClusters | None = None,
+                 sampling: str = "proportional", reporter: Reporter | None = None,
+                 teacher_cache: TeacherCache | None = None, teacher_tail: str = "bucket",
+                 inject_nonfinite: dict[int, str] | None = None, max_nonfinite_streak: int = MAX_NONFINITE_STREAK,
+                 dist: DistEnv | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.teacher = teacher
+        self.teacher_cache, self.teacher_tail = teacher_cache, teacher_tail
+        self.alpha = alpha if teacher is not None or teacher_cache is not None else 1.0
+        self.temperature = temperature
+        self.train_data = train_data
+        self.val_data = val_data
+        self.out_dir = Path(out_dir)
+        self.device = device
+        self.metrics_path = metrics_path
+        self.prefix = f"[{name}] " if name else ""
+        self.config_dict = config_dict or asdict(cfg)
+        self.clusters, self.sampling = clusters, sampling
+        self.reporter = reporter or Reporter()
+        self.dist = dist or DistEnv()
+        self.dist.check_batch(cfg.batch_size)
+        self.autocast = autocast_dtype(cfg.autocast, device)  # None: the student's forward in float32
+        if cfg.compile:  # the forward only: the state dict keeps its names, checkpoints and exports are unchanged
+            model.forward = torch.compile(model.forward)  # (nn.Module.compile() compiled nothing in torch 2.13)
+        self.train_model = wrap_ddp(model, self.dist)  # what a training step calls: DDP averages the gradients
+        # Every rank draws what rank 0 draws from here on (the hybrid controller's initial weights first): the
+        # ranks' random histories may differ before (rank 0 alone trains the default teacher, say).
+        self.dist.share_rng_state()
+        if clusters is not None:
+            self.sampler = ClusterStratifiedBatchSampler(clusters.labels, cfg.batch_size, cfg.seed, sampling,
+                                                         cfg.max_steps_per_epoch)
+        else:
+            self.sampler = ShuffledBatchSampler(len(train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
+        self.optimizer = build_optimizer(cfg, model, clusters.num_clusters if clusters is not None else 0)
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
+        # Schedule-Free trains at one point and evaluates at its average, which takes the place of the decay:
+        # warmup, then a constant rate.
+        self.schedule_free = getattr(self.optimizer, "base", None) == "schedulefree"
+        final = 1.0 if self.schedule_free else cfg.min_lr_ratio
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup, self.total_steps, final))
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.epoch_loss_sum, self.epoch_loss_steps, self.skipped_steps = 0.0, 0, 0
+        self.nonfinite_streak, self.max_nonfinite_streak = 0, max_nonfinite_streak
+        if inject_nonfinite is None:
+            inject_nonfinite = parse_fault_steps(os.environ.get(FAULT_NONFINITE_ENV, ""))
+        self.inject_nonfinite = inject_nonfinite
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        self.metrics: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume: bool = False) -> None:
+        """Open the metrics files; on resume, restore model, optimizer, scheduler, sampler, RNG and position
+        from the checkpoint (a run stopped before its first checkpoint starts again from step 0, and its
+        metrics rows from before are dropped, as are the temporary files of writes a kill cut short)."""
+        if resume and self.dist.is_main:
+            remove_stale_temporaries(self.out_dir)
+        self.dist.barrier()  # every rank reads the checkpoint rank 0 wrote last
+        if resume and (self.out_dir / CHECKPOINT_NAME).is_file():
+            self._restore(load_checkpoint(self.out_dir))
+        if self.metrics_path is not None and self.dist.is_main:
+            self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError) as e:  # another optimizer, or its state from an older hybridopt
+            raise UserError(f"cannot resume '{self.out_dir}': its optimizer state does not fit this optimizer "
+                            f"({type(e).__name__}: {e}); it was written by another version; start a new run") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        pos = state["position"]
+        self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+        self.epoch_loss_sum, self.epoch_loss_steps = pos["epoch_loss_sum"], pos["epoch_loss_steps"]
+        self.skipped_steps, self.elapsed = pos["skipped_steps"], pos["elapsed"]
+        self.nonfinite_streak = pos.get("nonfinite_streak", 0)
+        self.history = state["history"]
+        set_rng_state(state["rng"])
+        if "data" not in state:
+            self.reporter.warn(f"the checkpoint in '{self.out_dir}' predates data checks; resuming without "
+                               "verifying that the data is unchanged")
+        elif state["data"] != self._data_digest():
+            raise UserError(f"cannot resume '{self.out_dir}': its training or validation tokens differ from "
+                            "this run's (other --data, tokenizer or --seq_len); start a new run")
+        if "sampler" in state:  # the same batches: same batch size, mode and clusters
+            try:
+                self.sampler.load_state_dict(state["sampler"])
+            except ValueError as e:
+                raise UserError(f"cannot resume '{self.out_dir}': {e} (the data clusters changed)") from None
+
+    # ------------------------------------------------------------------ loss
+    def _loss_step(self, indices: list[int], input_ids: torch.Tensor, labels: torch.Tensor,
+                   weights: torch.Tensor | None = None, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = (model or self.model)(input_ids=input_ids).logits  # (B, T, V)
+        logits = logits.float()  # the loss in float32 (a no-op without autocast)
+        teacher_logits, topk = None, None
+        if self.alpha < 1.0 and self.teacher_cache is not None:
+            topk = TopKTargets(*(t.to(self.device) for t in self.teacher_cache.targets(indices)))  # (B, T, k)
+        elif self.alpha < 1.0 and self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, T, V)
+        return kd_loss(logits, labels, teacher_logits, self.alpha, self.temperature, weights, topk, self.teacher_tail)
+
+    def batch_loss(self, indices: list[int], weighted: bool = True,
+                   model: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+        """The training objective on the blocks `indices`: importance-weighted when the sampler asks and
+        `weighted` is True (batches the sampler drew); False for batches drawn uniformly elsewhere. `model`:
+        what computes the logits (default the trained model; a training step passes its DDP wrapper)."""
+        input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
+        weights = None
+        if weighted and self.sampler.weighted:
+            weights = self.sampler.example_weights(indices).to(self.device)
+        return self._loss_step(indices, input_ids, labels, weights, model)
+
+    def batch_ce(self, indices: list[int]) -> torch.Tensor:
+        """The model's plain cross-entropy on the training blocks `indices` (what validation reports)."""
+        input_ids, labels = (t.to(self.device) for t in self.train_data.batch(indices))
+        return kd_loss(self.model(input_ids=input_ids).logits, labels)[0]
+
+    # ------------------------------------------------------------------ loop
+    def train(self, stop_after_epoch: int | None = None) -> list[dict]:
+        """Run the remaining epochs (up to `stop_after_epoch`, checkpointed, as an interruption would);
+        return the per-epoch history.
+
+        Raises:
+            StopRequested: SIGINT or SIGTERM arrived; a checkpoint was saved after the step it interrupted.
+            NonFiniteTraining: `max_nonfinite_streak` steps in a row were non-finite; a checkpoint was
+                saved after the last of them (the weights from before them: skipped steps change nothing).
+        """
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]  # QAT swaps keep the same tensors
+        bar = self.reporter.progress(self.total_steps, self.global_step, self.prefix + "training")
+        try:
+            with StopOnSignal() as stop:
+                while self.epoch < cfg.epochs:
+                    if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
+                        break
+                    self.model.train()
+                    self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                    start = time.perf_counter()
+                    for indices in self.sampler:
+                        loss, row = self.train_step(indices, params)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                        if self.metrics:
+                            self.metrics.log("step", {**row, "elapsed_s": self.elapsed + time.perf_counter() - start,
+                                                      **self.hybrid_metrics()})
+                        diverged = self.nonfinite_streak >= self.max_nonfinite_streak
+                        if self.dist.any(stop.signum is not None) and stop.signum is None:
+                            stop.signum = signal.SIGTERM  # another rank was asked to stop: all stop at this step
+                        if (diverged or stop.signum is not None) and self.step_in_epoch < self.steps_per_epoch:
+                            # Between steps: this step's update and its counters are both done.
+                            self.elapsed += time.perf_counter() - start
+                            self.save_checkpoint()
+                            if diverged:
+                                self._raise_diverged()
+                            raise StopRequested(stop.signum)
+                    self.elapsed += time.perf_counter() - start
+                    self._end_epoch()  # checkpoints
+                    if self.nonfinite_streak >= self.max_nonfinite_streak:
+                        self._raise_diverged()
+                    if self.dist.any(stop.signum is not None):  # all ranks stop after this epoch, or none
+                        raise StopRequested(stop.signum or signal.SIGTERM)
+        finally:
+            self.reporter.close_progress()
+        if self.epoch >= cfg.epochs and self._averages:
+            self.optimizer.eval()  # trained: the model is Schedule-Free's average from here (evaluated, exported)
+        return self.history
+
+    @property
+    def _averages(self) -> bool:
+        """The optimizer trains at one point and evaluates at another (Schedule-Free), now at the first."""
+        return self.schedule_free and self.optimizer.param_groups[0]["train_mode"]
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Inside, the model holds the optimizer's evaluation point (Schedule-Free's average x); elsewhere a no-op."""
+        swap = self._averages
+        if swap:
+            self.optimizer.eval()
+        try:
+            yield
+        finally:
+            if swap:
+                self.optimizer.train()
+
+    def train_step(self, indices: list[int], params: list[torch.Tensor]) -> tuple[float, dict]:
+        """Forward, backward, clip and step on one (global) batch; a non-finite loss or gradient skips the
+        update (the schedule still advances). Returns the loss and the step's metrics row.
+
+        Under torchrun this rank computes its slice of `indices`; the loss and its parts are then averaged
+        over ranks (equal slices of full blocks: the mean of the slice means is the batch mean), so the skip
+        decision, the optimizer's loss feature, the metrics and the printed loss are the global batch's."""
+        cfg = self.cfg
+        fault = self.inject_nonfinite.get(self.global_step + 1)
+        loss, parts = self.batch_loss(self.dist.slice(indices), model=self.train_model)
+        if fault == "loss":
+            loss = loss * float("nan")
+        # one host read for the three (each .item() is a sync on a GPU)
+        value, ce, kl = self.dist.mean(*torch.stack([loss.detach(), parts["ce"], parts["kl"]]).tolist())
+        grad_norm = float("nan")
+        if math.isfinite(value):  # on every rank or none: DDP's backward is collective
+            loss.backward()
+            if fault == "grad":
+                grad = next(p.grad for p in params if p.grad is not None)
+                grad.view(-1)[0] = float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        if not math.isfinite(grad_norm):
+            # A poisoned batch must not reach the weights: skip it and keep the schedule.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.nonfinite_streak += 1
+            what = "loss" if not math.isfinite(value) else "gradient"
+            self.reporter.warn(f"{self.prefix}non-finite {what} at step {self.global_step + 1}; step skipped")
+        else:
+            self.nonfinite_streak = 0
+            if isinstance(self.optimizer, HybridOptimizer):
+                if self.clusters is not None:
+                    self.optimizer.set_cluster(self.sampler.batch_cluster(indices))
+                self.optimizer.step(loss=value)  # the global batch's loss: the same decisions on every rank
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.epoch_loss_sum += value
+            self.epoch_loss_steps += 1
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.global_step += 1
+        self.step_in_epoch += 1
+        return value, {
+            "step": self.global_step, "epoch": self.epoch + 1, "loss": value, "ce": ce,
+            "kl": kl, "lr": lr * self.lr_multiplier(), "grad_norm": grad_norm,
+            "tokens": self.global_step * cfg.batch_size * cfg.seq_len,
+        }
+
+    def _raise_diverged(self) -> None:
+        """Stop, the checkpoint saved: the last `nonfinite_streak` steps were all skipped."""
+        last, n = self.global_step, self.nonfinite_streak
+        raise NonFiniteTraining(
+            f"{self.prefix}training stopped at step {last}: the loss or gradient was non-finite for {n} steps in a "
+            f"row (steps {last - n + 1}-{last}, all skipped), so the run has diverged or its data is broken; the "
+            f"checkpoint in '{self.out_dir}' holds the weights from before them: start a new run with a lower --lr "
+            "or check --data (--resume would continue from there)")
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        self.epoch += 1
+        self.step_in_epoch = 0
+        mean_loss = self.epoch_loss_sum / self.epoch_loss_steps if self.epoch_loss_steps else float("nan")
+        self.epoch_loss_sum, self.epoch_loss_steps = 0.0, 0
+        lr = self.scheduler.get_last_lr()[0] * self.lr_multiplier()
+        row = {"epoch": self.epoch, "step": self.global_step, "loss": mean_loss, "lr": lr, **self.hybrid_metrics()}
+        line = f"{self.prefix}Epoch {self.epoch}, Loss: {mean_loss:.6f}, LR: {lr:.6f}"
+        if cfg.hybrid:
+            line += f", Trust Radius: {row['trust_radius']:.6f}"
+        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+            ev = self.evaluate()
+            row.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
+            line += f", Val Loss: {ev['loss']:.6f}, Val PPL: {ev['ppl']:.2f}"
+            if "cluster_loss" in ev:
+                losses = ev["cluster_loss"]
+                seen = [k for k, v in enumerate(losses) if v is not None]  # clusters with validation blocks
+                worst = max(seen, key=lambda k: losses[k])
+                spread = losses[worst] - min(losses[k] for k in seen)
+                row.update(val_loss_clusters=losses, val_loss_worst_cluster=losses[worst],
+                           val_loss_cluster_spread=spread)
+                line += f", worst cluster {worst}: {losses[worst]:.4f} (spread {spread:.4f})"
+        row["elapsed_s"] = self.elapsed
+        self.history.append(row)
+        self.reporter.line(line)
+        if self.metrics:
+            self.metrics.log("epoch", row)
+        self.save_checkpoint()
+
+    def lr_multiplier(self) -> float:
+        """The hybrid controller's current learning-rate multiplier (1 for AdamW)."""
+        return self.optimizer.lr_multiplier if isinstance(self.optimizer, HybridOptimizer) else 1.0
+
+    def hybrid_metrics(self) -> dict:
+        """The hybrid optimizer's multiplier, radius and last clip, for the metrics rows ({} for AdamW)."""
+        if not isinstance(self.optimizer, HybridOptimizer):
+            return {}
+        s = self.optimizer.summary()
+        return {"lr_mult": s["lr_multiplier"], "trust_radius": s["trust_radius"], "clipped": int(s["clipped"])}
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Token-averaged cross-entropy and perplexity of `model` (default: the trained one) on the validation split."""
+        c = self.clusters
+        with self.averaged():
+            return evaluate_lm(model or self.model, self.val_data, self.cfg.batch_size, self.device,
+                               c.val_labels if c is not None else None, c.num_clusters if c is not None else None)
+
+    # ------------------------------------------------------------------ state
+    def save_checkpoint(self) -> Path:
+        """Atomically save model, optimizer, scheduler, sampler, RNG and data position (rank 0 only: every
+        rank holds the same state)."""
+        if not self.dist.is_main:
+            return self.out_dir / CHECKPOINT_NAME
+        return save_checkpoint(self.out_dir, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "position": {
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "epoch_loss_sum": self.epoch_loss_sum, "epoch_loss_steps": self.epoch_loss_steps,
+                "skipped_steps": self.skipped_steps, "elapsed": self.elapsed,
+                "nonfinite_streak": self.nonfinite_streak,
+            },
+            "history": self.history,
+            "sampler": self.sampler.state_dict(),
+            "data": self._data_digest(),
+            "config": self.config_dict,
+        })
+
+    def _data_digest(self) -> str:
+        """The training and validation blocks, as one hash checked on resume."""
+        return f"{self.train_data.digest[:16]}-{self.val_data.digest[:16]}"
+
+    def cleanup(self) -> None:
+        """Close the metrics files."""
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None

@@ -1,0 +1,231 @@
+"""Data-parallel training (torchrun, DistributedDataParallel, gloo on CPU): N steps of global batch B on 2
+processes are N steps of batch B in one process, for AdamW and the hybrid optimizer; resuming puts every
+rank back on the same batches; the per-rank slices partition each global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
+
+from conftest import tiny_distill_args
+from hybridopt.config import TrainConfig
+from hybridopt.data.blocks import TokenBlocks
+from hybridopt.training.distributed import DistEnv
+from hybridopt.errors import UserError
+from hybridopt.models.modeling import build_model
+from hybridopt.reporting import Reporter
+from hybridopt.training.trainer import Trainer
+from hybridopt.utils import seed_everything
+
+# The hybrid setting makes the trust region clip (radius 1e-3 of the weights' norm) and the controller
+# move the multiplier, so the test covers the optimizer's decisions, not only Adam's arithmetic.
+SETTINGS = {
+    "adamw": {},
+    "hybrid": {"hybrid": True, "controller": True, "trust_radius": 1e-3, "controller_lr": 0.05},  # all of it on
+}
+
+
+MODEL = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=2, max_position_embeddings=16)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as `_train` in the spawned ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(out: Path, setting: str, dist: DistEnv, stop_after_epoch: int | None = None,
+           resume: bool = False, device: str = "cpu") -> dict:
+    """A 1-layer, 16-wide Llama trained 2 epochs x 3 steps of batch 8 on a fixed random token stream."""
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(epochs=2, max_steps_per_epoch=3, batch_size=8, seq_len=8, lr=1e-2, eval_every=1, seed=3,
+                      device="cpu", **SETTINGS[setting])
+    config = LlamaConfig(**MODEL)
+    stream = torch.randint(32, (600,), generator=torch.Generator().manual_seed(0))
+    train, val = TokenBlocks(stream[:500], cfg.seq_len), TokenBlocks(stream[500:], cfg.seq_len, "validation")
+    seed_everything(cfg.seed)  # as the recipe: the controller's initial weights come from the global RNG
+    device = dist.device(torch.device(device))
+    model = build_model(config, cfg.seed).to(device)
+    if dist.rank == 1:  # rank 1's random history differs, as when rank 0 alone trained the default teacher
+        torch.rand(3)
+    trainer = Trainer(cfg, model, train, val, out, device, reporter=Reporter(quiet=True), dist=dist)
+    trainer.setup(resume=resume)
+    trainer.train(stop_after_epoch)
+    summary = trainer.optimizer.summary() if setting == "hybrid" else {}
+    return {"params": {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
+            "summary": summary, "history": trainer.history}
+
+
+SCENARIOS = {"adamw": ("adamw", None), "hybrid": ("hybrid", None), "hybrid_resumed": ("hybrid", 1)}
+
+
+def _worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> None:
+    """One rank of the 2-process job: every scenario in turn (one spawn: starting processes is the slow part)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist = DistEnv.from_env()
+    dist.init(dist.device(torch.device(device)))
+    try:
+        for scenario, (setting, resume_at) in SCENARIOS.items():
+            run = Path(out) / scenario
+            if resume_at is not None:  # stop after an epoch (checkpointed), then resume from rank 0's checkpoint
+                _train(run, setting, dist, stop_after_epoch=resume_at, device=device)
+                result = _train(run, setting, dist, resume=True, device=device)
+            else:
+                result = _train(run, setting, dist, device=device)
+            save_file(result["params"], str(run / f"rank{rank}.safetensors"))
+            (run / f"rank{rank}.json").write_text(json.dumps({"summary": result["summary"],
+                                                              "history": result["history"]}))
+    finally:
+        dist.teardown()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each scenario's parameters, optimizer summary and history on ranks 0 and 1 of a 2-process gloo job."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return {name: [{"params": load_file(str(out / name / f"rank{r}.safetensors")),
+                    **json.loads((out / name / f"rank{r}.json").read_text())} for r in range(2)]
+            for name in SCENARIOS}
+
+
+def _initial(name: str) -> torch.Tensor:
+    """The initial value of parameter `name` of the test's model."""
+    return build_model(LlamaConfig(**MODEL), 3).state_dict()[name]
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_two_ranks_take_the_single_process_steps(tmp_path, two_ranks, setting):
+    single = _train(tmp_path, setting, DistEnv())
+    ranks = two_ranks[setting]
+    assert [n for n, p in single["params"].items() if not torch.equal(p, _initial(n))], "training changed nothing"
+    for name, expected in single["params"].items():
+        for r in ranks:
+            torch.testing.assert_close(r["params"][name], expected, rtol=1e-4, atol=1e-6, msg=f"{setting} {name}")
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"ranks differ on {name}"
+    for r in ranks:
+        assert [h["loss"] for h in r["history"]] == pytest.approx([h["loss"] for h in single["history"]], rel=1e-5)
+        assert [h["val_loss"] for h in r["history"]] == pytest.approx([h["val_loss"] for h in single["history"]],
+                                                                      rel=1e-5)
+    if setting == "hybrid":
+        s = single["summary"]
+        assert s["constraint_activation_rate"] > 0, "the trust region never clipped"
+        assert s["lr_multiplier"] != 1.0, "the controller never moved"
+        for r in ranks:
+            assert r["summary"]["lr_multiplier"] == pytest.approx(s["lr_multiplier"], rel=1e-5)
+            assert r["summary"]["constraint_activation_rate"] == s["constraint_activation_rate"]
+
+
+def test_two_ranks_resume_onto_the_same_batches(tmp_path, two_ranks):
+    single = _train(tmp_path, "hybrid", DistEnv())
+    ranks = two_ranks["hybrid_resumed"]
+    for name, expected in single["params"].items():
+        torch.testing.assert_close(ranks[0]["params"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"ranks differ on {name}"
+
+
+def test_rank_slices_partition_every_global_batch():
+    batch = list(range(100, 112))
+    slices = [DistEnv(rank, 3, rank).slice(batch) for rank in range(3)]
+    assert [len(s) for s in slices] == [4, 4, 4]
+    assert sum(slices, []) == batch  # disjoint, in order, nothing dropped
+    with pytest.raises(UserError, match="--batch_size 12 does not split into 5 equal per-process slices"):
+        DistEnv(0, 5, 0).check_batch(12)
+
+
+def test_torchrun_environment_is_read():
+    assert DistEnv.from_env({}) == DistEnv(0, 1, 0)
+    assert DistEnv.from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == DistEnv(1, 4, 1)
+    with pytest.raises(UserError, match="RANK 4 and WORLD_SIZE 4 are not a valid process group"):
+        DistEnv.from_env({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+
+
+def _distill(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    """`hybridopt distill` in one process, or under torchrun with `nproc` processes on this machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "hybridopt"]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                  "-m", "hybridopt"]
+    return subprocess.run(launch + args, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_distill_matches_one_process(tmp_path, tiny_teacher, corpus_file):
+    extra = ("--hybrid", "--data_clusters", "8", "--no-baseline")
+    one = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "one", *extra), 1)
+    two = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "two", *extra), 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    epochs = [line for line in two.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(",")[0] for line in epochs] == ["Epoch 1", "Epoch 2", "Epoch 3"]  # each once: rank 0 prints
+    assert "batch 8 (2 processes x 4)" in two.stdout
+    val = [json.loads((tmp_path / run / "results.json").read_text())["student"]["loss"] for run in ("one", "two")]
+    assert val[1] == pytest.approx(val[0], abs=1e-3)
+    hist = [json.loads((tmp_path / run / "results.json").read_text())["student"]["history"] for run in ("one", "two")]
+    assert [h["loss"] for h in hist[1]] == pytest.approx([h["loss"] for h in hist[0]], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_precision_plan_matches_one_process(tmp_path, tiny_teacher, corpus_file):
+    """--param_clusters under torchrun: rank 0 measures the plan after the full-precision epoch, every rank
+    quantizes with it, and the run goes on as the one-process run does."""
+    extra = ("--ternary", "--qat", "--param_clusters", "2", "--avg_bits", "3", "--no-baseline")
+    one = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "one", *extra), 1)
+    two = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "two", *extra), 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    plans = [json.loads((tmp_path / run / "precision_plan.json").read_text()) for run in ("one", "two")]
+    assert plans[1]["layer_bits"] == plans[0]["layer_bits"] and len(set(plans[0]["layer_bits"].values())) == 2
+    assert two.stdout.count("Replaced ") == 1  # printed once, by rank 0
+    hist = [json.loads((tmp_path / run / "results.json").read_text())["student"]["history"] for run in ("one", "two")]
+    assert [h["loss"] for h in hist[1]] == pytest.approx([h["loss"] for h in hist[0]], abs=1e-3)
+
+
+def test_fsdp_is_refused(tmp_path, capsys):
+    from hybridopt.cli import main
+
+    assert main(["distill", "--fsdp", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hybridopt: error: --fsdp is not supported yet: the hybrid optimizer's trust-region norms")
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_torchrun_refusal_is_printed_once(tmp_path, tiny_teacher, corpus_file):
+    """Rank 0's refusal reaches every rank (none waits forever), each exits 2, and the line is printed once."""
+    run = _distill(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "run", "--batch_size", "7"), 2)
+    line = ("hybridopt: error: --batch_size 7 does not split into 2 equal per-process slices; use a multiple of 2 "
+            "(the global batch is what one step sees)")
+    assert run.returncode != 0
+    assert run.stderr.count("hybridopt: error") == 1 and line in run.stderr, run.stderr
+    assert "exitcode  : 2" in run.stderr  # torchrun's summary of the failed workers
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (nccl puts one rank on each)")
+def test_two_gpus_take_the_one_gpu_steps(tmp_path):
+    """The GPU path (nccl, cuda:LOCAL_RANK): never run where this was written (no GPU); written to be run."""
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "cuda"), nprocs=2, join=True)
+    for setting in SETTINGS:
+        single = _train(tmp_path / f"single-{setting}", setting, DistEnv(), device="cuda")
+        ranks = [load_file(str(tmp_path / setting / f"rank{r}.safetensors")) for r in range(2)]
+        for name, expected in single["params"].items():
+            torch.testing.assert_close(ranks[0][name], expected, rtol=1e-4, atol=1e-5, msg=f"{setting} {name}")
+            assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks differ on {name}"
