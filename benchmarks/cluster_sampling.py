@@ -39,6 +39,7 @@ from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
 from hybridopt.data.sampler import SAMPLING_MODES, ClusterStratifiedBatchSampler
 from hybridopt.training.default_teacher import ensure_default_teacher
+from hybridopt.training.objectives import objective_for
 from hybridopt.training.trainer import Trainer
 
 from common import RESULTS_DIR  # benchmarks/common.py, beside this script
@@ -112,8 +113,8 @@ def main() -> None:
         model = build_model(s_config, cfg.seed)
         if state is not None:
             model.load_state_dict(state)
-        recipe = Trainer(cfg, model, train, val, runs / "scratch", device, teacher=teacher, alpha=cfg.alpha,
-                         temperature=cfg.temperature, reporter=quiet)
+        recipe = Trainer(cfg, model, train, val, runs / "scratch", device,
+                         objective_for(teacher, alpha=cfg.alpha, temperature=cfg.temperature), reporter=quiet)
         variance[name] = {}
         for mode in SAMPLING_MODES:
             recipe.sampler = ClusterStratifiedBatchSampler(clusters.labels, cfg.batch_size, cfg.seed, mode)

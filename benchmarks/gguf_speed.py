@@ -39,7 +39,9 @@ from hybridopt.config import DistillConfig
 from hybridopt.data.splits import corpus_documents, token_splits
 from hybridopt.data.blocks import TokenBlocks
 from hybridopt.training.evaluation import evaluate_lm
-from hybridopt.export.gguf import GGUFReport, export_gguf, have_llama_cpp, load_gguf
+from hybridopt.export.gguf import GGUFReport, export_gguf
+from hybridopt.export.gguf_read import load_gguf
+from hybridopt.export.llama_cpp import have_llama_cpp
 from hybridopt.models.modeling import build_model
 from hybridopt.quant.qat import QATConfig, quantize_
 from hybridopt.recipes.distill import run_distill
@@ -98,7 +100,7 @@ def emulate_llama_cpp(model: torch.nn.Module, report: GGUFReport) -> list:
 # ------------------------------------------------------------------------------------ llama.cpp itself
 def llama_cpp_eval(path: Path, val: TokenBlocks, reference_top1: list[torch.Tensor], threads: int, max_blocks: int) -> dict:
     """Perplexity and top-1 agreement of llama.cpp on the first `max_blocks` validation blocks, and its speed."""
-    from hybridopt.export.gguf import llama_cpp_logits, llama_cpp_model
+    from hybridopt.export.llama_cpp import llama_cpp_logits, llama_cpp_model
 
     llm = llama_cpp_model(path, n_ctx=val.seq_len, n_threads=threads, logits_all=True)
     nll, agree, count = 0.0, 0, 0
@@ -116,7 +118,7 @@ def llama_cpp_eval(path: Path, val: TokenBlocks, reference_top1: list[torch.Tens
 def llama_cpp_speed(path: Path, threads: int, prompt_len: int, gen_tokens: int = 64, repeats: int = 3) -> dict:
     """Prompt processing (one batch of `prompt_len` tokens) and generation (`gen_tokens` single-token steps)
     tokens/s, the best of `repeats`."""
-    from hybridopt.export.gguf import llama_cpp_model
+    from hybridopt.export.llama_cpp import llama_cpp_model
 
     llm = llama_cpp_model(path, n_ctx=prompt_len + gen_tokens, n_threads=threads)
     prompt = [(7 * i) % 200 + 10 for i in range(prompt_len)]

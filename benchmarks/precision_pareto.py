@@ -49,6 +49,7 @@ from hybridopt.quant.bits import TERNARY
 from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
 from hybridopt.training.default_teacher import ensure_default_teacher
+from hybridopt.training.objectives import objective_for
 from hybridopt.training.trainer import Trainer
 
 from common import RESULTS_DIR  # benchmarks/common.py, beside this script
@@ -66,8 +67,8 @@ def ptq_table(epochs: int, clusters: int, budgets: list[float], random_seeds: in
     docs, _ = corpus_documents([])
     train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
     student = AutoModelForCausalLM.from_pretrained(str(run_dir / "student"), dtype=torch.float32)
-    recipe = Trainer(cfg, student, train, val, runs / "scratch", device, teacher=teacher, alpha=cfg.alpha,
-                     temperature=cfg.temperature, reporter=Reporter(quiet=True))
+    recipe = Trainer(cfg, student, train, val, runs / "scratch", device,
+                     objective_for(teacher, alpha=cfg.alpha, temperature=cfg.temperature), reporter=Reporter(quiet=True))
     names = quantizable_linears(student)
     batches = calibration_batches(len(train), cfg.batch_size, cfg.calibration_batches, cfg.seed)
     measured = {base: measure_layers(student, names, batches, lambda b: recipe.batch_loss(b)[0], base, None)

@@ -37,6 +37,7 @@ from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
 from hybridopt.training.default_teacher import ensure_default_teacher
 from hybridopt.data.teacher_cache import build_cache
+from hybridopt.training.objectives import objective_for
 from hybridopt.training.trainer import Trainer
 
 from common import RESULTS_DIR, default_student_config  # benchmarks/common.py, beside this script
@@ -149,8 +150,8 @@ def _speed_case(name: str, teacher, train: TokenBlocks, student_config: LlamaCon
     trainers = {}
     for arm, c in (("live", None), ("cached", cache)):
         model = build_model(student_config, 0)
-        trainers[arm] = Trainer(cfg, model, train, train, tmp / arm, torch.device("cpu"), teacher=teacher,
-                                alpha=cfg.alpha, temperature=cfg.temperature, reporter=QUIET, teacher_cache=c)
+        trainers[arm] = Trainer(cfg, model, train, train, tmp / arm, torch.device("cpu"),
+                                objective_for(teacher, c, cfg.alpha, cfg.temperature), reporter=QUIET)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randperm(len(train), generator=g)[: cfg.batch_size].tolist() for _ in range(steps + 1)]
     times = {"live": [], "cached": []}

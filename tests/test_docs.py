@@ -46,7 +46,7 @@ def test_every_flag_the_docs_mention_exists():
     for script in (ROOT / "benchmarks").glob("*.py"):
         known |= set(re.findall(r"add_argument\(\s*\"(--\w+)\"", script.read_text()))
     known |= {"--version", "--index-url", "--durations", "--write-flags"}  # hybridopt, pip, pytest, this runner
-    from torch.distributed.run import get_args_parser  # torchrun's own flags (README, "Scaling out")
+    from torch.distributed.run import get_args_parser  # torchrun's own flags (GUIDE, "Scaling out")
 
     known |= {s for a in get_args_parser()._actions for s in a.option_strings}
     for doc in DOCS:
@@ -105,9 +105,9 @@ def test_the_troubleshooting_messages_are_the_codes():
     assert checked > 30
 
 
-def test_the_readme_layout_names_every_module():
-    readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
+def test_the_guide_layout_names_every_module():
+    guide = GUIDE.read_text()
+    layout = guide[guide.index("### Layout"):]
     package = ROOT / "src" / "hybridopt"
     modules = [p.relative_to(package).as_posix() for p in package.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     assert modules and not [m for m in modules if not re.search(rf"(?m)^\s+{re.escape(m)}\s", layout)]

@@ -2,8 +2,8 @@
 
 Each attempt runs the `hybridopt` command (`hybridopt.cli.main`) in a child process forked from this one (so
 the imports are done once, not once per attempt) and sends it SIGKILL, SIGTERM, SIGINT or two SIGINTs, either
-at a random moment after training has started or while it is inside a checkpoint write (the
-`HYBRIDOPT_FAULT_CHECKPOINT_SLEEP` test hook holds the write open between the temporary file and the rename).
+at a random moment after training has started or while it is inside a checkpoint write (the child holds the
+write open between the temporary file and the rename: its `torch.save` sleeps after writing a checkpoint).
 The next attempt is `hybridopt distill --resume RUN`. When the run finishes, its student weights, per-step and
 per-epoch metrics and results must equal those of the same run never interrupted, and every step must appear
 in the metrics exactly once.
@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_distill_args, tiny_distill_config
-from hybridopt.training.checkpoint import FAULT_SLEEP_ENV
+from hybridopt.training.trainer import Trainer, TrainerCallback
 
 SIGNALS = ("SIGKILL", "SIGTERM", "SIGINT", "SIGINT twice")
 
@@ -55,13 +55,40 @@ class Attempt:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _child(argv: list[str], log: Path, env: dict[str, str]) -> None:
+class NonFinite(TrainerCallback):
+    """A NaN loss at the steps in `loss` and an infinite gradient at those in `grad` (counted from 1)."""
+
+    def __init__(self, loss=(), grad=()):
+        self.loss, self.grad = set(loss), set(grad)
+
+    def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if step in self.loss else loss
+
+    def on_backward(self, step: int, params: list[torch.Tensor]) -> None:
+        if step in self.grad:
+            next(p.grad for p in params if p.grad is not None).view(-1)[0] = float("inf")
+
+
+def _hold_checkpoint_writes(seconds: float) -> None:
+    """In the child: every checkpoint write sleeps `seconds` between its temporary file and the rename."""
+    save = torch.save
+
+    def held(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)
+        if Path(f).name.startswith(".checkpoint.pt.tmp-"):
+            time.sleep(seconds)
+
+    torch.save = held
+
+
+def _child(argv: list[str], log: Path, hold: float) -> None:
     """In the forked child: a fresh process's signal dispositions, output to `log`, the CLI, then exit."""
     rc = 70
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.environ.update(env)
+        if hold:
+            _hold_checkpoint_writes(hold)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -93,10 +120,10 @@ def _step(out: Path) -> str:
 class _Child:
     """A forked child and its exit code, reaped once."""
 
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str]):
+    def __init__(self, argv: list[str], log: Path, hold: float = 0.0):
         self.pid, self.code = os.fork(), None
         if self.pid == 0:
-            _child(argv, log, env)
+            _child(argv, log, hold)
 
     def poll(self) -> bool:
         """Whether it has exited (its code recorded)."""
@@ -127,11 +154,11 @@ class _Child:
 def run_attempt(argv: list[str], out: Path, log: Path, attempt: Attempt) -> int:
     """Start the command, inject `attempt`'s fault (if the process is still running by then), wait for it to
     end; returns its exit code (negative: killed by that signal)."""
-    env = {FAULT_SLEEP_ENV: "0.4"} if attempt.moment == "checkpoint write" else {}
+    hold = 0.4 if attempt.moment == "checkpoint write" else 0.0
     attempt.step_before = _step(out)
     log.touch()
     start = log.stat().st_size
-    child = _Child(argv, log, env)
+    child = _Child(argv, log, hold)
 
     def training_started() -> bool:
         with open(log) as f:
@@ -273,7 +300,7 @@ def test_injected_non_finite_steps_are_skipped_logged_and_the_run_finishes(tiny_
     from hybridopt.cli import main
 
     out = tmp_path / "run"
-    monkeypatch.setenv("HYBRIDOPT_FAULT_NONFINITE", "3,grad:6")
+    monkeypatch.setattr(Trainer, "callbacks", [NonFinite(loss=[3], grad=[6])])
     assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--epochs", "2", "--max_steps_per_epoch", "4",
                                   "--no-baseline", "--save_metrics")) == 0
     err = capsys.readouterr().err
@@ -299,13 +326,13 @@ def test_a_streak_of_non_finite_steps_stops_the_run_with_a_usable_checkpoint(tin
 
     assert MAX_NONFINITE_STREAK == 20
     flags = ("--epochs", "6", "--max_steps_per_epoch", "5", "--no-baseline", "--save_metrics")
-    monkeypatch.setenv("HYBRIDOPT_FAULT_NONFINITE", "3-21")
+    monkeypatch.setattr(Trainer, "callbacks", [NonFinite(loss=range(3, 22))])
     assert main(tiny_distill_args(tiny_teacher, corpus_file, tmp_path / "nineteen", *flags)) == 0
     assert json.loads((tmp_path / "nineteen" / "results.json").read_text())["student"]["skipped_steps"] == 19
     capsys.readouterr()
 
     out = tmp_path / "twenty"
-    monkeypatch.setenv("HYBRIDOPT_FAULT_NONFINITE", "3-22")
+    monkeypatch.setattr(Trainer, "callbacks", [NonFinite(loss=range(3, 23))])
     assert main(tiny_distill_args(tiny_teacher, corpus_file, out, *flags)) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"hybridopt: error: training stopped at step 22: the loss or gradient was non-finite for 20 "
@@ -317,7 +344,7 @@ def test_a_streak_of_non_finite_steps_stops_the_run_with_a_usable_checkpoint(tin
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert not (out / "results.json").exists()
 
-    monkeypatch.delenv("HYBRIDOPT_FAULT_NONFINITE")
+    monkeypatch.setattr(Trainer, "callbacks", ())
     assert main(["distill", "--resume", str(out)]) == 0
     assert [int(r["step"]) for r in _csv(out / "metrics_steps.csv")] == list(range(1, 31))
     res = json.loads((out / "results.json").read_text())["student"]

@@ -158,42 +158,7 @@ def _main(argv: list[str] | None) -> int:
     if previous.get(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        if args.command == "distill":
-            from hybridopt.recipes.distill import run_distill
-
-            words = sys.argv[1:] if argv is None else argv
-            given = given_flags(parser.subcommands["distill"], words[words.index("distill") + 1:], DistillConfig)
-            try:
-                cfg = DistillConfig(**values)
-            except UserError as e:  # the flags are the same on every rank of a torchrun job
-                e.every_rank = True
-                raise
-            run_distill(cfg, given=given)
-        elif args.command == "teacher-cache":
-            from hybridopt.recipes.distill import run_teacher_cache
-
-            run_teacher_cache(DistillConfig(**values))
-        elif args.command == "teacher":
-            from hybridopt.recipes.teacher import run_teacher
-
-            run_teacher(TeacherConfig(**values))
-        elif args.command == "export":
-            from hybridopt.recipes.export_student import export_student, export_student_gguf
-
-            cfg = ExportConfig(**values)
-            if cfg.format == "gguf":
-                export_student_gguf(cfg, cfg.type, cfg.embed_type)
-            else:
-                export_student(cfg)
-        elif args.command == "bench":
-            from hybridopt.recipes.bench import run_bench
-
-            words = sys.argv[1:] if argv is None else argv
-            run_bench(BenchConfig(**values), command="hybridopt " + shlex.join(words))
-        elif args.command == "generate":
-            _generate(GenerateConfig(**values))
-        else:
-            _inspect(InspectConfig(**values))
+        _COMMANDS[args.command](parser, argv, values)
     except UserError as e:
         # Under torchrun, an error every rank raises (bad flags, rank 0's refusal) is printed once, by rank 0.
         rank = _launch_rank()
@@ -204,13 +169,7 @@ def _main(argv: list[str] | None) -> int:
         for sig in previous:  # a further Ctrl-C or SIGTERM must not cut this message into a traceback
             signal.signal(sig, signal.SIG_IGN)
         saved = getattr(e, "signum", None) is not None  # training.StopRequested: saved after a whole step
-        hint = ""
-        if args.command == "distill":
-            hint = _distill_resume_hint(getattr(e, "run_folder", None), saved)
-        elif args.command == "teacher":
-            hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}the same command continues"
-        elif args.command == "bench":
-            hint = "; the finished runs and a partial report are in --out; add --resume to continue"
+        hint = _interrupted_hint(args.command, e, saved)
         if _launch_rank() == "0":  # torchrun: rank 0 says it
             print(f"hybridopt: interrupted{hint}", file=sys.stderr)
         return 128 + e.signum if saved else getattr(e, "exit_status", 128 + signal.SIGINT)
@@ -222,6 +181,75 @@ def _main(argv: list[str] | None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+# ---------------------------------------------------------------------------- the commands
+# Each takes the parser, the arguments as given (None: the command line) and the parsed flags' values; the
+# recipes are imported when their command runs, so `hybridopt --help` stays quick.
+def _run_distill(parser: argparse.ArgumentParser, argv: list[str] | None, values: dict) -> None:
+    from hybridopt.recipes.distill import run_distill
+
+    words = sys.argv[1:] if argv is None else argv
+    given = given_flags(parser.subcommands["distill"], words[words.index("distill") + 1:], DistillConfig)
+    try:
+        cfg = DistillConfig(**values)
+    except UserError as e:  # the flags are the same on every rank of a torchrun job
+        e.every_rank = True
+        raise
+    run_distill(cfg, given=given)
+
+
+def _run_teacher_cache(parser: argparse.ArgumentParser, argv: list[str] | None, values: dict) -> None:
+    from hybridopt.recipes.distill import run_teacher_cache
+
+    run_teacher_cache(DistillConfig(**values))
+
+
+def _run_teacher(parser: argparse.ArgumentParser, argv: list[str] | None, values: dict) -> None:
+    from hybridopt.recipes.teacher import run_teacher
+
+    run_teacher(TeacherConfig(**values))
+
+
+def _run_export(parser: argparse.ArgumentParser, argv: list[str] | None, values: dict) -> None:
+    from hybridopt.recipes.export_student import export_student, export_student_gguf
+
+    cfg = ExportConfig(**values)
+    if cfg.format == "gguf":
+        export_student_gguf(cfg, cfg.type, cfg.embed_type)
+    else:
+        export_student(cfg)
+
+
+def _run_bench(parser: argparse.ArgumentParser, argv: list[str] | None, values: dict) -> None:
+    from hybridopt.recipes.bench import run_bench
+
+    words = sys.argv[1:] if argv is None else argv
+    run_bench(BenchConfig(**values), command="hybridopt " + shlex.join(words))
+
+
+def _run_generate(parser: argparse.ArgumentParser, argv: list[str] | None, values: dict) -> None:
+    _generate(GenerateConfig(**values))
+
+
+def _run_inspect(parser: argparse.ArgumentParser, argv: list[str] | None, values: dict) -> None:
+    _inspect(InspectConfig(**values))
+
+
+_COMMANDS = {"distill": _run_distill, "teacher-cache": _run_teacher_cache, "teacher": _run_teacher,
+             "export": _run_export, "bench": _run_bench, "generate": _run_generate, "inspect": _run_inspect}
+
+
+def _interrupted_hint(command: str, e: KeyboardInterrupt, saved: bool) -> str:
+    """What `hybridopt: interrupted` adds for `command`: where its work was left and how to continue."""
+    hint = ""
+    if command == "distill":
+        hint = _distill_resume_hint(getattr(e, "run_folder", None), saved)
+    elif command == "teacher":
+        hint = f"; {'a checkpoint was saved, ' if saved else 'from the last checkpoint, '}the same command continues"
+    elif command == "bench":
+        hint = "; the finished runs and a partial report are in --out; add --resume to continue"
+    return hint
 
 
 def _distill_resume_hint(folder: Path | None, saved: bool) -> str:
@@ -249,7 +277,8 @@ def _generate(cfg: GenerateConfig) -> None:
     from hybridopt.recipes.generate import generate_text, load_model
     from hybridopt.utils import resolve_device
 
-    from hybridopt.export.gguf import find_gguf, generate_gguf, have_llama_cpp, load_gguf
+    from hybridopt.export.gguf_read import find_gguf, load_gguf
+    from hybridopt.export.llama_cpp import generate_gguf, have_llama_cpp
 
     with for_flag("--model"):
         gguf_file = find_gguf(cfg.model)

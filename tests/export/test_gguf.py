@@ -15,7 +15,10 @@ from transformers import LlamaConfig
 from hybridopt.config import DistillConfig, ExportConfig
 from hybridopt.errors import UserError
 from hybridopt.export.packed import export_packed
-from hybridopt.export.gguf import context_length, dequantize, export_gguf, find_gguf, load_gguf
+from hybridopt.export.gguf import export_gguf
+from hybridopt.export.gguf_codecs import dequantize
+from hybridopt.export.gguf_read import find_gguf, load_gguf
+from hybridopt.export.llama_cpp import context_length
 from hybridopt.models.modeling import build_model
 from hybridopt.quant.qat import QATConfig, qat_layers, quantizable_linears, quantize_
 from hybridopt.quant.quantizers import TERNARY, quantize_dequantize
@@ -271,6 +274,7 @@ def test_llama_cpp_computes_what_pytorch_computes(tok, tmp_path, monkeypatch):
     """Needs llama-cpp-python (built from source: pip install llama-cpp-python); skipped without it."""
     pytest.importorskip("llama_cpp")
     from hybridopt.export import gguf as hgguf
+    from hybridopt.export.llama_cpp import llama_cpp_logits, llama_cpp_model
 
     model = _model(tok, TERNARY)
     ids = _ids(tok)[0].tolist()
@@ -278,9 +282,9 @@ def test_llama_cpp_computes_what_pytorch_computes(tok, tmp_path, monkeypatch):
         reference = model(torch.tensor([ids])).logits[0].numpy()
 
     def error(path) -> float:
-        llm = hgguf.llama_cpp_model(path, n_ctx=len(ids), n_threads=2, logits_all=True)
+        llm = llama_cpp_model(path, n_ctx=len(ids), n_threads=2, logits_all=True)
         assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tok(TEXT, add_special_tokens=False)["input_ids"]
-        return float(np.abs(hgguf.llama_cpp_logits(llm, ids) - reference).max() / np.abs(reference).max())
+        return float(np.abs(llama_cpp_logits(llm, ids) - reference).max() / np.abs(reference).max())
 
     errors = {}
     for kind in ("f16", "tq2_0", "tq1_0", "q8_0"):
@@ -297,7 +301,7 @@ def test_llama_cpp_computes_what_pytorch_computes(tok, tmp_path, monkeypatch):
 def test_llama_cpp_generation_stays_in_the_models_context(tok, tmp_path):
     """A 64-token model: a 200-token prompt keeps its end, and new tokens stop where the context is full."""
     pytest.importorskip("llama_cpp")
-    from hybridopt.export.gguf import generate_gguf, llama_cpp_continue, llama_cpp_model
+    from hybridopt.export.llama_cpp import generate_gguf, llama_cpp_continue, llama_cpp_model
 
     export_gguf(_model(tok, TERNARY), tmp_path / "s.gguf", tok, "tq2_0")
     llm = llama_cpp_model(tmp_path / "s.gguf", n_ctx=64, n_threads=2)

@@ -403,7 +403,7 @@ def test_controller_hand_written_gradient_is_the_surrogates(heads):
 def test_scale_threshold_leaves_the_scale_alone_on_noise_and_follows_consistent_evidence():
     """Zero-mean hypergradients (noise) give |sigma| ~ 0.23: with tau 0.5 the scale moves on ~3% of steps, with
     tau 0 on every step; a consistent signal (h < 0 with noise of half its size) moves it on nearly every step."""
-    from hybridopt.optim.hybrid import ScaleState, learned_log_scale, normalized_hypergradient
+    from hybridopt.optim.scale import ScaleState, learned_log_scale, normalized_hypergradient
 
     def moves(mean: float, threshold: float, steps: int = 4000) -> float:
         gen = torch.Generator().manual_seed(0)
@@ -423,7 +423,7 @@ def test_scale_threshold_leaves_the_scale_alone_on_noise_and_follows_consistent_
 def test_a_lowering_after_a_clipped_step_starts_from_the_rate_the_radius_allowed():
     """Clipped to 1% of its length, a step said too long lowers the scale from ell + log 0.01, so the next step
     is shorter at once; a raising signal, an unclipped step and a signal below the threshold ignore the ratio."""
-    from hybridopt.optim.hybrid import learned_log_scale
+    from hybridopt.optim.scale import learned_log_scale
 
     assert learned_log_scale(0.0, 0.8, 0.1, 0.5, -10.0, clip_ratio=0.01) == pytest.approx(math.log(0.01) - 0.08)
     assert learned_log_scale(0.0, 0.8, 0.1, 0.5, -3.0, clip_ratio=0.01) == -3.0  # the floor holds
@@ -434,7 +434,7 @@ def test_a_lowering_after_a_clipped_step_starts_from_the_rate_the_radius_allowed
 
 def test_min_scale_bounds_the_learned_scale_from_below_and_defaults_by_base_as_the_controller():
     """The scale may only raise Schedule-Free's rate unless told otherwise; over Adam it may fall to 1e-4x."""
-    from hybridopt.optim.hybrid import learned_log_scale
+    from hybridopt.optim.scale import learned_log_scale
 
     assert learned_log_scale(0.05, 1.0, 0.1, 0.5, floor=0.0) == 0.0  # a step down to -0.05 stops at the floor
     assert learned_log_scale(0.05, -1.0, 0.1, 0.5, floor=0.0) == pytest.approx(0.15)  # up: unaffected
@@ -503,7 +503,7 @@ def test_distill_flags_that_switch_everything_off_leave_schedule_free_adamw():
     import schedulefree
 
     from hybridopt.config import TrainConfig
-    from hybridopt.training.trainer import build_optimizer
+    from hybridopt.training.step import build_optimizer
 
     def net():
         torch.manual_seed(0)
@@ -532,7 +532,7 @@ def test_muon_base_is_torchs_muon_and_adamw_when_nothing_learns():
     from hybridopt.bench.arms import Float32Muon
     from hybridopt.config import TrainConfig
     from hybridopt.models.modeling import hidden_matrices
-    from hybridopt.training.trainer import build_optimizer
+    from hybridopt.training.step import build_optimizer
 
     class Net(torch.nn.Module):
         def __init__(self):

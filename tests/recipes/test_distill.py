@@ -69,17 +69,17 @@ def test_distillation_beats_the_no_teacher_student(tiny_teacher, corpus_file, tm
 
 def test_non_finite_batches_are_skipped_not_applied(tiny_teacher, corpus_file, tmp_path, monkeypatch):
     """A NaN loss (e.g. from a corrupted batch) is skipped and reported; the weights stay finite."""
-    from hybridopt.training import trainer as training
+    from hybridopt.training import objectives
 
     calls = {"n": 0}
-    real = training.kd_loss
+    real = objectives.kd_loss
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
         loss, parts = real(*args, **kwargs)
         return (loss * float("nan"), parts) if calls["n"] in (3, 7) else (loss, parts)
 
-    monkeypatch.setattr(training, "kd_loss", flaky)
+    monkeypatch.setattr(objectives, "kd_loss", flaky)
     res = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "nan", epochs=2, baseline=False))
     assert res["student"]["skipped_steps"] == 2 and res["student"]["steps"] == 8
     assert math.isfinite(res["student"]["loss"])  # neither NaN nor inf

@@ -48,7 +48,8 @@ from torch import nn
 
 from hybridopt.models import modeling
 from hybridopt.config import TrainConfig
-from hybridopt.optim.hybrid import HybridOptimizer, orthogonalized
+from hybridopt.optim.hybrid import HybridOptimizer
+from hybridopt.optim.muon import orthogonalized
 
 WEIGHT_DECAY = 0.01
 MOMENTUM = 0.9

@@ -38,7 +38,6 @@ from hybridopt.data.clusters import cluster_data
 from hybridopt.data.blocks import TokenBlocks
 from hybridopt.errors import UserError
 from hybridopt.training.evaluation import evaluate_lm
-from hybridopt.optim.hybrid import HybridOptimizer
 from hybridopt.kmeans import kmeans
 from hybridopt.training.losses import kd_loss
 from hybridopt.models.modeling import build_model, context_length, load_teacher, student_config, vocab_size
@@ -46,12 +45,18 @@ from hybridopt.quant.qat import QATConfig, quantize_
 from hybridopt.reporting import Reporter
 from hybridopt.data.sampler import ClusterStratifiedBatchSampler, ShuffledBatchSampler
 from hybridopt.training.default_teacher import ensure_default_teacher
-from hybridopt.training.trainer import Trainer, warmup_cosine
+from hybridopt.optim.schedules import warmup_cosine
+from hybridopt.training.objectives import objective_for
+from hybridopt.training.step import lr_multiplier, step_optimizer
+from hybridopt.training.trainer import Trainer
 from hybridopt.utils import cache_dir, seed_everything
 
 TASKS = ("distill", "distill_ternary", "mlp")
 NUM_CLUSTERS = 8  # `--data_clusters` alone
 DIVERGED = 3.0  # a run whose curve loss exceeds this multiple of its first evaluation is stopped as diverged
+
+# `hybridopt distill`'s defaults: the bench trains with the recipe's clipping, schedule floor and split.
+DISTILL_DEFAULTS = DistillConfig()
 
 
 @dataclass
@@ -106,7 +111,7 @@ class DistillTask:
             self.description = shared.description
         else:
             self._load(teacher, data, reporter)
-        self.cfg = DistillConfig()
+        self.cfg = DISTILL_DEFAULTS
         ctx = context_length(self.teacher.config)
         self.student_config = student_config(self.teacher.config, vocab_size(self.teacher), self.cfg, self.tokenizer,
                                              max_positions=ctx or budget.seq_len)
@@ -121,7 +126,7 @@ class DistillTask:
         ctx = context_length(self.teacher.config)
         if ctx is not None and b.seq_len > ctx:
             raise UserError(f"--seq_len {b.seq_len} exceeds the teacher's context length {ctx}")
-        self.train, self.val = token_splits(docs, self.tokenizer, b.seq_len, DistillConfig().val_fraction)
+        self.train, self.val = token_splits(docs, self.tokenizer, b.seq_len, DISTILL_DEFAULTS.val_fraction)
         if len(self.train) < b.batch_size:
             raise UserError(f"the training split has {len(self.train)} sequences, fewer than the batch of {b.batch_size}")
         self._logits: dict[int, torch.Tensor] = {}
@@ -293,7 +298,7 @@ def _run_arm(task, arm: Arm, lr: float, seed: int, replay: list[float] | None) -
     ctx = BuildContext(b.steps, b.warmup, task.num_clusters, replay, seed)
     optimizers = arm.build(model, lr, ctx)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    final = {"cosine": DistillConfig().min_lr_ratio, "warmup": 1.0}.get(arm.schedule)
+    final = {"cosine": DISTILL_DEFAULTS.min_lr_ratio, "warmup": 1.0}.get(arm.schedule)
     schedule = warmup_cosine(b.warmup, b.steps, final) if final is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     res = RunResult(task.name, arm.name, lr, seed)
@@ -322,14 +327,11 @@ def _run_arm(task, arm: Arm, lr: float, seed: int, replay: list[float] | None) -
             res.diverged_at = step
             break
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, DistillConfig().grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, DISTILL_DEFAULTS.grad_clip)
         for opt in optimizers:
-            if isinstance(opt, HybridOptimizer):
-                opt.set_cluster(batches.cluster(indices))
-                opt.step(loss=value)
-                res.lr_multiplier.append(opt.lr_multiplier)
-            else:
-                opt.step()
+            step_optimizer(opt, value, batches.cluster(indices))
+            if (multiplier := lr_multiplier(opt)) is not None:
+                res.lr_multiplier.append(multiplier)
             opt.zero_grad(set_to_none=True)
         if (step + 1) % b.eval_every == 0 or step + 1 == b.steps:
             curve = evaluate(step + 1)
@@ -385,7 +387,7 @@ def measure_costs(task, arms: list[Arm], blocks: int = 3, steps_per_block: int =
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 t1 = time.perf_counter()
                 for opt in opts:
-                    opt.step(loss=loss.item()) if isinstance(opt, HybridOptimizer) else opt.step()
+                    step_optimizer(opt, loss.item())
                 t2 = time.perf_counter()
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
@@ -414,11 +416,12 @@ def measure_costs(task, arms: list[Arm], blocks: int = 3, steps_per_block: int =
 def _pipeline_ratio(task: "DistillTask", blocks: int, n: int) -> dict:
     """`distill`'s Trainer step against a minimal loop (teacher forward, student forward/backward, AdamW)."""
     b = task.budget
-    cfg = replace(DistillConfig(), batch_size=b.batch_size, seq_len=b.seq_len, epochs=1, max_steps_per_epoch=0)
+    cfg = replace(DISTILL_DEFAULTS, batch_size=b.batch_size, seq_len=b.seq_len, epochs=1, max_steps_per_epoch=0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer_model = task.new_model(0)
-        trainer = Trainer(cfg, trainer_model, task.train, task.val, Path(tmp), task.device, teacher=task.teacher,
-                          alpha=cfg.alpha, temperature=cfg.temperature, reporter=Reporter(quiet=True))
+        trainer = Trainer(cfg, trainer_model, task.train, task.val, Path(tmp), task.device,
+                          objective_for(task.teacher, alpha=cfg.alpha, temperature=cfg.temperature),
+                          reporter=Reporter(quiet=True))
         trainer_params = [p for p in trainer_model.parameters() if p.requires_grad]
         loop_model = task.new_model(0)
         loop_opt = torch.optim.AdamW(loop_model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))

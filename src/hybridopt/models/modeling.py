@@ -37,7 +37,7 @@ def load_teacher(path: str | Path, device: torch.device,
         ValueError: the folder is missing, has no config or weights, or has no tokenizer; or a GGUF of an
             architecture or tensor type transformers cannot load.
     """
-    from hybridopt.export.gguf import find_gguf, load_gguf
+    from hybridopt.export.gguf_read import find_gguf, load_gguf
 
     path = Path(path).expanduser()
     if find_gguf(path) is not None:

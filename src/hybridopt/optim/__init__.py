@@ -1,6 +1,13 @@
 """The optimizer: `HybridOptimizer` (a learned learning-rate scale, the design document's meta-learned controller
-and a trust region over an Adam, Schedule-Free, Muon or SGD step), its pure update functions, the controller
-network (`AuxiliaryNN`) and the learning-rate schedule.
+and a trust region over an Adam, Schedule-Free, Muon or SGD step) and the pieces of its rule, one file each:
+
+- `hybrid.py`: `HybridOptimizer` and its state; the rule in its docstring.
+- `updates.py`: the base updates (Adam, Schedule-Free, SGD momentum), Schedule-Free's averaging, the compiled step.
+- `muon.py`: Muon's orthogonalised direction.
+- `scale.py`: the learned scale, hypergradient descent on the log learning rate.
+- `controller.py`: the controller network (`AuxiliaryNN`) and the training-state features it reads.
+- `trust_region.py`: the trust region's norms and clip factors, and the radius adaptation.
+- `schedules.py`: learning-rate schedules.
 
 May import: the core modules (errors, utils). Nothing here knows about models, data or runs.
 """

@@ -1,5 +1,6 @@
-"""The meta-learned controller: training-state features in, a learning-rate multiplier and a
-trust-radius multiplier out, trained online from hypergradients.
+"""The meta-learned controller (the design document's auxiliary network): training-state features in, a
+learning-rate multiplier and a trust-radius multiplier out, trained online from hypergradients; and the running
+statistics of the optimizer that make its features.
 
 Features (`TrainingState.features`, 6 values, each normalised by running statistics and clipped to
 [-5, 5] so the network never saturates): log loss, log gradient norm, loss trend (EMA of the change in
@@ -12,6 +13,7 @@ output can always come back (it never sticks at a bound).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +49,37 @@ class TrainingState:
             math.log1p(self.step),
             cluster,
         ], dtype=torch.float32)
+
+
+@dataclass
+class FeatureStats:
+    """Running statistics behind the controller's features."""
+
+    loss_ema: float | None = None  # EMA (0.9) of finite losses
+    loss_trend: float = 0.0  # EMA (0.9) of log(loss) - log(loss_ema)
+    grad_norm_mean: float | None = None  # EMA (0.9) of the gradient norm
+    grad_norm_var: float = 0.0  # EMA (0.9) of its squared deviation
+
+
+def update_feature_stats(stats: FeatureStats, loss: float, grad_norm: float) -> FeatureStats:
+    """The statistics after one more step (a non-finite loss, e.g. none given, leaves the loss ones)."""
+    mean = grad_norm if stats.grad_norm_mean is None else stats.grad_norm_mean
+    delta = grad_norm - mean
+    new = dataclasses.replace(stats, grad_norm_mean=mean + 0.1 * delta,
+                              grad_norm_var=0.9 * stats.grad_norm_var + 0.1 * delta * delta)
+    if math.isfinite(loss):
+        if stats.loss_ema is not None and loss > 0 and stats.loss_ema > 0:
+            new.loss_trend = 0.9 * stats.loss_trend + 0.1 * (math.log(loss) - math.log(stats.loss_ema))
+        new.loss_ema = loss if stats.loss_ema is None else 0.9 * stats.loss_ema + 0.1 * loss
+    return new
+
+
+def training_state(stats: FeatureStats, step: int, cluster_id: int | None, num_clusters: int) -> TrainingState:
+    """What the controller sees: the smoothed loss and gradient norm, not one minibatch's (no loss reads as 1)."""
+    return TrainingState(loss=stats.loss_ema if stats.loss_ema is not None else 1.0,
+                         gradient_magnitude=stats.grad_norm_mean, loss_trend=stats.loss_trend,
+                         gradient_variance=stats.grad_norm_var / max(stats.grad_norm_mean ** 2, 1e-12),
+                         step=step, cluster_id=cluster_id, num_clusters=num_clusters)
 
 
 class RunningNorm(nn.Module):
@@ -122,9 +155,9 @@ class AuxiliaryNN(nn.Module):
     def surrogate_gradients_(self, features: torch.Tensor, signal: float, heads: Sequence[int]) -> None:
         """Set each parameter's `.grad` to the gradient of `surrogate(features, signal, heads)`, by hand.
 
-        The network is two layers, so the chain rule is a handful of tensor ops; an autograd graph for it cost
-        more per step than the model's own update on CPU. `surrogate` stays the definition (the reference
-        implementation in tests differentiates it with autograd).
+        The network is two layers, so the chain rule is a handful of tensor ops, which avoids building an
+        autograd graph at every optimizer step. `surrogate` stays the definition (the reference implementation
+        in tests differentiates it with autograd).
         """
         first, second = self.net[0], self.net[2]
         hidden = torch.tanh(torch.addmv(first.bias, first.weight, features))

@@ -1,119 +1,49 @@
-r"""HybridOptimizer: Adam, Schedule-Free AdamW, Muon or SGD-momentum with a learned step size, a meta-learned controller and a trust region.
+r"""HybridOptimizer: an Adam, Schedule-Free AdamW, Muon or SGD-momentum step with a learned step size, a
+meta-learned controller and a trust region. This file holds the optimizer (its state and its step); the pieces
+of the rule live in `updates.py`, `muon.py`, `scale.py`, `controller.py` and `trust_region.py`.
 
-At step t, for each tensor \theta_t with gradient g_t, base direction d_t (Adam's bias-corrected
-\hat m_t / (\sqrt{\hat v_t} + \epsilon), or the momentum buffer b_t = \beta_1 b_{t-1} + g_t, or for an
-A x B matrix under `base="muon"` Muon's 0.2 \sqrt{\max(A, B)} O(g_t + \nu (b_t - g_t)) with
-b_t = b_{t-1} + (1 - \nu)(g_t - b_{t-1}), \nu = `muon_momentum`, and O five Newton-Schulz iterations that orthogonalise it,
-torch.optim.Muon's step at its AdamW-matched size), group learning
-rate \eta (any LR scheduler changes it) and weight decay \lambda, the log learning-rate multiplier is the
-sum of a learned scale \ell_t and the controller's state-dependent output c_t = a_{t,1}(x_t):
+The rule. At step t, for the parameters \theta_t with gradients g_t, group learning rate \eta_t (any LR
+scheduler sets it), weight decay \lambda and trust radius \rho_t:
 
-    u_t = -\eta e^{\ell_t + c_t} (d_t + \lambda \theta_t)                   (decoupled weight decay)
-    \mu_t = \rho_t e^{a_{t,2}} \max(\|\theta_t\|_2, 10^{-3})                  (scale-free radius)
-    \Delta\theta_t = u_t \min(1, \mu_t / \|u_t\|_2)                         (trust region, global norm)
+    u_t = -\eta_t e^{\ell_t + c_t} (d_t + \lambda \theta_t)                (base update, decoupled weight decay)
+    \mu_t = \rho_t e^{r_t} \max(\|\theta_t\|_2, 10^{-3})                     (radius, relative to the parameters)
+    \Delta\theta_t = u_t \min(1, \mu_t / \|u_t\|_2)                         (trust-region clip)
 
-where the norms run over all parameters that have a gradient. With `base="schedulefree"` (Defazio et al.
-2024, "The Road Less Scheduled", in its AdamW form) d_t = g_t / (\sqrt{\hat v_t} + \epsilon), the parameters
-hold the training point y (where gradients are taken), a second sequence z takes the steps and the average x
-is what `eval()` puts in the parameters (for validation and export; `train()` returns to y):
+with the norms over all parameters with a gradient (`trust_mode="per_tensor"`: per tensor, on its RMS times
+\sqrt{n}). The base direction d_t is Adam's \hat m_t / (\sqrt{\hat v_t} + \epsilon); SGD's momentum
+b_t = \beta_1 b_{t-1} + g_t; Muon's 0.2 \sqrt{\max(A, B)} O(g_t + \nu (b_t - g_t)) on A x B matrices (`muon.py`);
+or Schedule-Free's g_t / (\sqrt{\hat v_t} + \epsilon). The learned scale \ell is normalised hypergradient
+descent on the log learning rate (`scale.py`, which also states the threshold \tau_t, the hold during a
+warmup, the one-sided step after a clipped step and `radius_start`):
 
-    z_{t+1} = z_t + \Delta_t,   \Delta_t = u_t \min(1, \mu_t / \|u_t\|_2)      (the trust region bounds z's step)
-    y_{t+1} = y_t + c_{t+1} (z_t - y_t) + (1 - \beta_1 (1 - c_{t+1})) \Delta_t,   y = (1 - \beta_1) z + \beta_1 x
-    c_{t+1} = w_t / \sum_{i \le t} w_i,   w_t = (\max_{i \le t} \eta_i e^{\ell_i + c_i})^2
+    h_t = g_t \cdot s_{t-1},   s_t = \gamma s_{t-1} + \Delta\theta_t
+    \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30})                       (\hat m, \hat v: Adam's moments of h)
+    \ell_{t+1} = \mathrm{clip}(\ell_t - \kappa \sigma_t, [\log m, \log 10^4])   if |\sigma_t| > \tau_t, else \ell_t
 
-(its averaging replaces a decaying schedule: use warmup, then a constant rate). Its hypergradient is taken on
-z's step, h_t = g_t \cdot \Delta_{t-1}: \partial L(y_t) / \partial \log \eta_{t-1} is that times
-(1 - \beta_1 + \beta_1 c_t) > 0, and \sigma below is invariant to the factor's size. `trust_mode="per_tensor"` bounds each
-tensor i separately: \|\Delta\theta^i_t\|_2 \le \rho_t e^{a_{t,2}} \max(\mathrm{rms}(\theta^i_t), 10^{-3}) \sqrt{n_i}.
+The controller a (`controller.py`) maps training-state features x_t to (a_1, a_2)(x_t), each clamped to
+[\log 0.1, \log 10]: c_t = b c_{t-1} + (1 - b) a_1(x_t) and r_t = a_2(x_t). It takes one Adam step on the
+surrogate \sigma_t a_k(x_{t-1}), k = 1 every step and k = 2 after a clipped step. Over Schedule-Free the
+parameters hold y, where gradients are taken; z takes the steps \Delta\theta_t and `eval()` loads the average x:
 
-**The learned scale** \ell (`learn_scale`) is hypergradient descent on the log learning rate (Baydin et al.
-2018, "Online Learning Rate Adaptation with Hypergradient Descent", in its multiplicative form), with the
-hypergradient normalised the way Adam normalises a gradient, so that its step does not depend on the size
-of the loss, the gradients or the learning rate given:
+    z_{t+1} = z_t + \Delta\theta_t,   y = (1 - \beta_1) z + \beta_1 x
+    y_{t+1} = y_t + \alpha_{t+1} (z_t - y_t) + (1 - \beta_1 (1 - \alpha_{t+1})) \Delta\theta_t
+    \alpha_{t+1} = w_t / \sum_{i \le t} w_i,   w_t = (\max_{i \le t} \eta_i e^{\ell_i + c_i})^2
 
-    h_t = g_t \cdot s_{t-1},   s_t = \gamma s_{t-1} + \Delta\theta_t        (\partial L_t / \partial \ell_{t-1} when \gamma = 0)
-    m_t = \beta_a m_{t-1} + (1 - \beta_a) h_t,   v_t = \beta_b v_{t-1} + (1 - \beta_b) h_t^2
-    \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30}),   \ell_{t+1} = \mathrm{clip}(\ell_t - \kappa \sigma_t, [\log m, \log 10^4])   if |\sigma_t| > \tau
+(\kappa `scale_lr`, m `min_scale`, \gamma `trace_decay`, b `controller_smoothing`, \nu `muon_momentum`.)
+A non-finite loss or gradient skips the step. With `adapt_radius`, \rho_t follows the design document's
+trust-region rule on actual against predicted decrease (`trust_region.py`).
 
-(else \ell_{t+1} = \ell_t), with \kappa = `scale_lr` (0.1), \tau = `scale_threshold` (0.5) times the factor
-by which noise spreads \sigma wider over few hypergradients than over many (`threshold_growth`: 4.4 after one,
-whose \sigma is always \pm 1, 2 after five, 1.4 after ten), (\beta_a, \beta_b) = `scale_betas`, m = `min_scale`
-and \hat{} Adam's bias corrections. m is 10^{-4} over Adam and SGD and 1 over
-Schedule-Free, where the scale is one-sided (it may raise a too-low rate, never lower the given one): under a
-constant rate z's consecutive steps oscillate, so the one-step hypergradient keeps calling the rate too high,
-while the average x already does what a lower rate would (two-sided, the scale shrank to 0.31-0.55x and cost
-0.145 nats/token on the default distillation run; docs/RESULTS.md). The threshold: for hypergradients that are pure noise
-(zero mean), |\sigma| is about \sqrt{(1 - \beta_a) / (1 + \beta_a)} = 0.23 and exceeds 0.5 about 3% of the time,
-so \ell moves on consistent evidence only; without it (\tau = 0) the noise-level signal near a good rate drifted
-the scale up to ~2.4x on the default distillation run and cost 0.07 nats there (one seed; docs/RESULTS.md). When
-successive updates point the same way (h < 0) the scale grows by up to e^\kappa per step; when they
-oscillate it shrinks. While the first group's lr rises (a warmup) \ell is held and the moments are reset
-at every step, so the evidence after the warmup is the constant rate's own: early in training successive
-updates agree, and a scale that grew on top of the warmup overshot in our development runs and cost the rest
-of the run; carried over (with the first step's \sigma = \pm 1 taken at face value), the warmup's evidence
-raised the scale to 1.18-1.49x right after it on the default distillation run and cost 0.050 against
-Schedule-Free AdamW alone, which the reset and the count-aware threshold removed (docs/RESULTS.md). \ell
-starts at 0, so `lr` is only the starting point, and over Schedule-Free (`radius_start` q = 0.25) not even
-that: at the first step after the warmup, \ell \leftarrow \min(\log 10^4, \ell + \max(0, \log(q \rho_{t-1}
-\max(\|\theta_{t-1}\|, 10^{-3}) / \|u_{t-1}\|))) (the ratio from the global trust region's last step; 1 when
-u = 0), so a rate far below the one whose step fills the radius starts at q times that rate instead of
-climbing there at e^\kappa per step, which took most of a short run (docs/RESULTS.md). The signal is greedy
-(one step ahead): under a decaying schedule it pushes \ell up against the decay (the short-horizon bias
-of Wu et al. 2018); how much that costs, and how far the scale carries a wrong `lr`, is measured in
-docs/RESULTS.md and benchmarks/bench/RESULTS.md. The hypergradient is
-taken through the trust region one way: after a clipped step (whose length the radius set, not the rate)
-\sigma_t is replaced by \max(\sigma_t, 0), so a rate that is too high still shrinks while the trust region
-holds the steps (masking clipped steps kept it from ever coming down), but a rate the trust region
-overrides cannot grow without bound (it grew 1000x on Rosenbrock). And a lowering after a clipped step starts
-from the rate whose step the radius allowed, \ell + \log(\rho \max(\|\theta\|, 10^{-3}) / \|u\|) (global trust
-region), so it shortens the next step at once: lowered from the given rate, a rate 100x too high shrank at
-e^{-\kappa} per step while every step stayed at the radius, and the design document's hybrid over SGD
-diverged at the bench's highest rate (docs/RESULTS.md). \gamma = `trace_decay` > 0 credits a rate shared by the last ~1/(1-\gamma) steps instead of the last
-step alone (it was worse on the bench's mlp task; off by default).
-
-**The controller** (the design document's auxiliary network, `AuxiliaryNN`) maps smoothed training-state
-features x_t (EMA loss, EMA gradient norm, loss trend, gradient variance, step, data cluster) to
-a_t = (c_t, \log r_t), each clamped to [\log 0.1, \log 10]. It learns online from the same normalised
-hypergradient: one Adam step (`controller_lr`) on the surrogate \sigma_t a_{t-1,k}(x_{t-1}) plus a quadratic
-pull back inside the clamp bounds, with k = 1 (the learning-rate correction) on every step and k = 2 (the
-radius) on the steps the trust region clipped (then \partial L / \partial \log r has the sign of h).
-The learned scale carries the rate; the controller adds what depends on the training state. It is off by
-default over Schedule-Free (`use_controller=None`): there its corrections kept lowering a constant rate (average
-0.69-0.72x) and cost the default distillation run 0.07-0.13 nats/token (docs/RESULTS.md). With
-`controller_smoothing` b > 0 the correction applied is the EMA c_t = b c_{t-1} + (1 - b) a_{t,1}(x_t)
-(off by default: on the bench it cut the step-to-step jitter of the multiplier 3-5x without lowering the
-loss; docs/RESULTS.md, "Where the multiplier moves from").
-
-The base radius \rho_t (`trust_radius`, in each param group) adapts as the design document's trust
-region when `adapt_radius=True`: with the ratio of actual to first-order predicted loss decrease,
-r_t = (L_{t-1} - L_t) / (-g_{t-1} \cdot \Delta\theta_{t-1}), smoothed as \bar r_t = 0.9 \bar r_{t-1} + 0.1 r_t,
-\rho \leftarrow \min(1, 1.5\rho) when \bar r_t > 0.75 and \rho \leftarrow \max(10^{-4}, 0.7\rho) when
-\bar r_t < 0.25, both only after a step the constraint clipped (it needs the loss, passed to
-`step(loss=...)` or returned by the closure). It is off by default: on minibatches the actual decrease is
-dominated by batch-to-batch noise, so the rule shrinks the radius until training stalls. A non-finite loss
-or gradient skips the step and leaves every tensor untouched. Without `adapt_radius` that is all. With it,
-a non-finite L_t or g_t counts as the worst outcome of the update that led to \theta_t, so it halves \rho (the
-rule above grows it back by 1.5 per good clipped step). Before the first update no step led there.
-
-Cost: each tensor's u_t is computed in place in one persistent `update` buffer (no parameter-sized temporary
-per step), the global trust-region factor f is applied with the update (\theta += f u; over Schedule-Free
-y += (1 - \beta_1 (1 - c)) f u and z += f u) and kept for the next hypergradient (h = f g \cdot u_{t-1})
-instead of being multiplied into u; the moments, norms, trust region and Schedule-Free's two sequences are
-`torch._foreach_*` kernels. \|g_t\| is computed only for the controller's features or when h_t does not cover
-every gradient (the non-finite check otherwise reads h_t, which any non-finite g_i makes non-finite). A step
-reads one small tensor back to the host (the loss if it is a tensor, \|g_t\|^2 or h_t, h_t and the last step's
-trust-region factor, stacked), and `adapt_radius` adds one more. With `compile=True` the update after the
-learned scale (moments, direction, weight decay, global trust region, step) is one function, `fused_step_`,
-run through `torch.compile`, which fuses it into a few passes over each tensor (benchmarks/hybrid_overhead.py
---compile measures it; docs/RESULTS.md). Memory:
-Adam's two moments (Schedule-Free: z and the second moment) plus the `update` buffer (one parameter-sized buffer; `trace_decay` > 0 adds the trace s).
+References: Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient Descent" (ICLR);
+Defazio et al. 2024, "The Road Less Scheduled" (Schedule-Free); Jordan et al. 2024, "Muon: An optimizer for
+hidden layers in neural networks"; Kingma & Ba 2015, "Adam"; Loshchilov & Hutter 2019, "Decoupled Weight Decay
+Regularization"; Conn, Gould & Toint 2000, "Trust-Region Methods" (and Nocedal & Wright, "Numerical
+Optimization", ch. 4).
 
 Where things live (the schedule_free shape): hyperparameters in the param groups (`lr`, `betas`, `eps`,
-`weight_decay`, `trust_radius`, and the `lr_multiplier` e^{\ell + c} and `radius_multiplier` written there
-every step; Schedule-Free's `weight_sum`, `lr_max` and `train_mode`); per-tensor state in `self.state[p]`
-(`exp_avg` or `z`, `exp_avg_sq`, `step`, `update`, and `trace` when `trace_decay` > 0);
-optimizer-wide scalars in `HybridState`; the controller is its own module. No extra forward or backward
-pass of the model.
+`weight_decay`, `trust_radius`; `lr_multiplier` e^{\ell + c} and `radius_multiplier` e^r written every step;
+Schedule-Free's `weight_sum`, `lr_max`, `train_mode`); per-tensor state in `self.state[p]` (`exp_avg` or `z`,
+`exp_avg_sq`, `step`, `update`, and `trace` when \gamma > 0); optimizer-wide scalars in `HybridState`; the
+controller is its own module. No extra forward or backward pass of the model, and one host sync per step.
 """
 
 from __future__ import annotations
@@ -125,259 +55,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybridopt.optim.controller import LR_HEAD, RADIUS_HEAD, AuxiliaryNN, TrainingState
+from hybridopt.optim.controller import (LR_HEAD, RADIUS_HEAD, AuxiliaryNN, FeatureStats, training_state,
+                                        update_feature_stats)
+from hybridopt.optim.scale import (ScaleState, accumulate_trace_, forget_unmoved_, normalized_hypergradient,
+                                   started_log_scale, stepped_log_scale, traces)
+from hybridopt.optim.trust_region import (adapted_radius, decrease_ratio_ema, dot, norms, reduction_dtype,
+                                          shrunk_radius, trust_factors_)
+from hybridopt.optim.updates import (eager_step_, eager_updates_, fused_step_, fused_updates_, init_state_,
+                                     schedulefree_swap_)
 
 BASES = ("adam", "sgd", "schedulefree", "muon")
-MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic Newton-Schulz iteration (Keller Jordan's)
-MUON_STEPS = 5
-MIN_RADIUS, MAX_RADIUS = 1e-4, 1.0
-MIN_NORM = 1e-3  # floor of the reference norm, so parameters at zero can still move
-LOG_SCALE_BOUND = math.log(1e4)  # the learned scale stays within 1e-4x ... 1e4x the given lr
-
 Tensors = list[torch.Tensor]
 RULE_VERSION = 10  # bumped with every change to what a step computes (names the hybrid-trained teachers' cache entries)
 RETIRED_STATE_KEYS = frozenset({"rising"})  # HybridState fields older versions saved; dropped when loading
-
-
-# ---------------------------------------------------------------------------- pure update functions
-def adam_updates_(out: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: list[int],
-                  betas: tuple[float, float], eps: float, scale: float) -> Tensors:
-    """out = scale \\hat m / (\\sqrt{\\hat v} + eps) per tensor at its `steps` (1-based); updates the moments in place.
-
-    Written into `out` with no temporary: with b_k = 1 - \\beta_k^n, \\hat m / (\\sqrt{\\hat v} + eps) equals
-    (\\sqrt{b_2} / b_1) m / (\\sqrt v + eps \\sqrt{b_2}). (A fresh parameter-sized tensor per step, as the
-    foreach version allocated, cost more on CPU than all the arithmetic.)
-    """
-    beta1, beta2 = betas
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    for o, m, v, n in zip(out, exp_avgs, exp_avg_sqs, steps):
-        bias1, bias2_sqrt = 1 - beta1 ** n, math.sqrt(1 - beta2 ** n)
-        torch.sqrt(v, out=o)
-        o.add_(eps * bias2_sqrt)
-        torch.div(m, o, out=o)
-        o.mul_(scale * bias2_sqrt / bias1)
-    return out
-
-
-def schedulefree_updates_(out: Tensors, grads: Tensors, exp_avg_sqs: Tensors, steps: list[int], beta2: float,
-                          eps: float, scale: float) -> Tensors:
-    """out = scale g / (\\sqrt{\\hat v} + eps) per tensor (Schedule-Free AdamW's direction: no first moment);
-    updates the second moments in place. Written into `out` with no temporary, as `adam_updates_`."""
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    for o, g, v, n in zip(out, grads, exp_avg_sqs, steps):
-        bias2_sqrt = math.sqrt(1 - beta2 ** n)
-        torch.sqrt(v, out=o)
-        o.add_(eps * bias2_sqrt)
-        torch.div(g, o, out=o)
-        o.mul_(scale * bias2_sqrt)
-    return out
-
-
-def averaging_weight(weight_sum: float, lr_max: float, lr: float) -> tuple[float, float, float]:
-    """Schedule-Free's averaging: (c, weight_sum, lr_max) after a step at rate `lr`, where the new point
-    z enters the average x with weight c = w / \\sum w, w = lr_max^2 (lr_max: the largest rate so far)."""
-    lr_max = max(lr_max, lr)
-    weight_sum += lr_max ** 2
-    return lr_max ** 2 / weight_sum, weight_sum, lr_max
-
-
-def momentum_updates_(out: Tensors, grads: Tensors, buffers: Tensors, beta1: float, scale: float) -> Tensors:
-    """out = scale b with the heavy-ball buffers b = beta1 b + g (updated in place)."""
-    torch._foreach_mul_(buffers, beta1)
-    torch._foreach_add_(buffers, grads)
-    for o, b in zip(out, buffers):
-        torch.mul(b, scale, out=o)
-    return out
-
-
-def orthogonalized(x: torch.Tensor, coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
-                   steps: int = MUON_STEPS, eps: float = 1e-7) -> torch.Tensor:
-    """Muon's orthogonalisation of a matrix: `steps` quintic Newton-Schulz iterations X <- aX + b(XX^T)X +
-    c(XX^T)^2 X from X = x / \|x\|_F, on the wide orientation (torch.optim.Muon's iteration, which gives U S' V^T
-    with S' roughly in [0.5, 1.5] rather than U V^T). In float32 at least: torch's runs in bfloat16, which
-    CPUs without bfloat16 matrix units run about 30x slower (bench_arms.Float32Muon)."""
-    a, b, c = coefficients
-    tall = x.size(0) > x.size(1)
-    y = x.to(torch.promote_types(x.dtype, torch.float32))
-    if tall:
-        y = y.T
-    y = y / y.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = y @ y.T
-        y = torch.addmm(y, torch.addmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
-    return (y.T if tall else y).to(x.dtype)
-
-
-def muon_updates_(out: Tensors, grads: Tensors, buffers: Tensors, momentum: float, scale: float) -> Tensors:
-    """out = scale 0.2 \sqrt{\max(A, B)} O(g + momentum (b - g)) per A x B matrix with the momentum buffers
-    b = lerp(b, g, 1 - momentum) (updated in place): Muon's Nesterov direction, orthogonalised, at
-    torch.optim.Muon's `match_rms_adamw` size (RMS 0.2, as an Adam step's), so a rate that suits Adam suits it."""
-    torch._foreach_lerp_(buffers, grads, 1 - momentum)
-    for o, g, b in zip(out, grads, buffers):
-        o.copy_(orthogonalized(torch.lerp(g, b, momentum)))
-        o.mul_(scale * 0.2 * math.sqrt(max(o.shape)))
-    return out
-
-
-def reduction_dtype(tensors: Tensors) -> torch.dtype:
-    """float64 when any tensor is, else float32: sums of squares and dot products in half precision overflow."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def norms(tensors: Tensors) -> torch.Tensor:
-    """Per-tensor 2-norms, shape `(n,)`, in float32 at least (half precision overflows when squared)."""
-    dtype = reduction_dtype(tensors)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
-
-
-def ratio_of_norms(radius: float | torch.Tensor, param_norm: torch.Tensor, update_norm: torch.Tensor) -> torch.Tensor:
-    """radius max(\\|theta\\|, 1e-3) / \\|u\\| from the two norms (1 when u = 0), a 0-d tensor."""
-    limit = radius * param_norm.clamp_min(MIN_NORM)
-    return torch.where(update_norm > 0, limit / update_norm.clamp_min(1e-30), torch.ones_like(limit))
-
-
-def radius_ratio(updates: Tensors, params: Tensors, radius: float) -> torch.Tensor:
-    """radius max(\\|theta\\|, 1e-3) / \\|u\\| (1 when u = 0), a 0-d tensor (no host sync): how many times
-    longer than u a step may be before the global trust region clips it."""
-    return ratio_of_norms(radius, norms(params).norm(), norms(updates).norm())
-
-
-def tensor_trust_factors(updates: Tensors, params: Tensors, radii: list[float]) -> torch.Tensor:
-    """Per tensor: min(1, radius max(rms(theta), 1e-3) sqrt(n) / \\|u\\|), shape `(n,)`."""
-    sizes = torch.tensor([float(p.numel()) for p in params], device=params[0].device)
-    rms = norms(params) / sizes.sqrt()
-    limit = torch.tensor(radii, device=params[0].device) * rms.clamp_min(MIN_NORM) * sizes.sqrt()
-    return (limit / norms(updates).clamp_min(1e-30)).clamp_max(1.0)
-
-
-def dot(a: Tensors, b: Tensors) -> torch.Tensor:
-    """\\sum_i a_i \\cdot b_i in float32 at least, a 0-d tensor."""
-    dtype = reduction_dtype(a)
-    return torch.stack([torch.vdot(x.flatten().to(dtype), y.flatten().to(dtype)) for x, y in zip(a, b)]).sum()
-
-
-def fused_step_(params: Tensors, grads: Tensors, firsts: Tensors | None, exp_avg_sqs: Tensors, updates: Tensors,
-                zs: Tensors | None, coefs: torch.Tensor, radius: torch.Tensor | None, betas: tuple[float, float]
-                ) -> torch.Tensor:
-    """The whole update after the learned scale has set the rate, in one function for `torch.compile` (which
-    fuses it into a few passes over each tensor): the direction u into `updates`, weight decay, the global
-    trust region and the step, over Adam (`firsts` the first moments, `zs` None) or Schedule-Free (`firsts`
-    None, `zs` the z sequence). The same arithmetic as `adam_updates_` / `schedulefree_updates_`,
-    `radius_ratio` and the eager step, which define it (a test holds them equal).
-
-    `coefs` has a row per tensor: (eps \sqrt{b_2}, the direction's factor (rate \sqrt{b_2}, over Adam
-    / b_1), rate x weight decay, Schedule-Free's c and y-weight 1 - \beta_1 (1 - c); 0 over Adam). `radius`:
-    the global radius (0-d), None without a trust region. Returns radius max(\|theta\|, 1e-3) / \|u\| (the
-    unclamped factor; 1 without a trust region); \Delta = min(1, that) u.
-    """
-    beta1, beta2 = betas
-    param_sq = update_sq = coefs.new_zeros((), dtype=reduction_dtype([coefs]))
-    for i, (p, g, v, o) in enumerate(zip(params, grads, exp_avg_sqs, updates)):
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        top = g if firsts is None else firsts[i].lerp_(g, 1 - beta1)
-        o.copy_(top / (v.sqrt() + coefs[i, 0]) * coefs[i, 1] + p * coefs[i, 2])
-        param_sq = param_sq + p.to(param_sq.dtype).square().sum()
-        update_sq = update_sq + o.to(param_sq.dtype).square().sum()
-    ratio = torch.ones_like(param_sq) if radius is None else ratio_of_norms(radius, param_sq.sqrt(), update_sq.sqrt())
-    factor = ratio.clamp_max(1.0)
-    for i, (p, o) in enumerate(zip(params, updates)):
-        if zs is None:
-            p.add_(o * factor.to(p.dtype))
-        else:
-            p.lerp_(zs[i], coefs[i, 3].to(p.dtype)).add_(o * (factor * coefs[i, 4]).to(p.dtype))
-            zs[i].add_(o * factor.to(p.dtype))
-    return ratio
-
-
-@dataclass
-class ScaleState:
-    """Adam-style moments of the hypergradient h_t behind the learned log scale \\ell."""
-
-    log_scale: float = 0.0  # \\ell
-    mean: float = 0.0  # m, EMA of h
-    sq: float = 0.0  # v, EMA of h^2
-    count: int = 0  # hypergradients seen (for the bias corrections)
-
-
-def normalized_hypergradient(state: ScaleState, h: float, betas: tuple[float, float]) -> tuple[ScaleState, float]:
-    """The moments after h, and \\sigma = \\hat m / (\\sqrt{\\hat v} + 1e-30), roughly in [-1, 1]."""
-    b1, b2 = betas
-    count = state.count + 1
-    mean, sq = b1 * state.mean + (1 - b1) * h, b2 * state.sq + (1 - b2) * h * h
-    sigma = (mean / (1 - b1 ** count)) / (math.sqrt(sq / (1 - b2 ** count)) + 1e-30)
-    return dataclasses.replace(state, mean=mean, sq=sq, count=count), sigma
-
-
-def learned_log_scale(log_scale: float, sigma: float, scale_lr: float, threshold: float = 0.0,
-                      floor: float = -LOG_SCALE_BOUND, clip_ratio: float = 1.0) -> float:
-    """\\ell - \\kappa \\sigma when |\\sigma| > `threshold` (else \\ell), kept within [`floor`, \\log 10^4].
-
-    `clip_ratio` < 1: the last step was clipped to that fraction of its length; a lowering (\\sigma > 0) then
-    starts from the rate whose step the radius allowed, \\ell + \\log(clip_ratio), so it shortens the next step."""
-    if abs(sigma) <= threshold:
-        return log_scale
-    if sigma > 0:
-        log_scale += math.log(min(clip_ratio, 1.0))
-    return min(LOG_SCALE_BOUND, max(floor, log_scale - scale_lr * sigma))
-
-
-def threshold_growth(count: int, beta: float) -> float:
-    """How much wider zero-mean noise spreads \\sigma after `count` hypergradients than once the moments have
-    settled: \\sqrt{v_n / v_\\infty}, v_n = (1 - \\beta)(1 + \\beta^n) / ((1 + \\beta)(1 - \\beta^n)) the variance of
-    the bias-corrected mean of n unit-variance samples (v_1 = 1: one sample gives \\sigma = \\pm 1)."""
-    n = max(count, 1)
-    spread_n = (1 - beta) * (1 + beta ** n) / ((1 + beta) * (1 - beta ** n))
-    return math.sqrt(spread_n * (1 + beta) / (1 - beta))
-
-
-def decrease_ratio_ema(ratio_ema: float | None, prev_loss: float, loss: float, predicted: float) -> float:
-    """EMA (0.9) of the ratio of actual to predicted decrease, started at the first ratio."""
-    ratio = (prev_loss - loss) / predicted
-    return ratio if ratio_ema is None else 0.9 * ratio_ema + 0.1 * ratio
-
-
-def adapted_radius(radius: float, ratio_ema: float, clipped: bool) -> float:
-    """The design document's rule, applied only after a clipped step (the ratio of an unclipped step on
-    noisy minibatches says more about the batch than about the radius)."""
-    if clipped and ratio_ema > 0.75:
-        return min(MAX_RADIUS, radius * 1.5)
-    if clipped and ratio_ema < 0.25:
-        return max(MIN_RADIUS, radius * 0.7)
-    return radius
-
-
-@dataclass
-class FeatureStats:
-    """Running statistics behind the controller's features."""
-
-    loss_ema: float | None = None  # EMA (0.9) of finite losses
-    loss_trend: float = 0.0  # EMA (0.9) of log(loss) - log(loss_ema)
-    grad_norm_mean: float | None = None  # EMA (0.9) of the gradient norm
-    grad_norm_var: float = 0.0  # EMA (0.9) of its squared deviation
-
-
-def update_feature_stats(stats: FeatureStats, loss: float, grad_norm: float) -> FeatureStats:
-    """The statistics after one more step (a non-finite loss, e.g. none given, leaves the loss ones)."""
-    mean = grad_norm if stats.grad_norm_mean is None else stats.grad_norm_mean
-    delta = grad_norm - mean
-    new = dataclasses.replace(stats, grad_norm_mean=mean + 0.1 * delta,
-                              grad_norm_var=0.9 * stats.grad_norm_var + 0.1 * delta * delta)
-    if math.isfinite(loss):
-        if stats.loss_ema is not None and loss > 0 and stats.loss_ema > 0:
-            new.loss_trend = 0.9 * stats.loss_trend + 0.1 * (math.log(loss) - math.log(stats.loss_ema))
-        new.loss_ema = loss if stats.loss_ema is None else 0.9 * stats.loss_ema + 0.1 * loss
-    return new
-
-
-def training_state(stats: FeatureStats, step: int, cluster_id: int | None, num_clusters: int) -> TrainingState:
-    """What the controller sees: the smoothed loss and gradient norm, not one minibatch's (no loss reads as 1)."""
-    return TrainingState(loss=stats.loss_ema if stats.loss_ema is not None else 1.0,
-                         gradient_magnitude=stats.grad_norm_mean, loss_trend=stats.loss_trend,
-                         gradient_variance=stats.grad_norm_var / max(stats.grad_norm_mean ** 2, 1e-12),
-                         step=step, cluster_id=cluster_id, num_clusters=num_clusters)
 
 
 @dataclass
@@ -402,10 +92,18 @@ class HybridState:
     prev_predicted_decrease: float | None = None  # with adapt_radius: -g_{t-1} . Delta theta_{t-1}
     ratio_ema: float | None = None  # with adapt_radius: smoothed actual / predicted decrease
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> HybridState:
+        """The state `dataclasses.asdict` saved, from this or an older version."""
+        saved = {k: v for k, v in saved.items() if k not in RETIRED_STATE_KEYS}
+        saved.setdefault("started", saved.get("step", 0) > 0)  # saved before radius_start: not at a resume
+        return cls(**{**saved, "features": FeatureStats(**saved["features"]),
+                      "scale": ScaleState(**saved.get("scale", {}))})
+
 
 class HybridOptimizer(torch.optim.Optimizer):
-    """Learned step size, meta-learned controller and trust region over an Adam, Schedule-Free AdamW or
-    SGD-momentum step.
+    """Learned step size, meta-learned controller and trust region over an Adam, Schedule-Free AdamW, Muon or
+    SGD-momentum step (the rule is in the module docstring).
 
     Args:
         params: parameters or param groups (a group may set its own `lr`, `weight_decay`, `trust_radius`).
@@ -422,12 +120,12 @@ class HybridOptimizer(torch.optim.Optimizer):
         scale_betas: EMA decays of the hypergradient's mean and square.
         scale_threshold: \\tau, the size |\\sigma| must exceed for \\ell to move (0: every step).
         use_controller: add the auxiliary network's output; False fixes its multipliers at exactly 1 (None: off
-            over "schedulefree", where it cost the default distillation run, on otherwise).
+            over "schedulefree", on otherwise; docs/RESULTS.md says why).
         learn_controller: update the controller online; False freezes it at initialisation (outputs 0).
         use_trust_region: bound the update norm.
         trust_radius: initial radius, relative to the parameter norm (global) or tensor RMS (per tensor).
         trust_mode: "global" (one bound on all parameters: every group needs the same radius) or "per_tensor".
-        adapt_radius: adapt the radius from actual vs predicted decrease (off by default, see above).
+        adapt_radius: adapt the radius from actual vs predicted decrease (off by default: see `trust_region`).
         controller_lr: Adam learning rate of the auxiliary network.
         controller_hidden: hidden width of the auxiliary network.
         trace_decay: gamma of the update trace (0, the default, is Baydin's one-step hypergradient).
@@ -452,31 +150,13 @@ class HybridOptimizer(torch.optim.Optimizer):
                  controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0,
                  controller_smoothing: float = 0.0, min_scale: float | None = None,
                  radius_start: float | None = None, compile: bool = False, muon_momentum: float = 0.95):
-        _check(lr > 0, f"lr must be positive, got {lr}")
-        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}")
-        _check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
-               f"scale_betas must be two numbers in [0, 1), got {scale_betas}")
-        _check(scale_lr > 0, f"scale_lr must be positive, got {scale_lr}")
-        _check(0 <= scale_threshold < 1, f"scale_threshold must be in [0, 1), got {scale_threshold}")
-        _check(eps >= 0 and weight_decay >= 0, f"eps and weight_decay must be >= 0, got {eps} and {weight_decay}")
-        _check(base in BASES, f"base must be one of {', '.join(BASES)}, got {base!r}")
-        _check(not (adapt_radius and base == "schedulefree"),
-               "adapt_radius is not supported with base='schedulefree' (its step is not the update it predicts from)")
-        _check(trust_mode in ("global", "per_tensor"), f"trust_mode must be 'global' or 'per_tensor', got {trust_mode!r}")
-        _check(controller_lr > 0 and controller_hidden >= 1,
-               f"controller_lr must be positive and controller_hidden at least 1, got {controller_lr} and {controller_hidden}")
-        _check(0 <= trace_decay < 1, f"trace_decay must be in [0, 1), got {trace_decay}")
-        _check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
-        _check(0 <= muon_momentum < 1, f"muon_momentum must be in [0, 1), got {muon_momentum}")
-        if min_scale is None:
-            min_scale = 1.0 if base == "schedulefree" else 1e-4
-        if use_controller is None:
-            use_controller = base != "schedulefree"
-        if radius_start is None:
-            radius_start = 0.25 if base in ("schedulefree", "muon") else 0.0
-        _check(0 <= radius_start <= 1, f"radius_start must be in [0, 1], got {radius_start}")
-        _check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
-        _check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
+        min_scale, use_controller, radius_start = _checked_arguments(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, base=base, scale_lr=scale_lr,
+            scale_betas=scale_betas, scale_threshold=scale_threshold, use_controller=use_controller,
+            adapt_radius=adapt_radius, trust_mode=trust_mode, controller_lr=controller_lr,
+            controller_hidden=controller_hidden, trace_decay=trace_decay, num_clusters=num_clusters,
+            controller_smoothing=controller_smoothing, min_scale=min_scale, radius_start=radius_start,
+            muon_momentum=muon_momentum)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_radius=trust_radius,
                                       lr_multiplier=1.0, radius_multiplier=1.0, weight_sum=0.0, lr_max=0.0,
                                       train_mode=True, orthogonalize=True))
@@ -506,6 +186,13 @@ class HybridOptimizer(torch.optim.Optimizer):
     @property
     def _adapts_radius(self) -> bool:
         return self.adapt_radius and self.use_trust_region
+
+    @property
+    def _fuses(self) -> bool:
+        """The compiled `fused_step_` covers this step (see `compile`)."""
+        return (self._fused is not None and self.base in ("adam", "schedulefree")
+                and (not self.use_trust_region or self.trust_mode == "global")
+                and len({tuple(g["betas"]) for g in self.param_groups}) == 1)
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's; a new group takes the current radius and multipliers of the first group."""
@@ -550,87 +237,29 @@ class HybridOptimizer(torch.optim.Optimizer):
         self._predict(loss_value, grad_norm)
         self.hybrid_state.step += 1
         params = [p for p, _ in pairs]
-        self._forget_unmoved(params)
-        self._init_state(pairs)
-        if self._fuses:  # u_t, the factor f and the step, in one compiled function
-            updates, factor = self._fused_step(pairs)
-        else:
-            updates = self._updates(pairs)  # u_t in each tensor's `update` buffer, before the trust region
-            factor = self._trust_region(updates, pairs) if self.use_trust_region else None
-            self._apply(pairs, updates, factor)
+        forget_unmoved_(self.state, self._moved, params, self.trace_decay)
+        init_state_(self.state, pairs, self.base)
+        if self._fuses:  # u_t, the global trust-region ratio and the step, in one compiled function
+            updates, self._trust_factor = fused_updates_(self._fused, self.state, pairs, self.param_groups, self.base,
+                                                         self.use_trust_region)
+            factor = None if self._trust_factor is None else self._trust_factor.clamp_max(1.0)
+        else:  # u_t in each tensor's `update` buffer, then the trust region's factor f and the step
+            updates = eager_updates_(self.state, pairs, self.param_groups, self.base, self.muon_momentum)
+            factor = None
+            if self.use_trust_region:
+                self._trust_factor, factor = trust_factors_(updates, pairs, self.param_groups, self.trust_mode)
+            eager_step_(self.state, pairs, self.param_groups, updates, factor, self.base)
         if self._adapts_radius:
             self._remember_prediction(pairs, updates, factor, loss_value)
         self.hybrid_state.lr_multiplier_sum += self.param_groups[0]["lr_multiplier"]
         if self.trace_decay and self._learns:  # s_t = gamma s_{t-1} + Delta theta_t
-            traces = [self._trace(p) for p in params]
-            torch._foreach_mul_(traces, self.trace_decay)
-            for trace, u in zip(traces, updates):
-                if factor is None:
-                    trace.add_(u)
-                else:
-                    trace.addcmul_(u, factor)
+            accumulate_trace_(traces(self.state, params), updates, self.trace_decay, factor)
         self._moved, self._pending_factor = params, factor
         return loss
 
-    def _apply(self, pairs: list, updates: Tensors, factor: torch.Tensor | None) -> None:
-        """The eager step: \\theta += f u (f stays pending for the hypergradient: no pass to scale u), or
-        Schedule-Free's two sequences."""
-        if self.base == "schedulefree":
-            self._schedulefree_step(pairs, updates, factor)
-        elif factor is None:
-            torch._foreach_add_([p for p, _ in pairs], updates)
-        else:
-            for (p, _), u in zip(pairs, updates):
-                p.addcmul_(u, factor)
-
-    def _schedulefree_step(self, pairs: list, updates: Tensors, factor: torch.Tensor | None) -> None:
-        """z <- z + \\Delta and y <- y + c (z - y) + (1 - \\beta_1 (1 - c)) \\Delta, \\Delta = f u, group by group
-        (the docstring). f is applied with the update and stays pending (the `update` buffers keep u), as over Adam."""
-        for group in self.param_groups:
-            items = [(p, u) for (p, g), u in zip(pairs, updates) if g is group]
-            if not items:
-                continue
-            rate = group["lr"] * group["lr_multiplier"]
-            c, group["weight_sum"], group["lr_max"] = averaging_weight(group["weight_sum"], group["lr_max"], rate)
-            params, updates_ = [p for p, _ in items], [u for _, u in items]
-            zs = [self.state[p]["z"] for p in params]
-            torch._foreach_lerp_(params, zs, c)
-            weight = 1 - group["betas"][0] * (1 - c)
-            if factor is None:
-                torch._foreach_add_(params, updates_, alpha=weight)
-                torch._foreach_add_(zs, updates_)
-            else:  # \Delta = f u applied with the update (no pass to scale u; f stays pending for h)
-                for p, z, u in zip(params, zs, updates_):
-                    p.addcmul_(u, factor * weight)
-                    z.addcmul_(u, factor)
-
-    @torch.no_grad()
-    def eval(self) -> None:
-        """With base='schedulefree': set the parameters to the average x, where the model is evaluated and
-        exported (the training point is y); `train()` returns. Other bases: nothing to do."""
-        self._swap(train=False)
-
-    @torch.no_grad()
-    def train(self) -> None:
-        """With base='schedulefree': set the parameters back to the training point y (after `eval()`)."""
-        self._swap(train=True)
-
-    def _swap(self, train: bool) -> None:
-        if self.base != "schedulefree":
-            return
-        for group in self.param_groups:
-            if group["train_mode"] == train:
-                continue
-            group["train_mode"] = train
-            beta1 = group["betas"][0]
-            for p in group["params"]:  # y = (1 - beta1) z + beta1 x
-                z = self.state.get(p, {}).get("z")
-                if z is not None:
-                    p.lerp_(z, (1 - beta1) if train else (1 - 1 / beta1))
-
     def _read_back(self, pairs: list, loss) -> tuple[float, bool, float | None, float]:
         """The step's one host sync: (loss, whether loss and g_t are finite, \\|g_t\\| (None when not needed),
-        h_t), and the last step's trust-region factor."""
+        h_t), and the last step's trust-region factor, read as one small stacked tensor."""
         grads = [p.grad for p, _ in pairs]
         device = grads[0].device
         key = "trace" if self.trace_decay else "update"
@@ -650,74 +279,18 @@ class HybridOptimizer(torch.optim.Optimizer):
         finite = math.isfinite(grad_sq) and (loss is None or math.isfinite(loss_value))
         return loss_value, finite, None if by_h else math.sqrt(grad_sq), h
 
-    def _settle(self, factor: float | None = None) -> None:
-        """Record whether the last update was clipped (its factor read back now)."""
-        if self._trust_factor is None:
-            return
-        if factor is None:
-            factor = float(self._trust_factor.min())
-        self._trust_factor = None
-        if self.trust_mode == "global":  # the global factor is kept unclamped until read: radius / \\|u\\|
-            self.hybrid_state.radius_ratio = factor
-        self.hybrid_state.clipped = factor < 1.0
-        self.hybrid_state.clipped_steps += int(factor < 1.0)
-
-    def _trace(self, p: torch.Tensor) -> torch.Tensor:
-        st = self.state[p]
-        if "trace" not in st:  # first update of this tensor
-            st["trace"] = torch.zeros_like(p)
-        return st["trace"]
-
-    def _forget_unmoved(self, params: Tensors) -> None:
-        """A tensor the last step moved but this one does not: its \\Delta\\theta is 0 from now on (gamma 0: its
-        `update` buffer is zeroed once; gamma > 0: its trace decays)."""
-        now = {id(p) for p in params}
-        if self.trace_decay:
-            idle = [st["trace"] for p, st in self.state.items() if id(p) not in now and "trace" in st]
-            if idle:
-                torch._foreach_mul_(idle, self.trace_decay)
-            return
-        idle = [self.state[p]["update"] for p in self._moved if id(p) not in now]
-        if idle:
-            torch._foreach_zero_(idle)
-
-    def _check_radii(self) -> None:
-        radii = {group["trust_radius"] for group in self.param_groups}
-        _check(len(radii) == 1 or not self.use_trust_region or self.trust_mode != "global",
-               "trust_mode='global' bounds one norm over all parameters, so every param group needs the same "
-               f"trust_radius (got {sorted(radii)}); use trust_mode='per_tensor' for different radii")
-
-    def _skip(self) -> None:
-        self.hybrid_state.skipped_steps += 1
-        if self._adapts_radius and self.hybrid_state.step > 0:  # the last update went too far (docstring)
-            for group in self.param_groups:
-                group["trust_radius"] = max(MIN_RADIUS, group["trust_radius"] * 0.5)
-
-    def _adapt_radius(self, loss: float) -> None:
-        s = self.hybrid_state
-        if s.prev_loss is None or not s.prev_predicted_decrease:
-            return
-        s.ratio_ema = decrease_ratio_ema(s.ratio_ema, s.prev_loss, loss, s.prev_predicted_decrease)
-        for group in self.param_groups:
-            group["trust_radius"] = adapted_radius(group["trust_radius"], s.ratio_ema, s.clipped)
-
     def _learn(self, h: float, rising: bool) -> None:
         """The learned scale's step, and one controller step on the surrogate \\sigma_t a_{t-1,k}(x_{t-1})."""
         s = self.hybrid_state
         s.scale, s.signal = normalized_hypergradient(s.scale, h, self.scale_betas)
-        if self.learn_scale and rising:  # held, and what the warmup's steps said is dropped (docstring)
+        if self.learn_scale and rising:  # held, and what the warmup's steps said is dropped (scale.py)
             s.scale = ScaleState(log_scale=s.scale.log_scale)
-        elif self.learn_scale:  # a clipped step's length was the radius's: it may lower the scale only, from there
-            sigma = max(s.signal, 0.0) if s.clipped else s.signal
-            tau = self.scale_threshold * threshold_growth(s.scale.count, self.scale_betas[0])
-            ratio = s.radius_ratio if s.clipped and s.radius_ratio is not None else 1.0
-            s.scale.log_scale = learned_log_scale(s.scale.log_scale, sigma, self.scale_lr, tau,
-                                                  self.scale_floor, ratio)
+        elif self.learn_scale:
+            s.scale.log_scale = stepped_log_scale(s.scale, s.signal, s.clipped, s.radius_ratio, self.scale_lr,
+                                                  self.scale_threshold, self.scale_floor, self.scale_betas[0])
         if self.learn_scale and not rising and not s.started:  # the first step after the warmup
             s.started = True
-            if self.radius_start and s.radius_ratio is not None:  # at least radius_start x the radius's rate
-                s.scale.log_scale = min(LOG_SCALE_BOUND, s.scale.log_scale
-                                        + max(0.0, math.log(self.radius_start * s.radius_ratio)))
+            s.scale.log_scale = started_log_scale(s.scale.log_scale, self.radius_start, s.radius_ratio)
         if self.use_controller and self.learn_controller:
             heads = [LR_HEAD, RADIUS_HEAD] if s.clipped else [LR_HEAD]
             self.controller.surrogate_gradients_(torch.tensor(s.prev_features), s.signal, heads)
@@ -741,115 +314,38 @@ class HybridOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr_multiplier"], group["radius_multiplier"] = math.exp(log_lr), radius_multiplier
 
-    def _orthogonalizes(self, p: torch.Tensor, group: dict) -> bool:
-        """p takes Muon's direction: base "muon", a matrix, in a group that does not opt out."""
-        return self.base == "muon" and p.dim() == 2 and group["orthogonalize"]
+    # ------------------------------------------------------------------ trust region
+    def _settle(self, factor: float | None = None) -> None:
+        """Record whether the last update was clipped (its factor read back now)."""
+        if self._trust_factor is None:
+            return
+        if factor is None:
+            factor = float(self._trust_factor.min())
+        self._trust_factor = None
+        if self.trust_mode == "global":  # the global factor is kept unclamped until read: radius / \\|u\\|
+            self.hybrid_state.radius_ratio = factor
+        self.hybrid_state.clipped = factor < 1.0
+        self.hybrid_state.clipped_steps += int(factor < 1.0)
 
-    def _init_state(self, pairs: list) -> None:
-        """Creates the per-tensor state of tensors updated for the first time, and counts this step in each."""
-        for p, group in pairs:
-            st = self.state[p]
-            if "step" not in st:
-                st["step"] = 0
-                if self.base == "schedulefree":
-                    st["z"] = p.detach().clone()
-                else:
-                    st["exp_avg"] = torch.zeros_like(p)  # Muon's and SGD's momentum buffer, or Adam's first moment
-                if self.base != "sgd" and not self._orthogonalizes(p, group):
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-            if "update" not in st:
-                st["update"] = torch.zeros_like(p)
-            st["step"] += 1
+    def _check_radii(self) -> None:
+        radii = {group["trust_radius"] for group in self.param_groups}
+        _check(len(radii) == 1 or not self.use_trust_region or self.trust_mode != "global",
+               "trust_mode='global' bounds one norm over all parameters, so every param group needs the same "
+               f"trust_radius (got {sorted(radii)}); use trust_mode='per_tensor' for different radii")
 
-    @property
-    def _fuses(self) -> bool:
-        """The compiled `fused_step_` covers this step (see `compile`)."""
-        return (self._fused is not None and self.base in ("adam", "schedulefree")
-                and (not self.use_trust_region or self.trust_mode == "global")
-                and len({tuple(g["betas"]) for g in self.param_groups}) == 1)
+    def _skip(self) -> None:
+        self.hybrid_state.skipped_steps += 1
+        if self._adapts_radius and self.hybrid_state.step > 0:  # the last update went too far
+            for group in self.param_groups:
+                group["trust_radius"] = shrunk_radius(group["trust_radius"])
 
-    def _fused_step(self, pairs: list) -> tuple[Tensors, torch.Tensor | None]:
-        """u_t, the trust-region factor and the step through the compiled `fused_step_`: the per-tensor
-        coefficients (bias corrections, rate, weight decay, Schedule-Free's weights) as one tensor, so a new
-        rate does not recompile."""
-        rows, params = [], []
+    def _adapt_radius(self, loss: float) -> None:
+        s = self.hybrid_state
+        if s.prev_loss is None or not s.prev_predicted_decrease:
+            return
+        s.ratio_ema = decrease_ratio_ema(s.ratio_ema, s.prev_loss, loss, s.prev_predicted_decrease)
         for group in self.param_groups:
-            group_params = [p for p, g in pairs if g is group]
-            if not group_params:
-                continue
-            beta1, beta2 = group["betas"]
-            rate = -group["lr"] * group["lr_multiplier"]
-            c = weight = 0.0
-            if self.base == "schedulefree":
-                c, group["weight_sum"], group["lr_max"] = averaging_weight(group["weight_sum"], group["lr_max"], -rate)
-                weight = 1 - beta1 * (1 - c)
-            for p in group_params:
-                n = self.state[p]["step"]
-                bias2_sqrt = math.sqrt(1 - beta2 ** n)
-                direction = rate * bias2_sqrt / (1 - beta1 ** n if self.base == "adam" else 1.0)
-                rows.append((group["eps"] * bias2_sqrt, direction, rate * group["weight_decay"], c, weight))
-            params += group_params
-        dtype = reduction_dtype(params)
-        device = params[0].device
-        states = [self.state[p] for p in params]
-        group = self.param_groups[0]
-        radius_row = (group["trust_radius"] * group["radius_multiplier"], 0.0, 0.0, 0.0, 0.0)  # one copy to the device
-        coefs = _host_values(rows + [radius_row], dtype, device)
-        updates = [st["update"] for st in states]
-        ratio = self._fused(params, [p.grad for p in params],
-                            [st["exp_avg"] for st in states] if self.base == "adam" else None,
-                            [st["exp_avg_sq"] for st in states], updates,
-                            [st["z"] for st in states] if self.base == "schedulefree" else None,
-                            coefs[:-1], coefs[-1, 0] if self.use_trust_region else None, tuple(group["betas"]))
-        if not self.use_trust_region:
-            return updates, None
-        self._trust_factor = ratio
-        return updates, ratio.clamp_max(1.0)
-
-    def _updates(self, pairs: list) -> Tensors:
-        """u_t for every tensor, group by group, in its `update` buffer (the state made by `_init_state`)."""
-        updates = []
-        for group in self.param_groups:
-            params = [p for p, g in pairs if g is group]
-            if not params:
-                continue
-            grads, states = [p.grad for p in params], [self.state[p] for p in params]
-            out = [st["update"] for st in states]
-            rate = -group["lr"] * group["lr_multiplier"]
-            if self.base == "muon":  # Muon on the matrices, Adam on the rest
-                mask = [self._orthogonalizes(p, group) for p in params]
-                (out_m, out_a), (grads_m, grads_a), (states_m, states_a) = (_split(x, mask) for x in (out, grads, states))
-                if out_m:
-                    muon_updates_(out_m, grads_m, [st["exp_avg"] for st in states_m], self.muon_momentum, rate)
-                if out_a:
-                    adam_updates_(out_a, grads_a, [st["exp_avg"] for st in states_a],
-                                  [st["exp_avg_sq"] for st in states_a], [st["step"] for st in states_a],
-                                  group["betas"], group["eps"], rate)
-            elif self.base == "adam":
-                adam_updates_(out, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                              [st["step"] for st in states], group["betas"], group["eps"], rate)
-            elif self.base == "schedulefree":
-                schedulefree_updates_(out, grads, [st["exp_avg_sq"] for st in states], [st["step"] for st in states],
-                                      group["betas"][1], group["eps"], rate)
-            else:
-                momentum_updates_(out, grads, [st["exp_avg"] for st in states], group["betas"][0], rate)
-            if group["weight_decay"]:  # decoupled: - lr m wd theta
-                torch._foreach_add_(out, params, alpha=rate * group["weight_decay"])
-            updates += out
-        return updates
-
-    def _trust_region(self, updates: Tensors, pairs: list) -> torch.Tensor | None:
-        """The trust-region factor, without a host sync: the global one (a 0-d tensor, applied with the update),
-        or, per tensor, None after scaling each `updates[i]` in place by its own."""
-        params = [p for p, _ in pairs]
-        if self.trust_mode == "global":
-            group = self.param_groups[0]
-            self._trust_factor = radius_ratio(updates, params, group["trust_radius"] * group["radius_multiplier"])
-            return self._trust_factor.clamp_max(1.0)
-        self._trust_factor = tensor_trust_factors(updates, params,
-                                                  [g["trust_radius"] * g["radius_multiplier"] for _, g in pairs])
-        torch._foreach_mul_(updates, list(self._trust_factor.unbind()))
-        return None
+            group["trust_radius"] = adapted_radius(group["trust_radius"], s.ratio_ema, s.clipped)
 
     def _remember_prediction(self, pairs: list, updates: Tensors, factor: torch.Tensor | None, loss: float) -> None:
         """With adapt_radius: -g . Delta theta and L of this step, for the next step's ratio (a second sync)."""
@@ -858,6 +354,20 @@ class HybridOptimizer(torch.optim.Optimizer):
         predicted = dot([p.grad for p, _ in pairs], updates)
         s.prev_predicted_decrease = -float(predicted if factor is None else predicted * factor)
         s.prev_loss = loss if math.isfinite(loss) else None
+
+    # ------------------------------------------------------------------ Schedule-Free's average
+    @torch.no_grad()
+    def eval(self) -> None:
+        """With base='schedulefree': set the parameters to the average x, where the model is evaluated and
+        exported (the training point is y); `train()` returns. Other bases: nothing to do."""
+        if self.base == "schedulefree":
+            schedulefree_swap_(self.state, self.param_groups, train=False)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """With base='schedulefree': set the parameters back to the training point y (after `eval()`)."""
+        if self.base == "schedulefree":
+            schedulefree_swap_(self.state, self.param_groups, train=True)
 
     # ------------------------------------------------------------------ reporting and state
     @property
@@ -894,38 +404,63 @@ class HybridOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         hybrid = state_dict.pop("hybrid")
         super().load_state_dict(state_dict)
-        saved = {k: v for k, v in hybrid["state"].items() if k not in RETIRED_STATE_KEYS}
-        saved.setdefault("started", saved.get("step", 0) > 0)  # saved before radius_start: not at a resume
-        self.hybrid_state = HybridState(**{**saved, "features": FeatureStats(**saved["features"]),
-                                           "scale": ScaleState(**saved.get("scale", {}))})
+        self.hybrid_state = HybridState.from_saved(hybrid["state"])
         self._trust_factor = None
         self.controller.load_state_dict(hybrid["controller"])
         self.controller_opt.load_state_dict(hybrid["controller_opt"])
         params = [p for group in self.param_groups for p in group["params"]]
-        for p in params:  # saved before the `update` buffer: the gamma-0 trace was the last applied update
-            st = self.state.get(p, {})
-            if not self.trace_decay and "trace" in st and "update" not in st:
-                st["update"] = st.pop("trace")
-        moved = hybrid.get("moved")
-        self._moved = ([params[i] for i in moved] if moved is not None
-                       else [p for p in params if "update" in self.state.get(p, {})])
-        pending = hybrid.get("pending_factor")
-        dtype = reduction_dtype(params)
-        self._pending_factor = None if pending is None else torch.tensor(pending, dtype=dtype, device=params[0].device)
+        self._moved, self._pending_factor = _restored_last_step(self.state, params, hybrid, self.trace_decay)
 
 
-def _host_values(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host numbers as a tensor on `device`; to a GPU through pinned memory without blocking, so the step keeps
-    its one host sync."""
-    values = torch.tensor(rows, dtype=dtype)
-    if device.type == "cuda":
-        return values.pin_memory().to(device, non_blocking=True)
-    return values.to(device)
+def _restored_last_step(state: dict, params: Tensors, hybrid: dict, trace_decay: float
+                        ) -> tuple[Tensors, torch.Tensor | None]:
+    """The tensors the saved optimizer's last step moved and its pending global trust-region factor, from
+    `state_dict`'s "hybrid" entry (`params` in the order of the param groups)."""
+    for p in params:  # saved before the `update` buffer: the gamma-0 trace was the last applied update
+        st = state.get(p, {})
+        if not trace_decay and "trace" in st and "update" not in st:
+            st["update"] = st.pop("trace")
+    moved = hybrid.get("moved")
+    moved = [params[i] for i in moved] if moved is not None else [p for p in params if "update" in state.get(p, {})]
+    pending = hybrid.get("pending_factor")
+    dtype = reduction_dtype(params)
+    return moved, None if pending is None else torch.tensor(pending, dtype=dtype, device=params[0].device)
 
 
-def _split(xs: list, mask: list[bool]) -> tuple[list, list]:
-    """(the items where mask is True, the others), in order."""
-    return [x for x, m in zip(xs, mask) if m], [x for x, m in zip(xs, mask) if not m]
+def _checked_arguments(*, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, base: str,
+                       scale_lr: float, scale_betas: tuple[float, float], scale_threshold: float,
+                       use_controller: bool | None, adapt_radius: bool, trust_mode: str, controller_lr: float,
+                       controller_hidden: int, trace_decay: float, num_clusters: int, controller_smoothing: float,
+                       min_scale: float | None, radius_start: float | None, muon_momentum: float
+                       ) -> tuple[float, bool, float]:
+    """Checks `HybridOptimizer`'s arguments (ValueError naming the bad one) and returns (min_scale,
+    use_controller, radius_start) with the base's defaults filled in."""
+    _check(lr > 0, f"lr must be positive, got {lr}")
+    _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}")
+    _check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
+           f"scale_betas must be two numbers in [0, 1), got {scale_betas}")
+    _check(scale_lr > 0, f"scale_lr must be positive, got {scale_lr}")
+    _check(0 <= scale_threshold < 1, f"scale_threshold must be in [0, 1), got {scale_threshold}")
+    _check(eps >= 0 and weight_decay >= 0, f"eps and weight_decay must be >= 0, got {eps} and {weight_decay}")
+    _check(base in BASES, f"base must be one of {', '.join(BASES)}, got {base!r}")
+    _check(not (adapt_radius and base == "schedulefree"),
+           "adapt_radius is not supported with base='schedulefree' (its step is not the update it predicts from)")
+    _check(trust_mode in ("global", "per_tensor"), f"trust_mode must be 'global' or 'per_tensor', got {trust_mode!r}")
+    _check(controller_lr > 0 and controller_hidden >= 1,
+           f"controller_lr must be positive and controller_hidden at least 1, got {controller_lr} and {controller_hidden}")
+    _check(0 <= trace_decay < 1, f"trace_decay must be in [0, 1), got {trace_decay}")
+    _check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
+    _check(0 <= muon_momentum < 1, f"muon_momentum must be in [0, 1), got {muon_momentum}")
+    if min_scale is None:
+        min_scale = 1.0 if base == "schedulefree" else 1e-4
+    if use_controller is None:
+        use_controller = base != "schedulefree"
+    if radius_start is None:
+        radius_start = 0.25 if base in ("schedulefree", "muon") else 0.0
+    _check(0 <= radius_start <= 1, f"radius_start must be in [0, 1], got {radius_start}")
+    _check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
+    _check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
+    return min_scale, use_controller, radius_start
 
 
 def _check(ok: bool, message: str) -> None:

@@ -296,6 +296,31 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
     costs = _costs(numel, bits, unit)
     budget = int(budget_bits * total / unit)
 
+    groups = _cluster_layers(table, numel, names, bits, num_clusters, seed)
+
+    group_opts = [[(sum(costs[n][j] for n in g), sum(table[n][b] for n in g)) for j, b in enumerate(bits)]
+                  for g in groups]
+    choice, err = solve_budget(group_opts, budget)
+    measured = {}
+    if method == "measured":
+        choice, err, measured = _measured_choice(group_opts, budget, choice, groups, bits, measure)
+    group_bits = [bits[j] for j in choice]
+    layer_bits = {n: b for g, b in zip(groups, group_bits) for n in g}
+    _, optimum = solve_budget([[(costs[n][j], table[n][b]) for j, b in enumerate(bits)] for n in names], budget)
+    if method == "random":
+        layer_bits, groups, group_bits, err = _shuffled_widths(table, numel, names, layer_bits, seed)
+    stored = float(sum(stored_bits(layer_bits[n]) * numel[n] for n in names) / total)
+    return PrecisionPlan(
+        layer_bits=layer_bits, groups=groups, group_bits=group_bits, avg_bits=avg_bits,
+        budget_bits=float(budget_bits), stored_bits=stored, scale_bits=scale_bits, sensitivity=err,
+        optimum_sensitivity=optimum, uniform_sensitivity=sum(table[n][base] for n in names), method=method,
+        layer_sensitivity={n: {f"{b:g}": table[n][b] for b in bits} for n in names}, **measured,
+    )
+
+
+def _cluster_layers(table: dict[str, dict[float, float]], numel: dict[str, int], names: list[str],
+                    bits: tuple[float, ...], num_clusters: int, seed: int) -> list[list[str]]:
+    """The layers' parameter clusters by k-means on log-sensitivity per weight, in the layers' order."""
     # Per-weight sensitivity: layers grouped together then gain about as much per extra bit, which is
     # what makes one width per group close to the per-layer optimum.
     logs = np.log(np.array([[max(table[n][b] / numel[n], 1e-38) for b in bits] for n in names], dtype=np.float64))
@@ -304,47 +329,47 @@ def build_plan(table: dict[str, dict[float, float]], numel: dict[str, int], num_
     _, labels = kmeans(logs, num_clusters, seed, spherical=False, what="quantized layers", nredo=KMEANS_RESTARTS)
     groups = [[n for n, l in zip(names, labels) if l == g] for g in range(num_clusters)]
     groups = sorted((g for g in groups if g), key=lambda g: names.index(g[0]))
+    return groups
 
-    group_opts = [[(sum(costs[n][j] for n in g), sum(table[n][b] for n in g)) for j, b in enumerate(bits)]
-                  for g in groups]
-    choice, err = solve_budget(group_opts, budget)
-    measured = {}
-    if method == "measured":
-        candidates = measured_candidates(group_opts, budget, choice)
-        if tuple(choice) not in candidates:  # a tie in error the enumeration broke the other way
-            candidates.append(tuple(choice))
-        losses = [measure({n: bits[j] for g, j in zip(groups, ch) for n in g}) for ch in candidates]
-        best = min(range(len(candidates)), key=losses.__getitem__)
-        measured = {"measured_loss": losses[best], "measured_count": len(candidates),
-                    "fisher_choice_loss": losses[candidates.index(tuple(choice))],
-                    "uniform_loss": losses[candidates.index((0,) * len(groups))]}
-        choice = list(candidates[best])
-        err = sum(group_opts[g][j][1] for g, j in enumerate(choice))
-    group_bits = [bits[j] for j in choice]
-    layer_bits = {n: b for g, b in zip(groups, group_bits) for n in g}
-    _, optimum = solve_budget([[(costs[n][j], table[n][b]) for j, b in enumerate(bits)] for n in names], budget)
-    if method == "random":
-        # The control: the same widths, shuffled among layers of the same size (same bits, random placement).
-        rng = random.Random(seed)
-        by_size: dict[int, list[str]] = {}
-        for n in names:
-            by_size.setdefault(numel[n], []).append(n)
-        shuffled = {}
-        for same in by_size.values():
-            widths = [layer_bits[n] for n in same]
-            rng.shuffle(widths)
-            shuffled.update(zip(same, widths))
-        layer_bits = {n: shuffled[n] for n in names}
-        groups = [[n for n in names if layer_bits[n] == b] for b in sorted(set(layer_bits.values()))]
-        group_bits = sorted(set(layer_bits.values()))
-        err = sum(table[n][layer_bits[n]] for n in names)
-    stored = float(sum(stored_bits(layer_bits[n]) * numel[n] for n in names) / total)
-    return PrecisionPlan(
-        layer_bits=layer_bits, groups=groups, group_bits=group_bits, avg_bits=avg_bits,
-        budget_bits=float(budget_bits), stored_bits=stored, scale_bits=scale_bits, sensitivity=err,
-        optimum_sensitivity=optimum, uniform_sensitivity=sum(table[n][base] for n in names), method=method,
-        layer_sensitivity={n: {f"{b:g}": table[n][b] for b in bits} for n in names}, **measured,
-    )
+
+def _measured_choice(group_opts: list[list[tuple[int, float]]], budget: int, choice: list[int],
+                     groups: list[list[str]], bits: tuple[float, ...],
+                     measure: Callable[[dict[str, float]], float]) -> tuple[list[int], float, dict]:
+    """The `method="measured"` step: of the assignments within budget (`measured_candidates`, and `choice`, the
+    lowest-error one), the one with the lowest loss in context; returns it, its Fisher-weighted error, and the
+    losses `PrecisionPlan` records."""
+    candidates = measured_candidates(group_opts, budget, choice)
+    if tuple(choice) not in candidates:  # a tie in error the enumeration broke the other way
+        candidates.append(tuple(choice))
+    losses = [measure({n: bits[j] for g, j in zip(groups, ch) for n in g}) for ch in candidates]
+    best = min(range(len(candidates)), key=losses.__getitem__)
+    measured = {"measured_loss": losses[best], "measured_count": len(candidates),
+                "fisher_choice_loss": losses[candidates.index(tuple(choice))],
+                "uniform_loss": losses[candidates.index((0,) * len(groups))]}
+    choice = list(candidates[best])
+    err = sum(group_opts[g][j][1] for g, j in enumerate(choice))
+    return choice, err, measured
+
+
+def _shuffled_widths(table: dict[str, dict[float, float]], numel: dict[str, int], names: list[str],
+                     layer_bits: dict[str, float], seed: int
+                     ) -> tuple[dict[str, float], list[list[str]], list[float], float]:
+    """The `method="random"` control: `(layer_bits, groups, group_bits, error)` with the same widths, shuffled
+    among layers of the same size (same bits, random placement)."""
+    rng = random.Random(seed)
+    by_size: dict[int, list[str]] = {}
+    for n in names:
+        by_size.setdefault(numel[n], []).append(n)
+    shuffled = {}
+    for same in by_size.values():
+        widths = [layer_bits[n] for n in same]
+        rng.shuffle(widths)
+        shuffled.update(zip(same, widths))
+    layer_bits = {n: shuffled[n] for n in names}
+    groups = [[n for n in names if layer_bits[n] == b] for b in sorted(set(layer_bits.values()))]
+    group_bits = sorted(set(layer_bits.values()))
+    err = sum(table[n][layer_bits[n]] for n in names)
+    return layer_bits, groups, group_bits, err
 
 
 def measure_layers(model: torch.nn.Module, names: list[str], batches: Iterable, loss_fn, base_bits: float,

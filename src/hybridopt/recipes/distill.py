@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -34,18 +33,20 @@ from hybridopt.errors import UserError, for_flag
 from hybridopt.training.evaluation import evaluate_lm
 from hybridopt.export.packed import export_packed
 from hybridopt.export.gguf import GGUFReport, export_gguf
-from hybridopt.optim.hybrid import HybridOptimizer
-from hybridopt.training.layout import RUN_CONFIG, RUNS_ROOT, OutputRefused, RunLayout, check_output, claim_output, occupied
+from hybridopt.training.layout import RUN_CONFIG, OutputRefused, RunLayout, check_output, claim_output
 from hybridopt.manager import format_summary
 from hybridopt.training.metrics import metrics_files
 from hybridopt.models.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.quant.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
 from hybridopt.quant.qat import QATConfig, check_group_size, quantizable_linears, quantize_
 from hybridopt.training.quant_report import format_report, quantization_report, save_report
+from hybridopt.recipes.distill_resume import resolve_run
 from hybridopt.reporting import Reporter
 from hybridopt.training.default_teacher import ensure_default_teacher
 from hybridopt.data.teacher_cache import TeacherCache, ensure_cache
-from hybridopt.training.trainer import Trainer, describe_optimizer
+from hybridopt.training.objectives import objective_for
+from hybridopt.training.step import describe_optimizer, optimizer_summary
+from hybridopt.training.trainer import Trainer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
 
 def quant_config(cfg: DistillConfig) -> QATConfig | None:
@@ -71,81 +72,6 @@ class RunData:
     student_config: LlamaConfig
     quant: QATConfig | None
     config_dict: dict
-
-
-# Flags a resumed run may change: where it runs. The others shape the result (schedule, data, model, what is
-# written), so one given with a value other than the run's is refused rather than silently ignored.
-_RESUME_MAY_CHANGE = frozenset({"device"})
-
-
-def _flag(name: str, value) -> str:
-    """`--name value` as a user would type it (lists space-separated, booleans on/off)."""
-    if isinstance(value, bool):
-        value = "on" if value else "off"
-    elif isinstance(value, list):
-        value = " ".join(map(str, value))
-    return f"--{name} {value}"
-
-
-def resolve_run(cfg: DistillConfig, reporter: Reporter | None = None,
-                given: frozenset[str] | None = None) -> tuple[Path, bool, DistillConfig]:
-    """Pick the run folder; on `--resume`, load that run's saved config. `--out DIR --resume` resumes DIR.
-
-    Flags given with a value other than the saved one are refused in one sentence naming them, except
-    `--device`, which is honoured and named in a warning.
-
-    Args:
-        cfg: the flags.
-        reporter: where the warning goes.
-        given: the names of the flags given on the command line (None: those that differ from the defaults).
-
-    Returns:
-        `(out_dir, resuming, config)`.
-    """
-    if cfg.resume:
-        if cfg.resume == "latest" and cfg.out:
-            out = Path(cfg.out)
-        elif cfg.resume == "latest":
-            runs = sorted(p for p in RUNS_ROOT.glob("distill-*") if RunLayout(p).config.is_file())
-            if not runs:
-                raise UserError(f"--resume found no run under '{RUNS_ROOT}'; pass the run folder: --resume DIR")
-            out = runs[-1]
-        elif cfg.out and Path(cfg.out).resolve() != Path(cfg.resume).resolve():
-            raise UserError(f"--resume '{cfg.resume}' and --out '{cfg.out}' name different folders; "
-                            "pass the run folder once: --resume DIR")
-        else:
-            out = Path(cfg.resume)
-        layout = RunLayout(out)
-        if not layout.config.is_file():
-            raise UserError(f"--resume '{out}' is not a hybridopt run folder (no {layout.config.name})")
-        if layout.results.is_file():
-            raise UserError(f"--resume '{out}' is a finished run (its {layout.results.name} is written); "
-                            "nothing to continue: start a new one with another --out")
-        saved = DistillConfig.from_file(layout.config)
-        defaults = DistillConfig()
-        differ = [name for name in vars(cfg) if name not in ("resume", "out")
-                  and (name in given if given is not None else getattr(cfg, name) != getattr(defaults, name))
-                  and getattr(cfg, name) != getattr(saved, name)]
-        refused = [name for name in differ if name not in _RESUME_MAY_CHANGE]
-        if refused:
-            asked = ", ".join(_flag(n, getattr(cfg, n)) for n in refused)
-            had = ", ".join(_flag(n, getattr(saved, n)) for n in refused)
-            raise UserError(f"cannot resume '{out}' with {asked}: the run was started with {had}, and its schedule, "
-                            "data and model follow from its settings; resume without them, or start a new run "
-                            "with another --out")
-        for name in differ:  # the flags a resumed run may change
-            if reporter is not None:
-                reporter.warn(f"resuming '{out}' with {_flag(name, getattr(cfg, name))} "
-                              f"(it ran with {_flag(name, getattr(saved, name))})")
-            setattr(saved, name, getattr(cfg, name))
-        return out, True, saved
-    out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("distill-%Y%m%d-%H%M%S")
-    if occupied(out):
-        layout = RunLayout(out)
-        if layout.config.exists() or layout.checkpoint.exists():
-            raise UserError(f"--out '{out}' already holds a run; continue it with --resume {out} or choose another --out")
-        raise UserError(f"--out '{out}' exists and is not empty; choose another --out")
-    return out, False, cfg
 
 
 class DistillRecipe:
@@ -312,12 +238,11 @@ class DistillRecipe:
         if self.name:
             metrics = metrics.with_name(f"{metrics.stem}_{self.name}.csv")
         config_dict = d.config_dict if self.teacher is not None else {**d.config_dict, "alpha": 1.0, "teacher_path": None}
-        self.trainer = Trainer(cfg, self.student, d.train, d.val, out, d.device, teacher=self.teacher,
-                               alpha=cfg.alpha, temperature=cfg.temperature,
+        objective = objective_for(self.teacher, self.teacher_cache, cfg.alpha, cfg.temperature, cfg.teacher_tail)
+        self.trainer = Trainer(cfg, self.student, d.train, d.val, out, d.device, objective,
                                metrics_path=metrics if cfg.save_metrics else None, name=self.name,
                                config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
-                               reporter=self.reporter, teacher_cache=self.teacher_cache,
-                               teacher_tail=cfg.teacher_tail, dist=self.dist)
+                               reporter=self.reporter, dist=self.dist)
         self.trainer.setup(resume=d.resuming)
 
     def baseline(self) -> DistillRecipe:
@@ -438,8 +363,8 @@ class DistillRecipe:
             return row
         row.update(parameters=num_parameters(self.student), path=str(self.data.layout.student),
                    skipped_steps=t.skipped_steps)
-        if isinstance(t.optimizer, HybridOptimizer):
-            row["hybrid"] = t.optimizer.summary()
+        if (hybrid := optimizer_summary(t.optimizer)) is not None:
+            row["hybrid"] = hybrid
         return row
 
 
@@ -492,9 +417,8 @@ def _distill(recipe: DistillRecipe, stop_after_epoch: int | None, dist: DistEnv)
     if not finished:
         return {"interrupted_at_epoch": recipe.trainer.epoch}
     student_eval = recipe.evaluate()
-    if isinstance(recipe.trainer.optimizer, HybridOptimizer):
-        recipe.reporter.line(format_summary(recipe.trainer.optimizer.summary(),
-                                            final_loss=recipe.trainer.history[-1]["loss"]))
+    if (hybrid := optimizer_summary(recipe.trainer.optimizer)) is not None:
+        recipe.reporter.line(format_summary(hybrid, final_loss=recipe.trainer.history[-1]["loss"]))
     quant_report = recipe.save_checkpoint() if dist.is_main else None  # every rank holds the same student
     results = {
         "teacher": {**recipe.teacher_eval, "path": str(recipe.teacher_dir), "parameters": num_parameters(recipe.teacher)},

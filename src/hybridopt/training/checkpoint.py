@@ -8,9 +8,7 @@ or the new one, never a torn file.
 
 from __future__ import annotations
 
-import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,6 @@ from hybridopt.fileio import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
-# Test hook: seconds to sleep inside every checkpoint write, after the temporary file is written and before
-# it replaces the checkpoint, so a fault-injection test can kill the process in that window at will.
-FAULT_SLEEP_ENV = "HYBRIDOPT_FAULT_CHECKPOINT_SLEEP"
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,12 +52,8 @@ def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> Path:
     path = Path(out_dir) / CHECKPOINT_NAME
     payload = {**payload, "format_version": FORMAT_VERSION, "rng": rng_state()}
 
-    def write(tmp: Path) -> None:
-        torch.save(payload, tmp)
-        time.sleep(float(os.environ.get(FAULT_SLEEP_ENV) or 0))
-
     try:
-        atomic_write(path, write)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except RuntimeError as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
         raise UserError(f"cannot write the checkpoint '{path}' ({str(e).splitlines()[0]}); is the disk full? "
                         "The previous checkpoint is kept; free space and continue with --resume") from None

@@ -22,7 +22,8 @@ from hybridopt.data.splits import corpus_documents, token_splits
 from hybridopt.training.layout import OutputRefused, check_output, claim_output, made_by, occupied
 from hybridopt.reporting import Reporter
 from hybridopt.models.tokenizer import train_bpe_tokenizer
-from hybridopt.training.trainer import Trainer, describe_optimizer
+from hybridopt.training.step import describe_optimizer
+from hybridopt.training.trainer import Trainer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
 
 INFO_NAME = "teacher_info.json"
