@@ -29,8 +29,12 @@ RANKS = {
     10: {"__main__", "__init__"},
 }
 RANK_OF = {unit: rank for rank, units in RANKS.items() for unit in units}
-# Library code takes plain arguments or its component's config, never a command's run config.
-NO_RUN_CONFIG = {"quant", "optim", "export", "data"}
+# Library code takes plain arguments or its component's config (config.TrainConfig, StudentConfig, ...), never a
+# command's run config; quant, optim, export and data import no config at all.
+NO_CONFIG = {"quant", "optim", "export", "data"}
+RUN_CONFIGS = {"DistillConfig", "TeacherConfig", "GenerateConfig", "InspectConfig", "ExportConfig", "BenchConfig"}
+# The exceptions, each with its reason: the default teacher is defined as a `hybridopt teacher` run.
+RUN_CONFIG_USERS = {("training.default_teacher", "TeacherConfig")}
 
 
 def _modules() -> dict[str, Path]:
@@ -84,8 +88,18 @@ def test_imports_flow_one_way(module):
             assert other == unit, f"{module} imports {imported}: {unit} and {other} are peers and stay apart"
         if imported.startswith("recipes.") and unit != "recipes":
             assert module == "cli", f"{module} imports the recipe {imported}: only the CLI may"
-        if unit in NO_RUN_CONFIG:
-            assert other != "config", f"{module} imports the run configs: pass plain arguments instead"
+        if unit in NO_CONFIG:
+            assert other != "config", f"{module} imports the configs: take plain arguments instead"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in _modules() if _unit(m) in ("models", "data", "training")))
+def test_library_code_takes_components_not_run_configs(module):
+    for node in ast.walk(ast.parse(_modules()[module].read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "hybridopt.config":
+            for alias in node.names:
+                if alias.name in RUN_CONFIGS:
+                    assert (module, alias.name) in RUN_CONFIG_USERS, (
+                        f"{module} imports the run config {alias.name}: take its component config or plain arguments")
 
 
 def test_no_import_cycles():

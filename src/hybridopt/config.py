@@ -1,7 +1,12 @@
-"""Typed run configurations. The CLI is generated from these dataclasses (see `cli.py`).
+"""Typed configurations. The CLI is generated from these dataclasses (see `cli.py`), one help group per component.
 
-Every field carries `help` metadata; `__post_init__` checks ranges and raises `UserError`
-with one sentence naming the flag. The resolved config is saved with every checkpoint and result.
+Components, each validating its own values in `__post_init__` (a `UserError` naming the flag):
+`OptimizerConfig` (its ranges by the optimizer's own rules, `optim.arguments`), `TrainConfig` (the loop, over
+the optimizer), `StudentConfig`, `QuantConfig`, `DataConfig` and `ExportOptions`. The commands' run configs
+compose them (`DistillConfig`, `TeacherConfig`) and check only what spans components; the others
+(`GenerateConfig`, `ExportConfig`, `BenchConfig`, `InspectConfig`) are one class each. Library code takes a
+component (the Trainer a `TrainConfig`, `build_optimizer` an `OptimizerConfig`) or plain arguments. The resolved
+config is saved with every checkpoint and result. No torch here: `hybridopt --help` stays fast.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 from hybridopt.errors import UserError
+from hybridopt.optim.arguments import checked_arguments
 from hybridopt.quant.bits import TERNARY, canonical_bits
 
 # K of --teacher_topk given alone: the best K measured (docs/RESULTS.md, "Offline distillation"); no K up to
@@ -67,7 +73,9 @@ def _canonical_bits(bits: float) -> float:
 
 @dataclass
 class StudentConfig:
-    """Shape of the Llama-style student. Defaults are multiples of 256 (llama.cpp's ternary types need it)."""
+    """Student: the Llama-style student's shape.
+
+    Defaults are multiples of 256 (llama.cpp's ternary types need it)."""
 
     student_hidden: int = _arg(256, "student hidden size (a multiple of 256 keeps llama.cpp's ternary types usable)")
     student_layers: int = _arg(2, "number of student transformer blocks")
@@ -88,26 +96,19 @@ class StudentConfig:
             raise UserError(f"--student_kv_heads {kv} must divide --student_heads {self.student_heads}")
 
 
-@dataclass
-class TrainConfig:
-    """The training loop shared by distillation, the no-teacher baseline and teacher training."""
+# The optimizer's names for the flags whose names differ (its messages start with the argument's name).
+_OPTIMIZER_FLAGS = {"trace_decay": "controller_trace", "use_controller": "controller"}
 
-    epochs: int = _arg(20, "number of epochs; an epoch is --max_steps_per_epoch optimizer steps (or a full pass)")
-    max_steps_per_epoch: int = _arg(
-        12, "cap on optimizer steps per epoch, each epoch a fresh shuffle (as torchtune); 0 = full pass over the data"
-    )
-    batch_size: int = _arg(16, "sequences per optimizer step")
-    seq_len: int = _arg(128, "tokens per training sequence; must not exceed the teacher's context length")
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer: AdamW's rate and schedule, or the hybrid optimizer (--hybrid) and its parts."""
+
     lr: float = _arg(2e-3, "peak learning rate (AdamW), reached after warmup, then cosine decay")
     min_lr_ratio: float = _arg(0.1, "final learning rate as a fraction of --lr")
     warmup_steps: int | None = _arg(None, "linear warmup steps (default: 5%% of all steps)")
     weight_decay: float = _arg(0.01, "decoupled weight decay (AdamW) on matrices; norms and embeddings are exempt")
     grad_clip: float = _arg(1.0, "clip the global gradient norm to this value; 0 disables")
-    eval_every: int = _arg(5, "evaluate on the validation split every N epochs (and after the last)")
-    seed: int = _arg(0, "random seed for initialisation, shuffling and everything else")
-    device: str = _arg("auto", "cpu, cuda, cuda:N or auto", choices=None)
-    autocast: str = _arg("auto", "dtype of the trained model's forward and backward under torch.autocast (auto: bfloat16 on a CUDA device that supports it, off on CPU)", choices=["auto", "bfloat16", "off"])
-    compile: bool = _arg(False, "torch.compile the trained model's forward (and, with --hybrid over schedulefree or adam, the optimizer's update)")
     hybrid: bool = _arg(False, "use the hybrid optimizer: a learned learning-rate scale, a meta-learned controller and a trust region over --hybrid_base's step")
     hybrid_base: str = _arg("muon", "with --hybrid: the step under the learned scale and trust region: muon (Muon on the hidden matrices, AdamW on the rest), schedulefree (Schedule-Free AdamW, warmup then constant) or adam (AdamW)", choices=["muon", "schedulefree", "adam"])
     trust_radius: float = _arg(0.1, "with --hybrid: initial trust radius, relative to the parameter norm")
@@ -123,34 +124,132 @@ class TrainConfig:
     controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the controller network (the design document's 1e-3)")
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "seq_len", "lr", "eval_every", "trust_radius", "controller_lr", "scale_lr"):
-            _positive(name, getattr(self, name))
-        if not 0 <= self.scale_threshold < 1:
-            raise UserError(f"--scale_threshold must be in [0, 1), got {self.scale_threshold}")
-        if self.min_scale is not None and not 1e-4 <= self.min_scale <= 1:
-            raise UserError(f"--min_scale must be in [1e-4, 1], got {self.min_scale}")
-        if self.radius_start is not None and not 0 <= self.radius_start <= 1:
-            raise UserError(f"--radius_start must be in [0, 1], got {self.radius_start}")
-        if self.max_steps_per_epoch < 0:
-            raise UserError(f"--max_steps_per_epoch must be 0 (full pass) or positive, got {self.max_steps_per_epoch}")
+        _positive("trust_radius", self.trust_radius)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UserError(f"--warmup_steps must be non-negative, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise UserError(f"--weight_decay must be non-negative, got {self.weight_decay}")
-        if self.grad_clip < 0:
+        if not self.grad_clip >= 0:  # NaN too
             raise UserError(f"--grad_clip must be non-negative (0 disables), got {self.grad_clip}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"--min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        try:  # the rest by the optimizer's own rules (one check per value), its argument names made flags
+            checked_arguments(
+                lr=self.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=self.weight_decay, base=self.hybrid_base,
+                scale_lr=self.scale_lr, scale_betas=(0.9, 0.999), scale_threshold=self.scale_threshold,
+                use_controller=self.controller, adapt_radius=self.adapt_radius and self.hybrid, trust_mode="global",
+                controller_lr=self.controller_lr, controller_hidden=1, trace_decay=self.controller_trace,
+                num_clusters=0, controller_smoothing=0.0, min_scale=self.min_scale, radius_start=self.radius_start,
+                muon_momentum=0.95)
+        except ValueError as e:
+            name, _, rest = str(e).replace("base='schedulefree'", "--hybrid_base schedulefree").partition(" ")
+            raise UserError(f"--{_OPTIMIZER_FLAGS.get(name, name)} {rest}") from None
+
+
+@dataclass
+class TrainConfig(OptimizerConfig):
+    """Training loop: shared by distillation, the no-teacher baseline and teacher training."""
+
+    epochs: int = _arg(20, "number of epochs; an epoch is --max_steps_per_epoch optimizer steps (or a full pass)")
+    max_steps_per_epoch: int = _arg(
+        12, "cap on optimizer steps per epoch, each epoch a fresh shuffle (as torchtune); 0 = full pass over the data"
+    )
+    batch_size: int = _arg(16, "sequences per optimizer step")
+    seq_len: int = _arg(128, "tokens per training sequence; must not exceed the teacher's context length")
+    eval_every: int = _arg(5, "evaluate on the validation split every N epochs (and after the last)")
+    seed: int = _arg(0, "random seed for initialisation, shuffling and everything else")
+    device: str = _arg("auto", "cpu, cuda, cuda:N or auto", choices=None)
+    autocast: str = _arg("auto", "dtype of the trained model's forward and backward under torch.autocast (auto: bfloat16 on a CUDA device that supports it, off on CPU)", choices=["auto", "bfloat16", "off"])
+    compile: bool = _arg(False, "torch.compile the trained model's forward (and, with --hybrid over schedulefree or adam, the optimizer's update)")
+
+    def __post_init__(self):
+        OptimizerConfig.__post_init__(self)
+        for name in ("epochs", "batch_size", "seq_len", "eval_every"):
+            _positive(name, getattr(self, name))
+        if self.max_steps_per_epoch < 0:
+            raise UserError(f"--max_steps_per_epoch must be 0 (full pass) or positive, got {self.max_steps_per_epoch}")
         _check_seed(self.seed)
 
 
 @dataclass
-class DistillConfig(TrainConfig, StudentConfig):
+class QuantConfig:
+    """Quantization: QAT or post-training quantization, and mixed precision by sensitivity clusters.
+
+    The seed's --qat / --ternary and --param_clusters: QAT trains through the quantizer, PTQ quantizes after
+    training."""
+
+    qat: bool = _arg(False, "quantization-aware training: 1-bit weights alone, ternary with --ternary, any width with --bits")
+    ternary: bool = _arg(False, "1.58-bit ternary weights; without --qat, quantize after training (post-training quantization)")
+    bits: float | None = _arg(None, "weight bits of the quantized linears: 1, 1.58, 2, 4 or 8 (default: 1 with --qat, 1.58 with --ternary); alone it means post-training quantization")
+    group_size: int | None = _arg(None, "inputs per weight scale (default: one scale per output channel)")
+    act_bits: int | None = _arg(None, "also quantize layer inputs to 8 bits per token (BitNet); only 8 is supported", choices=[8])
+    quantize_head: bool = _arg(False, "also quantize the LM head (embeddings always stay in higher precision)")
+    param_clusters: int | None = _arg(None, "mixed precision: group the quantized layers into K sensitivity clusters (Fisher-weighted quantization error) and give each a width under --avg_bits; alone: 4", nargs="?", const=4)
+    avg_bits: float | None = _arg(None, "with --param_clusters: average stored code bits per weight allowed (packed ternary costs 1.6; the float16 scales come on top and are reported); default the base width, e.g. 1.58 = all ternary")
+    plan_method: str = _arg("measured", "with --param_clusters: measured (the plan within budget with the lowest calibration loss), sensitivity (the lowest Fisher-weighted error) or random (a control)", choices=["measured", "sensitivity", "random"])
+    plan_after_epochs: int = _arg(1, "with --param_clusters and --qat: full-precision epochs before the plan is measured and QAT starts")
+    calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information and the in-context loss are measured on")
+
+    @property
+    def weight_bits(self) -> float | None:
+        """The quantized width this run asks for, or None for a full-precision run."""
+        if self.bits is not None:
+            return self.bits
+        if self.ternary:
+            return TERNARY
+        return 1.0 if self.qat else None
+
+    def __post_init__(self):
+        if self.bits is not None:
+            self.bits = _canonical_bits(self.bits)
+            if self.ternary and self.bits != TERNARY:
+                raise UserError(f"--ternary conflicts with --bits {self.bits:g}; pass one of them")
+        if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
+            raise UserError("--group_size, --act_bits and --quantize_head need --qat, --ternary or --bits")
+        _positive("group_size", self.group_size)
+        if self.param_clusters is None:
+            if self.avg_bits is not None or self.plan_method != "measured":
+                raise UserError("--avg_bits and --plan_method need --param_clusters")
+            return
+        _positive("param_clusters", self.param_clusters)
+        _positive("calibration_batches", self.calibration_batches)
+        if self.weight_bits is None:
+            raise UserError("--param_clusters needs a quantized run: add --ternary (with --qat for QAT) or --bits")
+        if self.avg_bits is not None and not math.isfinite(self.avg_bits):
+            raise UserError(f"--avg_bits must be a finite number of bits, got {self.avg_bits}")
+        if self.avg_bits is not None and self.avg_bits < self.weight_bits - 1e-9:
+            raise UserError(f"--avg_bits {self.avg_bits:g} is below the run's base width {self.weight_bits:g}")
+
+
+@dataclass
+class DataConfig:
+    """Data: the training text, its validation split and data clusters (the seed's --data_clusters)."""
+
+    data: list[str] = _arg([], "local .txt, .jsonl (field 'text') or .parquet (column 'text') files or folders (default: the embedded Python-docs corpus)", nargs="+")
+    val_fraction: float = _arg(0.05, "fraction of documents held out for validation")
+    data_clusters: int | None = _arg(None, "cluster the training sequences into K groups (faiss k-means on teacher features) and sample batches by cluster; alone: 8", nargs="?", const=8)
+    cluster_sampling: str = _arg("proportional", "with --data_clusters: proportional (clusters in proportion to size, unbiased), balanced (equal per cluster, importance-weighted), single (one cluster per batch) or iid (ignore clusters)", choices=["proportional", "balanced", "single", "iid"])
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        if self.data_clusters is not None and self.data_clusters < 2:
+            raise UserError(f"--data_clusters must be at least 2, got {self.data_clusters}")
+        if self.data_clusters is None and self.cluster_sampling != "proportional":
+            raise UserError("--cluster_sampling needs --data_clusters")
+
+
+@dataclass
+class ExportOptions:
+    """Export: the packed file's unpacked dtype and a GGUF file for llama.cpp."""
+
+    export_dtype: str = _arg("float16", "dtype of the tensors the export does not pack (embeddings, norms, head)", choices=["float16", "float32"])
+    gguf: str | None = _arg(None, "also write the student as a GGUF file for llama.cpp (<run>/export/model-TYPE.gguf) with its linear layers at this type (auto: the narrowest exact type of each)", choices=GGUF_TYPES)
+
+
+@dataclass
+class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportOptions):
     """`hybridopt distill`: distil a teacher causal LM into a small Llama-style student."""
 
     teacher: str | None = _arg(None, "local Hugging Face causal-LM directory with its tokenizer, or a .gguf file (or a folder holding one), dequantized (default: the cached default teacher, trained on first use)")
-    data: list[str] = _arg([], "local .txt, .jsonl (field 'text') or .parquet (column 'text') files or folders (default: the embedded Python-docs corpus)", nargs="+")
-    val_fraction: float = _arg(0.05, "fraction of documents held out for validation")
     out: str | None = _arg(None, "output directory (default: hybridopt-runs/distill-<timestamp>)")
     resume: str | None = _arg(None, "continue the run in DIR from its last checkpoint with the settings it was started with (other flags must match them; --device may change); alone, the run in --out, else the newest under hybridopt-runs/", nargs="?", const="latest")
     alpha: float = _arg(0.5, "weight of the hard-label cross-entropy; 1 - alpha goes to the distillation KL")
@@ -161,24 +260,6 @@ class DistillConfig(TrainConfig, StudentConfig):
     baseline: bool = _arg(True, "also train the same student without a teacher (CE only, same seed and steps) and report it; --no-baseline skips it", flag="baseline")
     save_metrics: bool = _arg(False, "write per-step and per-epoch metrics (CSV and JSONL)")
     metrics_out: str | None = _arg(None, "per-epoch metrics CSV path (per-step rows go to <stem>_steps.csv, both to <stem>.jsonl); implies --save_metrics")
-    # Quantization (the seed's --qat / --ternary): QAT trains through the quantizer, PTQ quantizes after training.
-    qat: bool = _arg(False, "quantization-aware training: 1-bit weights alone, ternary with --ternary, any width with --bits")
-    ternary: bool = _arg(False, "1.58-bit ternary weights; without --qat, quantize after training (post-training quantization)")
-    bits: float | None = _arg(None, "weight bits of the quantized linears: 1, 1.58, 2, 4 or 8 (default: 1 with --qat, 1.58 with --ternary); alone it means post-training quantization")
-    group_size: int | None = _arg(None, "inputs per weight scale (default: one scale per output channel)")
-    act_bits: int | None = _arg(None, "also quantize layer inputs to 8 bits per token (BitNet); only 8 is supported", choices=[8])
-    quantize_head: bool = _arg(False, "also quantize the LM head (embeddings always stay in higher precision)")
-    export_dtype: str = _arg("float16", "dtype of the tensors the export does not pack (embeddings, norms, head)", choices=["float16", "float32"])
-    gguf: str | None = _arg(None, "also write the student as a GGUF file for llama.cpp (<run>/export/model-TYPE.gguf) with its linear layers at this type (auto: the narrowest exact type of each)", choices=GGUF_TYPES)
-    # Clustering (the seed's --data_clusters / --param_clusters).
-    data_clusters: int | None = _arg(None, "cluster the training sequences into K groups (faiss k-means on teacher features) and sample batches by cluster; alone: 8", nargs="?", const=8)
-    cluster_sampling: str = _arg("proportional", "with --data_clusters: proportional (clusters in proportion to size, unbiased), balanced (equal per cluster, importance-weighted), single (one cluster per batch) or iid (ignore clusters)", choices=["proportional", "balanced", "single", "iid"])
-    param_clusters: int | None = _arg(None, "mixed precision: group the quantized layers into K sensitivity clusters (Fisher-weighted quantization error) and give each a width under --avg_bits; alone: 4", nargs="?", const=4)
-    avg_bits: float | None = _arg(None, "with --param_clusters: average stored code bits per weight allowed (packed ternary costs 1.6; the float16 scales come on top and are reported); default the base width, e.g. 1.58 = all ternary")
-    plan_method: str = _arg("measured", "with --param_clusters: measured (the plan within budget with the lowest calibration loss), sensitivity (the lowest Fisher-weighted error) or random (a control)", choices=["measured", "sensitivity", "random"])
-    plan_after_epochs: int = _arg(1, "with --param_clusters and --qat: full-precision epochs before the plan is measured and QAT starts")
-    calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information and the in-context loss are measured on")
-    # Scaling out: under torchrun, distill trains with DistributedDataParallel by itself (GUIDE, "Scaling out").
     fsdp: bool = _arg(False, "shard parameters with FSDP2 under torchrun: not supported yet (refused); torchrun alone trains with DistributedDataParallel")
 
     @classmethod
@@ -203,22 +284,13 @@ class DistillConfig(TrainConfig, StudentConfig):
             raise UserError(f"the run config '{path}' is unreadable ({e}); it was not written by hybridopt "
                             "or is damaged") from None
 
-    @property
-    def weight_bits(self) -> float | None:
-        """The quantized width this run asks for, or None for a full-precision run."""
-        if self.bits is not None:
-            return self.bits
-        if self.ternary:
-            return TERNARY
-        return 1.0 if self.qat else None
-
     def __post_init__(self):
-        TrainConfig.__post_init__(self)
-        StudentConfig.__post_init__(self)
-        if self.bits is not None:
-            self.bits = _canonical_bits(self.bits)
-        self._check_clusters()
+        for component in (TrainConfig, StudentConfig, QuantConfig, DataConfig):
+            component.__post_init__(self)
+        # what spans components: a GGUF type's blocks, the plan's epochs, the teacher's settings
         self._check_gguf()
+        if self.qat and self.param_clusters is not None and not 0 <= self.plan_after_epochs < self.epochs:
+            raise UserError(f"--plan_after_epochs must lie in [0, --epochs), got {self.plan_after_epochs}")
         if self.teacher_topk is not None and self.teacher_topk < 1:
             raise UserError(f"--teacher_topk must be at least 1, got {self.teacher_topk}")
         if self.teacher_topk is None and self.teacher_tail != "bucket":
@@ -226,16 +298,8 @@ class DistillConfig(TrainConfig, StudentConfig):
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
         _positive("temperature", self.temperature)
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"--val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
         if self.metrics_out:
             self.save_metrics = True
-        if self.bits is not None:
-            if self.ternary and self.bits != TERNARY:
-                raise UserError(f"--ternary conflicts with --bits {self.bits:g}; pass one of them")
-        if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
-            raise UserError("--group_size, --act_bits and --quantize_head need --qat, --ternary or --bits")
-        _positive("group_size", self.group_size)
         if self.fsdp:
             raise UserError("--fsdp is not supported yet: the hybrid optimizer's trust-region norms and hypergradient "
                             "dot products are not yet reduced across parameter shards; drop --fsdp (under torchrun, "
@@ -253,26 +317,6 @@ class DistillConfig(TrainConfig, StudentConfig):
             value = getattr(self, name)
             if value is not None and value % block:
                 raise UserError(f"--gguf {self.gguf} needs --{name} to be a multiple of {block}, got {value}")
-
-    def _check_clusters(self) -> None:
-        if self.data_clusters is not None and self.data_clusters < 2:
-            raise UserError(f"--data_clusters must be at least 2, got {self.data_clusters}")
-        if self.data_clusters is None and self.cluster_sampling != "proportional":
-            raise UserError("--cluster_sampling needs --data_clusters")
-        if self.param_clusters is None:
-            if self.avg_bits is not None or self.plan_method != "measured":
-                raise UserError("--avg_bits and --plan_method need --param_clusters")
-            return
-        _positive("param_clusters", self.param_clusters)
-        _positive("calibration_batches", self.calibration_batches)
-        if self.weight_bits is None:
-            raise UserError("--param_clusters needs a quantized run: add --ternary (with --qat for QAT) or --bits")
-        if self.avg_bits is not None and not math.isfinite(self.avg_bits):
-            raise UserError(f"--avg_bits must be a finite number of bits, got {self.avg_bits}")
-        if self.avg_bits is not None and self.avg_bits < self.weight_bits - 1e-9:
-            raise UserError(f"--avg_bits {self.avg_bits:g} is below the run's base width {self.weight_bits:g}")
-        if self.qat and not 0 <= self.plan_after_epochs < self.epochs:
-            raise UserError(f"--plan_after_epochs must lie in [0, --epochs), got {self.plan_after_epochs}")
 
 
 @dataclass

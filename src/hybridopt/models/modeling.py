@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
-from hybridopt.config import StudentConfig, TeacherConfig
+from hybridopt.config import StudentConfig
 from hybridopt.models.tokenizer import load_tokenizer
 
 
@@ -76,16 +76,17 @@ def student_config(teacher_config: PretrainedConfig, teacher_vocab: int, cfg: St
     )
 
 
-def teacher_llama_config(cfg: TeacherConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+def teacher_llama_config(tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, intermediate: int, heads: int,
+                         context: int) -> LlamaConfig:
     """The Llama config of a teacher trained from scratch by `hybridopt teacher`."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
-        max_position_embeddings=cfg.context,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

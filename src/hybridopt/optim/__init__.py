@@ -8,6 +8,7 @@ and a trust region over an Adam, Schedule-Free, Muon or SGD step) and the pieces
 - `controller.py`: the controller network (`AuxiliaryNN`) and the training-state features it reads.
 - `trust_region.py`: the trust region's norms and clip factors, and the radius adaptation.
 - `schedules.py`: learning-rate schedules.
+- `arguments.py`: the bases, argument ranges and per-base defaults (no torch; the CLI's configs check with them).
 
 May import: the core modules (errors, utils). Nothing here knows about models, data or runs.
 """

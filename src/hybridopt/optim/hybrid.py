@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hybridopt.optim.arguments import BASES, check, checked_arguments
 from hybridopt.optim.controller import (LR_HEAD, RADIUS_HEAD, AuxiliaryNN, FeatureStats, training_state,
                                         update_feature_stats)
 from hybridopt.optim.scale import (ScaleState, accumulate_trace_, forget_unmoved_, normalized_hypergradient,
@@ -64,7 +65,6 @@ from hybridopt.optim.trust_region import (adapted_radius, decrease_ratio_ema, do
 from hybridopt.optim.updates import (eager_step_, eager_updates_, fused_step_, fused_updates_, init_state_,
                                      schedulefree_swap_)
 
-BASES = ("adam", "sgd", "schedulefree", "muon")
 Tensors = list[torch.Tensor]
 RULE_VERSION = 10  # bumped with every change to what a step computes (names the hybrid-trained teachers' cache entries)
 RETIRED_STATE_KEYS = frozenset({"rising"})  # HybridState fields older versions saved; dropped when loading
@@ -150,7 +150,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                  controller_hidden: int = 16, trace_decay: float = 0.0, num_clusters: int = 0,
                  controller_smoothing: float = 0.0, min_scale: float | None = None,
                  radius_start: float | None = None, compile: bool = False, muon_momentum: float = 0.95):
-        min_scale, use_controller, radius_start = _checked_arguments(
+        min_scale, use_controller, radius_start = checked_arguments(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, base=base, scale_lr=scale_lr,
             scale_betas=scale_betas, scale_threshold=scale_threshold, use_controller=use_controller,
             adapt_radius=adapt_radius, trust_mode=trust_mode, controller_lr=controller_lr,
@@ -201,13 +201,13 @@ class HybridOptimizer(torch.optim.Optimizer):
             if self.param_groups and key not in param_group:
                 param_group[key] = self.param_groups[0][key]
         radius = param_group.get("trust_radius", self.defaults["trust_radius"])
-        _check(radius > 0, f"trust_radius must be positive, got {radius}")
+        check(radius > 0, f"trust_radius must be positive, got {radius}")
         super().add_param_group(param_group)
 
     def set_cluster(self, cluster_id: int | None) -> None:
         """Tell the controller which data cluster the next batch came from (None if mixed)."""
         if cluster_id is not None and self.num_clusters:
-            _check(0 <= cluster_id < self.num_clusters,
+            check(0 <= cluster_id < self.num_clusters,
                    f"cluster_id must be in [0, {self.num_clusters}) or None, got {cluster_id}")
         self.hybrid_state.cluster_id = cluster_id
 
@@ -219,7 +219,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_radii()
-        _check(self.param_groups[0]["train_mode"], "the optimizer is in eval mode (the parameters hold the "
+        check(self.param_groups[0]["train_mode"], "the optimizer is in eval mode (the parameters hold the "
                "Schedule-Free average); call optimizer.train() before training")
         pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not pairs:
@@ -329,7 +329,7 @@ class HybridOptimizer(torch.optim.Optimizer):
 
     def _check_radii(self) -> None:
         radii = {group["trust_radius"] for group in self.param_groups}
-        _check(len(radii) == 1 or not self.use_trust_region or self.trust_mode != "global",
+        check(len(radii) == 1 or not self.use_trust_region or self.trust_mode != "global",
                "trust_mode='global' bounds one norm over all parameters, so every param group needs the same "
                f"trust_radius (got {sorted(radii)}); use trust_mode='per_tensor' for different radii")
 
@@ -425,44 +425,3 @@ def _restored_last_step(state: dict, params: Tensors, hybrid: dict, trace_decay:
     pending = hybrid.get("pending_factor")
     dtype = reduction_dtype(params)
     return moved, None if pending is None else torch.tensor(pending, dtype=dtype, device=params[0].device)
-
-
-def _checked_arguments(*, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, base: str,
-                       scale_lr: float, scale_betas: tuple[float, float], scale_threshold: float,
-                       use_controller: bool | None, adapt_radius: bool, trust_mode: str, controller_lr: float,
-                       controller_hidden: int, trace_decay: float, num_clusters: int, controller_smoothing: float,
-                       min_scale: float | None, radius_start: float | None, muon_momentum: float
-                       ) -> tuple[float, bool, float]:
-    """Checks `HybridOptimizer`'s arguments (ValueError naming the bad one) and returns (min_scale,
-    use_controller, radius_start) with the base's defaults filled in."""
-    _check(lr > 0, f"lr must be positive, got {lr}")
-    _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}")
-    _check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
-           f"scale_betas must be two numbers in [0, 1), got {scale_betas}")
-    _check(scale_lr > 0, f"scale_lr must be positive, got {scale_lr}")
-    _check(0 <= scale_threshold < 1, f"scale_threshold must be in [0, 1), got {scale_threshold}")
-    _check(eps >= 0 and weight_decay >= 0, f"eps and weight_decay must be >= 0, got {eps} and {weight_decay}")
-    _check(base in BASES, f"base must be one of {', '.join(BASES)}, got {base!r}")
-    _check(not (adapt_radius and base == "schedulefree"),
-           "adapt_radius is not supported with base='schedulefree' (its step is not the update it predicts from)")
-    _check(trust_mode in ("global", "per_tensor"), f"trust_mode must be 'global' or 'per_tensor', got {trust_mode!r}")
-    _check(controller_lr > 0 and controller_hidden >= 1,
-           f"controller_lr must be positive and controller_hidden at least 1, got {controller_lr} and {controller_hidden}")
-    _check(0 <= trace_decay < 1, f"trace_decay must be in [0, 1), got {trace_decay}")
-    _check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
-    _check(0 <= muon_momentum < 1, f"muon_momentum must be in [0, 1), got {muon_momentum}")
-    if min_scale is None:
-        min_scale = 1.0 if base == "schedulefree" else 1e-4
-    if use_controller is None:
-        use_controller = base != "schedulefree"
-    if radius_start is None:
-        radius_start = 0.25 if base in ("schedulefree", "muon") else 0.0
-    _check(0 <= radius_start <= 1, f"radius_start must be in [0, 1], got {radius_start}")
-    _check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
-    _check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
-    return min_scale, use_controller, radius_start
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)

@@ -24,7 +24,7 @@ from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from hybridopt.fileio import atomic_write, remove_stale_temporaries
 from hybridopt.training.checkpoint import CHECKPOINT_NAME
-from hybridopt.config import DEFAULT_TOPK, DistillConfig
+from hybridopt.config import DEFAULT_TOPK, DistillConfig, QuantConfig
 from hybridopt.data.splits import corpus_documents, token_splits
 from hybridopt.data.clusters import DataClusters, cluster_data, format_cluster_report
 from hybridopt.data.blocks import NotEnoughTokens, TokenBlocks
@@ -49,7 +49,7 @@ from hybridopt.training.step import describe_optimizer, optimizer_summary
 from hybridopt.training.trainer import Trainer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
 
-def quant_config(cfg: DistillConfig) -> QATConfig | None:
+def quant_config(cfg: QuantConfig) -> QATConfig | None:
     """The quantization the flags ask for: --qat alone is 1-bit, --ternary 1.58-bit, --bits any width."""
     if cfg.weight_bits is None:
         return None

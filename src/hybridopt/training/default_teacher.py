@@ -92,7 +92,8 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
     tokenizer = train_bpe_tokenizer((d.text for d in train_docs), cfg.vocab_size)
     tokenizer.save_pretrained(work)
     train, val = token_splits(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
-    model = build_model(teacher_llama_config(cfg, tokenizer), cfg.seed).to(device)
+    shape = teacher_llama_config(tokenizer, cfg.hidden, cfg.layers, cfg.intermediate, cfg.heads, cfg.context)
+    model = build_model(shape, cfg.seed).to(device)
     reporter.line(f"Teacher: Llama, {num_parameters(model) / 1e6:.2f}M parameters, {cfg.layers} layers x {cfg.hidden} "
                   f"hidden; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens"
                   + (f"; resuming from {work}" if resume else ""))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridopt.config import TrainConfig
+from hybridopt.config import OptimizerConfig
 from hybridopt.models.modeling import param_groups
 from hybridopt.optim.hybrid import HybridOptimizer
 
@@ -15,9 +15,11 @@ HYBRID_BASE_NAMES = {"muon": "Muon (hidden matrices) and AdamW (embeddings, head
                      "schedulefree": "Schedule-Free AdamW", "adam": "AdamW", "sgd": "SGD momentum"}
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int = 0) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, num_clusters: int = 0,
+                    compile: bool = False) -> torch.optim.Optimizer:
     """AdamW, or the hybrid optimizer with `cfg.hybrid`; weight decay on matrices only (not norms or biases);
-    over Muon, the embeddings and the output head take Adam's step (`modeling.param_groups`)."""
+    over Muon, the embeddings and the output head take Adam's step (`modeling.param_groups`). `compile`: the
+    hybrid's update through `torch.compile` (over adam and schedulefree)."""
     groups = param_groups(model, cfg.weight_decay, muon=cfg.hybrid and cfg.hybrid_base == "muon")
     if cfg.hybrid:
         return HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), base=cfg.hybrid_base,
@@ -28,7 +30,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, num_clusters: int 
                                radius_start=cfg.radius_start,
                                use_controller=cfg.controller,
                                controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace,
-                               num_clusters=num_clusters, compile=cfg.compile)
+                               num_clusters=num_clusters, compile=compile)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 

@@ -125,7 +125,8 @@ class Trainer:
                                                          cfg.max_steps_per_epoch)
         else:
             self.sampler = ShuffledBatchSampler(len(train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
-        self.optimizer = build_optimizer(cfg, model, clusters.num_clusters if clusters is not None else 0)
+        self.optimizer = build_optimizer(cfg, model, clusters.num_clusters if clusters is not None else 0,
+                                         cfg.compile)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
