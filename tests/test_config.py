@@ -48,6 +48,16 @@ def test_each_component_checks_its_own_values():
     with pytest.raises(UserError, match="--cluster_sampling needs --data_clusters"):
         DataConfig(cluster_sampling="balanced")
     with pytest.raises(UserError, match="--grad_clip must be non-negative"):
-        TrainConfig(grad_clip=math.nan)
+        TrainConfig(grad_clip=-1.0)
     with pytest.raises(UserError, match=r"--plan_after_epochs must lie in \[0, --epochs\)"):  # spans components
         DistillConfig(qat=True, ternary=True, param_clusters=2, plan_after_epochs=3, epochs=3)
+
+
+@pytest.mark.parametrize("config, flag, value", [
+    (DistillConfig, "lr", math.inf), (DistillConfig, "controller_lr", math.inf), (DistillConfig, "temperature", math.nan),
+    (DistillConfig, "alpha", math.nan), (DistillConfig, "trust_radius", math.inf), (TeacherConfig, "lr", math.inf),
+])
+def test_every_float_flag_is_finite(config, flag, value):
+    """inf and nan trained a NaN student (or every step was skipped) and the run still ended with exit 0."""
+    with pytest.raises(UserError, match=rf"^--{flag} must be a finite number, got {value}$"):
+        config(**{flag: value})

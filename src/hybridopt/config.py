@@ -58,6 +58,14 @@ def _positive(name: str, value: float | int | None) -> None:
         raise UserError(f"--{name} must be positive, got {value}")
 
 
+def _finite(cfg, cls) -> None:
+    """The float flags `cls` declares are finite: inf or nan would only train a NaN student (or fail later)."""
+    for name in vars(cls).get("__annotations__", {}):
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+
+
 def _check_seed(seed: int) -> None:
     if not 0 <= seed < 2**32:  # NumPy's range; torch, faiss and the samplers derive their seeds from it
         raise UserError(f"--seed must lie in [0, 2**32), got {seed}")
@@ -85,6 +93,7 @@ class StudentConfig:
     tie_embeddings: bool = _arg(False, "tie the student's input embedding and LM head")
 
     def __post_init__(self):
+        _finite(self, StudentConfig)
         for name in ("student_hidden", "student_layers", "student_intermediate", "student_heads", "student_kv_heads"):
             _positive(name, getattr(self, name))
         if self.student_hidden % self.student_heads:
@@ -124,6 +133,7 @@ class OptimizerConfig:
     controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the controller network (the design document's 1e-3)")
 
     def __post_init__(self):
+        _finite(self, OptimizerConfig)
         _positive("trust_radius", self.trust_radius)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UserError(f"--warmup_steps must be non-negative, got {self.warmup_steps}")
@@ -161,6 +171,7 @@ class TrainConfig(OptimizerConfig):
     compile: bool = _arg(False, "torch.compile the trained model's forward (and, with --hybrid over schedulefree or adam, the optimizer's update)")
 
     def __post_init__(self):
+        _finite(self, TrainConfig)
         OptimizerConfig.__post_init__(self)
         for name in ("epochs", "batch_size", "seq_len", "eval_every"):
             _positive(name, getattr(self, name))
@@ -198,6 +209,7 @@ class QuantConfig:
         return 1.0 if self.qat else None
 
     def __post_init__(self):
+        _finite(self, QuantConfig)
         if self.bits is not None:
             self.bits = _canonical_bits(self.bits)
             if self.ternary and self.bits != TERNARY:
@@ -213,8 +225,6 @@ class QuantConfig:
         _positive("calibration_batches", self.calibration_batches)
         if self.weight_bits is None:
             raise UserError("--param_clusters needs a quantized run: add --ternary (with --qat for QAT) or --bits")
-        if self.avg_bits is not None and not math.isfinite(self.avg_bits):
-            raise UserError(f"--avg_bits must be a finite number of bits, got {self.avg_bits}")
         if self.avg_bits is not None and self.avg_bits < self.weight_bits - 1e-9:
             raise UserError(f"--avg_bits {self.avg_bits:g} is below the run's base width {self.weight_bits:g}")
 
@@ -229,6 +239,7 @@ class DataConfig:
     cluster_sampling: str = _arg("proportional", "with --data_clusters: proportional (clusters in proportion to size, unbiased), balanced (equal per cluster, importance-weighted), single (one cluster per batch) or iid (ignore clusters)", choices=["proportional", "balanced", "single", "iid"])
 
     def __post_init__(self):
+        _finite(self, DataConfig)
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
         if self.data_clusters is not None and self.data_clusters < 2:
@@ -285,6 +296,7 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
                             "or is damaged") from None
 
     def __post_init__(self):
+        _finite(self, DistillConfig)
         for component in (TrainConfig, StudentConfig, QuantConfig, DataConfig):
             component.__post_init__(self)
         # what spans components: a GGUF type's blocks, the plan's epochs, the teacher's settings
@@ -334,6 +346,7 @@ class TeacherConfig(TrainConfig):
     val_fraction: float = _arg(0.05, "fraction of documents held out for validation")
 
     def __post_init__(self):
+        _finite(self, TeacherConfig)
         TrainConfig.__post_init__(self)
         for name in ("vocab_size", "hidden", "layers", "intermediate", "heads", "context"):
             _positive(name, getattr(self, name))
@@ -363,6 +376,7 @@ class GenerateConfig:
     device: str = _arg("cpu", "cpu, cuda, cuda:N or auto")
 
     def __post_init__(self):
+        _finite(self, GenerateConfig)
         if not self.model:
             raise UserError("--model is required: a run folder, an export folder or a Hugging Face model folder")
         _positive("max_new_tokens", self.max_new_tokens)
@@ -380,6 +394,7 @@ class InspectConfig:
     path: str = _arg("", "a run folder or its export/ folder")
 
     def __post_init__(self):
+        _finite(self, InspectConfig)
         if not self.path:
             raise UserError("DIR is required: a run folder or its export/ folder")
 
@@ -400,6 +415,7 @@ class ExportConfig:
     export_dtype: str = _arg("float16", "dtype of the unpacked tensors", choices=["float16", "float32"])
 
     def __post_init__(self):
+        _finite(self, ExportConfig)
         if not self.model:
             raise UserError("--model is required: a run folder or a Hugging Face model folder")
         if self.bits is not None:
@@ -448,6 +464,7 @@ class BenchConfig:
     workers: int | None = _arg(None, "runs at a time, each in its own process with one intra-op thread; 1 runs them one after another in this process (default: the CPU count, at most 4)")
 
     def __post_init__(self):
+        _finite(self, BenchConfig)
         if self.workers is None:
             self.workers = min(os.cpu_count() or 1, 4)
         if self.workers < 1:
