@@ -486,3 +486,19 @@ def test_resume_removes_what_a_kill_inside_an_export_write_left(tiny_teacher, co
     (out / "results.json").unlink()  # killed inside the export write, before the results were written
     assert main(["distill", "--resume", str(out)]) == 0
     assert sorted(p.name for p in (out / "export").iterdir()) == export
+
+
+def test_a_run_whose_weights_overflow_ends_with_one_sentence_and_exports_nothing(tiny_teacher, corpus_file, tmp_path,
+                                                                               capsys):
+    """--lr 1e308: the first AdamW step overflows the weights, the run is too short for the non-finite streak to
+    stop it, and it used to save and export a NaN student with exit 0."""
+    from hybridopt.cli import main
+
+    out = tmp_path / "run"
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--lr", "1e308", "--epochs", "1",
+                                  "--max_steps_per_epoch", "3", "--no-baseline")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("hybridopt: error: training ended with non-finite weights in ")
+    assert "so nothing was saved or exported; start a new run with a lower --lr" in last
+    assert (out / "checkpoint.pt").is_file()  # what was written stays
+    assert not (out / "student").exists() and not (out / "results.json").exists()

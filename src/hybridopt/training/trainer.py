@@ -252,9 +252,21 @@ class Trainer:
                         raise StopRequested(stop.signum or signal.SIGTERM)
         finally:
             self.reporter.close_progress()
-        if self.epoch >= cfg.epochs and self._averages:
-            self.optimizer.eval()  # trained: the model is Schedule-Free's average from here (evaluated, exported)
+        if self.epoch >= cfg.epochs:
+            self._check_finite_weights()
+            if self._averages:
+                self.optimizer.eval()  # trained: the model is Schedule-Free's average from here (evaluated, exported)
         return self.history
+
+    def _check_finite_weights(self) -> None:
+        """A finished run whose weights hold inf or nan (a rate so high that one step overflowed, in a run too short
+        for the non-finite streak to stop it) is not handed on to be evaluated, saved and exported."""
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteTraining(
+                f"{self.prefix}training ended with non-finite weights in {len(bad)} of "
+                f"{len(list(self.model.parameters()))} tensors (first: {bad[0]}), so nothing was saved or exported; "
+                f"start a new run with a lower --lr (the checkpoint in '{self.out_dir}' holds them)")
 
     @property
     def _averages(self) -> bool:
