@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from hybridopt.config import (DataConfig, DistillConfig, ExportOptions, OptimizerConfig, QuantConfig, StudentConfig,
-                              TeacherConfig, TrainConfig)
+from hybridopt.config import (DataConfig, DistillConfig, ExportOptions, LoopConfig, OptimizerConfig, QuantConfig,
+                              StudentConfig, TeacherConfig, TrainConfig)
 from hybridopt.errors import UserError
 from hybridopt.optim.hybrid import HybridOptimizer
 
@@ -32,7 +32,7 @@ def test_a_schedule_free_base_refuses_the_radius_adaptation_with_the_flags_named
 
 
 def test_the_run_configs_are_composed_of_the_components():
-    components = (OptimizerConfig, TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportOptions)
+    components = (OptimizerConfig, LoopConfig, TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportOptions)
     assert all(issubclass(DistillConfig, c) for c in components)
     assert issubclass(TeacherConfig, TrainConfig) and not issubclass(TeacherConfig, QuantConfig)
     distill = {f.name for f in dataclasses.fields(DistillConfig)}

@@ -1,12 +1,12 @@
 """Typed configurations. The CLI is generated from these dataclasses (see `cli.py`), one help group per component.
 
-Components, each validating its own values in `__post_init__` (a `UserError` naming the flag):
-`OptimizerConfig` (its ranges by the optimizer's own rules, `optim.arguments`), `TrainConfig` (the loop, over
-the optimizer), `StudentConfig`, `QuantConfig`, `DataConfig` and `ExportOptions`. The commands' run configs
-compose them (`DistillConfig`, `TeacherConfig`) and check only what spans components; the others
-(`GenerateConfig`, `ExportConfig`, `BenchConfig`, `InspectConfig`) are one class each. Library code takes a
-component (the Trainer a `TrainConfig`, `build_optimizer` an `OptimizerConfig`) or plain arguments. The resolved
-config is saved with every checkpoint and result. No torch here: `hybridopt --help` stays fast.
+Components, each validating its own values in `__post_init__` (a `UserError` naming the flag): `OptimizerConfig`
+(its ranges by the optimizer's own rules, `optim.arguments`), `LoopConfig`, `StudentConfig`, `QuantConfig`,
+`DataConfig` and `ExportOptions`; `TrainConfig` is the loop and the optimizer, what the Trainer takes. The
+commands' run configs compose them (`DistillConfig`, `TeacherConfig`) and check only what spans components; the
+others (`GenerateConfig`, `ExportConfig`, `BenchConfig`, `InspectConfig`) are one class each. Library code takes
+a component (the Trainer a `TrainConfig`, `build_optimizer` an `OptimizerConfig`) or plain arguments. The
+resolved config is saved with every checkpoint and result. No torch here: `hybridopt --help` stays fast.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class OptimizerConfig:
 
 
 @dataclass
-class TrainConfig(OptimizerConfig):
+class LoopConfig:
     """Training loop: shared by distillation, the no-teacher baseline and teacher training."""
 
     epochs: int = _arg(20, "number of epochs; an epoch is --max_steps_per_epoch optimizer steps (or a full pass)")
@@ -171,13 +171,21 @@ class TrainConfig(OptimizerConfig):
     compile: bool = _arg(False, "torch.compile the trained model's forward (and, with --hybrid over schedulefree or adam, the optimizer's update)")
 
     def __post_init__(self):
-        _finite(self, TrainConfig)
-        OptimizerConfig.__post_init__(self)
+        _finite(self, LoopConfig)
         for name in ("epochs", "batch_size", "seq_len", "eval_every"):
             _positive(name, getattr(self, name))
         if self.max_steps_per_epoch < 0:
             raise UserError(f"--max_steps_per_epoch must be 0 (full pass) or positive, got {self.max_steps_per_epoch}")
         _check_seed(self.seed)
+
+
+@dataclass
+class TrainConfig(OptimizerConfig, LoopConfig):
+    """What the Trainer takes: the loop and the optimizer."""
+
+    def __post_init__(self):
+        LoopConfig.__post_init__(self)
+        OptimizerConfig.__post_init__(self)
 
 
 @dataclass
