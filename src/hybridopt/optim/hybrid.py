@@ -103,7 +103,8 @@ class HybridState:
 
 class HybridOptimizer(torch.optim.Optimizer):
     """Learned step size, meta-learned controller and trust region over an Adam, Schedule-Free AdamW, Muon or
-    SGD-momentum step (the rule is in the module docstring).
+    SGD-momentum step (the rule is in the module docstring). About 300 lines, most of them this docstring's 24
+    arguments: a wrapper over any torch optimizer, with fewer of its own, is the planned way down.
 
     Args:
         params: parameters or param groups (a group may set its own `lr`, `weight_decay`, `trust_radius`).
