@@ -33,14 +33,14 @@ from hybridopt.errors import UserError, for_flag
 from hybridopt.training.evaluation import evaluate_lm
 from hybridopt.export.packed import export_packed
 from hybridopt.export.gguf import GGUFReport, export_gguf
-from hybridopt.training.layout import RUN_CONFIG, OutputRefused, RunLayout, check_output, claim_output
+from hybridopt.training.layout import RUN_CONFIG, OutputRefused, RunLayout, check_output, claim_output, lock_run
 from hybridopt.manager import format_summary
 from hybridopt.training.metrics import metrics_files
 from hybridopt.models.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
 from hybridopt.quant.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
 from hybridopt.quant.qat import QATConfig, check_group_size, quantizable_linears, quantize_
 from hybridopt.training.quant_report import format_report, quantization_report, save_report
-from hybridopt.recipes.distill_resume import resolve_run
+from hybridopt.recipes.distill_resume import refuse_occupied, resolve_run
 from hybridopt.reporting import Reporter
 from hybridopt.training.default_teacher import ensure_default_teacher
 from hybridopt.data.teacher_cache import TeacherCache, ensure_cache
@@ -102,6 +102,7 @@ class DistillRecipe:
         self.teacher_cache: TeacherCache | None = None
         self.gguf: GGUFReport | None = None
         self.out: Path | None = None  # the run folder, once resolved
+        self._lock = None  # rank 0's hold on the run folder (layout.lock_run)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -139,7 +140,17 @@ class DistillRecipe:
         out, resuming, cfg = resolve_run(self.cfg, self.reporter, self.given)
         if self.dist.active:
             self.dist.check_batch(cfg.batch_size)
+        with for_flag("--resume" if resuming else "--out", OutputRefused):
+            self._lock = lock_run(out)  # held while this process writes the run (see `release`)
+        if not resuming:
+            refuse_occupied(out)  # again, under the lock: a run started beside this one may have written there
         return out, resuming, cfg
+
+    def release(self) -> None:
+        """Let another process write the run folder (a finished, failed or interrupted run; idempotent)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _prepare(self, out: Path, resuming: bool) -> None:
         """Everything before the training loop: teacher, data, student, clusters, the teacher's validation."""
@@ -407,6 +418,8 @@ def _run_distill(cfg: DistillConfig, reporter: Reporter | None, stop_after_epoch
         if recipe.out is not None and RunLayout(recipe.out).config.exists():
             e.run_folder = recipe.out
         raise
+    finally:
+        recipe.release()
 
 
 def _distill(recipe: DistillRecipe, stop_after_epoch: int | None, dist: DistEnv) -> dict:

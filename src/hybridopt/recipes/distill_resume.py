@@ -77,9 +77,18 @@ def resolve_run(cfg: DistillConfig, reporter: Reporter | None = None,
             setattr(saved, name, getattr(cfg, name))
         return out, True, saved
     out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("distill-%Y%m%d-%H%M%S")
+    refuse_occupied(out)
+    return out, False, cfg
+
+
+def refuse_occupied(out: Path) -> None:
+    """A new run's folder must be new or empty.
+
+    Raises:
+        UserError: it holds a run (continue it with --resume) or anything else.
+    """
     if occupied(out):
         layout = RunLayout(out)
         if layout.config.exists() or layout.checkpoint.exists():
             raise UserError(f"--out '{out}' already holds a run; continue it with --resume {out} or choose another --out")
         raise UserError(f"--out '{out}' exists and is not empty; choose another --out")
-    return out, False, cfg

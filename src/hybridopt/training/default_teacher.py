@@ -19,7 +19,8 @@ from hybridopt.config import TeacherConfig, default_teacher_config
 from hybridopt.data.corpus import Document, corpus_fingerprint, split_documents
 from hybridopt.models.modeling import build_model, num_parameters, teacher_llama_config
 from hybridopt.data.splits import corpus_documents, token_splits
-from hybridopt.training.layout import OutputRefused, check_output, claim_output, made_by, occupied
+from hybridopt.training.layout import (OutputRefused, check_output, claim_output, lock_file, lock_holder, lock_run,
+                                      made_by, occupied)
 from hybridopt.reporting import Reporter
 from hybridopt.models.tokenizer import train_bpe_tokenizer
 from hybridopt.training.step import describe_optimizer
@@ -82,7 +83,20 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
         raise OutputRefused(f"'{out}' {what}; choose another (nothing in it is replaced)")
     work = out.with_name(out.name + ".partial")
     # Ours to resume only if it is marked, or holds what an older version left there (checkpoint, tokenizer).
-    claim_output(check_output(work, "teacher", legacy=(CHECKPOINT_NAME, "tokenizer.json")), "teacher")
+    check_output(work, "teacher", legacy=(CHECKPOINT_NAME, "tokenizer.json"))
+    lock = lock_run(work)  # one process trains into a work folder; held until the teacher is renamed into place
+    try:
+        if occupied(out):  # finished by the process that held the work folder before this one
+            raise OutputRefused(f"'{out}' holds a trained teacher; choose another (nothing in it is replaced)")
+        claim_output(work, "teacher")
+        return _train(cfg, out, work, docs, desc, fingerprint, reporter)
+    finally:
+        lock.close()
+
+
+def _train(cfg: TeacherConfig, out: Path, work: Path, docs: list[Document], desc: str, fingerprint: str,
+           reporter: Reporter) -> Path:
+    """`train_teacher` once its work folder is held: train (or resume) there, then rename it to `out`."""
     resume = (work / CHECKPOINT_NAME).exists()
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -116,13 +130,29 @@ def train_teacher(cfg: TeacherConfig, out: Path | None = None, reporter: Reporte
 
 
 def ensure_default_teacher(reporter: Reporter | None = None) -> Path:
-    """The default teacher's directory, training it first (once, with progress) if it is missing."""
+    """The default teacher's directory, training it first (once, with progress) if it is missing. Processes that
+    need it at once train it once: the others wait for the first and then read what it saved."""
     cfg = default_teacher_config()
     docs, _ = corpus_documents([])
     path = teacher_cache_path(cfg, corpus_fingerprint(docs))
-    if (path / "config.json").is_file() and (path / INFO_NAME).is_file():
+    if _ready(path):
         return path
     reporter = reporter or Reporter()
-    reporter.line(f"No default teacher cached yet: training one on the embedded corpus into {path} "
-                  "(one time; about 4 minutes on 2 CPU cores)")
-    return train_teacher(cfg, path, reporter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(f".{path.name}.lock")
+    lock = lock_file(lock_path)
+    if lock is None:
+        reporter.line(f"Waiting for {lock_holder(lock_path)}, which is training the default teacher into {path}")
+        lock = lock_file(lock_path, blocking=True)
+    try:
+        if _ready(path):
+            return path
+        reporter.line(f"No default teacher cached yet: training one on the embedded corpus into {path} "
+                      "(one time; about 4 minutes on 2 CPU cores)")
+        return train_teacher(cfg, path, reporter)
+    finally:
+        lock.close()
+
+
+def _ready(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / INFO_NAME).is_file()

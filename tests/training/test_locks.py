@@ -1,0 +1,91 @@
+"""One writer per run folder and per default-teacher cache entry: a second process is refused (or, for the
+default teacher, waits and reads what the first saved), and nothing the first one writes is touched."""
+
+import os
+import threading
+import time
+
+from conftest import tiny_distill_args
+from hybridopt.training import default_teacher
+from hybridopt.training.layout import LOCK_NAME, lock_file, lock_run, occupied
+
+
+def test_a_held_lock_is_refused_until_it_is_released(tmp_path):
+    first = lock_file(tmp_path / "x.lock")
+    assert first is not None and (tmp_path / "x.lock").read_text() == f"{os.getpid()}\n"
+    assert lock_file(tmp_path / "x.lock") is None  # another open file description: what another process holds
+    first.close()
+    second = lock_file(tmp_path / "x.lock")
+    assert second is not None
+    second.close()
+
+
+def test_the_lock_file_alone_does_not_make_a_folder_occupied(tmp_path):
+    lock = lock_run(tmp_path / "run")
+    assert (tmp_path / "run" / LOCK_NAME).is_file() and not occupied(tmp_path / "run")
+    lock.close()
+
+
+def test_a_second_distill_into_a_live_run_folder_is_refused_and_touches_nothing(tiny_teacher, corpus_file,
+                                                                                  tmp_path, capsys):
+    """What two `hybridopt distill --out X` started together did (both exit 0, one run's config beside the other's
+    checkpoint), and `--resume X` while X trains (it deleted the live writer's checkpoint temporary)."""
+    from hybridopt.cli import main
+    from hybridopt.recipes.distill import run_distill
+    from hybridopt.reporting import Reporter
+
+    out = tmp_path / "run"
+    run_distill(_cfg(tiny_teacher, corpus_file, out), Reporter(quiet=True),
+                stop_after_epoch=1)
+    live = lock_run(out)  # a process writing the run
+    temporary = out / ".checkpoint.pt.tmp-99999"  # its checkpoint write in progress
+    temporary.write_bytes(b"half a checkpoint")
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["distill", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"hybridopt: error: --resume: '{out}' is in use: hybridopt process {os.getpid()} is writing it; "
+                   "wait for it to finish, or choose another --out (nothing in it was touched)")
+    assert temporary.read_bytes() == b"half a checkpoint" and (out / "checkpoint.pt").read_bytes() == checkpoint
+
+    fresh = tmp_path / "fresh"
+    held = lock_run(fresh)  # a run started a moment before this one, not yet past its lock
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, fresh, "--no-baseline")) == 2
+    assert "is in use: hybridopt process" in capsys.readouterr().err
+    assert sorted(p.name for p in fresh.iterdir()) == [LOCK_NAME]
+    live.close()
+    held.close()
+    assert main(["distill", "--resume", str(out)]) == 0  # the writer is gone: the run continues
+
+
+def _cfg(teacher, data, out):
+    from conftest import tiny_distill_config
+
+    return tiny_distill_config(teacher, data, out, epochs=2, max_steps_per_epoch=2, baseline=False)
+
+
+def test_processes_that_need_the_default_teacher_at_once_train_it_once(tmp_path, monkeypatch):
+    """Two first uses together trained into the same `.partial` folder; the second to finish died."""
+    entry = tmp_path / "teachers" / "teacher-x"
+    monkeypatch.setattr(default_teacher, "teacher_cache_path", lambda cfg, fingerprint: entry)
+    trained = []
+
+    def train(cfg, path, reporter):
+        trained.append(path)
+        time.sleep(0.5)  # long enough for the other thread to find the lock held
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        (path / default_teacher.INFO_NAME).write_text("{}")
+        return path
+
+    monkeypatch.setattr(default_teacher, "train_teacher", train)
+    from hybridopt.reporting import Reporter
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(default_teacher.ensure_default_teacher(Reporter(quiet=True))))
+               for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert got == [entry, entry] and trained == [entry]
