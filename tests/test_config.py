@@ -61,3 +61,22 @@ def test_every_float_flag_is_finite(config, flag, value):
     """inf and nan trained a NaN student (or every step was skipped) and the run still ended with exit 0."""
     with pytest.raises(UserError, match=rf"^--{flag} must be a finite number, got {value}$"):
         config(**{flag: value})
+
+
+def test_an_exception_without_a_message_is_named_by_its_type():
+    """`str(e).splitlines()[0]` raised IndexError for a bare MemoryError, hiding the real error."""
+    from hybridopt.errors import first_line
+
+    assert first_line(MemoryError()) == "MemoryError"
+    assert first_line(OSError("disk full\nmore detail")) == "disk full"
+
+
+def test_a_checkpoint_write_failing_without_a_message_is_one_sentence(tmp_path, monkeypatch):
+    from hybridopt.training import checkpoint
+
+    def fail(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(checkpoint.torch, "save", fail)
+    with pytest.raises(UserError, match=r"cannot write the checkpoint .* \(RuntimeError\); is the disk full\?"):
+        checkpoint.save_checkpoint(tmp_path, {"x": 1})

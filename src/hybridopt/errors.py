@@ -23,3 +23,10 @@ def for_flag(name: str, *errors: type[Exception]) -> Iterator[None]:
         yield
     except errors or (ValueError,) as e:
         raise UserError(f"{name}: {e}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none (a bare MemoryError): what a
+    one-sentence error quotes of a library's exception."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -43,7 +43,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hybridopt.fileio import atomic_write, read_safetensors_header
-from hybridopt.errors import UserError
+from hybridopt.errors import UserError, first_line
 from hybridopt.quant.packing import (pack_sign, pack_signed, pack_ternary, packed_nbytes, unpack_sign, unpack_signed,
                                unpack_ternary)
 from hybridopt.quant.qat import ActQuantLinear, qat_layers
@@ -147,7 +147,7 @@ def _read(path: str | Path):
             version = _checked_format(metadata, path)  # before any tensor is read: a foreign file costs nothing
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"'{path}' is truncated or corrupted ({str(e).splitlines()[0]}); export it again") from None
+        raise UserError(f"'{path}' is truncated or corrupted ({first_line(e)}); export it again") from None
     if _digest(tensors, metadata if version == FORMAT_VERSION else None) != metadata.get("sha256"):
         raise UserError(f"'{path}' is corrupted or was edited (its checksum does not match); export it again")
     if version != FORMAT_VERSION:

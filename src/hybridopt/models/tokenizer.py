@@ -8,6 +8,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from hybridopt.errors import first_line
+
 
 EOS_TOKEN = "<|endoftext|>"
 # Files from which `AutoTokenizer` can build a tokenizer; a teacher folder needs one of them.
@@ -52,4 +54,4 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a broken tokenizer folder
-        raise ValueError(f"cannot load the tokenizer in '{path}': {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot load the tokenizer in '{path}': {first_line(e)}") from None

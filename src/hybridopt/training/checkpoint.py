@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybridopt.errors import UserError
+from hybridopt.errors import UserError, first_line
 from hybridopt.fileio import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -55,7 +55,7 @@ def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> Path:
     try:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except RuntimeError as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
-        raise UserError(f"cannot write the checkpoint '{path}' ({str(e).splitlines()[0]}); is the disk full? "
+        raise UserError(f"cannot write the checkpoint '{path}' ({first_line(e)}); is the disk full? "
                         "The previous checkpoint is kept; free space and continue with --resume") from None
     return path
 
@@ -68,7 +68,7 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint '{path}' is unreadable ({str(e).splitlines()[0]}); start a new run") from None
+        raise UserError(f"checkpoint '{path}' is unreadable ({first_line(e)}); start a new run") from None
     if payload.get("format_version") != FORMAT_VERSION:
         raise UserError(f"checkpoint '{path}' has format {payload.get('format_version')}, this hybridopt reads {FORMAT_VERSION}")
     return payload
