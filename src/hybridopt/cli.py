@@ -274,12 +274,14 @@ def _launch_rank() -> str:
 
 
 def _generate(cfg: GenerateConfig) -> None:
-    from hybridopt.recipes.generate import generate_text, load_model
+    from hybridopt.recipes.generate import check_prompt, generate_text, load_model
     from hybridopt.utils import resolve_device
 
     from hybridopt.export.gguf_read import find_gguf, load_gguf
     from hybridopt.export.llama_cpp import generate_gguf, have_llama_cpp
 
+    with for_flag("--prompt"):  # before either path: llama.cpp's would blame --model
+        check_prompt(cfg.prompt)
     with for_flag("--model"):
         gguf_file = find_gguf(cfg.model)
     if gguf_file is not None and have_llama_cpp():

@@ -17,6 +17,7 @@ import ast
 import hashlib
 import json
 import os
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Plain-text files are cut at blank lines into documents of at least this many characters,
 # so one long file still gives a document-level validation split.
 _TXT_DOC_CHARS = 2000
+# The largest corpus file read: a file is read whole (and its text held as str, up to 4 bytes a character), so
+# a bigger one is refused before any byte is read; split it into several files instead.
+MAX_FILE_BYTES = 2 << 30  # 2 GiB
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,10 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
 def load_documents(paths: list[str]) -> list[Document]:
     """Read local `.txt`, `.jsonl` (a `text` field per line) and `.parquet` (a `text` column) files.
 
-    Directories are searched recursively for those suffixes. Every user error (missing path,
-    binary or non-UTF-8 file, no text) raises `ValueError` naming the file.
+    Directories are searched recursively for those suffixes. Only regular files are read (a named pipe or a
+    device, even behind a link, would block or never end), each at most `MAX_FILE_BYTES`. Every user error
+    (missing path, not a regular file, too large, binary or non-UTF-8 file, no text) raises `ValueError`
+    naming the file, before any file is read for the first two.
     """
     files: list[Path] = []
     roots: list[Path] = []  # what each argument names: the folder itself, or the file's folder
@@ -119,7 +125,9 @@ def load_documents(paths: list[str]) -> list[Document]:
         if not path.exists():
             raise ValueError(f"path '{raw}' does not exist")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+            # Not `is_file()`: a pipe or device named like a corpus file is refused below, not skipped unseen.
+            found = sorted(p for p in path.rglob("*")
+                           if p.suffix.lower() in SUPPORTED_SUFFIXES and p.exists() and not p.is_dir())
             if not found:
                 raise ValueError(f"directory '{raw}' holds no {', '.join(SUPPORTED_SUFFIXES)} files")
             files.extend(found)
@@ -131,6 +139,8 @@ def load_documents(paths: list[str]) -> list[Document]:
             raise ValueError(
                 f"file '{raw}' has an unsupported suffix; use {', '.join(SUPPORTED_SUFFIXES)}"
             )
+    for path in files:  # before reading any: opening a pipe blocks until someone writes to it
+        _check_regular_file(path)
     # Ids name each file relative to the arguments' common folder, not where it lies: the same files
     # give the same train/validation split from any folder or machine, and files of the same name given
     # from different folders keep distinct ids.
@@ -151,11 +161,36 @@ def load_documents(paths: list[str]) -> list[Document]:
     return docs
 
 
-def _read_bytes(path: Path) -> bytes:
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _check_regular_file(path: Path) -> None:
+    """Raise ValueError unless `path` (links followed) is a regular file of at most `MAX_FILE_BYTES`; opens nothing."""
     try:
-        return path.read_bytes()
+        st = os.stat(path)  # follows links: /dev/zero behind data.txt is a device
     except OSError as e:
         raise ValueError(f"cannot read file '{path}': {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        target = f" (a link to '{os.path.realpath(path)}')" if os.path.islink(path) else ""
+        raise ValueError(f"'{path}'{target} is {kind}, not a regular file; pass a regular "
+                         f"{', '.join(SUPPORTED_SUFFIXES)} file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ValueError(f"file '{path}' is {st.st_size / 2**30:.1f} GiB, over the {MAX_FILE_BYTES / 2**30:g} GiB a "
+                         "corpus file may hold; split it into smaller files (a folder of them may be passed)")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # a file that grew since it was checked still stops at the limit
+    except OSError as e:
+        raise ValueError(f"cannot read file '{path}': {e.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"file '{path}' is over the {MAX_FILE_BYTES / 2**30:g} GiB a corpus file may hold; "
+                         "split it into smaller files (a folder of them may be passed)")
+    return data
 
 
 def _decode(path: Path, data: bytes) -> str:

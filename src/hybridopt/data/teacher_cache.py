@@ -9,10 +9,13 @@ computed over the whole vocabulary (so the mass outside the top-k is known: see 
 
 in one safetensors file (no pickle), written atomically, read lazily block by block through
 safetensors' memory map. The header's `__metadata__` names the format, its version, the key (a hash
-of the teacher's config and weights, the token blocks, `k` and the temperature), `k`, the temperature
-and the vocabulary size. `open_cache` checks every header field and every tensor's dtype and shape
-before reading any data; each batch read is checked for ids inside the vocabulary and finite,
-non-positive log-probabilities. A missing, stale or damaged cache is rebuilt by `ensure_cache`.
+of the teacher's config and weights, the token blocks, `k` and the temperature), `k`, the temperature,
+the vocabulary size and `sha256`, a checksum of the two tensors' bytes (ids, then log-probabilities; files
+written before it was added lack it and open unchecked by it). `open_cache` checks every header field and
+every tensor's dtype and shape before reading any data, then reads the data once, in chunks, for the
+checksum, ids inside the vocabulary and finite, non-positive log-probabilities, so a damaged file is found
+before training starts; each batch read is checked again. A missing, stale or damaged cache is rebuilt by
+`ensure_cache`, with a warning for the last two.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class TopKTargets(NamedTuple):
 FORMAT = "hybridopt-teacher-cache"
 FORMAT_VERSION = "1"
 _MAX_HEADER = 1 << 20  # a header of a few hundred bytes; anything larger is not ours
+_CHECK_BYTES = 64 << 20  # how much of a tensor `open_cache` reads at a time to check it
+_MAX_LOGPROB = 1e-4  # log-probabilities are <= 0; float32 rounding of log_softmax may give a hair above
 
 
 def cache_key(teacher: torch.nn.Module, blocks: TokenBlocks, k: int, temperature: float) -> str:
@@ -87,10 +92,9 @@ class TeacherCache:
             ids_slice, lp_slice = f.get_slice("ids"), f.get_slice("logprobs")
             ids = torch.stack([ids_slice[int(i)] for i in indices])
             logprobs = torch.stack([lp_slice[int(i)] for i in indices])
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
-            raise ValueError(f"teacher cache {self.path} holds token ids outside the vocabulary of {self.vocab}")
-        if logprobs.numel() and (not bool(torch.isfinite(logprobs).all()) or float(logprobs.max()) > 1e-4):
-            raise ValueError(f"teacher cache {self.path} holds log-probabilities that are not finite and <= 0")
+        problem = _value_problem("ids", ids, self.vocab) or _value_problem("logprobs", logprobs, self.vocab)
+        if problem:  # open_cache checked every value: the file changed since
+            raise ValueError(f"teacher cache {self.path} {problem}")
         return TopKTargets(ids, logprobs)
 
     @property
@@ -99,10 +103,12 @@ class TeacherCache:
 
 
 def open_cache(path: Path, key: str, blocks: TokenBlocks, vocab: int) -> TeacherCache:
-    """Open the cache at `path` for these blocks, checking the header before reading any data.
+    """Open the cache at `path` for these blocks: the header is checked before any data is read, then every
+    stored value and the checksum (one pass, in chunks).
 
     Raises:
-        ValueError: the file is not this cache (other key, format, version, shapes, dtypes or size).
+        ValueError: the file is not this cache (other key, format, version, shapes, dtypes or size), or its
+            data is damaged (ids outside the vocabulary, log-probabilities not finite and <= 0, checksum).
     """
     path = Path(path)
     header, header_len = read_safetensors_header(path, _MAX_HEADER)
@@ -134,7 +140,44 @@ def open_cache(path: Path, key: str, blocks: TokenBlocks, vocab: int) -> Teacher
         size = max(size, offsets[1])
     if path.stat().st_size < 8 + header_len + size:
         raise ValueError("the file is truncated")
+    _check_data(path, meta.get("sha256"), vocab)
     return TeacherCache(path, k, temperature, vocab, len(blocks), blocks.seq_len)
+
+
+def _value_problem(name: str, values: torch.Tensor, vocab: int) -> str | None:
+    """What is wrong with stored `ids` (outside the vocabulary) or `logprobs` (not finite and <= 0); None if
+    nothing."""
+    if not values.numel():
+        return None
+    if name == "ids" and (int(values.min()) < 0 or int(values.max()) >= vocab):
+        return f"holds token ids outside the vocabulary of {vocab}"
+    if name == "logprobs" and (not bool(torch.isfinite(values).all()) or float(values.max()) > _MAX_LOGPROB):
+        return "holds log-probabilities that are not finite and <= 0"
+    return None
+
+
+def _tensor_digest(h, values: torch.Tensor) -> None:
+    """Add the bytes of `values` (as the file stores them: little-endian) to the hash `h`."""
+    h.update(values.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _check_data(path: Path, digest: str | None, vocab: int) -> None:
+    """Read both tensors once, in chunks of blocks, checking every value and (when the header has one) the
+    checksum; raise ValueError on the first problem."""
+    h = hashlib.sha256()
+    with safe_open(path, framework="pt") as f:
+        for name in ("ids", "logprobs"):
+            data = f.get_slice(name)
+            n, *rest = data.get_shape()
+            step = max(1, _CHECK_BYTES // max(1, 4 * math.prod(rest)))  # blocks per read
+            for lo in range(0, n, step):
+                chunk = data[lo : min(lo + step, n)]
+                problem = _value_problem(name, chunk, vocab)
+                if problem:
+                    raise ValueError(problem)
+                _tensor_digest(h, chunk)
+    if digest is not None and h.hexdigest() != digest:  # no digest: written before it was added
+        raise ValueError("its checksum does not match its data (the file is damaged)")
 
 
 @torch.no_grad()
@@ -160,14 +203,20 @@ def build_cache(teacher: torch.nn.Module, blocks: TokenBlocks, k: int, temperatu
             input_ids, _ = blocks.batch(idx)
             logits = teacher(input_ids=input_ids.to(device)).logits.float()  # (B, T, V)
             values, top = F.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)  # (B, T, k)
+            if not bool(torch.isfinite(values).all()):  # open_cache would refuse the file as damaged
+                raise ValueError("the teacher's log-probabilities are not finite (its logits hold NaN or "
+                                 "infinity); check the teacher's weights")
             ids[lo : lo + len(idx)] = top.to(id_dtype).cpu()
             logprobs[lo : lo + len(idx)] = values.cpu()
             bar.update(len(idx))
     finally:
         reporter.close_progress()
         teacher.train(was_training)
+    h = hashlib.sha256()
+    _tensor_digest(h, ids)
+    _tensor_digest(h, logprobs)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "key": key, "k": str(k),
-                "temperature": repr(float(temperature)), "vocab": str(vocab)}
+                "temperature": repr(float(temperature)), "vocab": str(vocab), "sha256": h.hexdigest()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file({"ids": ids, "logprobs": logprobs}, str(tmp), metadata=metadata))

@@ -19,6 +19,7 @@ GGUF in (a `.gguf` file as a teacher) is `gguf_read.py`; running one with llama.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from hybridopt.errors import UserError
 from hybridopt.quant.bits import bits_name
 from hybridopt.fileio import atomic_write
 from hybridopt.export.gguf_codecs import BLOCK, LADDER, dequantize, encode, qtype
@@ -68,7 +70,11 @@ def packed_codes(path: str | Path) -> dict[str, QuantizedLinear]:
         q = _unpack(tensors[f"{key}.packed"], info["packing"], numel).reshape(info["shape"])
         if info["packing"] == "int2":  # files from before the mid-rise 2-bit grid: plain codes
             raise ValueError(f"'{path}' holds 2-bit weights in the old 'int2' packing; export the run again")
-        out[key.removesuffix(".weight")] = QuantizedLinear(q, tensors[f"{key}.scale"].float(), info["bits"])
+        scale = tensors[f"{key}.scale"].float()
+        if not bool(torch.isfinite(scale).all()):  # the checksum passed: written so, by a diverged run
+            raise ValueError(f"'{path}' holds scales that are not finite (NaN or infinity) in tensor '{key}.scale'; "
+                             "its model diverged: export a run whose weights are finite")
+        out[key.removesuffix(".weight")] = QuantizedLinear(q, scale, info["bits"])
     return out
 
 
@@ -194,6 +200,8 @@ def export_gguf(model: torch.nn.Module, path: str | Path, tokenizer: PreTrainedT
     Raises:
         ValueError: an unsupported model, tokenizer or type, or a row length or scale group the asked
             type's blocks do not divide (`check_block_shapes`).
+        UserError: a quantized layer's scales are not finite, or the file cannot be written (a full disk);
+            whatever was at `path` is left as it was.
     """
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
@@ -204,6 +212,10 @@ def export_gguf(model: torch.nn.Module, path: str | Path, tokenizer: PreTrainedT
     if config.model_type != "llama":
         raise ValueError(f"GGUF export writes Llama models; this one is {config.model_type!r}")
     codes = qat_codes(model) if codes is None else codes
+    for module, c in codes.items():  # a NaN scale cannot be encoded exactly in any type
+        if not bool(torch.isfinite(c.scale).all()):
+            raise UserError(f"the scales of layer '{module}' are not finite (NaN or infinity), so it has no GGUF "
+                            "encoding; its model diverged: export a run whose weights are finite")
     check_block_shapes({n: (c.q.shape[1], c.q.shape[1] // c.scale.shape[1]) for n, c in codes.items()}, gguf_type)
     layout = _layout(model, codes)
     writer = _new_writer(model, tokenizer, name)
@@ -296,15 +308,27 @@ def _summarize(writer: gguf.GGUFWriter, report: GGUFReport, layer_types: Counter
 
 
 def _write_file(writer: gguf.GGUFWriter, path: Path) -> None:
-    """Header, metadata and tensors to `path`, atomically."""
+    """Header, metadata and tensors to `path`, atomically: a failed write (a full disk) leaves what was at `path`
+    as it was, and says so in one sentence naming the file."""
 
     def write(tmp: Path) -> None:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        # numpy's short write says only "17408 requested and 3712 written", with no errno and no file name.
+        detail = e.strerror or str(e)
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(f"cannot write the GGUF file '{path}' ({detail}); write it to a folder you can write "
+                            "to") from None
+        raise UserError(f"cannot write the GGUF file '{path}' ({detail}); the disk may be full: free some space "
+                        "or write it to another disk (nothing was changed at that path)") from None
 
 
 def check_block_shapes(shapes: dict[str, tuple[int, int]], gguf_type: str) -> None:
