@@ -68,6 +68,9 @@ def test_processes_that_need_the_default_teacher_at_once_train_it_once(tmp_path,
     """Two first uses together trained into the same `.partial` folder; the second to finish died."""
     entry = tmp_path / "teachers" / "teacher-x"
     monkeypatch.setattr(default_teacher, "teacher_cache_path", lambda cfg, fingerprint: entry)
+    # (threads share a pid, so they must not both write the embedded corpus's cache: that race is the test's)
+    monkeypatch.setattr(default_teacher, "corpus_documents", lambda data: ([], "no corpus"))
+    monkeypatch.setattr(default_teacher, "corpus_fingerprint", lambda docs: "0" * 64)
     trained = []
 
     def train(cfg, path, reporter):
@@ -81,11 +84,17 @@ def test_processes_that_need_the_default_teacher_at_once_train_it_once(tmp_path,
     monkeypatch.setattr(default_teacher, "train_teacher", train)
     from hybridopt.reporting import Reporter
 
-    got = []
-    threads = [threading.Thread(target=lambda: got.append(default_teacher.ensure_default_teacher(Reporter(quiet=True))))
-               for _ in range(2)]
+    got, errors = [], []
+
+    def use():
+        try:
+            got.append(default_teacher.ensure_default_teacher(Reporter(quiet=True)))
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=use) for _ in range(2)]
     for th in threads:
         th.start()
     for th in threads:
         th.join(timeout=60)
-    assert got == [entry, entry] and trained == [entry]
+    assert errors == [] and got == [entry, entry] and trained == [entry]
