@@ -58,6 +58,20 @@ def tiny_teacher(tmp_path_factory, corpus_file) -> Path:
     return train_teacher(cfg, tmp_path_factory.mktemp("teacher") / "tiny-teacher")
 
 
+@pytest.fixture(scope="module")
+def teacher_and_blocks(tiny_teacher):
+    """The tiny teacher loaded on CPU, and ten random 16-token blocks for it (the teacher-logit cache's tests)."""
+    import torch
+
+    from hybridopt.data.blocks import TokenBlocks
+    from hybridopt.models.modeling import load_teacher
+
+    teacher, _ = load_teacher(tiny_teacher, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    blocks = TokenBlocks(torch.randint(0, 500, (16 * 10 + 1,), generator=g), 16)
+    return teacher, blocks
+
+
 def tiny_distill_config(teacher: Path, data: Path, out: Path, **kw):
     """The DistillConfig of a distillation run that takes seconds on CPU: the tiny student (32 wide, one layer)
     on 32-token blocks, batches of 8; `kw` sets the run's length and anything else."""

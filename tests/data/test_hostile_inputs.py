@@ -16,10 +16,8 @@ import torch
 
 from hybridopt.cli import main
 from hybridopt.data import corpus
-from hybridopt.data.blocks import TokenBlocks
 from hybridopt.data.corpus import MAX_FILE_BYTES, load_documents
 from hybridopt.data.teacher_cache import build_cache, cache_key, ensure_cache, open_cache
-from hybridopt.models.modeling import load_teacher
 from hybridopt.reporting import Reporter
 
 CPU = torch.device("cpu")
@@ -155,14 +153,6 @@ def test_a_prompt_longer_than_the_context_generates_from_its_end(tiny_teacher, c
 
 
 # ------------------------------------------------------------------------------------------ teacher cache
-@pytest.fixture(scope="module")
-def teacher_and_blocks(tiny_teacher):
-    teacher, _ = load_teacher(tiny_teacher, CPU)
-    g = torch.Generator().manual_seed(0)
-    blocks = TokenBlocks(torch.randint(0, 500, (16 * 10 + 1,), generator=g), 16)
-    return teacher, blocks
-
-
 def _poke(path, tensor: str, index: int, fmt: str, value, drop_checksum: bool = False) -> None:
     """Overwrite element `index` of `tensor` in a cache file with `value` (struct `fmt`); without the checksum in
     the header if asked (a cache from before checksums, or a forger who removed it)."""

@@ -11,21 +11,11 @@ import torch.nn.functional as F
 from conftest import rewrite_safetensors_header, tiny_distill_args, tiny_distill_config
 from hybridopt.cli import main
 from hybridopt.config import DistillConfig
-from hybridopt.data.blocks import TokenBlocks
-from hybridopt.models.modeling import load_teacher
 from hybridopt.recipes.distill import run_distill
 from hybridopt.reporting import Reporter
 from hybridopt.data.teacher_cache import build_cache, cache_key, ensure_cache, open_cache
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def teacher_and_blocks(tiny_teacher):
-    teacher, _ = load_teacher(tiny_teacher, CPU)
-    g = torch.Generator().manual_seed(0)
-    blocks = TokenBlocks(torch.randint(0, 500, (16 * 10 + 1,), generator=g), 16)
-    return teacher, blocks
 
 
 def test_cached_targets_are_the_teachers_top_k(teacher_and_blocks, tmp_path):
