@@ -88,6 +88,9 @@ def test_imports_flow_one_way(module):
             assert other == unit, f"{module} imports {imported}: {unit} and {other} are peers and stay apart"
         if imported.startswith("recipes.") and unit != "recipes":
             assert module == "cli", f"{module} imports the recipe {imported}: only the CLI may"
+        if imported.startswith("recipes.") and unit == "recipes" and module != "recipes":
+            # recipes are leaves: one may use only its own helper module, named after it (distill_resume)
+            assert imported.startswith(module + "_"), f"{module} imports the recipe {imported}: move what they share to the library"
         if unit in NO_CONFIG:
             assert other != "config", f"{module} imports the configs: take plain arguments instead"
 

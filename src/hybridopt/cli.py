@@ -274,7 +274,8 @@ def _launch_rank() -> str:
 
 
 def _generate(cfg: GenerateConfig) -> None:
-    from hybridopt.recipes.generate import check_prompt, generate_text, load_model
+    from hybridopt.recipes.generate import check_prompt, generate_text
+    from hybridopt.training.saved import load_model
     from hybridopt.utils import resolve_device
 
     from hybridopt.export.gguf_read import find_gguf, load_gguf

@@ -126,7 +126,8 @@ def test_a_prompt_that_is_not_utf8_is_refused_in_one_sentence(tiny_teacher, caps
 
 
 def test_a_prompt_longer_than_the_context_generates_from_its_end(tiny_teacher, capsys):
-    from hybridopt.recipes.generate import generate_text, load_model
+    from hybridopt.recipes.generate import generate_text
+    from hybridopt.training.saved import load_model
 
     model, tokenizer, _ = load_model(tiny_teacher, CPU)
     context = model.config.max_position_embeddings

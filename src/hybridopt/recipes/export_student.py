@@ -11,7 +11,7 @@ import torch
 from hybridopt.config import DistillConfig, ExportConfig
 from hybridopt.errors import UserError, for_flag
 from hybridopt.export.packed import PACKED_NAME, export_packed
-from hybridopt.recipes.generate import load_model
+from hybridopt.training.saved import load_model
 from hybridopt.export.gguf import GGUFReport, export_gguf, packed_codes
 from hybridopt.export.gguf_read import written_by_hybridopt
 from hybridopt.training.layout import OutputRefused, RunLayout, check_output, claim_output, occupied

@@ -8,41 +8,11 @@ stderr, as the llama.cpp path (`llama_cpp.llama_cpp_continue`) does; the whole p
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from hybridopt.errors import for_flag
-from hybridopt.export.packed import PACKED_NAME, load_packed
-from hybridopt.training.layout import RunLayout
-from hybridopt.models.tokenizer import load_tokenizer
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run folder means its packed export if there is one, else its full-precision student."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"'{path}' is not a directory")
-    run = RunLayout(path)
-    for candidate in (path, run.export, run.student):
-        if (candidate / PACKED_NAME).is_file() or (candidate / "config.json").is_file():
-            return candidate
-    raise ValueError(f"'{path}' holds no model ({PACKED_NAME} or config.json)")
-
-
-def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
-    """Model, tokenizer and a description (packed or full precision) from a folder."""
-    folder = resolve_model_dir(path)
-    tokenizer = load_tokenizer(folder)
-    if (folder / PACKED_NAME).is_file():
-        return load_packed(folder, device), tokenizer, f"packed export {folder / PACKED_NAME}"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
-                                                     trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for broken folders
-        raise ValueError(f"cannot load the model in '{folder}': {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), tokenizer, f"full-precision model {folder}"
 
 
 def check_prompt(prompt: str) -> None:
