@@ -262,6 +262,7 @@ def _starter(cfg: BenchConfig, device: torch.device, tasks: list):
         yield start
         return
     # spawn, not fork: a forked torch (its thread pools, CUDA) is unsafe
+    before = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(cfg, device))
     try:
@@ -273,6 +274,10 @@ def _starter(cfg: BenchConfig, device: torch.device, tasks: list):
             for process in list(pool._processes.values()):
                 process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
+        # A worker the pool did not list when it was terminated was seen alive afterwards (Python 3.11, under
+        # load): every process started since the pool was made is killed too.
+        for process in set(multiprocessing.active_children()) - before:
+            process.kill()
         raise
     pool.shutdown()
 
