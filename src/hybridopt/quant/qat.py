@@ -59,7 +59,13 @@ class QATConfig:
 
 
 class QATLinear(nn.Linear):
-    """`nn.Linear` whose forward uses fake-quantized weights (and optionally activations)."""
+    """`nn.Linear` whose forward uses fake-quantized weights (and optionally activations).
+
+    `mix` (1 by default) blends the latent and the quantized weight, `W + mix * (Q(W) - W)`, for a quantization
+    warmup from a pretrained model (0: full precision; the gradient reaches `W` unchanged either way).
+    """
+
+    mix: float = 1.0
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: float = TERNARY,
                  group_size: int | None = None, act_bits: int | None = None, device=None, dtype=None):
@@ -71,7 +77,10 @@ class QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits:
             x = fake_quantize_activations(x, self.act_bits)
-        return F.linear(x, fake_quantize_weight(self.weight, self.bits, self.group_size), self.bias)
+        w = fake_quantize_weight(self.weight, self.bits, self.group_size)
+        if self.mix < 1.0:
+            w = self.weight + self.mix * (w - self.weight)
+        return F.linear(x, w, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QATConfig, bits: float | None = None) -> "QATLinear":
@@ -142,6 +151,14 @@ def quantize_(model: nn.Module, config: QATConfig) -> list[str]:
     leftover = [n for n, m in model.named_modules() if type(m) is nn.Linear and n in names]
     assert not leftover, f"QAT left linears unquantized: {leftover}"
     return names
+
+
+def set_quantization_mix(model: nn.Module, mix: float) -> None:
+    """Blend every QAT layer's latent and quantized weights: 0 computes in full precision, 1 fully quantized."""
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"the quantization mix must lie in [0, 1], got {mix}")
+    for layer in qat_layers(model).values():
+        layer.mix = mix
 
 
 def qat_layers(model: nn.Module) -> dict[str, QATLinear]:

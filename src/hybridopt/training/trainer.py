@@ -48,7 +48,11 @@ class NonFiniteTraining(UserError):
 
 class TrainerCallback:
     """Hooks into a training step, all no-ops here: subclass and pass `callbacks=` to the Trainer (the test
-    suite's fault injection makes losses and gradients non-finite through them)."""
+    suite's fault injection makes losses and gradients non-finite through them; the quantization warmup sets
+    its blend through them)."""
+
+    def on_step_begin(self, step: int) -> None:
+        """Before the forward pass of step `step` (counted from 1; a resumed run goes on counting)."""
 
     def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss of step `step` (counted from 1), before the backward pass; returns the loss to use."""
@@ -294,6 +298,8 @@ class Trainer:
         decision, the optimizer's loss feature, the metrics and the printed loss are the global batch's."""
         cfg = self.cfg
         step = self.global_step + 1
+        for callback in self.callbacks:
+            callback.on_step_begin(step)
         loss, parts = self.batch_loss(self.dist.slice(indices), model=self.train_model)
         for callback in self.callbacks:
             loss = callback.on_loss(step, loss)
