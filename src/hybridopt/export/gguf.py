@@ -9,7 +9,9 @@ which encodes and decodes them; every encoded tensor is decoded again and compar
 with `==`.
 
 The scale must be constant over a block, so TQ types need one scale per 256 inputs (per row, or
-`--group_size` a multiple of 256) and row lengths that are multiples of 256 (`check_block_shapes`).
+`--group_size` a multiple of 256) and row lengths that are multiples of 256 (`check_block_shapes`). A model
+whose widths are not (SmolLM2-135M: 576) is written with `pad=True` as the same function at widths padded with
+zeros (`padding.py`), at the cost of the zeros' bytes.
 
 q_proj and k_proj rows are permuted as llama.cpp's `convert_hf_to_gguf.py` does (Hugging Face's rotary
 layout, two halves per head, to GGML's interleaved pairs); `transformers` undoes it on import.
@@ -36,19 +38,22 @@ from hybridopt.quant.bits import bits_name
 from hybridopt.fileio import atomic_write
 from hybridopt.export.gguf_codecs import BLOCK, LADDER, dequantize, encode, qtype
 from hybridopt.export.packed import _unpack, read_packed
+from hybridopt.export.padding import PadPlan, pad_codes, pad_state_dict, padded_config, plan_padding
 from hybridopt.quant.qat import qat_layers
 from hybridopt.quant.quantizers import code_offset, quantize_weight
 
 GGUF_TYPES = ("auto", "q1_0", "tq1_0", "tq2_0", "q8_0", "f16")  # what --type may ask for the linear layers
 EMBED_TYPES = ("f16", "q8_0", "q4_0")  # token embeddings and an unquantized LM head
+PAD_TO = 256  # what pad=True pads widths to: TQ1_0/TQ2_0's block, which every smaller block (q1_0, q8_0) divides
 
 
 class QuantizedLinear(NamedTuple):
-    """One quantized layer as the QAT model computes with it: weight `(q + code_offset(bits)) * scale`."""
+    """One quantized layer as the QAT model computes with it: weight `(q + offset) * scale`."""
 
     q: torch.Tensor  # (out, in) int8 codes
     scale: torch.Tensor  # (out, n_groups) float16-representable scales
     bits: float
+    offset: float | None = None  # None: `code_offset(bits)`; padded 2-bit codes have 0 (see padding.py)
 
 
 def qat_codes(model: torch.nn.Module) -> dict[str, QuantizedLinear]:
@@ -182,7 +187,7 @@ class GGUFReport:
 
 def export_gguf(model: torch.nn.Module, path: str | Path, tokenizer: PreTrainedTokenizerBase, gguf_type: str = "auto",
                 embed_type: str | None = None, codes: dict[str, QuantizedLinear] | None = None,
-                name: str = "hybridopt-student") -> GGUFReport:
+                name: str = "hybridopt-student", pad: bool | int = False) -> GGUFReport:
     """Write a Llama `model` as a GGUF file for llama.cpp; return what was written.
 
     Args:
@@ -196,10 +201,14 @@ def export_gguf(model: torch.nn.Module, path: str | Path, tokenizer: PreTrainedT
             (default: f16 with `gguf_type` f16, else q8_0).
         codes: quantized layers by module name (default: `qat_codes(model)`; `packed_codes` for a packed file).
         name: `general.name` in the file.
+        pad: write the model with its hidden size, query heads and intermediate size padded with zeros to
+            multiples of `PAD_TO` (True) or of this width, as the same function (`padding.py`), so a model whose
+            widths the blocks do not divide can be written at tq1_0/tq2_0; nothing changes where none is needed.
+            The report keeps the real parameter counts and says what was padded and what it costs.
 
     Raises:
         ValueError: an unsupported model, tokenizer or type, or a row length or scale group the asked
-            type's blocks do not divide (`check_block_shapes`).
+            type's blocks do not divide (`check_block_shapes`), also after padding.
         UserError: a quantized layer's scales are not finite, or the file cannot be written (a full disk);
             whatever was at `path` is left as it was.
     """
@@ -216,13 +225,19 @@ def export_gguf(model: torch.nn.Module, path: str | Path, tokenizer: PreTrainedT
         if not bool(torch.isfinite(c.scale).all()):
             raise UserError(f"the scales of layer '{module}' are not finite (NaN or infinity), so it has no GGUF "
                             "encoding; its model diverged: export a run whose weights are finite")
+    real = state = model.state_dict()
+    plan = _pad_plan(config, codes, pad)
+    if plan is not None:
+        state, codes, config = pad_state_dict(state, plan), pad_codes(codes, plan), padded_config(config, plan)
     check_block_shapes({n: (c.q.shape[1], c.q.shape[1] // c.scale.shape[1]) for n, c in codes.items()}, gguf_type)
-    layout = _layout(model, codes)
-    writer = _new_writer(model, tokenizer, name)
+    layout = _layout(model, config, codes)
+    writer = _new_writer(config, tokenizer, name, model.get_input_embeddings().weight.shape[0])
     parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     report = GGUFReport(str(path), gguf_type, embed_type, parameters=parameters)
-    layer_types = _add_tensors(writer, model, codes, layout, gguf_type, embed_type, report)
+    layer_types, nbytes = _add_tensors(writer, state, codes, layout, gguf_type, embed_type, report)
     _summarize(writer, report, layer_types, codes, gguf_type)
+    if plan is not None:
+        _note_padding(report, plan, real, state, nbytes, layout.linears)
     _write_file(writer, Path(path))
     report.file_bytes = Path(path).stat().st_size
     return report
@@ -240,8 +255,7 @@ class _Layout(NamedTuple):
     tied: bool
 
 
-def _layout(model: torch.nn.Module, codes: dict[str, QuantizedLinear]) -> _Layout:
-    config = model.config
+def _layout(model: torch.nn.Module, config, codes: dict[str, QuantizedLinear]) -> _Layout:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -252,24 +266,27 @@ def _layout(model: torch.nn.Module, codes: dict[str, QuantizedLinear]) -> _Layou
     return _Layout(heads, kv_heads, names, head_name, linears, tied)
 
 
-def _new_writer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> gguf.GGUFWriter:
+def _new_writer(config, tokenizer: PreTrainedTokenizerBase, name: str, vocab_rows: int) -> gguf.GGUFWriter:
     """A writer holding the file's metadata: name, quantizer, hyperparameters and tokenizer."""
     writer = gguf.GGUFWriter(None, "llama")
     writer.add_name(name)
     writer.add_quantized_by("hybridopt")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_hparams(writer, model.config)
-    _add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+    _add_hparams(writer, config)
+    _add_tokenizer(writer, tokenizer, vocab_rows)
     return writer
 
 
-def _add_tensors(writer: gguf.GGUFWriter, model: torch.nn.Module, codes: dict[str, QuantizedLinear], layout: _Layout,
-                 gguf_type: str, embed_type: str, report: GGUFReport) -> Counter:
-    """Every tensor of `model` in its type, each counted into `report`; returns how many linear layers went
-    to each type, `{(bits name or "full precision", type): layers}`."""
+def _add_tensors(writer: gguf.GGUFWriter, state: dict[str, torch.Tensor], codes: dict[str, QuantizedLinear],
+                 layout: _Layout, gguf_type: str, embed_type: str,
+                 report: GGUFReport) -> tuple[Counter, dict[str, int]]:
+    """Every tensor of the model's `state` dict in its type, each counted into `report`; returns how many
+    linear layers went to each type, `{(bits name or "full precision", type): layers}`, and each written
+    tensor's bytes by state dict key."""
     heads, kv_heads, names, head_name, linears, tied = layout
     layer_types: Counter = Counter()
-    for key, tensor in model.state_dict().items():
+    nbytes = {}
+    for key, tensor in state.items():
         module = key.removesuffix(".weight")
         if key.endswith("rotary_emb.inv_freq") or (tied and module == head_name):
             continue
@@ -287,10 +304,11 @@ def _add_tensors(writer: gguf.GGUFWriter, model: torch.nn.Module, codes: dict[st
         # Quantized data is uint8 (rows, bytes per row); the writer derives the logical shape from the type.
         writer.add_tensor(gguf_name, data, raw_dtype=None if kind in ("f16", "f32") else qtype(kind))
         report.tensor_types[gguf_name] = kind
+        nbytes[key] = data.nbytes
         if module in linears:
             report.linear_parameters += tensor.numel()
             report.linear_bytes += data.nbytes
-    return layer_types
+    return layer_types, nbytes
 
 
 def _summarize(writer: gguf.GGUFWriter, report: GGUFReport, layer_types: Counter, codes: dict[str, QuantizedLinear],
@@ -305,6 +323,30 @@ def _summarize(writer: gguf.GGUFWriter, report: GGUFReport, layer_types: Counter
     if gguf_type.startswith("tq") and any(c.bits == 1.0 for c in codes.values()):
         report.notes.append(f"1-bit layers are {gguf_type} codes +-1 (exact); --type q1_0 holds them in 1.125 "
                             "bits/weight but needs a llama.cpp that knows Q1_0")
+
+
+def _pad_plan(config, codes: dict[str, QuantizedLinear], pad: bool | int) -> PadPlan | None:
+    """The padding `pad` asks for (True: to multiples of `PAD_TO`), or None where none is asked or needed."""
+    if pad is False:
+        return None
+    if pad is not True and (not isinstance(pad, int) or pad < 1):
+        raise ValueError(f"pad must be True, False or a positive width to pad to multiples of, got {pad!r}")
+    plan = plan_padding(config, PAD_TO if pad is True else pad, codes)
+    return plan if plan.needed else None
+
+
+def _note_padding(report: GGUFReport, plan: PadPlan, real: dict[str, torch.Tensor], padded: dict[str, torch.Tensor],
+                  nbytes: dict[str, int], linears: set[str]) -> None:
+    """Put the real model's linear parameter count back into `report` (its bits per weight are then per real
+    weight), and note what was padded and what the zeros cost: each tensor's bytes times its share of zeros."""
+    stored = report.linear_parameters
+    report.linear_parameters = sum(t.numel() for k, t in real.items() if k.removesuffix(".weight") in linears)
+    zeros = sum(n * (1 - real[k].numel() / padded[k].numel()) for k, n in nbytes.items())
+    report.notes.append(f"padded with zeros (the same function) {plan.describe()}; the zeros cost "
+                        f"{zeros / 2**20:.2f} MiB of the file, the linear layers store "
+                        f"{stored / report.linear_parameters:.2f}x their real weights: "
+                        f"{report.linear_bits_per_weight:.4f} bits per real weight, "
+                        f"{8 * report.linear_bytes / stored:.4f} per stored one")
 
 
 def _write_file(writer: gguf.GGUFWriter, path: Path) -> None:
@@ -364,7 +406,7 @@ def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 def _quantized_tensor(c: QuantizedLinear, gguf_type: str, n_head: int | None) -> tuple[str, np.ndarray]:
     """The narrowest type from `gguf_type` up that holds the layer exactly, and its data."""
     in_f = c.q.shape[1]
-    levels = c.q.float().numpy() + np.float32(code_offset(c.bits))
+    levels = c.q.float().numpy() + np.float32(code_offset(c.bits) if c.offset is None else c.offset)
     scale = np.repeat(c.scale.float().numpy(), in_f // c.scale.shape[1], axis=1)
     if n_head is not None:
         levels, scale = _permute_rows(levels, n_head), _permute_rows(scale, n_head)
