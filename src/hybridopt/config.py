@@ -81,21 +81,36 @@ def _canonical_bits(bits: float) -> float:
 
 @dataclass
 class StudentConfig:
-    """Student: the Llama-style student's shape.
+    """Student: a fresh Llama-style student of the size given here, or the teacher itself (--student teacher).
 
-    Defaults are multiples of 256 (llama.cpp's ternary types need it)."""
+    A fresh student's defaults are multiples of 256 (llama.cpp's ternary types need it)."""
 
+    student: str = _arg("llama", "llama: a freshly initialised Llama of the size below; teacher: the teacher's own architecture and weights (a Llama-family teacher), quantized by --qat/--ternary/--bits and distilled from the full-precision original", choices=["llama", "teacher"])
     student_hidden: int = _arg(256, "student hidden size (a multiple of 256 keeps llama.cpp's ternary types usable)")
-    student_layers: int = _arg(2, "number of student transformer blocks")
+    student_layers: int | None = _arg(None, "number of student transformer blocks (default: 2; with --student teacher, keep this many of the teacher's layers, chosen by --layer_choice; default all)")
     student_intermediate: int = _arg(512, "student MLP size (a multiple of 256 keeps llama.cpp's ternary types usable)")
     student_heads: int = _arg(4, "student attention heads; must divide --student_hidden")
     student_kv_heads: int | None = _arg(None, "student key/value heads for GQA (default: --student_heads)")
     tie_embeddings: bool = _arg(False, "tie the student's input embedding and LM head")
+    layer_choice: str = _arg("even", "with --student teacher and --student_layers: which teacher layers to keep: even (evenly spaced, first and last kept) or measured (ShortGPT's block influence on calibration batches: the layers that change the hidden state most)", choices=["even", "measured"])
+
+    # a fresh student's shape: with --student teacher the teacher's shape is used, so these must stay unset
+    _SHAPE = ("student_hidden", "student_intermediate", "student_heads", "student_kv_heads", "tie_embeddings")
 
     def __post_init__(self):
         _finite(self, StudentConfig)
         for name in ("student_hidden", "student_layers", "student_intermediate", "student_heads", "student_kv_heads"):
             _positive(name, getattr(self, name))
+        if self.student == "teacher":
+            for name in self._SHAPE:
+                if getattr(self, name) != getattr(StudentConfig, name):
+                    raise UserError(f"--{name} sizes a fresh student; with --student teacher the student has the "
+                                    "teacher's shape (only --student_layers applies): drop it")
+            return
+        if self.layer_choice != "even":
+            raise UserError("--layer_choice picks the teacher layers a student keeps: it needs --student teacher")
+        if self.student_layers is None:
+            self.student_layers = 2
         if self.student_hidden % self.student_heads:
             raise UserError(
                 f"--student_heads {self.student_heads} must divide --student_hidden {self.student_hidden}"
@@ -205,7 +220,8 @@ class QuantConfig:
     avg_bits: float | None = _arg(None, "with --param_clusters: average stored code bits per weight allowed (packed ternary costs 1.6; the float16 scales come on top and are reported); default the base width, e.g. 1.58 = all ternary")
     plan_method: str = _arg("measured", "with --param_clusters: measured (the plan within budget with the lowest calibration loss), sensitivity (the lowest Fisher-weighted error) or random (a control)", choices=["measured", "sensitivity", "random"])
     plan_after_epochs: int = _arg(1, "with --param_clusters and --qat: full-precision epochs before the plan is measured and QAT starts")
-    calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information and the in-context loss are measured on")
+    calibration_batches: int = _arg(8, "with --param_clusters: training batches the Fisher information and the in-context loss are measured on (and --layer_choice measured its block influence)")
+    quant_warmup: int = _arg(0, "with --qat: blend the latent and quantized weights, W + l * (Q(W) - W), l rising linearly to 1 over this many first steps (0: quantized from the first step)")
 
     @property
     def weight_bits(self) -> float | None:
@@ -225,6 +241,13 @@ class QuantConfig:
         if self.weight_bits is None and (self.group_size or self.act_bits or self.quantize_head):
             raise UserError("--group_size, --act_bits and --quantize_head need --qat, --ternary or --bits")
         _positive("group_size", self.group_size)
+        if self.quant_warmup < 0:
+            raise UserError(f"--quant_warmup must be non-negative, got {self.quant_warmup}")
+        if self.quant_warmup and not self.qat:
+            raise UserError("--quant_warmup blends weights during quantization-aware training: it needs --qat")
+        if self.quant_warmup and self.param_clusters is not None:
+            raise UserError("--quant_warmup with --param_clusters is not supported (the plan switches QAT on after "
+                            "--plan_after_epochs); drop one of them")
         if self.param_clusters is None:
             if self.avg_bits is not None or self.plan_method != "measured":
                 raise UserError("--avg_bits and --plan_method need --param_clusters")
@@ -275,6 +298,9 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
     temperature: float = _arg(2.0, "softmax temperature for the distillation KL (scaled by T^2)")
     teacher_topk: int | None = _arg(None, f"offline distillation: cache the teacher's top-K log-probabilities once (per teacher, data, K and temperature; built on first use, or ahead with `hybridopt teacher-cache`) and train from them instead of running the teacher every step; alone: {DEFAULT_TOPK}", nargs="?", const=DEFAULT_TOPK)
     teacher_dtype: str = _arg("float32", "dtype of the teacher's weights and activations (bfloat16 and float16 halve its memory; losses stay float32)", choices=["float32", "bfloat16", "float16"])
+    kd_loss: str = _arg("forward_kl", "the distillation divergence between teacher and student distributions: forward_kl (Hinton), reverse_kl (MiniLLM), skew_kl / skew_rkl (DistiLLM, skew 0.1), jsd (GKD, beta 0.5) or tv (total variation)", choices=["forward_kl", "reverse_kl", "skew_kl", "skew_rkl", "jsd", "tv"])
+    hidden_distill: float = _arg(0.0, "with --student teacher: weight of the hidden-state loss, one minus the cosine between each student layer's output and its teacher layer's (0: off)")
+    attn_distill: float = _arg(0.0, "with --student teacher: weight of MiniLMv2 attention-relation distillation (query, key and value relations of the last layer, as BitDistill; 0: off)")
     teacher_tail: str = _arg("bucket", "with --teacher_topk: the vocabulary outside the cached top-K as one bucket or as the teacher's remaining mass spread evenly (uniform)", choices=["bucket", "uniform"])
     baseline: bool = _arg(True, "also train the same student without a teacher (CE only, same seed and steps) and report it; --no-baseline skips it", flag="baseline")
     save_metrics: bool = _arg(False, "write per-step and per-epoch metrics (CSV and JSONL)")
@@ -318,12 +344,29 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
         _positive("temperature", self.temperature)
+        self._check_teacher_start()
         if self.metrics_out:
             self.save_metrics = True
         if self.fsdp:
             raise UserError("--fsdp is not supported yet: the hybrid optimizer's trust-region norms and hypergradient "
                             "dot products are not yet reduced across parameter shards; drop --fsdp (under torchrun, "
                             "distill trains with DistributedDataParallel, each process holding the whole student)")
+
+    def _check_teacher_start(self) -> None:
+        """The losses only a student started from its teacher can take, and what each needs."""
+        for name in ("hidden_distill", "attn_distill"):
+            value = getattr(self, name)
+            if value < 0:
+                raise UserError(f"--{name} must be non-negative, got {value}")
+            if value and self.student != "teacher":
+                raise UserError(f"--{name} pairs each student layer with the teacher layer it came from: it needs "
+                                "--student teacher")
+            if value and self.teacher_topk is not None:
+                raise UserError(f"--{name} needs the teacher's activations, which --teacher_topk's cache does not "
+                                "hold: drop one of them")
+        if self.kd_loss != "forward_kl" and self.alpha == 1.0:
+            raise UserError(f"--kd_loss {self.kd_loss} needs --alpha below 1 (with --alpha 1 there is no "
+                            "distillation term)")
 
     def _check_gguf(self) -> None:
         """--gguf with a narrow type: a quantized run whose shapes its blocks tile, checked before any training."""
@@ -333,7 +376,9 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
         if self.weight_bits is None:
             raise UserError(f"--gguf {self.gguf} holds quantized weights only; add --ternary (with --qat) or --bits, "
                             "or use --gguf q8_0 or f16")
-        for name in ("student_hidden", "student_intermediate", "group_size"):
+        # a student started from its teacher has the teacher's widths: the export pads them to whole blocks
+        names = ("group_size",) if self.student == "teacher" else ("student_hidden", "student_intermediate", "group_size")
+        for name in names:
             value = getattr(self, name)
             if value is not None and value % block:
                 raise UserError(f"--gguf {self.gguf} needs --{name} to be a multiple of {block}, got {value}")

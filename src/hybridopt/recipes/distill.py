@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from hybridopt.fileio import atomic_write, remove_stale_temporaries
 from hybridopt.training.checkpoint import CHECKPOINT_NAME
@@ -36,15 +36,18 @@ from hybridopt.export.gguf import GGUFReport, export_gguf
 from hybridopt.training.layout import RUN_CONFIG, OutputRefused, RunLayout, check_output, claim_output, lock_run
 from hybridopt.manager import format_summary
 from hybridopt.training.metrics import metrics_files
-from hybridopt.models.modeling import build_model, context_length, load_teacher, num_parameters, student_config, vocab_size
+from hybridopt.models.modeling import context_length, load_teacher, num_parameters
 from hybridopt.quant.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
 from hybridopt.quant.qat import QATConfig, check_group_size, quantizable_linears, quantize_
 from hybridopt.training.quant_report import format_report, quantization_report, save_report
 from hybridopt.recipes.distill_resume import refuse_occupied, resolve_run
+from hybridopt.recipes.distill_student import StudentSpec, student_spec
 from hybridopt.reporting import Reporter
 from hybridopt.training.default_teacher import ensure_default_teacher
 from hybridopt.data.teacher_cache import TeacherCache, ensure_cache
+from hybridopt.training.feature_distill import FeatureDistill
 from hybridopt.training.objectives import objective_for
+from hybridopt.training.quant_warmup import QuantWarmup
 from hybridopt.training.step import describe_optimizer, optimizer_summary
 from hybridopt.training.trainer import Trainer
 from hybridopt.utils import cache_dir, resolve_device, seed_everything
@@ -69,7 +72,7 @@ class RunData:
     train: TokenBlocks
     val: TokenBlocks
     clusters: DataClusters | None
-    student_config: LlamaConfig
+    student: StudentSpec
     quant: QATConfig | None
     config_dict: dict
 
@@ -167,10 +170,12 @@ class DistillRecipe:
                 atomic_write(layout.config, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
             else:  # a kill inside an export write (the trainers clean their own folders)
                 remove_stale_temporaries(layout.export)
-        s_config, quant = self._setup_student(tokenizer, device)
+        spec, quant = self._setup_student(tokenizer, train, device)
+        s_config = spec.config
         say(f"Teacher: {self.teacher_dir} ({num_parameters(self.teacher) / 1e6:.2f}M parameters, {cfg.teacher_dtype})")
-        say(f"Student: Llama, {num_parameters(self.student) / 1e6:.2f}M parameters, {cfg.student_layers} layers x "
-            f"{cfg.student_hidden} hidden, vocab {s_config.vocab_size}")
+        start = "started from the teacher's weights" if spec.layer_map is not None else "freshly initialised"
+        say(f"Student: Llama, {num_parameters(self.student) / 1e6:.2f}M parameters, {s_config.num_hidden_layers} "
+            f"layers x {s_config.hidden_size} hidden, vocab {s_config.vocab_size}, {start}")
         say(f"Data: {desc}; {train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens, "
             f"sequences of {cfg.seq_len}")
         clusters = None
@@ -178,7 +183,7 @@ class DistillRecipe:
             with for_flag("--data_clusters"):
                 clusters = cluster_data(self.teacher, train, val, cfg.data_clusters, cfg.seed, cfg.batch_size,
                                         device, cache_dir() / "clusters")
-        self.data = RunData(layout, resuming, device, tokenizer, train, val, clusters, s_config, quant, config_dict)
+        self.data = RunData(layout, resuming, device, tokenizer, train, val, clusters, spec, quant, config_dict)
         if quant and cfg.qat and not cfg.param_clusters:
             self._quantize(quant, "quantization-aware training")
         if clusters is not None:
@@ -222,15 +227,14 @@ class DistillRecipe:
             return ensure_cache(self.teacher, train, self.cfg.teacher_topk, self.cfg.temperature,
                                 cache_dir() / "teacher-logits", self.cfg.batch_size, device, self.reporter)
 
-    def _setup_student(self, tokenizer: PreTrainedTokenizerBase,
-                       device: torch.device) -> tuple[LlamaConfig, QATConfig | None]:
-        """The student (sharing the teacher's vocabulary) and the quantization the flags ask for, checked
-        against its shapes now: PTQ and precision plans quantize only after training."""
+    def _setup_student(self, tokenizer: PreTrainedTokenizerBase, train: TokenBlocks,
+                       device: torch.device) -> tuple[StudentSpec, QATConfig | None]:
+        """The student (a fresh one sharing the teacher's vocabulary, or the teacher's own weights) and the
+        quantization the flags ask for, checked against its shapes now: PTQ and precision plans quantize only
+        after training."""
         cfg = self.cfg
-        ctx = context_length(self.teacher.config)
-        s_config = student_config(self.teacher.config, vocab_size(self.teacher), cfg, tokenizer,
-                                  max_positions=ctx or cfg.seq_len)
-        self.student = build_model(s_config, cfg.seed).to(device)
+        spec = student_spec(cfg, self.teacher, tokenizer, train, device, self.reporter)
+        self.student = spec.build(self.teacher, cfg.seed, device)
         quant = quant_config(cfg)
         if quant:
             with for_flag("--group_size"):
@@ -239,7 +243,7 @@ class DistillRecipe:
             if cfg.param_clusters and cfg.param_clusters > n_layers:
                 raise UserError(f"--param_clusters {cfg.param_clusters} exceeds the {n_layers} quantized layers; "
                                 f"ask for at most {n_layers}")
-        return s_config, quant
+        return spec, quant
 
     def _build_trainer(self) -> None:
         cfg, d = self.cfg, self.data
@@ -249,11 +253,20 @@ class DistillRecipe:
         if self.name:
             metrics = metrics.with_name(f"{metrics.stem}_{self.name}.csv")
         config_dict = d.config_dict if self.teacher is not None else {**d.config_dict, "alpha": 1.0, "teacher_path": None}
-        objective = objective_for(self.teacher, self.teacher_cache, cfg.alpha, cfg.temperature, cfg.teacher_tail)
+        features = None
+        if self.teacher is not None and (cfg.hidden_distill or cfg.attn_distill):
+            features = FeatureDistill(self.student, self.teacher, d.student.layer_map, cfg.hidden_distill,
+                                      cfg.attn_distill)
+        objective = objective_for(self.teacher, self.teacher_cache, cfg.alpha, cfg.temperature, cfg.teacher_tail,
+                                  cfg.kd_loss, features)
+        callbacks = [QuantWarmup(self.student, cfg.quant_warmup)] if cfg.quant_warmup else []
         self.trainer = Trainer(cfg, self.student, d.train, d.val, out, d.device, objective,
                                metrics_path=metrics if cfg.save_metrics else None, name=self.name,
                                config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
-                               reporter=self.reporter, dist=self.dist)
+                               reporter=self.reporter, dist=self.dist, callbacks=callbacks)
+        if cfg.quant_warmup >= self.trainer.total_steps:
+            raise UserError(f"--quant_warmup {cfg.quant_warmup} must be below the run's {self.trainer.total_steps} "
+                            "steps, so that training ends fully quantized")
         self.trainer.setup(resume=d.resuming)
 
     def baseline(self) -> DistillRecipe:
@@ -261,11 +274,13 @@ class DistillRecipe:
         without a teacher: a second recipe sharing this one's data."""
         base = DistillRecipe(self.cfg, self.reporter, dist=self.dist)
         base.name, base.data, base.plan = "baseline", self.data, self.plan
-        base.student = build_model(self.data.student_config, self.cfg.seed).to(self.data.device)
+        # the teacher object is only read for its weights (a teacher start); the baseline never runs it
+        base.student = self.data.student.build(self.teacher, self.cfg.seed, self.data.device)
         if self.data.quant and self.cfg.qat and not self.cfg.param_clusters:
             base._quantize(self.data.quant)
         base._build_trainer()
-        self.reporter.line("Baseline: the same student without a teacher (cross-entropy only), same seed and steps")
+        self.reporter.line("Baseline: the same student without a teacher (cross-entropy only), same seed and steps"
+                           + (", started from the teacher's weights" if self.cfg.student == "teacher" else ""))
         return base
 
     # ------------------------------------------------------------------ train
@@ -349,8 +364,10 @@ class DistillRecipe:
             claim_output(d.layout.export, "export")  # ours: `hybridopt export` may write into it again
         if self.cfg.gguf:
             with for_flag("--gguf"):
+                # a student started from its teacher has the teacher's widths, padded exactly to whole blocks
                 self.gguf = export_gguf(self.student, d.layout.export / f"model-{self.cfg.gguf}.gguf", d.tokenizer,
-                                        self.cfg.gguf, name=d.layout.root.resolve().name)
+                                        self.cfg.gguf, name=d.layout.root.resolve().name,
+                                        pad=self.cfg.student == "teacher")
             self.reporter.line(self.gguf.format())
         if not d.quant:
             return None
@@ -468,16 +485,19 @@ def _distill(recipe: DistillRecipe, stop_after_epoch: int | None, dist: DistEnv)
 
 def format_results(results: dict) -> str:
     """The validation table: teacher, distilled student and no-teacher student."""
+    from_teacher = results["config"].get("student") == "teacher"
     rows = [("teacher", results["teacher"]), ("student (distilled)", results["student"])]
     if "baseline" in results:
-        rows.append(("student (no teacher)", results["baseline"]))
+        rows.append(("student (CE only)" if from_teacher else "student (no teacher)", results["baseline"]))
     tokens = results["student"]["tokens"]
     lines = [f"\nValidation on {tokens:,} held-out tokens:", f"  {'model':<22}{'loss':>10}{'perplexity':>12}"]
     lines += [f"  {name:<22}{r['loss']:>10.4f}{r['ppl']:>12.2f}" for name, r in rows]
     if "baseline" in results:
         gain = results["baseline"]["loss"] - results["student"]["loss"]
+        against = ("the same teacher-started student trained on cross-entropy alone" if from_teacher
+                   else "the no-teacher student")
         lines.append(f"  distillation {'lowers' if gain > 0 else 'raises'} validation loss by {abs(gain):.4f} "
-                     "nats/token against the no-teacher student")
+                     f"nats/token against {against}")
     return "\n".join(lines)
 
 

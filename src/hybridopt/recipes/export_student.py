@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hybridopt.config import DistillConfig, ExportConfig
+from hybridopt.config import GGUF_BLOCKS, DistillConfig, ExportConfig
 from hybridopt.errors import UserError, for_flag
 from hybridopt.export.packed import PACKED_NAME, export_packed
 from hybridopt.training.saved import load_model
@@ -117,7 +117,9 @@ def export_student_gguf(cfg: ExportConfig, gguf_type: str, embed_type: str | Non
         claim_output(run.export, "export")
     out.parent.mkdir(parents=True, exist_ok=True)  # a new file in a folder of yours replaces nothing
     with for_flag("--type"):
-        report = export_gguf(model, out, tokenizer, gguf_type, embed_type, codes=codes, name=src.resolve().name)
+        # widths the ternary and 1-bit blocks do not divide (a pretrained model's, 576) are padded exactly
+        report = export_gguf(model, out, tokenizer, gguf_type, embed_type, codes=codes, name=src.resolve().name,
+                             pad=gguf_type in GGUF_BLOCKS or gguf_type == "auto")
     if quant is not None and quant.act_bits:
         report.notes.append("the run quantized activations per token (--act_bits 8); llama.cpp quantizes them "
                             "per block of 32 or 256 itself, so its outputs differ slightly")

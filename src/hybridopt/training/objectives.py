@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from hybridopt.data.teacher_cache import TeacherCache, TopKTargets
+from hybridopt.training.feature_distill import FeatureDistill
 from hybridopt.training.losses import kd_loss
 
 
@@ -40,17 +41,25 @@ class CrossEntropy:
 
 @dataclass
 class DistillFromTeacher:
-    """`alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)` at temperature T, the frozen teacher run on the
-    batch under `no_grad`."""
+    """`alpha * CE + (1 - alpha) * T^2 * D(teacher, student)` at temperature T, the frozen teacher run on the
+    batch under `no_grad`; `D` is forward KL unless `divergence` names another (`losses.DIVERGENCES`). With
+    `features`, the weighted hidden-state and attention-relation losses of that forward pass are added."""
 
     teacher: torch.nn.Module
     alpha: float = 0.5
     temperature: float = 2.0
+    divergence: str = "forward_kl"
+    features: FeatureDistill | None = None
 
     def __call__(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=batch.input_ids).logits  # (B, T, V)
-        return kd_loss(logits, batch.labels, teacher_logits, self.alpha, self.temperature, batch.weights)
+        loss, parts = kd_loss(logits, batch.labels, teacher_logits, self.alpha, self.temperature, batch.weights,
+                              divergence=self.divergence)
+        if self.features is not None:
+            extra, more = self.features.loss()
+            loss, parts = loss + extra, {**parts, **more}
+        return loss, parts
 
 
 @dataclass
@@ -62,18 +71,23 @@ class DistillFromCache:
     alpha: float = 0.5
     temperature: float = 2.0
     tail: str = "bucket"
+    divergence: str = "forward_kl"
 
     def __call__(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         topk = TopKTargets(*(t.to(logits.device) for t in self.cache.targets(batch.indices)))  # (B, T, k)
-        return kd_loss(logits, batch.labels, None, self.alpha, self.temperature, batch.weights, topk, self.tail)
+        return kd_loss(logits, batch.labels, None, self.alpha, self.temperature, batch.weights, topk, self.tail,
+                       divergence=self.divergence)
 
 
 def objective_for(teacher: torch.nn.Module | None = None, cache: TeacherCache | None = None, alpha: float = 0.5,
-                  temperature: float = 2.0, tail: str = "bucket") -> Objective:
+                  temperature: float = 2.0, tail: str = "bucket", divergence: str = "forward_kl",
+                  features: FeatureDistill | None = None) -> Objective:
     """The objective of a run: from the cache when there is one, else from the live teacher, else (or with
-    `alpha` 1, which leaves no KL term) plain cross-entropy."""
+    `alpha` 1, which leaves no KL term) plain cross-entropy. `features` (hidden-state and attention-relation
+    losses) need the live teacher."""
     if alpha < 1.0 and cache is not None:
-        return DistillFromCache(cache, alpha, temperature, tail)
-    if alpha < 1.0 and teacher is not None:
-        return DistillFromTeacher(teacher, alpha, temperature)
+        assert features is None, "feature distillation runs the teacher: it cannot train from the cache"
+        return DistillFromCache(cache, alpha, temperature, tail, divergence)
+    if teacher is not None and (alpha < 1.0 or features is not None):
+        return DistillFromTeacher(teacher, alpha, temperature, divergence, features)
     return CrossEntropy()
