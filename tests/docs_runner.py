@@ -51,9 +51,13 @@ ENV_ASSIGNMENT = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")  # a variable set for one c
 # rather than one of two: `--param_clusters` with `--qat` needs --plan_after_epochs (1) < --epochs.
 # Validation dominates a tiny run, so batches of 16 (fewer forward passes) and no no-teacher baseline
 # (it would double every run; tests/recipes/test_cli.py and tests/recipes/test_distill.py cover it).
-TINY_STUDENT = ["--student_hidden", "32", "--student_layers", "1", "--student_intermediate", "64",
-                "--student_heads", "2", "--student_kv_heads", "2", "--seq_len", "32", "--batch_size", "16",
-                "--epochs", "2", "--max_steps_per_epoch", "1", "--device", "cpu", "--no-baseline"]
+TINY_SHAPE = ["--student_hidden", "32", "--student_layers", "1", "--student_intermediate", "64", "--student_heads", "2",
+              "--student_kv_heads", "2"]
+TINY_LOOP = ["--seq_len", "32", "--batch_size", "16", "--epochs", "2", "--max_steps_per_epoch", "1", "--device", "cpu",
+             "--no-baseline"]
+TINY_STUDENT = TINY_SHAPE + TINY_LOOP
+# A student started from its (tiny) teacher has the teacher's shape: one of its layers, the tiny loop.
+TINY_TEACHER_START = ["--student_layers", "1", *TINY_LOOP]
 TINY_TEACHER = ["--vocab_size", "300", "--hidden", "32", "--layers", "1", "--intermediate", "64", "--heads", "2",
                 "--context", "64", "--seq_len", "32", "--batch_size", "8", "--epochs", "1",
                 "--max_steps_per_epoch", "2", "--device", "cpu"]
@@ -204,7 +208,8 @@ class DocRun:
                 given = _value(args, flag)
                 if given is None or not (self.workdir / given).exists():  # a path an earlier block made is kept
                     args += [flag, str(path)]
-            args += TINY_STUDENT + (TINY_GROUP_SIZE if _has(args, "--group_size") else [])
+            args += TINY_TEACHER_START if _value(args, "--student") == "teacher" else TINY_STUDENT
+            args += TINY_GROUP_SIZE if _has(args, "--group_size") else []
             args += TINY_GGUF["--gguf"] if _has(args, "--gguf") else []
             resume = _value(args, "--resume") if _has(args, "--resume") else None
             if _has(args, "--resume"):

@@ -2,6 +2,7 @@
 check per value, so the flag and `HybridOptimizer` refuse the same values), and the run configs compose them."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -37,7 +38,7 @@ def test_the_run_configs_are_composed_of_the_components():
     assert issubclass(TeacherConfig, TrainConfig) and not issubclass(TeacherConfig, QuantConfig)
     distill = {f.name for f in dataclasses.fields(DistillConfig)}
     parts = set().union(*({f.name for f in dataclasses.fields(c)} for c in components))
-    assert parts <= distill and len(distill) == 62  # every flag `hybridopt distill` had, none lost or doubled
+    assert parts <= distill and len(distill) == 68  # every flag `hybridopt distill` has, none lost or doubled
 
 
 def test_each_component_checks_its_own_values():
@@ -80,3 +81,19 @@ def test_a_checkpoint_write_failing_without_a_message_is_one_sentence(tmp_path, 
     monkeypatch.setattr(checkpoint.torch, "save", fail)
     with pytest.raises(UserError, match=r"cannot write the checkpoint .* \(RuntimeError\); is the disk full\?"):
         checkpoint.save_checkpoint(tmp_path, {"x": 1})
+
+
+@pytest.mark.parametrize("field, value", [("autocast", "foo"), ("student", "gpt2"), ("kd_loss", "kl"),
+                                          ("teacher_dtype", "int8")])
+def test_a_run_config_naming_a_value_outside_a_flags_choices_is_unreadable(tmp_path, field, value):
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps({field: value}))
+    with pytest.raises(UserError, match=rf"the run config '.*' is unreadable \({field} is '{value}'\)"):
+        DistillConfig.from_file(path)
+    path.write_text(json.dumps({field: DistillConfig.__dataclass_fields__[field].default}))
+    DistillConfig.from_file(path)  # the default is accepted
+
+
+def test_an_empty_out_is_refused():
+    with pytest.raises(UserError, match="--out is empty"):
+        DistillConfig(out=" ")

@@ -313,6 +313,11 @@ def test_injected_non_finite_steps_are_skipped_logged_and_the_run_finishes(tiny_
                for i, r in enumerate(rows) if i != 2 and i != 5)
     res = json.loads((out / "results.json").read_text())["student"]
     assert res["skipped_steps"] == 2 and res["steps"] == 8
+    # strict JSON: the skipped steps' nan and inf are null in the JSONL metrics and results.json's history
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))  # noqa: E731
+    steps = [r for r in map(strict, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "step"]
+    assert steps[2]["loss"] is None and steps[5]["grad_norm"] is None
+    strict((out / "results.json").read_text())
     weights = load_file(out / "student" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
@@ -502,3 +507,16 @@ def test_a_run_whose_weights_overflow_ends_with_one_sentence_and_exports_nothing
     assert "so nothing was saved or exported; start a new run with a lower --lr" in last
     assert (out / "checkpoint.pt").is_file()  # what was written stays
     assert not (out / "student").exists() and not (out / "results.json").exists()
+
+
+def test_json_files_hold_no_bare_nan():
+    """results.json, the quantization report and the JSONL metrics go through fileio.json_text: a non-finite
+    value (a skipped step's gradient norm, a diverged loss) is null, which every JSON reader accepts."""
+    import json as _json
+
+    from hybridopt.fileio import json_text
+
+    text = json_text({"loss": float("nan"), "ppl": float("inf"), "rows": [1.5, float("-inf"), {"g": float("nan")}]})
+    assert "NaN" not in text and "Infinity" not in text
+    assert _json.loads(text) == {"loss": None, "ppl": None, "rows": [1.5, None, {"g": None}]}
+    assert "\n" not in json_text({"a": [1, 2]}, indent=None)

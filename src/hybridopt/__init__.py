@@ -29,6 +29,7 @@ _API = {
     "QATConfig": "hybridopt.quant.qat",
     "QATLinear": "hybridopt.quant.qat",
     "quantize_": "hybridopt.quant.qat",
+    "set_quantization_mix": "hybridopt.quant.qat",
     "TERNARY": "hybridopt.quant.bits",
     "quantize_weight": "hybridopt.quant.quantizers",
     "dequantize_weight": "hybridopt.quant.quantizers",
@@ -37,6 +38,10 @@ _API = {
     "plan_for_model": "hybridopt.quant.precision_plan",
     "export_packed": "hybridopt.export.packed",
     "load_packed": "hybridopt.export.packed",
+    # students that start from their teacher
+    "student_from_teacher": "hybridopt.models.from_teacher",
+    "even_layers": "hybridopt.models.from_teacher",
+    "measured_layers": "hybridopt.models.from_teacher",
     # data
     "ClusterStratifiedBatchSampler": "hybridopt.data.sampler",
     "ShuffledBatchSampler": "hybridopt.data.sampler",
@@ -44,6 +49,8 @@ _API = {
     "TokenBlocks": "hybridopt.data.blocks",
     # training and evaluation
     "kd_loss": "hybridopt.training.losses",
+    "FeatureDistill": "hybridopt.training.feature_distill",
+    "QuantWarmup": "hybridopt.training.quant_warmup",
     "evaluate_lm": "hybridopt.training.evaluation",
     "Trainer": "hybridopt.training.trainer",
     "Reporter": "hybridopt.reporting",

@@ -17,6 +17,7 @@ import os
 import types
 import typing
 from pathlib import Path
+import dataclasses
 from dataclasses import dataclass, field
 
 from hybridopt.errors import UserError
@@ -320,9 +321,12 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
             if not isinstance(saved, dict):
                 raise ValueError("not a JSON object")
             hints = typing.get_type_hints(cls)
+            choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(cls)}
             values = {k: v for k, v in saved.items() if k in hints and k != "resume"}
             for name, value in values.items():
-                if not _fits(value, hints[name]):
+                allowed = choices.get(name)
+                if not _fits(value, hints[name]) or (allowed and value is not None
+                                                     and not set(value if isinstance(value, list) else [value]) <= set(allowed)):
                     raise ValueError(f"{name} is {value!r}")
             return cls(**values)
         except (ValueError, TypeError, UserError) as e:
@@ -344,6 +348,8 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
         _positive("temperature", self.temperature)
+        if self.out is not None and not self.out.strip():
+            raise UserError("--out is empty; name a folder (or leave --out out for hybridopt-runs/distill-<timestamp>)")
         self._check_teacher_start()
         if self.metrics_out:
             self.save_metrics = True

@@ -63,3 +63,19 @@ def read_safetensors_header(path: Path, max_bytes: int = 100 << 20) -> tuple[dic
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     return header, n
+
+
+def json_text(value, indent: int | None = 2) -> str:
+    """`value` as indented JSON that any JSON reader accepts: NaN and infinities (a diverged loss, a perplexity
+    that overflowed) become null, which Python's `json` would otherwise write as the non-JSON `NaN`."""
+
+    def clean(v):
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=indent, allow_nan=False)

@@ -33,15 +33,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import torch
 
 from hybridopt.quant.quantizers import code_offset
-
-if TYPE_CHECKING:
-    from hybridopt.export.gguf import QuantizedLinear
 
 # The widths each axis of a Llama weight runs over, by module name's last part: (rows, columns), or (width,)
 # for a norm. "q": the query heads (n_head * head_dim); "vocab" and "kv" are never padded.
@@ -100,7 +97,7 @@ def _kind(name: str) -> str:
     return name.removesuffix(".weight").rsplit(".", 1)[-1]
 
 
-def plan_padding(config, multiple: int, codes: Mapping[str, "QuantizedLinear"]) -> PadPlan:
+def plan_padding(config, multiple: int, codes: Mapping[str, NamedTuple]) -> PadPlan:
     """The smallest widths of `config`'s Llama model that are multiples of `multiple` (and of every scale
     group of `codes` reading them), with the same number of zero query heads added to each KV group.
 
@@ -183,8 +180,8 @@ def _regroup(scale: torch.Tensor, in_f: int, cols: np.ndarray, name: str, plan: 
     return torch.where(lo.isinf(), 0.0, lo)
 
 
-def pad_codes(codes: Mapping[str, "QuantizedLinear"], plan: PadPlan) -> dict[str, "QuantizedLinear"]:
-    """Quantized layers at the padded widths: the zero level in new rows and columns, the scales kept (new
+def pad_codes(codes: Mapping[str, NamedTuple], plan: PadPlan) -> dict[str, NamedTuple]:
+    """Quantized layers (`export.gguf.QuantizedLinear`, which imports this module) at the padded widths: the zero level in new rows and columns, the scales kept (new
     rows: 0), 2-bit codes re-expressed with a zero level (codes 2q + 1, scale s / 2, offset 0).
 
     Raises:

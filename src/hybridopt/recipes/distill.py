@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from hybridopt.fileio import atomic_write, remove_stale_temporaries
+from hybridopt.fileio import atomic_write, json_text, remove_stale_temporaries
 from hybridopt.training.checkpoint import CHECKPOINT_NAME
 from hybridopt.config import DEFAULT_TOPK, DistillConfig, QuantConfig
 from hybridopt.data.splits import corpus_documents, token_splits
@@ -259,11 +259,12 @@ class DistillRecipe:
                                       cfg.attn_distill)
         objective = objective_for(self.teacher, self.teacher_cache, cfg.alpha, cfg.temperature, cfg.teacher_tail,
                                   cfg.kd_loss, features)
-        callbacks = [QuantWarmup(self.student, cfg.quant_warmup)] if cfg.quant_warmup else []
+        # None keeps the Trainer class's own callbacks (the fault campaign sets them there)
+        callbacks = [*Trainer.callbacks, QuantWarmup(self.student, cfg.quant_warmup)] if cfg.quant_warmup else []
         self.trainer = Trainer(cfg, self.student, d.train, d.val, out, d.device, objective,
                                metrics_path=metrics if cfg.save_metrics else None, name=self.name,
                                config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
-                               reporter=self.reporter, dist=self.dist, callbacks=callbacks)
+                               reporter=self.reporter, dist=self.dist, callbacks=callbacks or None)
         if cfg.quant_warmup >= self.trainer.total_steps:
             raise UserError(f"--quant_warmup {cfg.quant_warmup} must be below the run's {self.trainer.total_steps} "
                             "steps, so that training ends fully quantized")
@@ -478,7 +479,7 @@ def _distill(recipe: DistillRecipe, stop_after_epoch: int | None, dist: DistEnv)
 
     recipe.reporter.line(format_results(results))
     if dist.is_main:
-        atomic_write(d.layout.results, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+        atomic_write(d.layout.results, lambda tmp: Path(tmp).write_text(json_text(results)))
     recipe.reporter.line(f"Student saved to {d.layout.student}; results in {d.layout.results}")
     return results
 

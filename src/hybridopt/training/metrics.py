@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from hybridopt.fileio import atomic_write
+from hybridopt.fileio import atomic_write, json_text
 
 STEP_FIELDS = ("step", "epoch", "loss", "ce", "kl", "lr", "grad_norm", "tokens", "elapsed_s", "lr_mult",
                "trust_radius", "clipped")
@@ -68,7 +68,7 @@ class MetricsLogger:
         f, writer = self._files[kind]
         writer.writerow({k: _fmt(v) for k, v in row.items()})
         f.flush()
-        self._jsonl.write(json.dumps({"type": kind, **row}) + "\n")
+        self._jsonl.write(json_text({"type": kind, **row}, indent=None) + "\n")
         self._jsonl.flush()
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from hybridopt.fileio import atomic_write
+from hybridopt.fileio import atomic_write, json_text
 from hybridopt.data.blocks import TokenBlocks
 from hybridopt.training.evaluation import evaluate_lm
 from hybridopt.export.packed import PACKED_NAME, load_packed, read_packed, safetensors_tensor_bytes
@@ -73,7 +73,7 @@ def quantization_report(model: torch.nn.Module, fp32_dir: Path, export_dir: Path
 
 def save_report(report: dict, export_dir: Path) -> Path:
     path = export_dir / REPORT_NAME
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json_text(report)))
     return path
 
 
