@@ -21,6 +21,7 @@ _API = {
     "HybridOptimizer": "hybridopt.optim.hybrid",
     "AuxiliaryNN": "hybridopt.optim.controller",
     "TrainingState": "hybridopt.optim.controller",
+    "hybrid": "hybridopt.optim.wrapper",
     # the design document's API, thin over HybridOptimizer
     "HybridTrainingConfig": "hybridopt.manager",
     "HybridOptimizationManager": "hybridopt.manager",

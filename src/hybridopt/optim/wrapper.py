@@ -1,0 +1,421 @@
+r"""`hybrid(base)`: `HybridOptimizer`'s learned step scale and trust region over any torch optimizer.
+
+The base optimizer takes its own step; the wrapper reads that step back as the change it made to the
+parameters, d_t, and replaces it by a scaled and clipped copy. At step t, for the parameters \theta_t with
+gradients g_t (norms and dot products over all of them at once):
+
+    d_t = \mathrm{base.step}(\theta_t, g_t) - \theta_t                       (the base's update, weight decay included)
+    \mu_t = \rho_t e^{r_t} \max(\|\theta_t\|_2, 10^{-3})                      (trust radius, relative to the parameters)
+    \Delta\theta_t = e^{\ell_t + c_t} d_t \min(1, \mu_t / (e^{\ell_t + c_t} \|d_t\|_2))   (scale, then clip)
+    \theta_{t+1} = \theta_t + \Delta\theta_t
+
+The log scale \ell is normalised hypergradient descent on the applied step (`scale.py`). The loss after the
+last step depends on its scale through \theta_t = \theta_{t-1} + \Delta\theta_{t-1}, so
+
+    h_t = \partial L(\theta_t) / \partial \ell_{t-1} = g_t \cdot \Delta\theta_{t-1}
+    m_t = \beta_a m_{t-1} + (1 - \beta_a) h_t,   v_t = \beta_b v_{t-1} + (1 - \beta_b) h_t^2
+    \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30})                        (\hat{}: Adam's bias corrections)
+    \ell_t = \mathrm{clip}(\ell_{t-1} - \kappa \sigma_t, [\log m, \log 10^4])   if |\sigma_t| > \tau_t, else \ell_{t-1}
+
+h_t > 0 says the last step went past the minimum along it (Baydin et al. write h_t = -g_t \cdot \nabla
+L(\theta_{t-1}) for SGD, whose step is -\eta \nabla L). \tau_t = \tau `threshold_growth`(t) widens the
+threshold while few hypergradients are in; while the first group's lr rises (a warmup) \ell is held and
+the moments restart; at the first step after it \ell is raised so that the last step would have been
+`radius_start` times the radius long; after a clipped step \sigma becomes \max(\sigma, 0) and a lowering
+starts from \ell + \log(\mu_{t-1} / \|e^{\ell} d_{t-1}\|) (`scale.py` says why each). With `adapt_radius`,
+\rho follows the design document's rule on the actual decrease L_{t-1} - L_t against the predicted
+-g_{t-1} \cdot \Delta\theta_{t-1} (`trust_region.py`). With `controller`, the design document's network
+(`controller.py`) maps training-state features x_t to (c_t, r_t), each in [\log 0.1, \log 10], and takes
+one Adam step on the surrogate \sigma_t c(x_{t-1}) (and \sigma_t r(x_{t-1}) after a clipped step).
+
+(\kappa `scale_lr`, (\beta_a, \beta_b) `scale_betas`, \tau `scale_threshold`, m `min_scale`, \rho
+`trust_radius`; with the scale frozen (`learn_scale=False`) and no trust region (`trust_radius=None`) the
+wrapper's steps are the base's, bit for bit.)
+
+How. Each parameter gets one buffer, which holds \Delta\theta_{t-1} until h_t is taken, then \theta_t (the
+snapshot), then d_t = \theta_{t+1}^{base} - \theta_t (in place), then \Delta\theta_t. The parameters become
+\theta_{t+1}^{base} + (F - 1) d_t with F = e^{\ell + c} \min(1, \cdot) the step's factor, a 0-d tensor, so a
+factor of exactly 1 leaves the base's result untouched. Memory: the base's state plus that buffer. One host
+sync per step reads h_t, the last step's trust ratio and predicted decrease, and the loss, stacked. Every
+decision uses only global sums of tensors that are identical on every data-parallel rank (DDP averages the
+gradients before `step`), so all ranks take the same step without communicating.
+
+Limits. The gradient and loss come from the caller (`loss=`, or a closure called once before the base's
+step), so bases that call a closure themselves (L-BFGS) are not supported. Over Schedule-Free (schedulefree's
+optimizers, `ScheduleFreeWrapper`) the parameters hold y and the base keeps z in its state: the scaled step
+moves y alone, so the difference lands in the average x; `train()`/`eval()` go to the base. Dense gradients only.
+
+References: Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient Descent" (ICLR); Cutkosky,
+Defazio & Mehta 2023, "Mechanic: A Learning Rate Tuner" (optax's `contrib.mechanize`: learn the scale of any
+base optimizer's update); Defazio et al. 2024, "The Road Less Scheduled" (schedule_free's `ScheduleFreeWrapper`:
+wrap any torch optimizer, reading its step as a parameter change); Conn, Gould & Toint 2000, "Trust-Region Methods".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridopt.optim.arguments import check
+from hybridopt.optim.controller import (LR_HEAD, RADIUS_HEAD, AuxiliaryNN, FeatureStats, training_state,
+                                        update_feature_stats)
+from hybridopt.optim.scale import (ScaleState, forget_unmoved_, normalized_hypergradient, started_log_scale,
+                                   stepped_log_scale)
+from hybridopt.optim.trust_region import (adapted_radius, decrease_ratio_ema, dot, norms, ratio_of_norms,
+                                          shrunk_radius)
+
+Tensors = list[torch.Tensor]
+WRAPPER_VERSION = 1  # of `state_dict`'s "hybrid" entry; bumped when its meaning changes
+
+
+@dataclass
+class WrapperState:
+    """The wrapper's scalars, saved by `state_dict` (the per-parameter \\Delta\\theta_{t-1} is saved beside)."""
+
+    step: int = 0  # steps applied (skipped ones not counted)
+    skipped_steps: int = 0  # steps skipped for a non-finite gradient or loss
+    trust_radius: float | None = None  # \\rho (adapted with adapt_radius; None: no trust region)
+    clipped: bool = False  # the last step was scaled down by the trust region
+    clipped_steps: int = 0
+    radius_ratio: float | None = None  # the last step's \\mu / \\|e^{\\ell + c} d\\|, unclamped
+    prev_lr: float = math.inf  # the first group's lr at the last step (a rising lr holds the scale)
+    started: bool = False  # the first step after the warmup has been taken (radius_start applied)
+    signal: float = 0.0  # \\sigma_t
+    scale: ScaleState = field(default_factory=ScaleState)
+    correction: float = 0.0  # c_t, the controller's log-lr correction
+    radius_multiplier: float = 1.0  # e^{r_t}, the controller's radius multiplier
+    prev_features: list[float] | None = None  # x_{t-1}, the controller's input at the last step
+    features: FeatureStats = field(default_factory=FeatureStats)
+    prev_loss: float | None = None  # with adapt_radius: L_{t-1}
+    prev_predicted_decrease: float | None = None  # with adapt_radius: -g_{t-1} . Delta theta_{t-1}
+    ratio_ema: float | None = None  # with adapt_radius: smoothed actual / predicted decrease
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> WrapperState:
+        return cls(**{**saved, "scale": ScaleState(**saved["scale"]), "features": FeatureStats(**saved["features"])})
+
+
+# ---------------------------------------------------------------------- the step's pure pieces
+def base_update_(buffers: Tensors, params: Tensors) -> None:
+    """buffer <- \\theta_{t+1}^{base} - buffer, in place: the base's update d_t (the buffers held \\theta_t)."""
+    torch._foreach_sub_(buffers, params)
+    torch._foreach_neg_(buffers)
+
+
+def step_factor(updates: Tensors, param_norm: torch.Tensor | None, log_multiplier: float, radius: float | None
+                ) -> tuple[float | torch.Tensor, torch.Tensor | None]:
+    """(F, the trust ratio): F = e^m \\min(1, ratio), ratio = radius \\max(\\|\\theta\\|, 10^{-3}) / \\|e^m d\\|
+    unclamped (a 0-d tensor, no host sync); without a radius F = e^m, a float, and no ratio."""
+    multiplier = math.exp(log_multiplier)
+    if radius is None:
+        return multiplier, None
+    ratio = ratio_of_norms(radius, param_norm, multiplier * norms(updates).norm())
+    return multiplier * ratio.clamp_max(1.0), ratio
+
+
+def rescale_step_(params: Tensors, updates: Tensors, factor: float | torch.Tensor) -> None:
+    """\\theta <- \\theta^{base} + (F - 1) d = \\theta_t + F d, and each buffer d <- F d = \\Delta\\theta_t.
+
+    Written as a correction of the base's result so that F = 1 gives it back exactly (+0 is exact)."""
+    if isinstance(factor, float):
+        if factor != 1.0:
+            torch._foreach_add_(params, updates, alpha=factor - 1.0)
+            torch._foreach_mul_(updates, factor)
+        return
+    excess = factor - 1.0
+    # foreach's add takes alpha as a Python number only (a host sync) and a product list is a copy of the step
+    for p, d in zip(params, updates):
+        p.addcmul_(d, excess)
+    torch._foreach_mul_(updates, factor)
+
+
+def _is_schedule_free(base) -> bool:
+    """schedulefree's optimizers and `ScheduleFreeWrapper` switch the parameters with `train()`/`eval()`."""
+    return callable(getattr(base, "train", None)) and callable(getattr(base, "eval", None))
+
+
+def _in_eval_mode(base) -> bool:
+    return getattr(base, "train_mode", True) is False or base.param_groups[0].get("train_mode", True) is False
+
+
+def _controller() -> AuxiliaryNN:
+    """The controller network, initialised from its own seed: every rank builds the same one, and the caller's
+    random stream is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AuxiliaryNN()
+
+
+class HybridWrapper(torch.optim.Optimizer):
+    """The learned step scale and trust region over any torch optimizer (the rule is in the module docstring).
+
+    Build it with `hybrid(base, ...)`. `param_groups`, `state` and `defaults` are the base's (LR schedulers on
+    either act on the base's lr); `zero_grad`, `add_param_group`, `train` and `eval` go to the base;
+    `state_dict()` is the base's plus a "hybrid" entry and a "wrapper_version".
+
+    Args:
+        base_optimizer: the optimizer whose steps are scaled (a `torch.optim.Optimizer`, or an object with its
+            `param_groups`, `step`, `state_dict`, `load_state_dict` and `zero_grad`, such as `ScheduleFreeWrapper`).
+        learn_scale: learn the log scale \\ell (False: the scale stays 1).
+        scale_lr: \\kappa, the largest change of \\ell per step (0.1: x1.105).
+        scale_threshold: \\tau in [0, 1), the size |\\sigma| must exceed for \\ell to move.
+        scale_betas: EMA decays of the hypergradient's mean and square.
+        min_scale: the scale's lower bound m in [1e-4, 1] (None: 1 over a Schedule-Free base, whose rate the
+            scale may only raise (`scale.py` says why), 1e-4 otherwise).
+        radius_start: q in [0, 1]: at the first step after the warmup the scale is raised so that the last step
+            would have been at least q times the radius long (None: 0.25; 0: off).
+        trust_radius: \\rho > 0, the largest step relative to the parameters' norm (None: no trust region).
+        adapt_radius: adapt \\rho from actual against predicted decrease (needs `loss` at every step; not over
+            Schedule-Free, whose step divides the gradient in place).
+        controller: add the design document's controller network (`AuxiliaryNN`), trained online.
+        controller_lr: the Adam learning rate of the controller.
+    """
+
+    def __init__(self, base_optimizer, *, learn_scale: bool = True, scale_lr: float = 0.1,
+                 scale_threshold: float = 0.5, scale_betas: tuple[float, float] = (0.9, 0.99),
+                 min_scale: float | None = None, radius_start: float | None = None, trust_radius: float | None = 0.1,
+                 adapt_radius: bool = False, controller: bool = False, controller_lr: float = 1e-3):
+        base = base_optimizer
+        schedule_free = _is_schedule_free(base)
+        min_scale = (1.0 if schedule_free else 1e-4) if min_scale is None else min_scale
+        radius_start = 0.25 if radius_start is None else radius_start
+        check(all(hasattr(base, name) for name in ("param_groups", "step", "state_dict", "load_state_dict")),
+              f"base_optimizer must be a torch optimizer (param_groups, step, state_dict), got {type(base).__name__}")
+        check(scale_lr > 0, f"scale_lr must be positive, got {scale_lr}")
+        check(0 <= scale_threshold < 1, f"scale_threshold must be in [0, 1), got {scale_threshold}")
+        check(len(scale_betas) == 2 and all(0 <= b < 1 for b in scale_betas),
+              f"scale_betas must be two numbers in [0, 1), got {scale_betas}")
+        check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
+        check(0 <= radius_start <= 1, f"radius_start must be in [0, 1], got {radius_start}")
+        check(trust_radius is None or trust_radius > 0, f"trust_radius must be positive or None, got {trust_radius}")
+        check(not adapt_radius or trust_radius is not None, "adapt_radius needs a trust region (a trust_radius)")
+        check(not (adapt_radius and schedule_free), "adapt_radius is not supported over a Schedule-Free base "
+              "(its step divides the gradient in place, so the predicted decrease cannot be read after it)")
+        check(controller_lr > 0, f"controller_lr must be positive, got {controller_lr}")
+        self.base = base
+        self.learn_scale, self.scale_lr, self.scale_threshold = learn_scale, scale_lr, scale_threshold
+        self.scale_betas, self.scale_floor, self.radius_start = tuple(scale_betas), math.log(min_scale), radius_start
+        self.use_trust_region, self.adapt_radius = trust_radius is not None, adapt_radius
+        self.controller = _controller() if controller else None
+        self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr) if controller else None
+        self.hybrid_state = WrapperState(trust_radius=trust_radius)
+        self._buffers: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # p -> {"update": one buffer like p}
+        self._moved: Tensors = []  # the tensors the last step moved
+        # The last step's trust ratio and -predicted decrease, 0-d tensors read at the next step's sync.
+        self._pending_ratio: torch.Tensor | None = None
+        self._pending_predicted: torch.Tensor | None = None
+        # torch.optim.Optimizer's hooks (its __init__ would build param groups of its own: the base's are used)
+        for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                     "load_state_dict_post"):
+            setattr(self, f"_optimizer_{kind}_hooks", OrderedDict())
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ the base's, shared
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.base.param_groups
+
+    @property
+    def state(self) -> dict:
+        return self.base.state
+
+    @property
+    def defaults(self) -> dict:
+        return getattr(self.base, "defaults", {})
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.base.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+    def train(self) -> None:
+        """Schedule-Free bases: parameters back to the training point y. Other bases: nothing to do."""
+        if _is_schedule_free(self.base):
+            self.base.train()
+
+    def eval(self) -> None:
+        """Schedule-Free bases: parameters to the average x, for evaluating and saving. Others: nothing."""
+        if _is_schedule_free(self.base):
+            self.base.eval()
+
+    @property
+    def scale(self) -> float:
+        """e^{\\ell + c}, the multiplier of the base's step (before the trust region)."""
+        return math.exp(self.hybrid_state.scale.log_scale + self.hybrid_state.correction)
+
+    def __getstate__(self) -> dict:  # Optimizer's would keep only defaults, state and param_groups
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        radius = self.hybrid_state.trust_radius if self.use_trust_region else None
+        return f"{type(self).__name__}(scale={self.scale:.4g}, trust_radius={radius}, base={self.base!r})"
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, loss: float | torch.Tensor | Callable | None = None, closure: Callable | None = None):
+        """One step: the base's, scaled and clipped. Pass the loss (or a closure, called once, that computes
+        it and the gradients) for the non-finite check, `adapt_radius` and the controller's features; a
+        callable in first place is taken as the closure, as torch optimizers are called. Returns the loss."""
+        if callable(loss):
+            loss, closure = None, loss
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        check(not _in_eval_mode(self.base), "the base optimizer is in eval mode (the parameters hold the "
+              "Schedule-Free average); call train() on the optimizer before training")
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return loss
+        forget_unmoved_(self._buffers, self._moved, params, 0.0)  # a tensor without a gradient now: its step was 0
+        for p in params:  # zero before a tensor's first step (h_t then counts nothing from it)
+            if p not in self._buffers:
+                self._buffers[p] = {"update": torch.zeros_like(p)}
+        buffers = [self._buffers[p]["update"] for p in params]
+        h, grad_norm, loss_value = self._read_back(params, buffers, loss)
+        if not math.isfinite(h) or (loss is not None and not math.isfinite(loss_value)):
+            self._skip()  # before the base sees the gradient: its state stays clean
+            return loss
+        self._learn(h, loss_value)
+        log_multiplier, radius = self._multipliers(loss_value, grad_norm)
+        param_norm = norms(params).norm() if radius is not None else None  # \|\theta_t\|, before the base moves it
+        torch._foreach_copy_(buffers, params)  # the snapshot \theta_t, over \Delta\theta_{t-1} (h is taken)
+        self.base.step()
+        base_update_(buffers, params)  # d_t
+        factor, self._pending_ratio = step_factor(buffers, param_norm, log_multiplier, radius)
+        rescale_step_(params, buffers, factor)  # buffers: \Delta\theta_t
+        if self.adapt_radius:  # -predicted decrease, read at the next sync
+            self._pending_predicted = dot([p.grad for p in params], buffers)
+        self.hybrid_state.step += 1
+        self._moved = params
+        return loss
+
+    def _read_back(self, params: Tensors, buffers: Tensors, loss) -> tuple[float, float | None, float]:
+        """The step's one host sync: (h_t, \\|g_t\\| with the controller, the loss or nan), and the last step's
+        trust ratio and predicted decrease. h_t is non-finite when any gradient is (0 \\cdot inf is nan: every
+        tensor with a gradient has a buffer, zero before its first step), so it is the non-finite check too."""
+        grads = [p.grad for p in params]
+        device = grads[0].device
+        values = [dot(grads, buffers)]
+        if self.controller is not None:
+            values.append(norms(grads).pow(2).sum())
+        pending = [t for t in (self._pending_ratio, self._pending_predicted) if t is not None]
+        values += pending
+        values.append(torch.as_tensor(loss).detach() if loss is not None else torch.tensor(math.nan))
+        read = torch.stack([v.to(device, torch.float64) for v in values]).tolist()
+        h, rest = read[0], read[1:]
+        grad_norm = math.sqrt(rest.pop(0)) if self.controller is not None else None
+        self._settle(rest[:len(pending)])
+        return h, grad_norm, rest[-1]
+
+    def _settle(self, values: list[float]) -> None:
+        """Record the last step's trust ratio and predicted decrease, read back (`values` in that order)."""
+        values = list(values)
+        s = self.hybrid_state
+        if self._pending_ratio is not None:
+            s.radius_ratio = values.pop(0)
+            s.clipped = s.radius_ratio < 1.0
+            s.clipped_steps += int(s.clipped)
+        if self._pending_predicted is not None:
+            s.prev_predicted_decrease = -values.pop(0)
+        self._pending_ratio = self._pending_predicted = None
+
+    def _learn(self, h: float, loss: float) -> None:
+        """The radius (with adapt_radius), the learned scale's step and the controller's, from h_t."""
+        s = self.hybrid_state
+        if self.adapt_radius and math.isfinite(loss):
+            if s.prev_loss is not None and s.prev_predicted_decrease:
+                s.ratio_ema = decrease_ratio_ema(s.ratio_ema, s.prev_loss, loss, s.prev_predicted_decrease)
+                s.trust_radius = adapted_radius(s.trust_radius, s.ratio_ema, s.clipped)
+            s.prev_loss = loss
+        lr = float(self.param_groups[0]["lr"])
+        rising, s.prev_lr = lr > s.prev_lr, lr  # a warmup is raising the rate
+        if s.step == 0 or not (self.learn_scale or self.controller is not None):
+            return
+        s.scale, s.signal = normalized_hypergradient(s.scale, h, self.scale_betas)
+        if self.learn_scale and rising:  # held, and what the warmup's steps said is dropped
+            s.scale = ScaleState(log_scale=s.scale.log_scale)
+        elif self.learn_scale:
+            s.scale.log_scale = stepped_log_scale(s.scale, s.signal, s.clipped, s.radius_ratio, self.scale_lr,
+                                                  self.scale_threshold, self.scale_floor, self.scale_betas[0])
+            if not s.started:
+                s.started = True
+                s.scale.log_scale = started_log_scale(s.scale.log_scale, self.radius_start, s.radius_ratio)
+        if self.controller is not None and s.prev_features is not None:
+            heads = [LR_HEAD, RADIUS_HEAD] if s.clipped else [LR_HEAD]
+            self.controller.surrogate_gradients_(torch.tensor(s.prev_features), s.signal, heads)
+            self.controller_opt.step()
+
+    def _multipliers(self, loss: float, grad_norm: float | None) -> tuple[float, float | None]:
+        """(\\ell + c_t, \\rho e^{r_t} or None without a trust region), the controller's features observed."""
+        s = self.hybrid_state
+        if self.controller is not None:
+            s.features = update_feature_stats(s.features, loss, grad_norm)
+            x = self.controller.observe(training_state(s.features, s.step, None, 0).features())
+            lr_correction, s.radius_multiplier = self.controller.multipliers(x)
+            s.correction, s.prev_features = math.log(lr_correction), x.tolist()
+        radius = s.trust_radius * s.radius_multiplier if self.use_trust_region else None
+        return s.scale.log_scale + s.correction, radius
+
+    def _skip(self) -> None:
+        s = self.hybrid_state
+        s.skipped_steps += 1
+        if self.adapt_radius and s.step > 0:  # the last step went too far
+            s.trust_radius = shrunk_radius(s.trust_radius)
+
+    # ------------------------------------------------------------------ state
+    def _params(self) -> Tensors:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict:
+        """The base's state_dict plus "hybrid" (the wrapper's scalars, each tensor's \\Delta\\theta_{t-1} by
+        the base's parameter index, the controller) and "wrapper_version"."""
+        pending = [t for t in (self._pending_ratio, self._pending_predicted) if t is not None]
+        if pending:  # a host sync, as every checkpoint has
+            self._settle(torch.stack([t.double() for t in pending]).tolist())
+        index = {p: i for i, p in enumerate(self._params())}
+        hybrid = {"state": dataclasses.asdict(self.hybrid_state),
+                  "updates": {index[p]: st["update"] for p, st in self._buffers.items() if p in index},
+                  "moved": [index[p] for p in self._moved if p in index]}
+        if self.controller is not None:
+            hybrid["controller"] = self.controller.state_dict()
+            hybrid["controller_opt"] = self.controller_opt.state_dict()
+        return {**self.base.state_dict(), "hybrid": hybrid, "wrapper_version": WRAPPER_VERSION}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        version = state_dict.get("wrapper_version")
+        check(version == WRAPPER_VERSION, f"this state_dict has wrapper_version {version!r} but the hybrid wrapper "
+              f"reads version {WRAPPER_VERSION}; load it with the hybridopt that saved it (a plain optimizer's "
+              "state_dict goes to the base optimizer itself)")
+        hybrid = state_dict["hybrid"]
+        check(("controller" in hybrid) == (self.controller is not None), "this state_dict was saved "
+              f"{'with' if 'controller' in hybrid else 'without'} the controller; build the wrapper the same way")
+        self.base.load_state_dict({k: v for k, v in state_dict.items() if k not in ("hybrid", "wrapper_version")})
+        params = self._params()
+        self.hybrid_state = WrapperState.from_saved(hybrid["state"])
+        self._buffers = {params[int(i)]: {"update": t.to(params[int(i)], copy=True)}
+                         for i, t in hybrid["updates"].items()}
+        self._moved = [params[i] for i in hybrid["moved"]]
+        self._pending_ratio = self._pending_predicted = None
+        if self.controller is not None:
+            self.controller.load_state_dict(hybrid["controller"])
+            self.controller_opt.load_state_dict(hybrid["controller_opt"])
+
+
+def hybrid(base_optimizer, **options) -> HybridWrapper:
+    """The learned step scale and trust region over `base_optimizer` (options: `HybridWrapper`'s).
+
+    Example:
+        opt = hybrid(torch.optim.AdamW(model.parameters(), lr=1e-3))
+        loss = loss_fn(model(x), y); loss.backward()
+        opt.step(loss=loss); opt.zero_grad()
+    """
+    return HybridWrapper(base_optimizer, **options)
