@@ -211,6 +211,7 @@ class DocRun:
             args += TINY_TEACHER_START if _value(args, "--student") == "teacher" else TINY_STUDENT
             args += TINY_GROUP_SIZE if _has(args, "--group_size") else []
             args += TINY_GGUF["--gguf"] if _has(args, "--gguf") else []
+            args += ["--quant_warmup", "1"] if _has(args, "--quant_warmup") else []  # below the tiny run's 2 steps
             resume = _value(args, "--resume") if _has(args, "--resume") else None
             if _has(args, "--resume"):
                 # A finished run cannot be resumed: make the run to resume an interrupted tiny one (stopped
