@@ -45,7 +45,7 @@ def test_every_flag_the_docs_mention_exists():
              for s in a.option_strings}
     for script in (ROOT / "benchmarks").glob("*.py"):
         known |= set(re.findall(r"add_argument\(\s*\"(--\w+)\"", script.read_text()))
-    known |= {"--version", "--index-url", "--durations", "--write-flags"}  # hybridopt, pip, pytest, this runner
+    known |= {"--version", "--index-url", "--no-deps", "--durations", "--write-flags"}  # hybridopt, pip, pytest, this runner
     from torch.distributed.run import get_args_parser  # torchrun's own flags (GUIDE, "Scaling out")
 
     known |= {s for a in get_args_parser()._actions for s in a.option_strings}
