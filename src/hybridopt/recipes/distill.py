@@ -259,12 +259,11 @@ class DistillRecipe:
                                       cfg.attn_distill)
         objective = objective_for(self.teacher, self.teacher_cache, cfg.alpha, cfg.temperature, cfg.teacher_tail,
                                   cfg.kd_loss, features)
-        # None keeps the Trainer class's own callbacks (the fault campaign sets them there)
-        callbacks = [*Trainer.callbacks, QuantWarmup(self.student, cfg.quant_warmup)] if cfg.quant_warmup else []
+        callbacks = [QuantWarmup(self.student, cfg.quant_warmup)] if cfg.quant_warmup else []
         self.trainer = Trainer(cfg, self.student, d.train, d.val, out, d.device, objective,
                                metrics_path=metrics if cfg.save_metrics else None, name=self.name,
                                config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
-                               reporter=self.reporter, dist=self.dist, callbacks=callbacks or None)
+                               reporter=self.reporter, dist=self.dist, callbacks=callbacks)
         if cfg.quant_warmup >= self.trainer.total_steps:
             raise UserError(f"--quant_warmup {cfg.quant_warmup} must be below the run's {self.trainer.total_steps} "
                             "steps, so that training ends fully quantized")

@@ -84,7 +84,8 @@ class Trainer:
             None for plain shuffling.
         sampling: `ClusterStratifiedBatchSampler` mode when `clusters` is given.
         reporter: where epoch lines and warnings go.
-        callbacks: `TrainerCallback`s called inside every step (default: the class attribute, none).
+        callbacks: `TrainerCallback`s called inside every step, after the class attribute's (none, unless a
+            test injects faults there).
         max_nonfinite_streak: stop after this many non-finite steps in a row.
         dist: the torchrun process group this process belongs to (default: none, one process). Under
             torchrun every rank draws the same global batch, trains on its own slice of it through
@@ -104,8 +105,7 @@ class Trainer:
         self.cfg = cfg
         self.model = model
         self.objective = objective or CrossEntropy()
-        if callbacks is not None:
-            self.callbacks = list(callbacks)
+        self.callbacks = [*self.callbacks, *(callbacks or ())]  # the class's (fault injection), then this run's
         self.train_data = train_data
         self.val_data = val_data
         self.out_dir = Path(out_dir)
