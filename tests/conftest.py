@@ -9,8 +9,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 _CACHE = tempfile.mkdtemp(prefix="hybridopt-test-cache-")
+
+# Property tests draw the same examples on every run and every machine (derandomized: seeded from each test's
+# code), with no example database replaying past failures: a CI failure reproduces locally and a pass is not a
+# lucky draw. Loaded here, before any test module builds its own `settings(...)`, which inherit it;
+# `pytest --hypothesis-profile=default` draws fresh examples when hunting for new failures.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.load_profile("deterministic")
 
 
 def pytest_configure(config):

@@ -100,5 +100,5 @@ def test_root_shim_imports_from_a_checkout():
     root = Path(__file__).resolve().parents[1]
     code = ("from hybrid_optimization import HybridOptimizationManager, AuxiliaryNN, TrainingState; "
             "import hybridopt.manager as m; assert HybridOptimizationManager is m.HybridOptimizationManager")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

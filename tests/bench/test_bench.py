@@ -22,6 +22,7 @@ from hybridopt.models.modeling import hidden_matrices
 
 
 def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)  # its initial weights, and what the test draws next, the same on every run
     return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, max_position_embeddings=16))
 
@@ -172,7 +173,8 @@ def test_a_diverging_run_stops_and_scores_infinite():
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hybridopt", "bench", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "hybridopt", "bench", *args], capture_output=True, text=True,
+                          timeout=1800)  # the quick bench took 263 s on 2 busy cores
 
 
 def test_bench_quick_runs_every_arm_on_every_task(tiny_teacher, corpus_file, tmp_path):

@@ -67,11 +67,15 @@ def test_report_warns_about_clusters_too_small_for_the_sampling(sampling, flagge
         assert flagged in report
 
 
-def test_clusters_made_on_gpus_are_cached_apart(tiny_teacher, monkeypatch):
-    """faiss on GPUs may break ties otherwise than on the CPU: its clusters get their own cache entry, and the
-    CPU's key is what it was before GPU k-means existed (caches already on disk stay valid)."""
+@pytest.mark.parametrize("device,gpus,on_gpu", [("cpu", 0, False), ("cpu", 1, False), ("cuda", 0, False),
+                                                ("cuda", 1, True)])
+def test_clusters_made_on_gpus_are_cached_apart(tiny_teacher, tmp_path, monkeypatch, device, gpus, on_gpu):
+    """k-means runs on the GPUs only for a CUDA run with a faiss that has GPUs (faiss-cpu, the declared
+    dependency, has none); faiss on GPUs may break ties otherwise than on the CPU, so those clusters get their own
+    cache entry, and the CPU's key is what it was before GPU k-means existed (caches already on disk stay valid)."""
     from hybridopt.data import clusters as data_clusters
     from hybridopt.data.blocks import TokenBlocks
+    from hybridopt.kmeans import kmeans
     from hybridopt.models.modeling import load_teacher
 
     teacher, _ = load_teacher(tiny_teacher, torch.device("cpu"))
@@ -79,4 +83,30 @@ def test_clusters_made_on_gpus_are_cached_apart(tiny_teacher, monkeypatch):
     cpu = data_clusters._cache_key(teacher, blocks, blocks, 4, 0)
     assert data_clusters._cache_key(teacher, blocks, blocks, 4, 0, gpu=False) == cpu
     assert data_clusters._cache_key(teacher, blocks, blocks, 4, 0, gpu=True) != cpu
-    assert data_clusters.faiss_gpus() == 0  # faiss-cpu, the declared dependency: k-means stays on the CPU
+
+    # faiss reports `gpus`; features and k-means run on the CPU whatever the device (there is no GPU here), and
+    # where cluster_data asked k-means to run is recorded.
+    asked = []
+
+    def recorded_kmeans(*args, gpu, **kwargs):
+        asked.append(gpu)
+        return kmeans(*args, **kwargs)
+
+    monkeypatch.setattr(data_clusters, "faiss_gpus", lambda: gpus)
+    monkeypatch.setattr(data_clusters, "sequence_features", lambda *args, **kwargs: np.eye(4, 8, dtype=np.float32))
+    monkeypatch.setattr(data_clusters, "kmeans", recorded_kmeans)
+    data_clusters.cluster_data(teacher, blocks, blocks, 4, 0, 8, torch.device(device), cache=tmp_path)
+    assert asked == [on_gpu]
+    key = data_clusters._cache_key(teacher, blocks, blocks, 4, 0, gpu=on_gpu)
+    assert [p.name for p in tmp_path.glob("*.npz")] == [f"{key}.npz"]
+
+
+def test_faiss_gpus_counts_none_without_gpu_support():
+    """faiss-cpu (no GPU index types in the module) reports no GPUs, so k-means stays on the CPU; a faiss built
+    with GPU support reports what it sees, as many as CUDA at most."""
+    from hybridopt.kmeans import faiss_gpus, faiss_module
+
+    if not hasattr(faiss_module(), "StandardGpuResources"):
+        assert faiss_gpus() == 0
+    else:
+        assert 0 <= faiss_gpus() <= torch.cuda.device_count()

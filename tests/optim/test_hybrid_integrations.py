@@ -1,5 +1,7 @@
 """HybridOptimizer as a drop-in where PyTorch users put optimizers."""
 
+import copy
+
 import pytest
 import torch
 
@@ -66,19 +68,33 @@ def test_lightning_configure_optimizers():
     assert (module.layer.weight.detach() - 1).abs().sum().item() < distance / 2
 
 
-def test_grad_scaler_steps_after_unscaling():
+def test_grad_scaler_steps_on_the_unscaled_gradients():
+    """Under torch.amp.GradScaler (loss scale 1024) the optimizer takes, step for step, the steps it takes on the
+    plain gradients: the scaler unscales them before it calls `step`. Over "sgd", whose step is linear in the
+    gradient, steps on the scaled gradients would be longer (Adam's step and the rest of the rule are nearly
+    blind to a constant scale, so they could not show it)."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    opt = HybridOptimizer(model.parameters(), lr=1e-2)
+    scaled = torch.nn.Linear(4, 1)
+    plain = copy.deepcopy(scaled)
+    before = scaled.weight.detach().clone()
+    opts = []
+    for model in (scaled, plain):
+        torch.manual_seed(1)  # the same initial controller (its weights come from the global RNG)
+        opts.append(HybridOptimizer(model.parameters(), lr=1e-2, base="sgd"))
+    xs = torch.randn(3, 16, 4)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    x = torch.randn(16, 4)
-    before = model.weight.detach().clone()
-    for _ in range(3):
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        scaler.scale(loss).backward()
-        scaler.step(opt, loss=loss.item())
-        scaler.update()
-    assert opt.summary()["total_steps"] == 3
-    # Unscaled: the first Adam step moves each weight by about lr, not by lr times the scale.
-    assert (model.weight.detach() - before).abs().max() < 0.05
+    for x in xs:
+        for model, opt in zip((scaled, plain), opts):
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            if model is scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt, loss=loss.item())
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step(loss=loss.item())
+    assert scaler.get_scale() == 1024.0 and opts[0].summary()["total_steps"] == 3  # no step skipped for overflow
+    assert (plain.weight.detach() - before).abs().max() > 1e-3  # the plain steps moved the weights
+    for p, q in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q)

@@ -73,30 +73,65 @@ def test_matches_adamw_when_controller_and_trust_region_are_off():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def _clipped_adam_deltas(adam: list, grads: list, before: list, step: int, lr: float, radius: float, mode: str
+                         ) -> tuple[list, list, list]:
+    """By hand, from the rule in `hybrid.py` and `trust_region.py` with the learned scale and the controller
+    off: Adam's step u (betas 0.9, 0.999, eps 1e-8; `adam` holds each tensor's [m, v], updated here) and the
+    trust region's clip. Returns (the expected steps f u, the limits, the lengths they bound), in float64."""
+    u = []
+    for state, g in zip(adam, grads):
+        state[0] = 0.9 * state[0] + 0.1 * g
+        state[1] = 0.999 * state[1] + 0.001 * g * g
+        m_hat, v_hat = state[0] / (1 - 0.9 ** step), state[1] / (1 - 0.999 ** step)
+        u.append(-lr * m_hat / (v_hat.sqrt() + 1e-8))
+    if mode == "global":  # \mu = \rho max(||theta||, 1e-3) over all parameters at once
+        limits = [radius * max(math.sqrt(sum(float(b.pow(2).sum()) for b in before)), 1e-3)]
+        lengths = [math.sqrt(sum(float(x.pow(2).sum()) for x in u))]
+        factors = [min(1.0, limits[0] / lengths[0])] * len(u)
+    else:  # per tensor: \rho max(rms(theta), 1e-3) sqrt(n)
+        limits = [radius * max(float(b.pow(2).mean().sqrt()), 1e-3) * math.sqrt(b.numel()) for b in before]
+        lengths = [float(x.norm()) for x in u]
+        factors = [min(1.0, limit / length) for limit, length in zip(limits, lengths)]
+    return [f * x for f, x in zip(factors, u)], limits, lengths
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10**6), radius=st.floats(1e-3, 0.5), scale=st.floats(1e-3, 1e3),
-       mode=st.sampled_from(["global", "per_tensor"]))
-def test_radius_is_never_exceeded(seed, radius, scale, mode):
+       mode=st.sampled_from(["global", "per_tensor"]), lr=st.sampled_from([1e-3, 1e-2, 0.1, 1.0]),
+       learn_scale=st.booleans())
+def test_radius_is_never_exceeded(seed, radius, scale, mode, lr, learn_scale):
+    """No step is longer than the radius given (relative to the parameters' norm, or per tensor to its RMS
+    times sqrt(n)), the bound computed here, not read from the optimizer (the controller, the one thing that
+    may change the radius, is off). Without the learned scale the whole step is checked: Adam's step, scaled
+    down to the radius exactly when it is longer, and `clipped` says when that happened."""
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(5, 7, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))]
-    opt = HybridOptimizer(params, lr=1.0, trust_radius=radius, trust_mode=mode)
+    opt = HybridOptimizer(params, lr=lr, trust_radius=radius, trust_mode=mode, use_controller=False,
+                          learn_scale=learn_scale)
+    adam = [[torch.zeros(p.shape, dtype=torch.float64)] * 2 for p in params]
     clipped = 0
-    for step in range(6):
-        before = [p.detach().clone() for p in params]
-        for p in params:
-            p.grad = scale * torch.randn(p.shape, generator=g)
+    for step in range(1, 7):
+        before = [p.detach().clone().double() for p in params]
+        grads = [scale * torch.randn(p.shape, generator=g) for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
         opt.step(loss=float(step))
-        mu = opt.summary()["trust_radius"]  # the base radius times the learned multiplier
-        deltas = [p.detach() - b for p, b in zip(params, before)]
+        deltas = [p.detach().double() - b for p, b in zip(params, before)]
+        expected, limits, lengths = _clipped_adam_deltas(adam, [x.double() for x in grads], before, step, lr, radius,
+                                                         mode)
         if mode == "global":
-            norm = math.sqrt(sum(float(b.pow(2).sum()) for b in before))
-            assert math.sqrt(sum(float(d.pow(2).sum()) for d in deltas)) <= mu * max(norm, 1e-3) * (1 + 1e-4)
+            assert math.sqrt(sum(float(d.pow(2).sum()) for d in deltas)) <= limits[0] * (1 + 1e-4)
         else:
-            for d, b in zip(deltas, before):
-                limit = mu * max(float(b.pow(2).mean().sqrt()), 1e-3) * math.sqrt(b.numel())
+            for d, limit in zip(deltas, limits):
                 assert float(d.norm()) <= limit * (1 + 1e-4)
-        clipped += opt.summary()["clipped"]
-    assert opt.summary()["constraint_activation_rate"] == pytest.approx(clipped / 6)
+        if not learn_scale:
+            for d, want in zip(deltas, expected):
+                torch.testing.assert_close(d, want, rtol=1e-4, atol=1e-6)
+            was_clipped = any(length > limit for length, limit in zip(lengths, limits))
+            assert opt.summary()["clipped"] == was_clipped
+            clipped += was_clipped
+    if not learn_scale:
+        assert opt.summary()["constraint_activation_rate"] == pytest.approx(clipped / 6)
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -347,8 +382,9 @@ def test_radius_and_multipliers_live_in_the_param_groups():
     torch.testing.assert_close(p.detach(), torch.full((4,), 0.95))
     assert opt.summary()["trust_radius"] == 0.05
     learned = HybridOptimizer([p], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
     for _ in range(3):
-        p.grad = torch.randn(4)
+        p.grad = torch.randn(4, generator=g)
         learned.step(loss=1.0)
     group = learned.param_groups[0]
     assert learned.summary()["lr_multiplier"] == group["lr_multiplier"] != 1.0

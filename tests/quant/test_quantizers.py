@@ -57,7 +57,7 @@ def test_matches_reference(bits, rows, groups, group, per_channel, seed):
 
 
 def test_levels_and_scales():
-    w = torch.randn(16, 64)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     assert set(quantize_weight(w, 1)[0].unique().tolist()) == {-1, 1}
     assert set(quantize_weight(w, TERNARY)[0].unique().tolist()) <= {-1, 0, 1}
     assert quantize_weight(w, 4)[0].abs().max() <= 8
@@ -70,7 +70,7 @@ def test_levels_and_scales():
 
 
 def test_more_bits_less_error():
-    w = torch.randn(64, 256)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
     errors = [relative_error(w, b) for b in (1, TERNARY, 2, 4, 8)]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] < 0.01
@@ -95,7 +95,7 @@ def test_ste_gradient_is_the_gradient_at_the_quantized_weight():
 
 
 def test_activation_quantization_is_8_bit_per_token_with_ste():
-    x = torch.randn(3, 5, 32, requires_grad=True)
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     xq = fake_quantize_activations(x, 8)
     scale = 127 / x.detach().abs().amax(-1, keepdim=True)
     codes = xq.detach() * scale

@@ -46,7 +46,8 @@ def test_distill_prints_seed_lines_saves_student_and_reports(tiny_teacher, corpu
 
 def test_seed_shim_runs_the_same_command():
     shim = Path(__file__).parents[2] / "distillation.py"
-    proc = subprocess.run([sys.executable, str(shim), "--hybrid", "--epochs", "0"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(shim), "--hybrid", "--epochs", "0"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "hybridopt: error: --epochs must be positive, got 0"
 
@@ -109,7 +110,7 @@ def test_existing_run_is_never_overwritten(tiny_teacher, corpus_file, tmp_path, 
 
 def test_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hybridopt", "distill", "--data", str(tmp_path / "x.txt")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"hybridopt: error: --data: path '{tmp_path / 'x.txt'}' does not exist"
 

@@ -119,6 +119,7 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tiny_teacher
     import signal
     import subprocess
     import sys
+    import threading
 
     kw = dict(epochs=20, max_steps_per_epoch=6, eval_every=20, baseline=False)
     straight = run_distill(_cfg(tiny_teacher, corpus_file, tmp_path / "straight", **kw))
@@ -131,11 +132,20 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tiny_teacher
     # the same intra-op threads as the in-process run: a float32 reduction over 1 or 2 threads rounds differently
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:  # wait until training runs
-        if line.startswith("Epoch 2,"):
-            proc.send_signal(getattr(signal, sig))
-            break
-    _, err = proc.communicate(timeout=120)
+    watchdog = threading.Timer(300, proc.kill)  # a child that hangs before "Epoch 2" would block the reads forever
+    watchdog.start()
+    try:
+        for line in proc.stdout:  # wait until training runs
+            if line.startswith("Epoch 2,"):
+                proc.send_signal(getattr(signal, sig))
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:  # communicate timed out
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode != -signal.SIGKILL, f"killed after 300 s, before it stopped: {err}"
     assert proc.returncode == 128 + getattr(signal, sig), err
     assert f"a checkpoint was saved, continue with --resume {out}" in err and "Traceback" not in err
     state = torch.load(out / "checkpoint.pt", weights_only=True)

@@ -1,6 +1,6 @@
 """Data-parallel training (torchrun, DistributedDataParallel, gloo on CPU): N steps of global batch B on 2
 processes are N steps of batch B in one process, for AdamW and the hybrid optimizer; resuming puts every
-rank back on the same batches; the per-rank slices partition each global batch."""
+rank back on the same batches; the per-rank slices partition each global batch, in the training step itself."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,42 @@ MODEL = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_lay
 pytestmark = pytest.mark.usefixtures("one_thread")  # as `_train` in the spawned ranks
 
 
+class _RecordedBlocks(TokenBlocks):
+    """Training blocks that record the indices of every batch read from them: what a training step trained on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[list[int]] = []
+
+    def batch(self, indices):
+        self.batches.append([int(i) for i in indices])
+        return super().batch(indices)
+
+
+def _spawn(fn, args: tuple, nprocs: int, timeout: float = 300.0) -> None:
+    """`mp.spawn(fn, args, nprocs)` with a deadline (it took about 25 s on 2 CPU cores): a rank left waiting on
+    a collective is killed, and the test fails instead of hanging the suite."""
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+                process.join(10)
+            pytest.fail(f"the {nprocs} spawned ranks did not finish within {timeout:.0f} s")
+
+
+def _assert_ranks_split_the_batches(batches: list[list[int]], rank_batches: list[list[list[int]]]) -> None:
+    """At every step each rank trained on its own half of the single-process run's batch: the halves are
+    disjoint, and together they are that batch."""
+    assert len(batches) == 6 and all(len(b) == 8 for b in batches), batches  # 2 epochs x 3 steps of batch 8
+    assert all(len(r) == len(batches) for r in rank_batches), rank_batches
+    for step, (batch, *slices) in enumerate(zip(batches, *rank_batches), 1):
+        assert [len(s) for s in slices] == [4, 4], (step, slices)
+        assert not set(slices[0]) & set(slices[1]), f"step {step}: the ranks trained on the same blocks {slices}"
+        assert sorted(sum(slices, [])) == sorted(batch), f"step {step}: {slices} is not the batch {batch}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +94,7 @@ def _train(out: Path, setting: str, dist: DistEnv, stop_after_epoch: int | None 
                       device="cpu", **SETTINGS[setting])
     config = LlamaConfig(**MODEL)
     stream = torch.randint(32, (600,), generator=torch.Generator().manual_seed(0))
-    train, val = TokenBlocks(stream[:500], cfg.seq_len), TokenBlocks(stream[500:], cfg.seq_len, "validation")
+    train, val = _RecordedBlocks(stream[:500], cfg.seq_len), TokenBlocks(stream[500:], cfg.seq_len, "validation")
     seed_everything(cfg.seed)  # as the recipe: the controller's initial weights come from the global RNG
     device = dist.device(torch.device(device))
     model = build_model(config, cfg.seed).to(device)
@@ -68,7 +105,7 @@ def _train(out: Path, setting: str, dist: DistEnv, stop_after_epoch: int | None 
     trainer.train(stop_after_epoch)
     summary = trainer.optimizer.summary() if setting == "hybrid" else {}
     return {"params": {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
-            "summary": summary, "history": trainer.history}
+            "summary": summary, "history": trainer.history, "batches": train.batches}
 
 
 SCENARIOS = {"adamw": ("adamw", None), "hybrid": ("hybrid", None), "hybrid_resumed": ("hybrid", 1)}
@@ -84,13 +121,13 @@ def _worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> 
         for scenario, (setting, resume_at) in SCENARIOS.items():
             run = Path(out) / scenario
             if resume_at is not None:  # stop after an epoch (checkpointed), then resume from rank 0's checkpoint
-                _train(run, setting, dist, stop_after_epoch=resume_at, device=device)
+                first = _train(run, setting, dist, stop_after_epoch=resume_at, device=device)
                 result = _train(run, setting, dist, resume=True, device=device)
+                result["batches"] = first["batches"] + result["batches"]
             else:
                 result = _train(run, setting, dist, device=device)
             save_file(result["params"], str(run / f"rank{rank}.safetensors"))
-            (run / f"rank{rank}.json").write_text(json.dumps({"summary": result["summary"],
-                                                              "history": result["history"]}))
+            (run / f"rank{rank}.json").write_text(json.dumps({k: result[k] for k in ("summary", "history", "batches")}))
     finally:
         dist.teardown()
 
@@ -99,7 +136,7 @@ def _worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> 
 def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
     """Each scenario's parameters, optimizer summary and history on ranks 0 and 1 of a 2-process gloo job."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    _spawn(_worker, (2, _free_port(), str(out)), 2)
     return {name: [{"params": load_file(str(out / name / f"rank{r}.safetensors")),
                     **json.loads((out / name / f"rank{r}.json").read_text())} for r in range(2)]
             for name in SCENARIOS}
@@ -119,6 +156,7 @@ def test_two_ranks_take_the_single_process_steps(tmp_path, two_ranks, setting):
         for r in ranks:
             torch.testing.assert_close(r["params"][name], expected, rtol=1e-4, atol=1e-6, msg=f"{setting} {name}")
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"ranks differ on {name}"
+    _assert_ranks_split_the_batches(single["batches"], [r["batches"] for r in ranks])
     for r in ranks:
         assert [h["loss"] for h in r["history"]] == pytest.approx([h["loss"] for h in single["history"]], rel=1e-5)
         assert [h["val_loss"] for h in r["history"]] == pytest.approx([h["val_loss"] for h in single["history"]],
@@ -138,6 +176,7 @@ def test_two_ranks_resume_onto_the_same_batches(tmp_path, two_ranks):
     for name, expected in single["params"].items():
         torch.testing.assert_close(ranks[0]["params"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"ranks differ on {name}"
+    _assert_ranks_split_the_batches(single["batches"], [r["batches"] for r in ranks])  # before and after the resume
 
 
 def test_rank_slices_partition_every_global_batch():
@@ -222,7 +261,7 @@ def test_torchrun_refusal_is_printed_once(tmp_path, tiny_teacher, corpus_file):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (nccl puts one rank on each)")
 def test_two_gpus_take_the_one_gpu_steps(tmp_path):
     """The GPU path (nccl, cuda:LOCAL_RANK): never run where this was written (no GPU); written to be run."""
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "cuda"), nprocs=2, join=True)
+    _spawn(_worker, (2, _free_port(), str(tmp_path), "cuda"), 2)
     for setting in SETTINGS:
         single = _train(tmp_path / f"single-{setting}", setting, DistEnv(), device="cuda")
         ranks = [load_file(str(tmp_path / setting / f"rank{r}.safetensors")) for r in range(2)]
