@@ -392,3 +392,43 @@ def test_metrics_out_never_appends_to_a_file_of_yours(tmp_path, tiny_teacher, co
                  capsys, f"--metrics_out: '{mine}' exists; choose a new path (nothing is replaced)")
         assert mine.read_text() == "the user's own rows\n" and not (tmp_path / "run").exists()
         mine.unlink()
+
+
+def test_a_bad_metrics_out_is_refused_before_the_run_folder_is_made(tmp_path, tiny_teacher, corpus_file, monkeypatch,
+                                                                     capsys):
+    """A --metrics_out the run could not write failed when the metrics opened, after the run folder was made: a rerun
+    with the path corrected was refused (`already holds a run`), and so was `--resume` with it (`started with
+    --metrics_out ...`). A .jsonl path got the CSV and the JSONL rows mixed in one file."""
+    import os
+    from pathlib import Path
+
+    from conftest import tiny_distill_args
+
+    (tmp_path / "afile").write_text("the user's own file")
+    (tmp_path / "logs").mkdir()
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes anywhere: the folder is made unwritable as the permission check sees it
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: Path(p) != locked and access(p, mode, *a, **k))
+    run = tmp_path / "run"
+    for path, message in [
+        (tmp_path / "afile" / "m.csv", f"'{tmp_path / 'afile'}' is a file, so no folder can hold "
+                                       f"'{tmp_path / 'afile' / 'm.csv'}'; choose another path"),
+        (tmp_path / "afile" / "sub" / "m.csv", f"'{tmp_path / 'afile'}' is a file, so no folder can hold"),
+        (tmp_path / "logs", f"'{tmp_path / 'logs'}' is a folder; name a file, e.g. '{tmp_path / 'logs' / 'metrics.csv'}'"),
+        (tmp_path / "m.jsonl", f"'{tmp_path / 'm.jsonl'}' would hold both the per-epoch CSV rows and the JSONL rows; "
+                               f"name the CSV, e.g. '{tmp_path / 'm.csv'}' (the JSONL rows then go to "
+                               f"'{tmp_path / 'm.jsonl'}')"),
+        (locked / "m.csv", f"cannot write in the folder '{locked}' (permission denied); choose another path"),
+    ]:
+        _refused(tiny_distill_args(tiny_teacher, corpus_file, run, "--metrics_out", str(path)), capsys,
+                 f"hybridopt: error: --metrics_out: {message}")
+        assert not run.exists()
+    assert (tmp_path / "afile").read_text() == "the user's own file" and list((tmp_path / "logs").iterdir()) == []
+    monkeypatch.undo()
+    # corrected, the same command runs
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, run, "--metrics_out", str(tmp_path / "m.csv"), "--epochs",
+                                  "1", "--max_steps_per_epoch", "2", "--no-baseline")) == 0
+    assert [p.name for p in sorted(tmp_path.glob("m*"))] == ["m.csv", "m.jsonl", "m_steps.csv"]
+    capsys.readouterr()

@@ -391,6 +391,68 @@ def test_a_full_disk_while_checkpointing_is_one_sentence_and_resume_finishes_the
     assert _results(out) == _results(tmp_path / "unbroken")
 
 
+def test_a_full_disk_while_saving_the_student_keeps_the_earlier_student_and_resume_finishes(tiny_teacher, corpus_file,
+                                                                                           tmp_path, monkeypatch, capsys):
+    """The end-of-run save (save_pretrained, through safetensors) fails half written, as on a full disk: it was a
+    SafetensorError traceback over a torn model.safetensors. Now: exit 2, one line naming the folder; the student
+    an earlier attempt saved is left whole; --resume saves it again."""
+    import transformers
+    from safetensors import SafetensorError
+
+    from hybridopt.cli import main
+
+    out = tmp_path / "run"
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, out, "--epochs", "2", "--max_steps_per_epoch", "3",
+                                  "--no-baseline")) == 0
+    student = {p.name: p.read_bytes() for p in (out / "student").iterdir()}
+    assert "model.safetensors" in student
+    (out / "results.json").unlink()  # killed after the student's save, before the results: --resume saves it again
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a model")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    capsys.readouterr()
+    assert main(["distill", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"hybridopt: error: cannot write the student '{out / 'student'}' (Error while serializing: I/O error: No "
+        "space left on device (os error 28)); is the disk full? Nothing in it was replaced; free some space and "
+        "continue with --resume")
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (out / "student").iterdir()} == student
+    assert not list(out.glob("**/.*.tmp-*")) and not (out / "results.json").exists()
+    monkeypatch.undo()
+    assert main(["distill", "--resume", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in (out / "student").iterdir()} == student  # the same run saved again
+
+
+def test_a_trainer_whose_folder_is_missing_says_so(tmp_path):
+    """A Trainer given an out_dir that does not exist (or one removed while it runs) said `is the disk full?`."""
+    from transformers import LlamaConfig
+
+    from hybridopt.config import TrainConfig
+    from hybridopt.data.blocks import TokenBlocks
+    from hybridopt.errors import UserError
+    from hybridopt.models.modeling import build_model
+    from hybridopt.reporting import Reporter
+
+    cfg = TrainConfig(epochs=1, max_steps_per_epoch=2, batch_size=4, seq_len=8, eval_every=1, device="cpu")
+    model = build_model(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, max_position_embeddings=16), 0)
+    stream = torch.randint(32, (200,), generator=torch.Generator().manual_seed(0))
+    train, val = TokenBlocks(stream[:160], 8), TokenBlocks(stream[160:], 8, "validation")
+    missing = tmp_path / "missing"
+    trainer = Trainer(cfg, model, train, val, missing, torch.device("cpu"), reporter=Reporter(quiet=True))
+    trainer.setup()
+    with pytest.raises(UserError) as e:
+        trainer.train()
+    assert str(e.value) == (f"cannot write the checkpoint '{missing / 'checkpoint.pt'}': the folder '{missing}' does "
+                            "not exist (was it moved or deleted?); create it or choose another")
+    assert not missing.exists()
+
+
 @pytest.mark.parametrize("text, why", [
     (b"{not json", "Expecting property name"),
     (b"[1, 2]", "not a JSON object"),
@@ -477,8 +539,9 @@ def test_metrics_rows_cut_short_by_a_full_disk_are_dropped_on_resume(tmp_path):
 
 
 def test_resume_removes_what_a_kill_inside_an_export_write_left(tiny_teacher, corpus_file, tmp_path):
-    """A kill while the packed file or its report is written (every resume after the student's training writes
-    them again) leaves `.NAME.tmp-PID` in export/; the next --resume removes it, and nothing else of the run."""
+    """A kill while the student, the packed file or its report is written (every resume after the student's
+    training writes them again) leaves `.NAME.tmp-PID` in student/ or export/; the next --resume removes it, and
+    nothing else of the run."""
     from hybridopt.cli import main
 
     out = tmp_path / "run"
@@ -488,9 +551,14 @@ def test_resume_removes_what_a_kill_inside_an_export_write_left(tiny_teacher, co
     stale = [out / "export" / ".quant_report.json.tmp-999999", out / "export" / ".model.packed.safetensors.tmp-999998"]
     for p in stale:
         p.write_bytes(b"cut short")
+    for folder in ("student", "export"):  # a save_pretrained's folder (fileio.atomic_save), cut short
+        (out / folder / ".save.tmp-999997").mkdir()
+        (out / folder / ".save.tmp-999997" / "model.safetensors").write_bytes(b"cut short")
+    student = sorted(p.name for p in (out / "student").iterdir() if not p.name.startswith(".save.tmp-"))
     (out / "results.json").unlink()  # killed inside the export write, before the results were written
     assert main(["distill", "--resume", str(out)]) == 0
     assert sorted(p.name for p in (out / "export").iterdir()) == export
+    assert sorted(p.name for p in (out / "student").iterdir()) == student
 
 
 def test_a_run_whose_weights_overflow_ends_with_one_sentence_and_exports_nothing(tiny_teacher, corpus_file, tmp_path,

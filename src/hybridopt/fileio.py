@@ -1,5 +1,6 @@
-"""Low-level file writing and reading shared by data, quantization, export and training: atomic writes, the
-stale temporaries a killed write leaves, and a safetensors header read with its length checked first.
+"""Low-level file writing and reading shared by data, quantization, export and training: atomic writes (of one
+file, or of what a `save_pretrained` writes into a folder), what a failed write is told as, the stale
+temporaries a killed write leaves, and a safetensors header read with its length checked first.
 
 Owns no format of its own; imports nothing from hybridopt.
 """
@@ -8,8 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+# What a failed write (a full disk) raises: OSError from Python's own writes, RuntimeError from torch.save,
+# SafetensorError from safetensors (`Error while serializing: I/O error: No space left on device (os error 28)`).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -31,13 +39,50 @@ def atomic_write(path: Path, write) -> None:
         os.close(fd)
 
 
+def atomic_save(folder: Path, write) -> None:
+    """Call `write(tmp)` with a new, empty folder `tmp` inside `folder` (a `save_pretrained` writes several files),
+    then fsync each file it wrote and rename it into `folder`, over its namesake: a failed write leaves every file
+    in `folder` as it was. `folder` is created if missing (its parent is not)."""
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".save.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_failure(failed: str, path: Path, why: str, kept: str) -> str:
+    """The one sentence for a write at `path` that failed with `why` (one of `WRITE_ERRORS`, by `errors.first_line`):
+    `failed` (`cannot write the checkpoint 'F'`, whole at the caller so that it can be searched for), then that the
+    folder is missing, or else the question whether the disk is full and `kept`, what is left and how to go on."""
+    folder = Path(path).parent
+    if not folder.is_dir():  # torch and safetensors report it in their own words, or as any failed write
+        return f"{failed}: the folder '{folder}' does not exist (was it moved or deleted?); create it or choose another"
+    return f"{failed} ({why}); is the disk full? {kept}"
+
+
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete what `atomic_write` leaves in `folder` when its process is killed mid-write: `.NAME.tmp-PID`
-    files of processes other than this one. Returns the paths removed."""
+    """Delete what `atomic_write` and `atomic_save` leave in `folder` when their process is killed mid-write:
+    `.NAME.tmp-PID` files and folders of processes other than this one. Returns the paths removed."""
     stale = [p for p in Path(folder).glob(".*.tmp-*")
-             if p.is_file() and p.name.rpartition("-")[2].isdigit() and p.name.rpartition("-")[2] != str(os.getpid())]
+             if p.name.rpartition("-")[2].isdigit() and p.name.rpartition("-")[2] != str(os.getpid())]
     for p in stale:
-        p.unlink()
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     return stale
 
 

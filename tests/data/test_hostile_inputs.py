@@ -47,6 +47,41 @@ def unblock(tmp_path):
     done.set()
 
 
+# ------------------------------------------------------------------------------------------ full disk
+def test_a_full_disk_while_writing_the_token_cache_is_one_sentence(tiny_teacher, corpus_file, tmp_path, monkeypatch,
+                                                                   capsys):
+    """safetensors reports the failed write as SafetensorError (a traceback before). Now one line naming the cache
+    file; no temporary is left, and the run folder holds nothing that blocks the same command run again."""
+    import re
+    import resource
+    import signal
+
+    from conftest import tiny_distill_args
+
+    monkeypatch.setenv("HYBRIDOPT_CACHE", str(tmp_path / "cache"))  # a cache of its own: the streams are written
+    out = tmp_path / "run"
+    argv = tiny_distill_args(tiny_teacher, corpus_file, out, "--epochs", "1", "--max_steps_per_epoch", "1",
+                             "--no-baseline")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))  # writes past 64 KiB fail, as on a full disk
+    try:
+        assert main(argv) == 2
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr
+    cache = tmp_path / "cache" / "tokens"
+    assert re.fullmatch(re.escape(f"hybridopt: error: cannot write the token cache '{cache}/") + "[0-9a-f]{20}"
+                        + re.escape(".safetensors' (Error while serializing: I/O error: File too large (os error 27)); "
+                                    "is the disk full? Free some space, or point HYBRIDOPT_CACHE at another disk, and "
+                                    "run the command again"), err), err
+    assert list(cache.iterdir()) == []  # nothing half written
+    assert main(argv) == 0  # the same command, once there is room
+
+
 # ------------------------------------------------------------------------------------------ --data
 def test_a_fifo_as_data_is_refused_before_it_is_opened(tiny_teacher, tmp_path, unblock, capsys):
     from conftest import tiny_distill_args

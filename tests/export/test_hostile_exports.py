@@ -93,3 +93,44 @@ def test_a_full_disk_names_the_file_and_keeps_what_was_there(tok, tmp_path):
     assert "the disk may be full" in str(e.value) and "\n" not in str(e.value)
     assert path.read_bytes() == before  # the earlier export is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary left behind
+
+
+def _file_size_limit(limit: int):
+    """Writes past `limit` bytes fail (EFBIG), as on a full disk; returns the undo."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+
+    def undo():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    return undo
+
+
+def test_a_full_disk_while_packing_names_the_file_and_keeps_the_earlier_export(tok, tmp_path, capsys):
+    """safetensors reports the failed write as SafetensorError (a traceback before); config.json and the tokenizer
+    are written with it, so an earlier export in the folder is left whole, every file of it."""
+    model = _ternary_model(tok)
+    folder = tmp_path / "packed"
+    export_packed(model, folder, tok)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    hf = tmp_path / "hf"  # the same model as a Hugging Face folder, for `hybridopt export`
+    build_model(model.config, 0).save_pretrained(hf)
+    tok.save_pretrained(hf)
+    capsys.readouterr()
+    with torch.no_grad():
+        model.get_submodule(Q).weight.neg_()  # a different export, which must not replace the earlier one
+    undo = _file_size_limit(64 << 10)  # the packed file is ~300 KiB; config.json and the tokenizer fit
+    try:
+        with pytest.raises(UserError) as e:
+            export_packed(model, folder, tok)
+        assert main(["export", "--model", str(hf), "--out", str(folder)]) == 2
+    finally:
+        undo()
+    path = folder / PACKED_NAME
+    assert str(e.value) == (f"cannot write the packed export '{path}' (Error while serializing: I/O error: File too "
+                            "large (os error 27)); is the disk full? Nothing in its folder was replaced; free some "
+                            "space and run the command again")
+    assert capsys.readouterr().err == f"hybridopt: error: {e.value}\n"
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".hybridopt")}
+    assert after == before  # no temporary left, nothing replaced (the command's marker and lock aside)

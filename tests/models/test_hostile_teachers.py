@@ -156,3 +156,58 @@ def test_a_configured_attention_kernel_is_never_looked_up(teacher, monkeypatch, 
     _edit_config(teacher, attn_implementation=attn)
     model, _ = load_teacher(teacher, CPU)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_bench_refuses_a_forged_teacher_in_the_words_distill_uses(teacher, no_build, corpus_file, tmp_path, capsys):
+    """`hybridopt bench --teacher` said `--teacher/--data:` (and let anything but a ValueError through); now the
+    sentence `hybridopt distill` prints, before the bench folder is made."""
+    _edit_config(teacher, num_hidden_layers=100000)
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--task", "distill", "--teacher", str(teacher), "--data", str(corpus_file),
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"hybridopt: error: --teacher: '{teacher}': config.json claims num_hidden_layers 100000 but its safetensors "
+        "hold no tensor of layer 2; the config does not describe these weights\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["generate", "--max_new_tokens", "2"], ["export"]])
+def test_a_student_folder_is_checked_like_a_teacher_folder(teacher, no_build, tmp_path, capsys, command):
+    """`generate --model` and `export --model` built whatever a Hugging Face folder's config.json claimed (100000
+    layers: all the memory there is); now its headers are checked first, as a teacher's are."""
+    _edit_config(teacher, num_hidden_layers=100000)
+    argv = [command[0], "--model", str(teacher), *command[1:]]
+    if command == ["export"]:
+        argv += ["--out", str(tmp_path / "x")]
+    start = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - start < 5
+    assert capsys.readouterr().err == (
+        f"hybridopt: error: --model: '{teacher}': config.json claims num_hidden_layers 100000 but its safetensors "
+        "hold no tensor of layer 2; the config does not describe these weights\n")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_teacher_with_weights_only_in_a_pickle_is_refused_and_the_pickle_never_loaded(teacher, tmp_path, monkeypatch,
+                                                                                       corpus_file, capsys):
+    witness = tmp_path / "pwned"
+
+    class Payload:  # what a pickle's code could do: here, leave a file
+        def __reduce__(self):
+            return (open, (str(witness), "w"))
+
+    (teacher / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Payload()}, teacher / "pytorch_model.bin")
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+    monkeypatch.setattr(torch, "load", no_pickle)
+    message = (f"'{teacher}' holds no model.safetensors; hybridopt reads teacher weights from safetensors only (save "
+               "the model with save_pretrained)")
+    with pytest.raises(ValueError) as e:
+        load_teacher(teacher, CPU)
+    assert str(e.value) == message
+    capsys.readouterr()
+    assert main(tiny_distill_args(teacher, corpus_file, tmp_path / "run")) == 2
+    assert capsys.readouterr().err == f"hybridopt: error: --teacher: {message}\n"
+    assert not witness.exists()

@@ -1,9 +1,15 @@
-"""One writer per run folder and per default-teacher cache entry: a second process is refused (or, for the
-default teacher, waits and reads what the first saved), and nothing the first one writes is touched."""
+"""One writer per run folder, bench folder, export folder and default-teacher cache entry: a second process is
+refused (or, for the default teacher, waits and reads what the first saved), and nothing the first one writes is
+touched."""
 
+import importlib
 import os
+import signal
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from conftest import tiny_distill_args
 from hybridopt.training import default_teacher
@@ -98,3 +104,104 @@ def test_processes_that_need_the_default_teacher_at_once_train_it_once(tmp_path,
     for th in threads:
         th.join(timeout=60)
     assert errors == [] and got == [entry, entry] and trained == [entry]
+
+
+# ------------------------------------------------------------------------------ bench and export, two processes
+def _fork_cli(argv: list[str], hold: str, ready: Path, log: Path) -> int:
+    """Fork a process running `hybridopt ARGV` in which the function `hold` (`"module:name"`) touches `ready` and
+    sleeps instead of running: a writer caught in the middle of its work, holding what it holds. Returns its pid."""
+    pid = os.fork()
+    if pid == 0:
+        rc = 70
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            module, name = hold.split(":")
+
+            def held(*args, **kwargs):
+                ready.touch()
+                time.sleep(120)
+
+            setattr(importlib.import_module(module), name, held)
+            from hybridopt.cli import main
+
+            rc = main(argv)
+        finally:
+            os._exit(rc)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        assert not done and time.monotonic() < deadline, f"the first writer never got there: {log.read_text()}"
+        time.sleep(0.02)
+    return pid
+
+
+def _stop(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridopt.models.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer([f"line {i} of a small text about packing and tokens" for i in range(50)], 300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32))
+    path = tmp_path_factory.mktemp("hf") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _in_use(folder: Path, pid: int) -> str:
+    return (f"hybridopt: error: --out: '{folder}' is in use: hybridopt process {pid} is writing it; wait for it to "
+            "finish, or choose another --out (nothing in it was touched)\n")
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_second_export_into_a_folder_being_written_is_refused(hf_model, tmp_path, one_thread, capsys):
+    """Two `hybridopt export --out X` at once could write one folder together (one's packed file beside the other's
+    report); the second is refused, naming the first, until the first is gone."""
+    from hybridopt.cli import main
+
+    out = tmp_path / "packed"
+    argv = ["export", "--model", str(hf_model), "--out", str(out)]
+    first = _fork_cli(argv, "hybridopt.recipes.export_student:export_packed", tmp_path / "ready", tmp_path / "log")
+    try:
+        before = _snapshot(out)
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert capsys.readouterr().err == _in_use(out, first)
+        assert _snapshot(out) == before and (out / LOCK_NAME).read_text() == f"{first}\n"
+    finally:
+        _stop(first)
+    assert main(argv) == 0  # the first writer is gone
+    capsys.readouterr()
+
+
+def test_a_second_bench_into_a_folder_being_written_is_refused(tmp_path, one_thread, capsys):
+    from hybridopt.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--quick", "--task", "mlp", "--arms", "adamw_cosine", "--no_cost", "--out", str(out)]
+    first = _fork_cli(argv, "hybridopt.recipes.bench:_bench", tmp_path / "ready", tmp_path / "log")
+    try:
+        before = _snapshot(out)
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert capsys.readouterr().err == _in_use(out, first)
+        assert _snapshot(out) == before == {LOCK_NAME: f"{first}\n".encode()}
+    finally:
+        _stop(first)
+    lock = lock_file(out / LOCK_NAME)  # free once its holder is gone
+    assert lock is not None
+    lock.close()

@@ -36,7 +36,7 @@ from hybridopt.config import DistillConfig
 from hybridopt.data.splits import corpus_documents, token_splits
 from hybridopt.data.clusters import cluster_data
 from hybridopt.data.blocks import TokenBlocks
-from hybridopt.errors import UserError
+from hybridopt.errors import UserError, for_flag
 from hybridopt.training.evaluation import evaluate_lm
 from hybridopt.kmeans import kmeans
 from hybridopt.training.losses import kd_loss
@@ -120,9 +120,11 @@ class DistillTask:
 
     def _load(self, teacher: str | None, data: list[str], reporter: Reporter) -> None:
         b = self.budget
-        docs, desc = corpus_documents(data)
+        with for_flag("--data"):
+            docs, desc = corpus_documents(data)
         self.teacher_dir = teacher or ensure_default_teacher(reporter)
-        self.teacher, self.tokenizer = load_teacher(self.teacher_dir, self.device)
+        with for_flag("--teacher") if teacher else contextlib.nullcontext():  # as `hybridopt distill` words it
+            self.teacher, self.tokenizer = load_teacher(self.teacher_dir, self.device)
         ctx = context_length(self.teacher.config)
         if ctx is not None and b.seq_len > ctx:
             raise UserError(f"--seq_len {b.seq_len} exceeds the teacher's context length {ctx}")

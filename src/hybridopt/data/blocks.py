@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from hybridopt.fileio import atomic_write
+from hybridopt.errors import UserError, first_line
+from hybridopt.fileio import WRITE_ERRORS, atomic_write, write_failure
 from hybridopt.data.corpus import Document
 
 
@@ -54,7 +55,12 @@ def cached_token_stream(
             return tokens
     tokens = tokenize_documents(docs, tokenizer, desc)
     cache.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file({"tokens": tokens}, str(tmp)))
+    try:
+        atomic_write(path, lambda tmp: save_file({"tokens": tokens}, str(tmp)))
+    except WRITE_ERRORS as e:  # safetensors reports a failed write as SafetensorError
+        raise UserError(write_failure(f"cannot write the token cache '{path}'", path, first_line(e),
+                                      "Free some space, or point HYBRIDOPT_CACHE at another disk, and run the "
+                                      "command again")) from None
     return tokens
 
 

@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrain
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from hybridopt.fileio import atomic_write, read_safetensors_header
+from hybridopt.fileio import WRITE_ERRORS, atomic_save, read_safetensors_header, write_failure
 from hybridopt.errors import UserError, first_line
 from hybridopt.quant.packing import (pack_sign, pack_signed, pack_ternary, packed_nbytes, unpack_sign, unpack_signed,
                                unpack_ternary)
@@ -121,10 +121,19 @@ def export_packed(model: torch.nn.Module, out_dir: str | Path, tokenizer: PreTra
         metadata["precision_plan"] = plan.to_json()
     metadata["sha256"] = _digest(tensors, metadata)
     path = out_dir / PACKED_NAME
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    model.config.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / PACKED_NAME), metadata=metadata)
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    try:
+        atomic_save(out_dir, write)  # a full disk leaves an earlier export whole
+    except WRITE_ERRORS as e:  # safetensors reports a failed write as SafetensorError
+        raise UserError(write_failure(f"cannot write the packed export '{path}'", path, first_line(e),
+                                      "Nothing in its folder was replaced; free some space and run the command "
+                                      "again")) from None
     return path
 
 

@@ -34,7 +34,7 @@ from hybridopt.bench.tasks import Budget, DistillTask, MLPTask, measure_costs, r
 from hybridopt.fileio import atomic_write
 from hybridopt.config import BenchConfig
 from hybridopt.errors import UserError, for_flag
-from hybridopt.training.layout import RUNS_ROOT, OutputRefused, check_output, claim_output, occupied
+from hybridopt.training.layout import RUNS_ROOT, OutputRefused, check_output, claim_output, lock_run, occupied
 from hybridopt.reporting import Reporter
 from hybridopt.training.trainer import StopOnSignal, StopRequested
 from hybridopt.utils import resolve_device
@@ -116,11 +116,23 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, command: str |
     (default: `hybridopt bench` with the config's non-default flags)."""
     reporter = reporter or Reporter()
     out = Path(cfg.out) if cfg.out else RUNS_ROOT / time.strftime("bench-%Y%m%d-%H%M%S")
-    previous, sessions = _open_output(out, cfg)
+    _open_output(out, cfg)  # refused before the tasks load a teacher
     with for_flag("--device"):
         device = resolve_device(cfg.device)
     started = time.time()
     tasks = _tasks(cfg, device, reporter)
+    with for_flag("--resume" if cfg.resume else "--out", OutputRefused):
+        lock = lock_run(out)  # one bench writes a folder at a time
+    try:
+        return _bench(cfg, reporter, command, out, device, started, tasks)
+    finally:
+        lock.close()
+
+
+def _bench(cfg: BenchConfig, reporter: Reporter, command: str | None, out: Path, device: torch.device,
+           started: float, tasks: list) -> Path:
+    """`run_bench` once this process holds the lock on `out`."""
+    previous, sessions = _open_output(out, cfg)  # again, under the lock: a bench beside this one may have written there
     claim_output(out, "bench")
     grid = log_grid(cfg.lr_min, cfg.lr_max, cfg.grid_points)
     names = cfg.arms or list(ARMS)

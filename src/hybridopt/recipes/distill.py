@@ -22,20 +22,21 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from hybridopt.fileio import atomic_write, json_text, remove_stale_temporaries
+from hybridopt.fileio import (WRITE_ERRORS, atomic_save, atomic_write, json_text, remove_stale_temporaries,
+                              write_failure)
 from hybridopt.training.checkpoint import CHECKPOINT_NAME
 from hybridopt.config import DEFAULT_TOPK, DistillConfig, QuantConfig
 from hybridopt.data.splits import corpus_documents, token_splits
 from hybridopt.data.clusters import DataClusters, cluster_data, format_cluster_report
 from hybridopt.data.blocks import NotEnoughTokens, TokenBlocks
 from hybridopt.training.distributed import DistEnv
-from hybridopt.errors import UserError, for_flag
+from hybridopt.errors import UserError, first_line, for_flag
 from hybridopt.training.evaluation import evaluate_lm
 from hybridopt.export.packed import export_packed
 from hybridopt.export.gguf import GGUFReport, export_gguf
 from hybridopt.training.layout import RUN_CONFIG, OutputRefused, RunLayout, check_output, claim_output, lock_run
 from hybridopt.manager import format_summary
-from hybridopt.training.metrics import metrics_files
+from hybridopt.training.metrics import check_new_metrics
 from hybridopt.models.modeling import context_length, load_teacher, num_parameters
 from hybridopt.quant.precision_plan import PrecisionPlan, calibration_batches, plan_for_model
 from hybridopt.quant.qat import QATConfig, check_group_size, quantizable_linears, quantize_
@@ -136,10 +137,9 @@ class DistillRecipe:
         if self.cfg.out and not self.cfg.resume:
             with for_flag("--out", OutputRefused):  # `.`, a file; a run folder is left to resolve_run's advice
                 check_output(self.cfg.out, "distill", legacy=(RUN_CONFIG, CHECKPOINT_NAME))
-        if self.cfg.metrics_out and not self.cfg.resume:  # the metrics files are appended to: never to yours
-            taken = [p for p in metrics_files(Path(self.cfg.metrics_out), self.cfg.baseline) if p.exists()]
-            if taken:
-                raise UserError(f"--metrics_out: '{taken[0]}' exists; choose a new path (nothing is replaced)")
+        if self.cfg.metrics_out and not self.cfg.resume:  # before the run folder is made, which would block a rerun
+            with for_flag("--metrics_out"):
+                check_new_metrics(Path(self.cfg.metrics_out), self.cfg.baseline)
         out, resuming, cfg = resolve_run(self.cfg, self.reporter, self.given)
         if self.dist.active:
             self.dist.check_batch(cfg.batch_size)
@@ -168,7 +168,8 @@ class DistillRecipe:
             claim_output(out, "distill")
             if not resuming:
                 atomic_write(layout.config, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
-            else:  # a kill inside an export write (the trainers clean their own folders)
+            else:  # a kill inside a student or export write (the trainers clean their own folders)
+                remove_stale_temporaries(layout.student)
                 remove_stale_temporaries(layout.export)
         spec, quant = self._setup_student(tokenizer, train, device)
         s_config = spec.config
@@ -358,8 +359,17 @@ class DistillRecipe:
             The quantization report, or None for a full-precision run.
         """
         d = self.data
-        self.student.save_pretrained(d.layout.student, safe_serialization=True)
-        d.tokenizer.save_pretrained(d.layout.student)
+
+        def write(tmp: Path) -> None:
+            self.student.save_pretrained(tmp, safe_serialization=True)
+            d.tokenizer.save_pretrained(tmp)
+
+        try:
+            atomic_save(d.layout.student, write)  # a full disk leaves the student of an earlier attempt whole
+        except WRITE_ERRORS as e:  # safetensors reports a failed write as SafetensorError
+            raise UserError(write_failure(f"cannot write the student '{d.layout.student}'", d.layout.student,
+                                          first_line(e), "Nothing in it was replaced; free some space and continue "
+                                          "with --resume")) from None
         if self.cfg.gguf or d.quant:
             claim_output(d.layout.export, "export")  # ours: `hybridopt export` may write into it again
         if self.cfg.gguf:

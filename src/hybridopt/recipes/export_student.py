@@ -14,7 +14,7 @@ from hybridopt.export.packed import PACKED_NAME, export_packed
 from hybridopt.training.saved import load_model
 from hybridopt.export.gguf import GGUFReport, export_gguf, packed_codes
 from hybridopt.export.gguf_read import written_by_hybridopt
-from hybridopt.training.layout import OutputRefused, RunLayout, check_output, claim_output, occupied
+from hybridopt.training.layout import OutputRefused, RunLayout, check_output, claim_output, lock_run, occupied
 from hybridopt.quant.precision_plan import PrecisionPlan
 from hybridopt.quant.qat import QATConfig, quantize_
 from hybridopt.training.quant_report import format_report, quantization_report, save_report
@@ -72,10 +72,16 @@ def export_student(cfg: ExportConfig, reporter: Reporter | None = None) -> Path:
         model, tokenizer, _ = load_model(fp_dir, torch.device("cpu"))
     with for_flag("--group_size"):
         names = quantize_(model, quant)
-    path = export_packed(model, claim_output(out, "export"), tokenizer, getattr(torch, cfg.export_dtype), plan)
-    report = quantization_report(model, fp_dir, out, None, 1, torch.device("cpu"),
-                                 "QAT" if saved and saved.qat else "PTQ")
-    save_report(report, out)
+    # One export writes a folder at a time; a run's own export/ is written by its run, which holds the run's lock.
+    with for_flag("--out", OutputRefused):
+        lock = lock_run(run.root if saved and out.resolve() == run.export.resolve() else out)
+    try:
+        path = export_packed(model, claim_output(out, "export"), tokenizer, getattr(torch, cfg.export_dtype), plan)
+        report = quantization_report(model, fp_dir, out, None, 1, torch.device("cpu"),
+                                     "QAT" if saved and saved.qat else "PTQ")
+        save_report(report, out)
+    finally:
+        lock.close()
     reporter.line(f"Packed {len(names)} Linear modules ({quant.describe()}) into {path}")
     reporter.line(format_report(report))
     return path

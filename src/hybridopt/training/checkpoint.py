@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hybridopt.errors import UserError, first_line
-from hybridopt.fileio import atomic_write
+from hybridopt.fileio import WRITE_ERRORS, atomic_write, write_failure
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -54,9 +54,9 @@ def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> Path:
 
     try:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
-    except RuntimeError as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
-        raise UserError(f"cannot write the checkpoint '{path}' ({first_line(e)}); is the disk full? "
-                        "The previous checkpoint is kept; free space and continue with --resume") from None
+    except WRITE_ERRORS as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
+        raise UserError(write_failure(f"cannot write the checkpoint '{path}'", path, first_line(e),
+                                      "The previous checkpoint is kept; free space and continue with --resume")) from None
     return path
 
 

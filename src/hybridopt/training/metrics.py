@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 from hybridopt.fileio import atomic_write, json_text
@@ -98,6 +99,30 @@ def metrics_files(path: Path, baseline: bool = False) -> list[Path]:
     the no-teacher run's three as well, named `<stem>_baseline*`)."""
     stems = [path] + ([path.with_name(f"{path.stem}_baseline.csv")] if baseline else [])
     return [f for p in stems for f in (p, p.with_name(f"{p.stem}_steps.csv"), p.with_suffix(".jsonl"))]
+
+
+def check_new_metrics(path: Path, baseline: bool = False) -> None:
+    """Refuse a per-epoch metrics CSV `path` that a new run could not write, or that would append to files there,
+    before anything is made (refused when the metrics files open, a run has made its folder, which blocks a rerun).
+
+    Raises:
+        ValueError: `path` ends in .jsonl (the CSV and the JSONL rows would share it), is a folder, one of the files
+            the run writes (`metrics_files`) exists, or the folder it goes in cannot be made or written.
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        raise ValueError(f"'{path}' would hold both the per-epoch CSV rows and the JSONL rows; name the CSV, e.g. "
+                         f"'{path.with_suffix('.csv')}' (the JSONL rows then go to '{path}')")
+    if path.is_dir():
+        raise ValueError(f"'{path}' is a folder; name a file, e.g. '{path / 'metrics.csv'}'")
+    taken = [p for p in metrics_files(path, baseline) if p.exists()]
+    if taken:
+        raise ValueError(f"'{taken[0]}' exists; choose a new path (nothing is replaced)")
+    folder = next(p for p in path.parents if p.exists())  # the folder it goes in, or the nearest that exists
+    if not folder.is_dir():
+        raise ValueError(f"'{folder}' is a file, so no folder can hold '{path}'; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in the folder '{folder}' (permission denied); choose another path")
 
 
 def _fmt(v):
