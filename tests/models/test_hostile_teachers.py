@@ -202,7 +202,7 @@ def test_a_teacher_with_weights_only_in_a_pickle_is_refused_and_the_pickle_never
     def no_pickle(*args, **kwargs):
         raise AssertionError("a pickle was loaded")
     monkeypatch.setattr(torch, "load", no_pickle)
-    message = (f"'{teacher}' holds no model.safetensors; hybridopt reads teacher weights from safetensors only (save "
+    message = (f"'{teacher}' holds no model.safetensors; hybridopt reads model weights from safetensors only (save "
                "the model with save_pretrained)")
     with pytest.raises(ValueError) as e:
         load_teacher(teacher, CPU)

@@ -108,7 +108,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     elif (path / "model.safetensors").is_file():
         names = ["model.safetensors"]
     else:
-        raise ValueError(f"'{path}' holds no model.safetensors; hybridopt reads teacher weights from safetensors "
+        raise ValueError(f"'{path}' holds no model.safetensors; hybridopt reads model weights from safetensors "
                          "only (save the model with save_pretrained)")
     shapes: dict[str, tuple[int, ...]] = {}
     for name in names:
