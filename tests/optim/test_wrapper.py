@@ -7,6 +7,7 @@ bare base's; state, param groups, LR schedulers and GradScaler go through; and t
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -323,10 +324,55 @@ def test_load_refuses_another_version_in_one_sentence():
     opt = hybrid(torch.optim.SGD(model.parameters(), lr=0.1))
     saved = opt.state_dict()
     assert saved["wrapper_version"] == WRAPPER_VERSION
-    with pytest.raises(ValueError, match=r"^this state_dict has wrapper_version 99 but .* reads version 1; "):
+    with pytest.raises(ValueError, match=r"^this state_dict has wrapper_version 99 but .* reads versions 1, 2; "):
         opt.load_state_dict({**saved, "wrapper_version": 99})
     with pytest.raises(ValueError, match="wrapper_version None"):  # a bare optimizer's state_dict
         opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+
+
+def test_a_version_1_state_dict_holding_the_update_itself_continues_as_version_2():
+    """Version 1 saved the last update \\Delta\\theta in "updates"; version 2 saves e and its scale s (\\Delta\\theta
+    = s e). The same state written both ways continues to the same weights."""
+    data = list(batches(8))
+    model = mlp()
+    opt = hybrid(torch.optim.AdamW(model.parameters(), lr=0.05), trust_radius=0.01, scale_threshold=0.0)
+    for x, y in data[:5]:
+        loss = mse(model, x, y)
+        loss.backward()
+        opt.step(loss=loss)
+        opt.zero_grad()
+    v2 = opt.state_dict()
+    s = v2["hybrid"]["update_scale"]
+    assert s != 1.0  # else both forms would read alike
+    hybrid_v1 = {k: v for k, v in v2["hybrid"].items() if k != "update_scale"}
+    hybrid_v1["updates"] = {i: s * e for i, e in v2["hybrid"]["updates"].items()}
+    v1 = {**v2, "hybrid": hybrid_v1, "wrapper_version": 1}
+    ends = []
+    for saved in (v2, v1):
+        resumed = copy.deepcopy(model)
+        resumed_opt = hybrid(torch.optim.AdamW(resumed.parameters(), lr=0.05), trust_radius=0.01, scale_threshold=0.0)
+        resumed_opt.load_state_dict(copy.deepcopy(saved))
+        for x, y in data[5:]:
+            loss = mse(resumed, x, y)
+            loss.backward()
+            resumed_opt.step(loss=loss)
+            resumed_opt.zero_grad()
+        ends.append([p.detach().clone() for p in resumed.parameters()])
+    for a, b in zip(*ends):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run():
+    model = mlp()
+    opt = hybrid(torch.optim.SGD(model.parameters(), lr=0.1))
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": "post"})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append(sd.pop("note")))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("loaded"))
+    saved = opt.state_dict()
+    assert saved["note"] == "post"
+    opt.load_state_dict(saved)
+    assert seen == ["post", "loaded"]
 
 
 # ---------------------------------------------------------------------- param groups and schedulers

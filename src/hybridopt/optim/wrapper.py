@@ -32,11 +32,14 @@ one Adam step on the surrogate \sigma_t c(x_{t-1}) (and \sigma_t r(x_{t-1}) afte
 `trust_radius`; with the scale frozen (`learn_scale=False`) and no trust region (`trust_radius=None`) the
 wrapper's steps are the base's, bit for bit.)
 
-How. Each parameter gets one buffer, which holds \Delta\theta_{t-1} until h_t is taken, then \theta_t (the
-snapshot), then d_t = \theta_{t+1}^{base} - \theta_t (in place), then \Delta\theta_t. The parameters become
-\theta_{t+1}^{base} + (F - 1) d_t with F = e^{\ell + c} \min(1, \cdot) the step's factor, a 0-d tensor, so a
-factor of exactly 1 leaves the base's result untouched. Memory: the base's state plus that buffer. One host
-sync per step reads h_t, the last step's trust ratio and predicted decrease, and the loss, stacked. Every
+How. Each parameter gets one buffer e. It holds \theta_t (the snapshot) while the base steps, then
+e_t = \theta_t - \theta_{t+1}^{base} = -d_t (one subtraction in place), and the parameters become
+\theta_{t+1}^{base} + (1 - F) e_t with F = e^{\ell + c} \min(1, \cdot) the step's factor, a 0-d tensor, so a
+factor of exactly 1 leaves the base's result untouched. The buffer is never rescaled: \Delta\theta_t = s_t e_t
+is kept as the buffer and the number s_t = -F, and h_{t+1} = s_t (g_{t+1} \cdot e_t). Per step that is six
+passes over the parameters' size: h's dot product, \|\theta_t\|, the snapshot, the subtraction, \|e_t\| and the
+correction (four without a trust region). Memory: the base's state plus that buffer. One host sync per step
+reads g_{t+1} \cdot e_t, the last step's s, trust ratio and predicted decrease, and the loss, stacked. Every
 decision uses only global sums of tensors that are identical on every data-parallel rank (DDP averages the
 gradients before `step`), so all ranks take the same step without communicating.
 
@@ -70,12 +73,16 @@ from hybridopt.optim.trust_region import (adapted_radius, decrease_ratio_ema, do
                                           shrunk_radius)
 
 Tensors = list[torch.Tensor]
-WRAPPER_VERSION = 1  # of `state_dict`'s "hybrid" entry; bumped when its meaning changes
+WRAPPER_VERSION = 2  # of `state_dict`'s "hybrid" entry; bumped when its meaning changes
+# Version 1 held the last update \Delta\theta itself; version 2 holds e = \theta_t - \theta^base and its scale s
+# (\Delta\theta = s e). A version-1 entry is read as s = 1.
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
 class WrapperState:
-    """The wrapper's scalars, saved by `state_dict` (the per-parameter \\Delta\\theta_{t-1} is saved beside)."""
+    """The wrapper's scalars, saved by `state_dict` (beside them each tensor's buffer e_{t-1} and the number s,
+    \\Delta\\theta_{t-1} = s e_{t-1})."""
 
     step: int = 0  # steps applied (skipped ones not counted)
     skipped_steps: int = 0  # steps skipped for a non-finite gradient or loss
@@ -101,37 +108,34 @@ class WrapperState:
 
 
 # ---------------------------------------------------------------------- the step's pure pieces
-def base_update_(buffers: Tensors, params: Tensors) -> None:
-    """buffer <- \\theta_{t+1}^{base} - buffer, in place: the base's update d_t (the buffers held \\theta_t)."""
+def negated_update_(buffers: Tensors, params: Tensors) -> None:
+    """buffer <- buffer - \\theta_{t+1}^{base}, in place: e_t = -d_t, the base's update negated (the buffers held
+    \\theta_t; the sign goes into the step's factor rather than into a pass of its own)."""
     torch._foreach_sub_(buffers, params)
-    torch._foreach_neg_(buffers)
 
 
-def step_factor(updates: Tensors, param_norm: torch.Tensor | None, log_multiplier: float, radius: float | None
+def step_factor(negated: Tensors, param_norm: torch.Tensor | None, log_multiplier: float, radius: float | None
                 ) -> tuple[float | torch.Tensor, torch.Tensor | None]:
     """(F, the trust ratio): F = e^m \\min(1, ratio), ratio = radius \\max(\\|\\theta\\|, 10^{-3}) / \\|e^m d\\|
-    unclamped (a 0-d tensor, no host sync); without a radius F = e^m, a float, and no ratio."""
+    unclamped (a 0-d tensor, no host sync); without a radius F = e^m, a float, and no ratio. `negated`: -d."""
     multiplier = math.exp(log_multiplier)
     if radius is None:
         return multiplier, None
-    ratio = ratio_of_norms(radius, param_norm, multiplier * norms(updates).norm())
+    ratio = ratio_of_norms(radius, param_norm, multiplier * norms(negated).norm())
     return multiplier * ratio.clamp_max(1.0), ratio
 
 
-def rescale_step_(params: Tensors, updates: Tensors, factor: float | torch.Tensor) -> None:
-    """\\theta <- \\theta^{base} + (F - 1) d = \\theta_t + F d, and each buffer d <- F d = \\Delta\\theta_t.
+def rescale_step_(params: Tensors, negated: Tensors, factor: float | torch.Tensor) -> None:
+    """\\theta <- \\theta^{base} + (1 - F) e = \\theta_t + F d, from the buffers e = -d (left as they are).
 
     Written as a correction of the base's result so that F = 1 gives it back exactly (+0 is exact)."""
     if isinstance(factor, float):
         if factor != 1.0:
-            torch._foreach_add_(params, updates, alpha=factor - 1.0)
-            torch._foreach_mul_(updates, factor)
+            torch._foreach_add_(params, negated, alpha=1.0 - factor)
         return
-    excess = factor - 1.0
-    # foreach's add takes alpha as a Python number only (a host sync) and a product list is a copy of the step
-    for p, d in zip(params, updates):
-        p.addcmul_(d, excess)
-    torch._foreach_mul_(updates, factor)
+    # foreach's add takes alpha as a Python number only (a host sync), and a product list is a copy of the step;
+    # a list of one 0-d tensor broadcasts (on a GPU one kernel per tensor, as a Python loop would launch)
+    torch._foreach_addcmul_(params, negated, [1.0 - factor] * len(params))
 
 
 def _is_schedule_free(base) -> bool:
@@ -206,7 +210,11 @@ class HybridWrapper(torch.optim.Optimizer):
         self.hybrid_state = WrapperState(trust_radius=trust_radius)
         self._buffers: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # p -> {"update": one buffer like p}
         self._moved: Tensors = []  # the tensors the last step moved
-        # The last step's trust ratio and -predicted decrease, 0-d tensors read at the next step's sync.
+        # s, with \Delta\theta_{t-1} = s times the buffers: the last step's -F (a 0-d tensor until the next sync
+        # reads it back), or 1 (before any step, and over a checkpoint that saved \Delta\theta itself).
+        self._update_scale: float | torch.Tensor = 1.0
+        # The last step's trust ratio and g_{t-1} . e_{t-1} (its predicted decrease over -s), 0-d tensors read at
+        # the next step's sync.
         self._pending_ratio: torch.Tensor | None = None
         self._pending_predicted: torch.Tensor | None = None
         # torch.optim.Optimizer's hooks (its __init__ would build param groups of its own: the base's are used)
@@ -287,45 +295,55 @@ class HybridWrapper(torch.optim.Optimizer):
         self._learn(h, loss_value)
         log_multiplier, radius = self._multipliers(loss_value, grad_norm)
         param_norm = norms(params).norm() if radius is not None else None  # \|\theta_t\|, before the base moves it
-        torch._foreach_copy_(buffers, params)  # the snapshot \theta_t, over \Delta\theta_{t-1} (h is taken)
+        torch._foreach_copy_(buffers, params)  # the snapshot \theta_t, over e_{t-1} (h is taken)
         self.base.step()
-        base_update_(buffers, params)  # d_t
+        negated_update_(buffers, params)  # e_t = -d_t
         factor, self._pending_ratio = step_factor(buffers, param_norm, log_multiplier, radius)
-        rescale_step_(params, buffers, factor)  # buffers: \Delta\theta_t
-        if self.adapt_radius:  # -predicted decrease, read at the next sync
+        rescale_step_(params, buffers, factor)
+        self._update_scale = -factor  # \Delta\theta_t = -F e_t, the buffers left unscaled
+        if self.adapt_radius:  # the predicted decrease over -s, read at the next sync
             self._pending_predicted = dot([p.grad for p in params], buffers)
         self.hybrid_state.step += 1
         self._moved = params
         return loss
 
+    def _pending(self) -> Tensors:
+        """The 0-d tensors the last step left to read back, in `_settle`'s order: s, the trust ratio, g . e."""
+        scale = self._update_scale if torch.is_tensor(self._update_scale) else None
+        return [t for t in (scale, self._pending_ratio, self._pending_predicted) if t is not None]
+
     def _read_back(self, params: Tensors, buffers: Tensors, loss) -> tuple[float, float | None, float]:
         """The step's one host sync: (h_t, \\|g_t\\| with the controller, the loss or nan), and the last step's
-        trust ratio and predicted decrease. h_t is non-finite when any gradient is (0 \\cdot inf is nan: every
-        tensor with a gradient has a buffer, zero before its first step), so it is the non-finite check too."""
+        s, trust ratio and predicted decrease. h_t = s (g_t \\cdot e_{t-1}) is non-finite when any gradient is
+        (0 \\cdot inf is nan: every tensor with a gradient has a buffer, zero before its first step, and s is
+        finite), so it is the non-finite check too."""
         grads = [p.grad for p in params]
         device = grads[0].device
-        values = [dot(grads, buffers)]
+        values = [dot(grads, buffers)]  # g_t . e_{t-1}
         if self.controller is not None:
             values.append(norms(grads).pow(2).sum())
-        pending = [t for t in (self._pending_ratio, self._pending_predicted) if t is not None]
+        pending = self._pending()
         values += pending
         values.append(torch.as_tensor(loss).detach() if loss is not None else torch.tensor(math.nan))
         read = torch.stack([v.to(device, torch.float64) for v in values]).tolist()
-        h, rest = read[0], read[1:]
+        rest = read[1:]
         grad_norm = math.sqrt(rest.pop(0)) if self.controller is not None else None
         self._settle(rest[:len(pending)])
-        return h, grad_norm, rest[-1]
+        return self._update_scale * read[0], grad_norm, rest[-1]
 
     def _settle(self, values: list[float]) -> None:
-        """Record the last step's trust ratio and predicted decrease, read back (`values` in that order)."""
+        """Record the last step's s, trust ratio and predicted decrease, read back (`values` in `_pending`'s
+        order)."""
         values = list(values)
         s = self.hybrid_state
+        if torch.is_tensor(self._update_scale):
+            self._update_scale = values.pop(0)
         if self._pending_ratio is not None:
             s.radius_ratio = values.pop(0)
             s.clipped = s.radius_ratio < 1.0
             s.clipped_steps += int(s.clipped)
-        if self._pending_predicted is not None:
-            s.prev_predicted_decrease = -values.pop(0)
+        if self._pending_predicted is not None:  # -g_{t-1} . \Delta\theta_{t-1} = -s (g_{t-1} . e_{t-1})
+            s.prev_predicted_decrease = -self._update_scale * values.pop(0)
         self._pending_ratio = self._pending_predicted = None
 
     def _learn(self, h: float, loss: float) -> None:
@@ -376,24 +394,40 @@ class HybridWrapper(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict:
-        """The base's state_dict plus "hybrid" (the wrapper's scalars, each tensor's \\Delta\\theta_{t-1} by
-        the base's parameter index, the controller) and "wrapper_version"."""
-        pending = [t for t in (self._pending_ratio, self._pending_predicted) if t is not None]
+        """The base's state_dict plus "hybrid" (the wrapper's scalars; each tensor's buffer e_{t-1} by the base's
+        parameter index and "update_scale" s, with \\Delta\\theta_{t-1} = s e_{t-1}; the controller) and
+        "wrapper_version". The hooks registered on the wrapper run as torch.optim.Optimizer runs them."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        pending = self._pending()
         if pending:  # a host sync, as every checkpoint has
             self._settle(torch.stack([t.double() for t in pending]).tolist())
         index = {p: i for i, p in enumerate(self._params())}
         hybrid = {"state": dataclasses.asdict(self.hybrid_state),
                   "updates": {index[p]: st["update"] for p, st in self._buffers.items() if p in index},
+                  "update_scale": self._update_scale,
                   "moved": [index[p] for p in self._moved if p in index]}
         if self.controller is not None:
             hybrid["controller"] = self.controller.state_dict()
             hybrid["controller_opt"] = self.controller_opt.state_dict()
-        return {**self.base.state_dict(), "hybrid": hybrid, "wrapper_version": WRAPPER_VERSION}
+        state_dict = {**self.base.state_dict(), "hybrid": hybrid, "wrapper_version": WRAPPER_VERSION}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load what `state_dict` saved. The hooks registered on the wrapper run as torch.optim.Optimizer runs
+        them (a pre-hook may return a replacement state_dict)."""
+        state_dict = state_dict.copy()  # shallow, as torch's: a pre-hook may edit it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
         version = state_dict.get("wrapper_version")
-        check(version == WRAPPER_VERSION, f"this state_dict has wrapper_version {version!r} but the hybrid wrapper "
-              f"reads version {WRAPPER_VERSION}; load it with the hybridopt that saved it (a plain optimizer's "
+        check(version in READABLE_VERSIONS, f"this state_dict has wrapper_version {version!r} but the hybrid wrapper "
+              f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; load it with the hybridopt that saved it (a plain optimizer's "
               "state_dict goes to the base optimizer itself)")
         hybrid = state_dict["hybrid"]
         check(("controller" in hybrid) == (self.controller is not None), "this state_dict was saved "
@@ -403,11 +437,15 @@ class HybridWrapper(torch.optim.Optimizer):
         self.hybrid_state = WrapperState.from_saved(hybrid["state"])
         self._buffers = {params[int(i)]: {"update": t.to(params[int(i)], copy=True)}
                          for i, t in hybrid["updates"].items()}
+        # without "update_scale" (saved before the wrapper kept s) the buffers hold \Delta\theta itself
+        self._update_scale = float(hybrid.get("update_scale", 1.0))
         self._moved = [params[i] for i in hybrid["moved"]]
         self._pending_ratio = self._pending_predicted = None
         if self.controller is not None:
             self.controller.load_state_dict(hybrid["controller"])
             self.controller_opt.load_state_dict(hybrid["controller_opt"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def hybrid(base_optimizer, **options) -> HybridWrapper:
