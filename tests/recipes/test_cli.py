@@ -167,8 +167,10 @@ def test_teacher_hybrid_names_its_optimizer_as_distill_does(tmp_path, corpus_fil
     assert main(["teacher", *args, "--out", str(tmp_path / "a"), "--hybrid", "--hybrid_base", "schedulefree"]) == 0
     assert ("Optimizer: hybrid over Schedule-Free AdamW (--hybrid_base schedulefree); learned scale on, controller "
             "off, trust region on") in capsys.readouterr().out
-    assert main(["teacher", *args, "--out", str(tmp_path / "b")]) == 0
+    assert main(["teacher", *args, "--out", str(tmp_path / "b"), "--no-hybrid"]) == 0
     assert "Optimizer:" not in capsys.readouterr().out  # AdamW: no line, as distill
+    assert main(["teacher", *args, "--out", str(tmp_path / "c")]) == 0  # the default teacher's optimizer
+    assert "Optimizer: hybrid over Muon" in capsys.readouterr().out
 
 
 def test_ctrl_c_while_starting_or_exiting_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
