@@ -31,6 +31,20 @@ def pytest_unconfigure(config):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def seeded_global_rng():
+    """Every test starts from the same global torch, numpy and random state, whatever ran before it: a test that
+    draws from the global generators draws the same values alone, in the suite, and on CI."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def one_thread():
     """The test runs on one intra-op thread, and the session gets its threads back after (a thread count left
