@@ -94,6 +94,24 @@ def teacher_and_blocks(tiny_teacher):
     return teacher, blocks
 
 
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory) -> Path:
+    """A tiny full-precision Llama folder with its tokenizer, as a user would have one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridopt.models.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer([f"line {i} of a small text about packing and tokens" for i in range(50)], 300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32))
+    path = tmp_path_factory.mktemp("hf") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny_distill_config(teacher: Path, data: Path, out: Path, **kw):
     """The DistillConfig of a distillation run that takes seconds on CPU: the tiny student (32 wide, one layer)
     on 32-token blocks, batches of 8; `kw` sets the run's length and anything else."""

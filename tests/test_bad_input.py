@@ -219,20 +219,6 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- the command line
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory):
-    """A tiny full-precision Llama folder with its tokenizer, as a user would have one."""
-    texts = [f"line {i} of a small text about packing and tokens" for i in range(50)]
-    tokenizer = train_bpe_tokenizer(texts, 300)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32))
-    path = tmp_path_factory.mktemp("hf") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _user_folder(path, files=("config.json", "tokenizer.json", "notes.txt")):
     path.mkdir()
     for name in files:

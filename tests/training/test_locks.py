@@ -9,7 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import tiny_distill_args
 from hybridopt.training import default_teacher
@@ -140,23 +139,6 @@ def _fork_cli(argv: list[str], hold: str, ready: Path, log: Path) -> int:
 def _stop(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hybridopt.models.tokenizer import train_bpe_tokenizer
-
-    tokenizer = train_bpe_tokenizer([f"line {i} of a small text about packing and tokens" for i in range(50)], 300)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32))
-    path = tmp_path_factory.mktemp("hf") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _in_use(folder: Path, pid: int) -> str:
