@@ -147,9 +147,18 @@ class ReferenceWrapper:
         if self.t > 0:
             self._learn(h, rising)
         before = [p.detach().clone() for p in params]
-        self.base.step()
-        d = [p.detach() - b for p, b in zip(params, before)]  # d_t
         factor = math.exp(self.ell)
+        if hasattr(self.base, "train"):  # Schedule-Free: the scale multiplies the base's lr for its step
+            lrs = [g["lr"] for g in self.base.param_groups]
+            for g in self.base.param_groups:
+                g["lr"] *= factor
+            self.base.step()
+            for g, lr in zip(self.base.param_groups, lrs):
+                g["lr"] = lr
+            factor = 1.0
+        else:
+            self.base.step()
+        d = [p.detach() - b for p, b in zip(params, before)]  # d_t
         if self.rho is not None:
             theta_norm = math.sqrt(sum(float((b.double() ** 2).sum()) for b in before))
             d_norm = math.sqrt(sum(float((x.double() ** 2).sum()) for x in d))
@@ -199,6 +208,10 @@ REFERENCE_CASES = {
                              dict(trust_radius=0.05, adapt_radius=True, scale_threshold=0.2), dict(warmup=5)),
     "rmsprop_no_trust_region": (lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
                                 dict(trust_radius=None, scale_threshold=0.0, radius_start=0.0), {}),
+    # over Schedule-Free the scale goes into the base's lr (its z and averaging weights), the clip onto y's step;
+    # a rate far too low, so the (one-sided) scale rises
+    "schedulefree_rising": pytest.param((lambda ps: _schedule_free(ps, 1e-4), dict(trust_radius=0.005, scale_threshold=0.0, min_scale=1.0),
+                                         {}), marks=pytest.mark.skipif(schedulefree is None, reason="absent")),
 }
 
 

@@ -60,7 +60,7 @@ from hybridopt.optim.controller import (LR_HEAD, RADIUS_HEAD, AuxiliaryNN, Featu
                                         update_feature_stats)
 from hybridopt.optim.scale import (ScaleState, accumulate_trace_, forget_unmoved_, normalized_hypergradient,
                                    started_log_scale, stepped_log_scale, traces)
-from hybridopt.optim.trust_region import (adapted_radius, decrease_ratio_ema, dot, norms, reduction_dtype,
+from hybridopt.optim.trust_region import (DTensor, adapted_radius, decrease_ratio_ema, dot, global_value, norms,
                                           shrunk_radius, trust_factors_)
 from hybridopt.optim.updates import (eager_step_, eager_updates_, fused_step_, fused_updates_, init_state_,
                                      schedulefree_swap_)
@@ -177,7 +177,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         # The tensors the last step moved, and its global trust-region factor f when not yet multiplied into
         # their `update` buffers (then \\Delta\\theta_{t-1} = f u_{t-1}).
         self._moved: Tensors = []
-        self._pending_factor: torch.Tensor | None = None
+        self._pending_factor: torch.Tensor | float | None = None
 
     @property
     def _learns(self) -> bool:
@@ -225,6 +225,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not pairs:
             return loss
+        if isinstance(pairs[0][0], DTensor):
+            self._check_sharded()
         loss_value, finite, grad_norm, h = self._read_back(pairs, loss)
         if not finite:
             self._skip()
@@ -275,7 +277,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         values.append(self._trust_factor.min().float() if self._trust_factor is not None else torch.ones((), device=device))
         values.append(torch.as_tensor(loss, device=device).detach() if loss is not None
                       else torch.full((), math.nan, device=device))
-        grad_sq, h, factor, loss_value = torch.stack([v.to(device, torch.float64) for v in values]).tolist()
+        grad_sq, h, factor, loss_value = torch.stack([global_value(v).to(device, torch.float64) for v in values]).tolist()
         self._settle(factor)
         finite = math.isfinite(grad_sq) and (loss is None or math.isfinite(loss_value))
         return loss_value, finite, None if by_h else math.sqrt(grad_sq), h
@@ -321,12 +323,22 @@ class HybridOptimizer(torch.optim.Optimizer):
         if self._trust_factor is None:
             return
         if factor is None:
-            factor = float(self._trust_factor.min())
+            factor = float(global_value(self._trust_factor.min()))
         self._trust_factor = None
         if self.trust_mode == "global":  # the global factor is kept unclamped until read: radius / \\|u\\|
             self.hybrid_state.radius_ratio = factor
         self.hybrid_state.clipped = factor < 1.0
         self.hybrid_state.clipped_steps += int(factor < 1.0)
+
+    def _check_sharded(self) -> None:
+        """Over FSDP2's sharded parameters (DTensors) every global sum is reduced over the shards; what needs a
+        whole tensor at once is refused."""
+        check(self.base != "muon", "base='muon' is not supported over sharded parameters (FSDP2): Muon "
+              "orthogonalises whole matrices and each process holds a slice of each; use base='adam' or "
+              "'schedulefree' (--hybrid_base adam or schedulefree)")
+        check(not self.use_trust_region or self.trust_mode == "global", "trust_mode='per_tensor' is not "
+              "supported over sharded parameters (FSDP2); use the global trust region (the default)")
+        check(self._fused is None, "compile=True is not supported over sharded parameters (FSDP2); drop it")
 
     def _check_radii(self) -> None:
         radii = {group["trust_radius"] for group in self.param_groups}
@@ -353,7 +365,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         s = self.hybrid_state
         self._settle()
         predicted = dot([p.grad for p, _ in pairs], updates)
-        s.prev_predicted_decrease = -float(predicted if factor is None else predicted * factor)
+        s.prev_predicted_decrease = -float(global_value(predicted if factor is None else predicted * factor))
         s.prev_loss = loss if math.isfinite(loss) else None
 
     # ------------------------------------------------------------------ Schedule-Free's average
@@ -395,7 +407,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         self._settle()
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
-        pending = None if self._pending_factor is None else float(self._pending_factor)
+        pending = None if self._pending_factor is None else float(global_value(self._pending_factor))
         sd["hybrid"] = {"state": dataclasses.asdict(self.hybrid_state), "controller": self.controller.state_dict(),
                         "controller_opt": self.controller_opt.state_dict(),
                         "moved": [index[id(p)] for p in self._moved], "pending_factor": pending}
@@ -414,7 +426,7 @@ class HybridOptimizer(torch.optim.Optimizer):
 
 
 def _restored_last_step(state: dict, params: Tensors, hybrid: dict, trace_decay: float
-                        ) -> tuple[Tensors, torch.Tensor | None]:
+                        ) -> tuple[Tensors, float | None]:
     """The tensors the saved optimizer's last step moved and its pending global trust-region factor, from
     `state_dict`'s "hybrid" entry (`params` in the order of the param groups)."""
     for p in params:  # saved before the `update` buffer: the gamma-0 trace was the last applied update
@@ -423,6 +435,5 @@ def _restored_last_step(state: dict, params: Tensors, hybrid: dict, trace_decay:
             st["update"] = st.pop("trace")
     moved = hybrid.get("moved")
     moved = [params[i] for i in moved] if moved is not None else [p for p in params if "update" in state.get(p, {})]
-    pending = hybrid.get("pending_factor")
-    dtype = reduction_dtype(params)
-    return moved, None if pending is None else torch.tensor(pending, dtype=dtype, device=params[0].device)
+    pending = hybrid.get("pending_factor")  # a number: multiplies a plain tensor or a DTensor alike
+    return moved, None if pending is None else float(pending)

@@ -15,10 +15,23 @@ from __future__ import annotations
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = ()
+
 MIN_RADIUS, MAX_RADIUS = 1e-4, 1.0
 MIN_NORM = 1e-3  # floor of the reference norm, so parameters at zero can still move
 
 Tensors = list[torch.Tensor]
+
+
+def global_value(t: torch.Tensor) -> torch.Tensor:
+    """A sum over the parameters as a plain tensor. Under FSDP2 the parameters are DTensors sharded over the
+    processes, and a norm or dot product over them is a DTensor of per-shard parts: its full value (one
+    all-reduce) is the sum over the whole parameters, the same on every process, so every process takes the
+    same decisions. Any other tensor is returned as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def reduction_dtype(tensors: Tensors) -> torch.dtype:

@@ -45,8 +45,11 @@ gradients before `step`), so all ranks take the same step without communicating.
 
 Limits. The gradient and loss come from the caller (`loss=`, or a closure called once before the base's
 step), so bases that call a closure themselves (L-BFGS) are not supported. Over Schedule-Free (schedulefree's
-optimizers, `ScheduleFreeWrapper`) the parameters hold y and the base keeps z in its state: the scaled step
-moves y alone, so the difference lands in the average x; `train()`/`eval()` go to the base. Dense gradients only.
+optimizers, `ScheduleFreeWrapper`) the parameters hold y and the base keeps z and the average x in its state,
+both built from its lr: there the scale e^{\ell + c} multiplies every group's lr for the base's step (restored
+after it), so z and the averaging weights take the scaled rate as the built-in Schedule-Free base does, and the
+trust region then clips y's step alone (the built-in base clips z's too: at rates that clip, the wrapper ends
+a little higher, docs/RESULTS.md says by how much); `train()`/`eval()` go to the base. Dense gradients only.
 
 References: Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient Descent" (ICLR); Cutkosky,
 Defazio & Mehta 2023, "Mechanic: A Learning Rate Tuner" (optax's `contrib.mechanize`: learn the scale of any
@@ -69,8 +72,8 @@ from hybridopt.optim.controller import (LR_HEAD, RADIUS_HEAD, AuxiliaryNN, Featu
                                         update_feature_stats)
 from hybridopt.optim.scale import (ScaleState, forget_unmoved_, normalized_hypergradient, started_log_scale,
                                    stepped_log_scale)
-from hybridopt.optim.trust_region import (adapted_radius, decrease_ratio_ema, dot, norms, ratio_of_norms,
-                                          shrunk_radius)
+from hybridopt.optim.trust_region import (DTensor, adapted_radius, decrease_ratio_ema, dot, global_value, norms,
+                                          ratio_of_norms, shrunk_radius)
 
 Tensors = list[torch.Tensor]
 WRAPPER_VERSION = 2  # of `state_dict`'s "hybrid" entry; bumped when its meaning changes
@@ -108,6 +111,16 @@ class WrapperState:
 
 
 # ---------------------------------------------------------------------- the step's pure pieces
+def snapshot_(buffers: Tensors, params: Tensors) -> None:
+    """buffer <- \\theta_t, in place (one foreach copy; a copy per tensor for FSDP2's DTensors, which have no
+    foreach copy)."""
+    if isinstance(params[0], DTensor):
+        for b, p in zip(buffers, params):
+            b.copy_(p)
+    else:
+        torch._foreach_copy_(buffers, params)
+
+
 def negated_update_(buffers: Tensors, params: Tensors) -> None:
     """buffer <- buffer - \\theta_{t+1}^{base}, in place: e_t = -d_t, the base's update negated (the buffers held
     \\theta_t; the sign goes into the step's factor rather than into a pass of its own)."""
@@ -295,8 +308,12 @@ class HybridWrapper(torch.optim.Optimizer):
         self._learn(h, loss_value)
         log_multiplier, radius = self._multipliers(loss_value, grad_norm)
         param_norm = norms(params).norm() if radius is not None else None  # \|\theta_t\|, before the base moves it
-        torch._foreach_copy_(buffers, params)  # the snapshot \theta_t, over e_{t-1} (h is taken)
-        self.base.step()
+        snapshot_(buffers, params)  # \theta_t, over e_{t-1} (h is taken)
+        if _is_schedule_free(self.base):  # the scale goes into the rate the base builds z and its average's weights from
+            self._base_step_at(math.exp(log_multiplier))
+            log_multiplier = 0.0  # the trust region alone is left to apply, to y's step
+        else:
+            self.base.step()
         negated_update_(buffers, params)  # e_t = -d_t
         factor, self._pending_ratio = step_factor(buffers, param_norm, log_multiplier, radius)
         rescale_step_(params, buffers, factor)
@@ -306,6 +323,17 @@ class HybridWrapper(torch.optim.Optimizer):
         self.hybrid_state.step += 1
         self._moved = params
         return loss
+
+    def _base_step_at(self, multiplier: float) -> None:
+        """The base's step with every group's lr times `multiplier` (each lr restored after it)."""
+        rates = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] = group["lr"] * multiplier
+        try:
+            self.base.step()
+        finally:
+            for group, lr in zip(self.param_groups, rates):
+                group["lr"] = lr
 
     def _pending(self) -> Tensors:
         """The 0-d tensors the last step left to read back, in `_settle`'s order: s, the trust ratio, g . e."""
@@ -325,7 +353,7 @@ class HybridWrapper(torch.optim.Optimizer):
         pending = self._pending()
         values += pending
         values.append(torch.as_tensor(loss).detach() if loss is not None else torch.tensor(math.nan))
-        read = torch.stack([v.to(device, torch.float64) for v in values]).tolist()
+        read = torch.stack([global_value(v).to(device, torch.float64) for v in values]).tolist()
         rest = read[1:]
         grad_norm = math.sqrt(rest.pop(0)) if self.controller is not None else None
         self._settle(rest[:len(pending)])
@@ -401,7 +429,7 @@ class HybridWrapper(torch.optim.Optimizer):
             pre_hook(self)
         pending = self._pending()
         if pending:  # a host sync, as every checkpoint has
-            self._settle(torch.stack([t.double() for t in pending]).tolist())
+            self._settle(torch.stack([global_value(t).double() for t in pending]).tolist())
         index = {p: i for i, p in enumerate(self._params())}
         hybrid = {"state": dataclasses.asdict(self.hybrid_state),
                   "updates": {index[p]: st["update"] for p, st in self._buffers.items() if p in index},
