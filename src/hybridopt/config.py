@@ -488,7 +488,8 @@ class ExportConfig:
 
 BENCH_TASKS = ["distill", "distill_ternary", "mlp"]
 BENCH_ARMS = ["sgd", "sgd_cosine", "sgd_cosine_clusters", "hybrid_sgd", "adamw_cosine", "schedulefree_adamw",
-              "prodigy", "muon", "hybrid_adam", "hybrid_muon", "hybrid_sf", "hybrid_frozen", "hybrid_random", "hybrid_no_trust"]
+              "prodigy", "muon", "hybrid_adam", "hybrid_muon", "hybrid_sf", "hybrid_frozen", "hybrid_random", "hybrid_no_trust",
+              "wrap_adamw", "wrap_sf", "wrap_muon"]
 # Presets: steps, batch, seq_len, eval_every, curve blocks, grid points, seeds (docs/GUIDE.md, "hybridopt bench").
 BENCH_PRESETS = {
     "quick": dict(steps=6, batch_size=4, seq_len=32, eval_every=3, curve_blocks=8, grid_points=2, seeds=2,

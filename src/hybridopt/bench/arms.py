@@ -31,8 +31,16 @@ The arms (the design document's four first, then what practitioners pick, then a
     hybrid_random        hybrid_muon's own multipliers at the same lr and seed, shuffled in time
                          (same spread, no information)
     hybrid_no_trust      hybrid_muon without the trust region
+    wrap_adamw           `hybrid(torch.optim.AdamW(...))`: the wrapper over torch's own AdamW (fused on a GPU),
+                         with hybrid_adam's settings, warmup-cosine
+    wrap_sf              the wrapper over schedulefree's AdamWScheduleFree (the bench's warmup, then
+                         constant), with hybrid_sf's settings
+    wrap_muon            the wrapper over the muon arm's two optimizers, each wrapped (torch.optim.Muon on the
+                         hidden matrices, Float32Muon on a CPU; AdamW on the rest), with hybrid_muon's settings
 
-The ablations take apart `distill --hybrid`'s defaults (hybrid_muon); the `muon` arm is all of it off.
+The ablations take apart `distill --hybrid`'s defaults (hybrid_muon); the `muon` arm is all of it off. The
+wrap_* arms are the same rule over the optimizers users already have, against the built-in bases of the
+three hybrid arms they are named after.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from hybridopt.models import modeling
 from hybridopt.config import TrainConfig
 from hybridopt.optim.hybrid import HybridOptimizer
 from hybridopt.optim.muon import orthogonalized
+from hybridopt.optim.wrapper import hybrid
 
 WEIGHT_DECAY = 0.01
 MOMENTUM = 0.9
@@ -86,6 +95,17 @@ def _hybrid_kwargs() -> dict:
                 adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, trace_decay=d.controller_trace,
                 learn_scale=d.learn_scale, scale_lr=d.scale_lr, scale_threshold=d.scale_threshold,
                 min_scale=d.min_scale, radius_start=d.radius_start, use_controller=d.controller)
+
+
+def _wrapper_kwargs(base: str) -> dict:
+    """The settings `hybridopt distill --hybrid --hybrid_base base` gives the hybrid optimizer, as the wrapper's
+    options (its base-dependent defaults resolved as `HybridOptimizer` resolves them)."""
+    d = TrainConfig()
+    return dict(learn_scale=d.learn_scale, scale_lr=d.scale_lr, scale_threshold=d.scale_threshold,
+                min_scale=d.min_scale, trust_radius=d.trust_radius if d.trust_region else None,
+                adapt_radius=d.adapt_radius, controller_lr=d.controller_lr,
+                controller=d.controller if d.controller is not None else base != "schedulefree",
+                radius_start=d.radius_start if d.radius_start is not None else (0.0 if base == "adam" else 0.25))
 
 
 @dataclass(frozen=True)
@@ -163,6 +183,22 @@ def _muon(model, lr, ctx):
             torch.optim.AdamW(rest, lr=lr, betas=BETAS)]
 
 
+def _wrapped(base: str) -> Callable:
+    """The `hybrid(...)` wrapper over torch's or schedulefree's optimizer(s) standing for `base`."""
+    def build(model, lr, ctx):
+        if base == "adam":
+            on_gpu = next(model.parameters()).device.type == "cuda"
+            optimizers = [torch.optim.AdamW(param_groups(model), lr=lr, betas=BETAS, fused=on_gpu or None)]
+        elif base == "schedulefree":
+            import schedulefree
+
+            optimizers = [schedulefree.AdamWScheduleFree(param_groups(model), lr=lr, betas=BETAS, warmup_steps=0)]
+        else:
+            optimizers = _muon(model, lr, ctx)
+        return [hybrid(opt, **_wrapper_kwargs(base)) for opt in optimizers]
+    return build
+
+
 def _hybrid(base: str, clusters: bool = False, **overrides) -> Callable:
     def build(model, lr, ctx):
         kwargs = {**_hybrid_kwargs(), **overrides}
@@ -237,6 +273,12 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("hybrid_random", "ablation: hybrid_muon's multipliers shuffled in time", "adam", "cosine", _hybrid_random),
     Arm("hybrid_no_trust", "ablation: hybrid_muon without the trust region", "adam", "cosine",
         _hybrid("muon", use_trust_region=False)),
+    Arm("wrap_adamw", "hybrid(torch.optim.AdamW): the wrapper over torch's AdamW, hybrid_adam's settings, "
+        "warmup-cosine", "adam", "cosine", _wrapped("adam")),
+    Arm("wrap_sf", "hybrid(AdamWScheduleFree): the wrapper over schedulefree's optimizer, hybrid_sf's settings, "
+        "warmup then constant", "adam", "warmup", _wrapped("schedulefree")),
+    Arm("wrap_muon", "hybrid(torch.optim.Muon) and hybrid(AdamW): the muon arm's two optimizers each wrapped, "
+        "hybrid_muon's settings, warmup-cosine", "adam", "cosine", _wrapped("muon")),
 ]}
 
 REFERENCE = "adamw_cosine"

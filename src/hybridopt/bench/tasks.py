@@ -257,7 +257,7 @@ class RunResult:
     steps: list[int] = field(default_factory=list)  # evaluated steps (0 = before training)
     curve: list[float] = field(default_factory=list)  # curve validation loss at those steps
     train_loss: list[float] = field(default_factory=list)  # every step's training loss
-    lr_multiplier: list[float] = field(default_factory=list)  # hybrid arms: the multiplier of every step
+    lr_multiplier: list[float] = field(default_factory=list)  # hybrid arms: the (first optimizer's) multiplier of every step
     final_loss: float = math.inf  # full validation loss after the last step (inf: diverged)
     diverged_at: int | None = None
     seconds: float = 0.0
@@ -330,9 +330,9 @@ def _run_arm(task, arm: Arm, lr: float, seed: int, replay: list[float] | None) -
             break
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, DISTILL_DEFAULTS.grad_clip)
-        for opt in optimizers:
+        for k, opt in enumerate(optimizers):
             step_optimizer(opt, value, batches.cluster(indices))
-            if (multiplier := lr_multiplier(opt)) is not None:
+            if k == 0 and (multiplier := lr_multiplier(opt)) is not None:  # wrap_muon's two: Muon's
                 res.lr_multiplier.append(multiplier)
             opt.zero_grad(set_to_none=True)
         if (step + 1) % b.eval_every == 0 or step + 1 == b.steps:

@@ -1,5 +1,5 @@
-"""How an optimizer is built, stepped and reported: the one place that knows the hybrid optimizer takes more
-than gradients (the batch's loss, its data cluster) and reports more (its multiplier, radius and clips). The
+"""How an optimizer is built, stepped and reported: the one place that knows the hybrid optimizer (and the
+`hybrid(base)` wrapper) takes more than gradients (the batch's loss, its data cluster) and reports more (its multiplier, radius and clips). The
 Trainer and the bench both step through `step_optimizer`.
 """
 
@@ -10,6 +10,7 @@ import torch
 from hybridopt.config import OptimizerConfig
 from hybridopt.models.modeling import param_groups
 from hybridopt.optim.hybrid import HybridOptimizer
+from hybridopt.optim.wrapper import HybridWrapper
 
 HYBRID_BASE_NAMES = {"muon": "Muon (hidden matrices) and AdamW (embeddings, head, norms)",
                      "schedulefree": "Schedule-Free AdamW", "adam": "AdamW", "sgd": "SGD momentum"}
@@ -40,12 +41,17 @@ def step_optimizer(opt: torch.optim.Optimizer, loss: float, cluster: int | None 
     if isinstance(opt, HybridOptimizer):
         opt.set_cluster(cluster)
         opt.step(loss=loss)
+    elif isinstance(opt, HybridWrapper):
+        opt.step(loss=loss)
     else:
         opt.step()
 
 
 def lr_multiplier(opt: torch.optim.Optimizer) -> float | None:
-    """The hybrid optimizer's current learning-rate multiplier; None for any other optimizer."""
+    """The hybrid optimizer's current learning-rate multiplier (the wrapper's: its scale of the base's step);
+    None for any other optimizer."""
+    if isinstance(opt, HybridWrapper):
+        return opt.scale
     return opt.lr_multiplier if isinstance(opt, HybridOptimizer) else None
 
 
