@@ -15,6 +15,7 @@ in the metrics exactly once.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
@@ -133,9 +134,18 @@ class _Child:
                 self.code = os.waitstatus_to_exitcode(status)
         return self.code is not None
 
-    def wait(self) -> int:
-        if self.code is None:
-            self.code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+    def wait(self, timeout: float = 600.0) -> int:
+        """Its exit code, once it has exited; killed, and the test failed, if it runs past `timeout` seconds (a
+        hung child must not hang the suite)."""
+        deadline = time.monotonic() + timeout
+        while not self.poll():
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                reaped = time.monotonic() + 10
+                while not self.poll() and time.monotonic() < reaped:
+                    time.sleep(0.01)
+                raise AssertionError(f"the child {self.pid} was still running after {timeout:g} s; it was killed")
+            time.sleep(0.01)
         return self.code
 
     def wait_for(self, predicate, timeout: float = 120.0) -> bool:
@@ -426,6 +436,66 @@ def test_a_full_disk_while_saving_the_student_keeps_the_earlier_student_and_resu
     monkeypatch.undo()
     assert main(["distill", "--resume", str(out)]) == 0
     assert {p.name: p.read_bytes() for p in (out / "student").iterdir()} == student  # the same run saved again
+
+
+def _full_disk_for(prefix: str):
+    """A `Path.write_text` that writes half of a file whose name starts with `prefix` (an atomic write's
+    temporary) and then fails as a full disk does; every other file is written."""
+    write_text = Path.write_text
+
+    def write(self, data, *args, **kwargs):
+        if self.name.startswith(prefix):
+            write_text(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, data, *args, **kwargs)
+
+    return write
+
+
+@pytest.mark.parametrize("name,written", [("results", "results.json"),
+                                          ("quantization report", "export/quant_report.json")])
+def test_a_full_disk_at_the_results_or_the_quant_report_is_one_sentence_and_resume_writes_it(
+        tiny_teacher, corpus_file, tmp_path, monkeypatch, capsys, name, written):
+    """Both fell through to the CLI's general `No space left on device (FILE)` line, which named a temporary file
+    and said nothing of what was kept. Now: exit 2, one sentence naming the file, the student (and export)
+    kept, and --resume writes it."""
+    from hybridopt.cli import main
+
+    out = tmp_path / "run"
+    path = out / written
+    monkeypatch.setattr(Path, "write_text", _full_disk_for(f".{path.name}.tmp-"))
+    flags = ("--epochs", "2", "--max_steps_per_epoch", "3", "--ternary", "--qat", "--no-baseline")
+    capsys.readouterr()
+    assert main(tiny_distill_args(tiny_teacher, corpus_file, out, *flags)) == 2
+    err = capsys.readouterr().err
+    kept = ("The student and its export are saved; free some space and continue with --resume, which writes them "
+            "again" if name == "results" else "The packed model beside it is whole; free some space and continue "
+            "with --resume")
+    assert err.splitlines()[-1] == (f"hybridopt: error: cannot write the {name} '{path}' ([Errno 28] No space left on "
+                                    f"device: '{path.parent / f'.{path.name}.tmp-{os.getpid()}'}'); is the disk "
+                                    f"full? {kept}")
+    assert "Traceback" not in err
+    assert not path.exists() and not list(out.glob("**/.*.tmp-*"))
+    assert (out / "student" / "model.safetensors").is_file()
+    assert (out / "export" / "model.packed.safetensors").is_file()
+    monkeypatch.undo()
+    assert main(["distill", "--resume", str(out)]) == 0
+    assert json.loads(path.read_text()) and json.loads((out / "results.json").read_text())["student"]["steps"] == 6
+
+
+def test_a_full_disk_at_the_quant_report_of_an_export_is_one_sentence(hf_model, tmp_path, monkeypatch, capsys):
+    from hybridopt.cli import main
+
+    out = tmp_path / "packed"
+    path = out / "quant_report.json"
+    monkeypatch.setattr(Path, "write_text", _full_disk_for(f".{path.name}.tmp-"))
+    capsys.readouterr()
+    assert main(["export", "--model", str(hf_model), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"hybridopt: error: cannot write the quantization report '{path}' ([Errno 28] No space left on device: "
+        f"'{out / f'.{path.name}.tmp-{os.getpid()}'}'); is the disk full? The packed model beside it is whole; free "
+        "some space and run the command again\n")
+    assert not path.exists() and (out / "model.packed.safetensors").is_file()
 
 
 def test_a_trainer_whose_folder_is_missing_says_so(tmp_path):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from conftest import tiny_distill_args
 from hybridopt.training import default_teacher
-from hybridopt.training.layout import LOCK_NAME, lock_file, lock_run, occupied
+from hybridopt.fileio import lock_file
+from hybridopt.training.layout import LOCK_NAME, lock_run, occupied
 
 
 def test_a_held_lock_is_refused_until_it_is_released(tmp_path):
@@ -136,9 +137,13 @@ def _fork_cli(argv: list[str], hold: str, ready: Path, log: Path) -> int:
     return pid
 
 
-def _stop(pid: int) -> None:
+def _stop(pid: int, timeout: float = 30.0) -> None:
+    """Kill the child `pid` and reap it, failing the test if it is not gone within `timeout` seconds."""
     os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        assert time.monotonic() < deadline, f"child {pid} still had not exited {timeout:g} s after SIGKILL"
+        time.sleep(0.01)
 
 
 def _in_use(folder: Path, pid: int) -> str:

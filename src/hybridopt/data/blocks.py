@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from hybridopt.errors import UserError, first_line
-from hybridopt.fileio import WRITE_ERRORS, atomic_write, write_failure
+from hybridopt.fileio import WRITE_ERRORS, atomic_write, read_or_build, write_failure
 from hybridopt.data.corpus import Document
 
 
@@ -42,26 +42,32 @@ def tokenize_documents(
 def cached_token_stream(
     docs: list[Document], tokenizer: PreTrainedTokenizerBase, cache: Path | None, desc: str
 ) -> torch.Tensor:
-    """`tokenize_documents`, memoised on disk by a hash of the tokenizer and the documents."""
+    """`tokenize_documents`, memoised on disk by a hash of the tokenizer and the documents (one process tokenizes
+    an entry; others wanting it meanwhile wait and read it: `fileio.read_or_build`).
+
+    Raises:
+        UserError: the entry cannot be written (a full disk, a folder it may not write): one sentence.
+    """
     if cache is None:
         return tokenize_documents(docs, tokenizer, desc)
     h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode() if tokenizer.is_fast else repr(tokenizer.get_vocab()).encode())
     for d in docs:
         h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
     path = cache / f"{h.hexdigest()[:20]}.safetensors"
-    if path.exists():
-        tokens = _read_token_cache(path, len(tokenizer))
-        if tokens is not None:
-            return tokens
-    tokens = tokenize_documents(docs, tokenizer, desc)
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write(path, lambda tmp: save_file({"tokens": tokens}, str(tmp)))
-    except WRITE_ERRORS as e:  # safetensors reports a failed write as SafetensorError
-        raise UserError(write_failure(f"cannot write the token cache '{path}'", path, first_line(e),
-                                      "Free some space, or point HYBRIDOPT_CACHE at another disk, and run the "
-                                      "command again")) from None
-    return tokens
+
+    def build() -> torch.Tensor:
+        tokens = tokenize_documents(docs, tokenizer, desc)
+        try:
+            atomic_write(path, lambda tmp: save_file({"tokens": tokens}, str(tmp)))
+        except WRITE_ERRORS as e:  # safetensors reports a failed write as SafetensorError
+            raise UserError(write_failure(f"cannot write the token cache '{path}'", path, first_line(e),
+                                          "Free some space, or point HYBRIDOPT_CACHE at another disk, and run the "
+                                          "command again", e, "Nothing was written; point HYBRIDOPT_CACHE at a "
+                                          "folder it may write, and run the command again")) from None
+        return tokens
+
+    # one tokenizer per entry: a process that wants it while another tokenizes waits, then reads its file
+    return read_or_build(path, lambda: _read_token_cache(path, len(tokenizer)), build, "the token cache")
 
 
 def _read_token_cache(path: Path, vocab: int) -> torch.Tensor | None:

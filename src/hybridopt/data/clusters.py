@@ -8,7 +8,8 @@ centroid. Validation sequences are assigned to the same centroids, so validation
 per cluster.
 
 Labels and centroids are cached under the cache directory, keyed by a hash of the teacher's weights,
-the token streams and the clustering settings.
+the token streams and the clustering settings; one process computes an entry, and others wanting it
+meanwhile wait and read it (`fileio.read_or_build`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from hybridopt.fileio import atomic_write
+from hybridopt.fileio import atomic_write, read_or_build
 from hybridopt.data.blocks import TokenBlocks
 from hybridopt.kmeans import KMEANS_ITERATIONS, MAX_POINTS_PER_CENTROID, assign, faiss_gpus, faiss_module, kmeans
 from hybridopt.models.modeling import hash_model
@@ -138,12 +139,22 @@ def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks,
         raise ValueError(f"{k} data clusters exceed the {len(train)} training sequences; "
                          f"ask for at most {len(train)} or use shorter sequences")
     gpu = device.type == "cuda" and faiss_gpus() > 0  # k-means on the GPU when faiss has GPU support
-    path = None
-    if cache is not None:
-        path = cache / f"{_cache_key(teacher, train, val, k, seed, gpu)}.npz"
-        cached = _read_cache(path)
-        if cached is not None:
-            return cached
+    if cache is None:
+        return _cluster(teacher, train, val, k, seed, batch_size, device, gpu)
+    path = cache / f"{_cache_key(teacher, train, val, k, seed, gpu)}.npz"
+
+    def build() -> DataClusters:
+        result = _cluster(teacher, train, val, k, seed, batch_size, device, gpu)
+        _write_cache(path, result)
+        return result
+
+    # one clustering per entry: a process that wants it while another clusters waits, then reads its file
+    return read_or_build(path, lambda: _read_cache(path), build, "the data clusters")
+
+
+def _cluster(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks, k: int, seed: int, batch_size: int,
+             device: torch.device, gpu: bool) -> DataClusters:
+    """`cluster_data`'s work, uncached."""
     start = time.perf_counter()
     feats = sequence_features(teacher, train, batch_size, device, "clustering: teacher features")
     val_feats = sequence_features(teacher, val, batch_size, device, "clustering: validation features")
@@ -161,10 +172,7 @@ def cluster_data(teacher: torch.nn.Module, train: TokenBlocks, val: TokenBlocks,
     for c in range(len(centroids)):
         members = np.flatnonzero(labels == c)
         reps.append(list(members[np.argsort(-sims[members, c])][:3]))
-    result = DataClusters(labels, val_labels, centroids, reps, seconds=time.perf_counter() - start)
-    if path is not None:
-        _write_cache(path, result)
-    return result
+    return DataClusters(labels, val_labels, centroids, reps, seconds=time.perf_counter() - start)
 
 
 def format_cluster_report(clusters: DataClusters, train: TokenBlocks, tokenizer: PreTrainedTokenizerBase,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from hybridopt.fileio import atomic_write
+from hybridopt.fileio import atomic_write, read_or_build
 from hybridopt.data.corpus import Document, check_splittable, embedded_corpus, load_documents, split_documents
 from hybridopt.data.blocks import TokenBlocks, cached_token_stream
 from hybridopt.utils import cache_dir
@@ -18,15 +18,14 @@ def embedded_corpus_cached() -> list[Document]:
     """`embedded_corpus()`, cached per Python version (the stdlib is what it reads)."""
     key = f"py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     path = cache_dir() / "corpus" / f"embedded-{key}.jsonl"
-    if path.exists():
-        docs = _read_corpus_cache(path)
-        if docs is not None:
-            return docs
-    docs = embedded_corpus()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in docs)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return docs
+
+    def build() -> list[Document]:
+        docs = embedded_corpus()
+        text = "".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in docs)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return docs
+
+    return read_or_build(path, lambda: _read_corpus_cache(path), build, "the embedded corpus cache")
 
 
 def _read_corpus_cache(path: Path) -> list[Document] | None:

@@ -15,7 +15,8 @@ written before it was added lack it and open unchecked by it). `open_cache` chec
 every tensor's dtype and shape before reading any data, then reads the data once, in chunks, for the
 checksum, ids inside the vocabulary and finite, non-positive log-probabilities, so a damaged file is found
 before training starts; each batch read is checked again. A missing, stale or damaged cache is rebuilt by
-`ensure_cache`, with a warning for the last two.
+`ensure_cache`, with a warning for the last two, under a lock per entry: a second process that wants the same
+entry meanwhile waits for the first and reads what it wrote (`fileio.read_or_build`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hybridopt.fileio import atomic_write, read_safetensors_header
+from hybridopt.fileio import atomic_write, read_or_build, read_safetensors_header
 from hybridopt.data.blocks import TokenBlocks
 from hybridopt.models.modeling import hash_model, vocab_size
 from hybridopt.reporting import Reporter
@@ -234,12 +235,18 @@ def ensure_cache(teacher: torch.nn.Module, blocks: TokenBlocks, k: int, temperat
     reporter = reporter or Reporter()
     key = cache_key(teacher, blocks, k, temperature)
     path = Path(folder) / f"teacher-top{k}-{key}.safetensors"
-    if path.exists():
+
+    def read() -> TeacherCache | None:
         try:
             cache = open_cache(path, key, blocks, vocab_size(teacher))
-            reporter.line(f"Teacher cache: top-{k} at temperature {temperature:g}, "
-                          f"{cache.nbytes / 2**20:.1f} MiB, read from {path}")
-            return cache
         except (ValueError, OSError, UnicodeDecodeError) as e:
             reporter.warn(f"rebuilding the damaged teacher cache {path} ({e})")
-    return build_cache(teacher, blocks, k, temperature, path, batch_size, device, reporter)
+            return None
+        reporter.line(f"Teacher cache: top-{k} at temperature {temperature:g}, "
+                      f"{cache.nbytes / 2**20:.1f} MiB, read from {path}")
+        return cache
+
+    # one teacher pass per entry: a process that wants it while another builds it waits, then reads its file
+    return read_or_build(path, read,
+                         lambda: build_cache(teacher, blocks, k, temperature, path, batch_size, device, reporter),
+                         "the teacher cache", reporter.line)

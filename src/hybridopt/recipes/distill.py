@@ -384,7 +384,7 @@ class DistillRecipe:
         path = export_packed(self.student, d.layout.export, d.tokenizer, getattr(torch, self.cfg.export_dtype), self.plan)
         report = quantization_report(self.student, d.layout.student, d.layout.export, d.val, self.cfg.batch_size,
                                      d.device, "QAT" if self.cfg.qat else "PTQ")
-        save_report(report, d.layout.export)
+        save_report(report, d.layout.export, then="continue with --resume")
         self.reporter.line(f"Exported the packed student to {path}")
         self.reporter.line(format_report(report))
         return report
@@ -488,7 +488,14 @@ def _distill(recipe: DistillRecipe, stop_after_epoch: int | None, dist: DistEnv)
 
     recipe.reporter.line(format_results(results))
     if dist.is_main:
-        atomic_write(d.layout.results, lambda tmp: Path(tmp).write_text(json_text(results)))
+        try:
+            atomic_write(d.layout.results, lambda tmp: Path(tmp).write_text(json_text(results)))
+        except WRITE_ERRORS as e:
+            raise UserError(write_failure(
+                f"cannot write the results '{d.layout.results}'", d.layout.results, first_line(e),
+                "The student and its export are saved; free some space and continue with --resume, which writes "
+                "them again", e, "The student and its export are saved; fix that and continue with --resume, "
+                "which writes them again")) from None
     recipe.reporter.line(f"Student saved to {d.layout.student}; results in {d.layout.results}")
     return results
 

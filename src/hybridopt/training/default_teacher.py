@@ -13,14 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hybridopt.optim import hybrid as hybrid_optimizer
-from hybridopt.fileio import atomic_write
+from hybridopt.fileio import atomic_write, lock_file, lock_holder
 from hybridopt.training.checkpoint import CHECKPOINT_NAME
 from hybridopt.config import TeacherConfig, default_teacher_config
 from hybridopt.data.corpus import Document, corpus_fingerprint, split_documents
 from hybridopt.models.modeling import build_model, num_parameters, teacher_llama_config
 from hybridopt.data.splits import corpus_documents, token_splits
-from hybridopt.training.layout import (OutputRefused, check_output, claim_output, lock_file, lock_holder, lock_run,
-                                      made_by, occupied)
+from hybridopt.training.layout import OutputRefused, check_output, claim_output, lock_run, made_by, occupied
 from hybridopt.reporting import Reporter
 from hybridopt.models.tokenizer import train_bpe_tokenizer
 from hybridopt.training.step import describe_optimizer

@@ -15,7 +15,7 @@
 Every output folder a command writes (a run, an export, a teacher, a bench) is either new or one the tool
 made: `check_output` refuses anything else before any work starts, and `claim_output` creates the folder
 with a small marker file naming the command, so a later export into it, or a `--resume`, knows it is ours.
-A process writing a run folder holds `lock_file` on its `.hybridopt.lock` for as long as it writes: a second
+A process writing a run folder holds `lock_file` (fileio) on its `.hybridopt.lock` for as long as it writes: a second
 run, or a `--resume`, into the same folder is refused while the first is alive (the kernel drops the lock when
 a process dies, however it dies).
 """
@@ -23,17 +23,11 @@ a process dies, however it dies).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; runs there are not protected against a second writer
-    fcntl = None
-
-from hybridopt.fileio import atomic_write
+from hybridopt.fileio import atomic_write, lock_file, lock_holder
 from hybridopt.training.checkpoint import CHECKPOINT_NAME
 
 RUNS_ROOT = Path("hybridopt-runs")
@@ -55,34 +49,6 @@ def occupied(path: Path) -> bool:
     """Whether something is at `path` that a new output must not replace: a file, or a folder with anything in it
     (but the lock file of a process that is about to write there)."""
     return path.exists() and (not path.is_dir() or any(p.name != LOCK_NAME for p in path.iterdir()))
-
-
-def lock_file(path: Path, blocking: bool = False) -> IO | None:
-    """An exclusive `flock` on the file `path` (created if missing), held until the returned file is closed or the
-    process ends; None when another process holds it (`blocking`: wait for it instead). Writes this process's
-    pid into the file, for `lock_holder`."""
-    f = open(path, "a+")
-    if fcntl is not None:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            f.close()
-            return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def lock_holder(path: Path) -> str:
-    """Who holds the lock file `path`, from the pid it wrote: `hybridopt process N` (or `another hybridopt
-    process`)."""
-    try:
-        pid = path.read_text().strip()
-    except OSError:
-        pid = ""
-    return f"hybridopt process {pid}" if pid.isdigit() else "another hybridopt process"
 
 
 def lock_run(folder: Path) -> IO:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from hybridopt.fileio import atomic_write, json_text
+from hybridopt.errors import UserError, first_line
+from hybridopt.fileio import WRITE_ERRORS, atomic_write, json_text, write_failure
 from hybridopt.data.blocks import TokenBlocks
 from hybridopt.training.evaluation import evaluate_lm
 from hybridopt.export.packed import PACKED_NAME, load_packed, read_packed, safetensors_tensor_bytes
@@ -71,9 +72,20 @@ def quantization_report(model: torch.nn.Module, fp32_dir: Path, export_dir: Path
     return report
 
 
-def save_report(report: dict, export_dir: Path) -> Path:
+def save_report(report: dict, export_dir: Path, then: str = "run the command again") -> Path:
+    """Write `report` to `export_dir`/quant_report.json (atomically); `then` says how to go on if it cannot be
+    written (`run the command again`, `continue with --resume`).
+
+    Raises:
+        UserError: the write failed (a full disk): one sentence naming the file; the packed model stays whole.
+    """
     path = export_dir / REPORT_NAME
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json_text(report)))
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json_text(report)))
+    except WRITE_ERRORS as e:
+        raise UserError(write_failure(f"cannot write the quantization report '{path}'", path, first_line(e),
+                                      f"The packed model beside it is whole; free some space and {then}", e,
+                                      f"The packed model beside it is whole; fix that and {then}")) from None
     return path
 
 
