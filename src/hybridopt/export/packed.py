@@ -133,7 +133,8 @@ def export_packed(model: torch.nn.Module, out_dir: str | Path, tokenizer: PreTra
     except WRITE_ERRORS as e:  # safetensors reports a failed write as SafetensorError
         raise UserError(write_failure(f"cannot write the packed export '{path}'", path, first_line(e),
                                       "Nothing in its folder was replaced; free some space and run the command "
-                                      "again")) from None
+                                      "again", e, "Nothing in its folder was replaced; fix that and run the "
+                                      "command again")) from None
     return path
 
 

@@ -369,6 +369,7 @@ class DistillRecipe:
         except WRITE_ERRORS as e:  # safetensors reports a failed write as SafetensorError
             raise UserError(write_failure(f"cannot write the student '{d.layout.student}'", d.layout.student,
                                           first_line(e), "Nothing in it was replaced; free some space and continue "
+                                          "with --resume", e, "Nothing in it was replaced; fix that and continue "
                                           "with --resume")) from None
         if self.cfg.gguf or d.quant:
             claim_output(d.layout.export, "export")  # ours: `hybridopt export` may write into it again

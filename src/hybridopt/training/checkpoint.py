@@ -56,7 +56,8 @@ def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> Path:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except WRITE_ERRORS as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
         raise UserError(write_failure(f"cannot write the checkpoint '{path}'", path, first_line(e),
-                                      "The previous checkpoint is kept; free space and continue with --resume")) from None
+                                      "The previous checkpoint is kept; free space and continue with --resume", e,
+                                      "The previous checkpoint is kept; fix that and continue with --resume")) from None
     return path
 
 
