@@ -306,7 +306,7 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
     baseline: bool = _arg(True, "also train the same student without a teacher (CE only, same seed and steps) and report it; --no-baseline skips it", flag="baseline")
     save_metrics: bool = _arg(False, "write per-step and per-epoch metrics (CSV and JSONL)")
     metrics_out: str | None = _arg(None, "per-epoch metrics CSV path (per-step rows go to <stem>_steps.csv, both to <stem>.jsonl); implies --save_metrics")
-    fsdp: bool = _arg(False, "shard parameters with FSDP2 under torchrun: not supported yet (refused); torchrun alone trains with DistributedDataParallel")
+    fsdp: bool = _arg(False, "under torchrun: shard the student with FSDP2 (each decoder layer and the root), each process holding a slice of its weights, gradients and optimizer state, instead of DistributedDataParallel's whole copy; the teacher stays whole on every process; with --hybrid over adam or schedulefree")
 
     @classmethod
     def from_file(cls, path: Path) -> "DistillConfig":
@@ -354,9 +354,19 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
         if self.metrics_out:
             self.save_metrics = True
         if self.fsdp:
-            raise UserError("--fsdp is not supported yet: the hybrid optimizer's trust-region norms and hypergradient "
-                            "dot products are not yet reduced across parameter shards; drop --fsdp (under torchrun, "
-                            "distill trains with DistributedDataParallel, each process holding the whole student)")
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What --fsdp cannot be combined with: what needs whole weight matrices, or swaps layers mid-run."""
+        if self.hybrid and self.hybrid_base == "muon":
+            raise UserError("--fsdp with --hybrid needs --hybrid_base adam or schedulefree: Muon orthogonalises "
+                            "whole weight matrices and under --fsdp each process holds a slice of each")
+        if self.param_clusters is not None:
+            raise UserError("--fsdp cannot be combined with --param_clusters: the precision plan replaces the "
+                            "student's layers after training has started, and sharded layers cannot be replaced")
+        if self.compile:
+            raise UserError("--fsdp cannot be combined with --compile yet (the compiled forward over sharded "
+                            "layers is untested); drop one")
 
     def _check_teacher_start(self) -> None:
         """The losses only a student started from its teacher can take, and what each needs."""

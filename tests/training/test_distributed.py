@@ -33,6 +33,12 @@ from hybridopt.utils import seed_everything
 SETTINGS = {
     "adamw": {},
     "hybrid": {"hybrid": True, "controller": True, "trust_radius": 1e-3, "controller_lr": 0.05},  # all of it on
+    # FSDP2: the student sharded over the two ranks (one process: the same optimizer unsharded). Muon needs whole
+    # matrices, so the sharded hybrid runs over Adam and Schedule-Free.
+    "fsdp_adamw": {"fsdp": True},
+    "fsdp_hybrid": {"fsdp": True, "hybrid": True, "hybrid_base": "adam", "controller": True, "trust_radius": 1e-3,
+                    "controller_lr": 0.05},
+    "fsdp_hybrid_sf": {"fsdp": True, "hybrid": True, "hybrid_base": "schedulefree", "trust_radius": 1e-3},
 }
 
 
@@ -90,8 +96,10 @@ def _train(out: Path, setting: str, dist: DistEnv, stop_after_epoch: int | None 
     """A 1-layer, 16-wide Llama trained 2 epochs x 3 steps of batch 8 on a fixed random token stream."""
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
+    options = dict(SETTINGS[setting])
+    fsdp = options.pop("fsdp", False) and dist.active
     cfg = TrainConfig(epochs=2, max_steps_per_epoch=3, batch_size=8, seq_len=8, lr=1e-2, eval_every=1, seed=3,
-                      device="cpu", **SETTINGS[setting])
+                      device="cpu", **options)
     config = LlamaConfig(**MODEL)
     stream = torch.randint(32, (600,), generator=torch.Generator().manual_seed(0))
     train, val = _RecordedBlocks(stream[:500], cfg.seq_len), TokenBlocks(stream[500:], cfg.seq_len, "validation")
@@ -100,15 +108,20 @@ def _train(out: Path, setting: str, dist: DistEnv, stop_after_epoch: int | None 
     model = build_model(config, cfg.seed).to(device)
     if dist.rank == 1:  # rank 1's random history differs, as when rank 0 alone trained the default teacher
         torch.rand(3)
-    trainer = Trainer(cfg, model, train, val, out, device, reporter=Reporter(quiet=True), dist=dist)
+    trainer = Trainer(cfg, model, train, val, out, device, reporter=Reporter(quiet=True), dist=dist, fsdp=fsdp)
     trainer.setup(resume=resume)
     trainer.train(stop_after_epoch)
-    summary = trainer.optimizer.summary() if setting == "hybrid" else {}
+    model = trainer.unshard()  # under FSDP: the whole weights, on every rank
+    assert not fsdp or type(model).__name__ == "LlamaForCausalLM"  # an ordinary module again
+    summary = trainer.optimizer.summary() if cfg.hybrid else {}
     return {"params": {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
             "summary": summary, "history": trainer.history, "batches": train.batches}
 
 
-SCENARIOS = {"adamw": ("adamw", None), "hybrid": ("hybrid", None), "hybrid_resumed": ("hybrid", 1)}
+SCENARIOS = {"adamw": ("adamw", None), "hybrid": ("hybrid", None), "hybrid_resumed": ("hybrid", 1),
+             "fsdp_adamw": ("fsdp_adamw", None), "fsdp_hybrid": ("fsdp_hybrid", None),
+             "fsdp_hybrid_sf": ("fsdp_hybrid_sf", None), "fsdp_hybrid_resumed": ("fsdp_hybrid", 1),
+             "fsdp_hybrid_first_epoch": ("fsdp_hybrid", "stop")}  # resumed by one process, in the test
 
 
 def _worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> None:
@@ -120,7 +133,9 @@ def _worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> 
     try:
         for scenario, (setting, resume_at) in SCENARIOS.items():
             run = Path(out) / scenario
-            if resume_at is not None:  # stop after an epoch (checkpointed), then resume from rank 0's checkpoint
+            if resume_at == "stop":  # the first epoch only: another number of processes resumes it
+                result = _train(run, setting, dist, stop_after_epoch=1, device=device)
+            elif resume_at is not None:  # stop after an epoch (checkpointed), then resume from rank 0's checkpoint
                 first = _train(run, setting, dist, stop_after_epoch=resume_at, device=device)
                 result = _train(run, setting, dist, resume=True, device=device)
                 result["batches"] = first["batches"] + result["batches"]
@@ -137,7 +152,7 @@ def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
     """Each scenario's parameters, optimizer summary and history on ranks 0 and 1 of a 2-process gloo job."""
     out = tmp_path_factory.mktemp("ddp")
     _spawn(_worker, (2, _free_port(), str(out)), 2)
-    return {name: [{"params": load_file(str(out / name / f"rank{r}.safetensors")),
+    return {name: [{"params": load_file(str(out / name / f"rank{r}.safetensors")), "folder": out / name,
                     **json.loads((out / name / f"rank{r}.json").read_text())} for r in range(2)]
             for name in SCENARIOS}
 
@@ -161,10 +176,10 @@ def test_two_ranks_take_the_single_process_steps(tmp_path, two_ranks, setting):
         assert [h["loss"] for h in r["history"]] == pytest.approx([h["loss"] for h in single["history"]], rel=1e-5)
         assert [h["val_loss"] for h in r["history"]] == pytest.approx([h["val_loss"] for h in single["history"]],
                                                                       rel=1e-5)
-    if setting == "hybrid":
+    if SETTINGS[setting].get("hybrid"):
         s = single["summary"]
         assert s["constraint_activation_rate"] > 0, "the trust region never clipped"
-        assert s["lr_multiplier"] != 1.0, "the controller never moved"
+        assert s["lr_multiplier"] != 1.0 or not SETTINGS[setting].get("controller"), "the controller never moved"
         for r in ranks:
             assert r["summary"]["lr_multiplier"] == pytest.approx(s["lr_multiplier"], rel=1e-5)
             assert r["summary"]["constraint_activation_rate"] == s["constraint_activation_rate"]
@@ -177,6 +192,32 @@ def test_two_ranks_resume_onto_the_same_batches(tmp_path, two_ranks):
         torch.testing.assert_close(ranks[0]["params"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"ranks differ on {name}"
     _assert_ranks_split_the_batches(single["batches"], [r["batches"] for r in ranks])  # before and after the resume
+
+
+def test_two_sharded_ranks_resume_onto_the_same_batches(tmp_path, two_ranks):
+    """An FSDP run stopped after an epoch and resumed by the same two ranks: the single-process run's weights."""
+    single = _train(tmp_path, "fsdp_hybrid", DistEnv())
+    ranks = two_ranks["fsdp_hybrid_resumed"]
+    for name, expected in single["params"].items():
+        torch.testing.assert_close(ranks[0]["params"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"ranks differ on {name}"
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path, two_ranks):
+    """The checkpoint of a 2-rank FSDP run holds whole tensors (rank 0 gathered them): one process resumes it
+    unsharded and ends where the single-process run ends."""
+    single = _train(tmp_path / "single", "fsdp_hybrid", DistEnv())
+    run = two_ranks["fsdp_hybrid_first_epoch"][0]["folder"]
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["position"]["epoch"] == 1
+    assert all(type(t) is torch.Tensor for t in saved["model"].values())  # whole tensors, not DTensors
+    shapes = {k: tuple(v.shape) for k, v in build_model(LlamaConfig(**MODEL), 3).state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in saved["model"].items()} == shapes
+    moments = [st["exp_avg"] for st in saved["optimizer"]["state"].values()]
+    assert sorted(tuple(m.shape) for m in moments) == sorted(shapes.values())  # Adam's, whole, for every tensor
+    resumed = _train(run, "fsdp_hybrid", DistEnv(), resume=True)
+    for name, expected in single["params"].items():
+        torch.testing.assert_close(resumed["params"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_rank_slices_partition_every_global_batch():
@@ -237,12 +278,53 @@ def test_torchrun_precision_plan_matches_one_process(tmp_path, tiny_teacher, cor
     assert [h["loss"] for h in hist[1]] == pytest.approx([h["loss"] for h in hist[0]], abs=1e-3)
 
 
-def test_fsdp_is_refused(tmp_path, capsys):
+@pytest.mark.slow
+def test_torchrun_fsdp_distill_of_a_ternary_teacher_matches_one_process(tmp_path, tiny_teacher, corpus_file):
+    """`torchrun --nproc_per_node=2 -m hybridopt distill --fsdp --student teacher --ternary --qat`: the student
+    sharded over two processes trains as one process trains it (losses, validation), and what it saves and
+    exports (the HF student, the packed ternary file) is the one-process run's (codes equal, floats to their
+    dtype's rounding: torch.testing's default tolerances). With the hybrid optimizer over Adam (AdamW under FSDP is
+    covered at the Trainer above; about a minute a run here)."""
+    def args(out, *more):
+        return ["distill", "--teacher", str(tiny_teacher), "--data", str(corpus_file), "--out", str(out),
+                "--student", "teacher", "--ternary", "--qat", "--no-baseline", "--seq_len", "32", "--batch_size", "8",
+                "--epochs", "3", "--max_steps_per_epoch", "4", "--eval_every", "1", "--device", "cpu", "--hybrid",
+                "--hybrid_base", "adam", *more]
+
+    one = _distill(args(tmp_path / "one"), 1)
+    two = _distill(args(tmp_path / "two", "--fsdp"), 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert "batch 8 (2 processes x 4)" in two.stdout
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")]
+    assert results[1]["student"]["loss"] == pytest.approx(results[0]["student"]["loss"], abs=1e-4)
+    losses = [[h["loss"] for h in r["student"]["history"]] for r in results]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4) and losses[0][-1] < losses[0][0]
+    assert results[1]["quantization"]["file_packed_bytes"] == results[0]["quantization"]["file_packed_bytes"]
+    assert results[1]["quantization"]["val_loss_exported"] == pytest.approx(results[0]["quantization"]["val_loss_exported"],
+                                                                          abs=1e-4)
+    for name in ("student/model.safetensors", "export/model.packed.safetensors"):
+        a, b = (load_file(str(tmp_path / run / name)) for run in ("one", "two"))
+        assert a.keys() == b.keys(), name
+        for key in a:
+            if a[key].is_floating_point():
+                torch.testing.assert_close(b[key], a[key], msg=f"{name} {key}")  # float16: to its rounding
+            else:
+                assert torch.equal(a[key], b[key]), f"{name} {key}: the packed codes differ"
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--fsdp shards the student over the processes torchrun starts; launch with torchrun"),
+    (["--hybrid"], "--fsdp with --hybrid needs --hybrid_base adam or schedulefree: Muon orthogonalises whole"),
+    (["--ternary", "--qat", "--param_clusters", "2"], "--fsdp cannot be combined with --param_clusters"),
+    (["--compile"], "--fsdp cannot be combined with --compile"),
+])
+def test_fsdp_refusals_are_one_sentence(tmp_path, capsys, flags, message):
     from hybridopt.cli import main
 
-    assert main(["distill", "--fsdp", "--out", str(tmp_path / "run")]) == 2
+    assert main(["distill", "--fsdp", *flags, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hybridopt: error: --fsdp is not supported yet: the hybrid optimizer's trust-region norms")
+    assert err.startswith(f"hybridopt: error: {message}"), err
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 

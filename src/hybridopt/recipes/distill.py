@@ -264,7 +264,7 @@ class DistillRecipe:
         self.trainer = Trainer(cfg, self.student, d.train, d.val, out, d.device, objective,
                                metrics_path=metrics if cfg.save_metrics else None, name=self.name,
                                config_dict=config_dict, clusters=d.clusters, sampling=cfg.cluster_sampling,
-                               reporter=self.reporter, dist=self.dist, callbacks=callbacks)
+                               reporter=self.reporter, dist=self.dist, callbacks=callbacks, fsdp=cfg.fsdp)
         if cfg.quant_warmup >= self.trainer.total_steps:
             raise UserError(f"--quant_warmup {cfg.quant_warmup} must be below the run's {self.trainer.total_steps} "
                             "steps, so that training ends fully quantized")
@@ -308,7 +308,10 @@ class DistillRecipe:
             self._quantize(self._with_plan(self.data.quant),
                            None if self.name else f"quantization-aware training from epoch {switch + 1}")
         trainer.train(stop_after_epoch)
-        return trainer.epoch >= cfg.epochs
+        if trainer.epoch < cfg.epochs:
+            return False
+        self.student = trainer.unshard()  # under --fsdp, whole again on every process: evaluated, saved, exported
+        return True
 
     def _measure_plan(self) -> None:
         """Measure layer sensitivities on calibration batches of the training objective, and (--plan_method
@@ -426,6 +429,10 @@ def run_distill(cfg: DistillConfig, reporter: Reporter | None = None, stop_after
     and writes.
     """
     dist = DistEnv.from_env()
+    if cfg.fsdp and not dist.active:
+        raise UserError("--fsdp shards the student over the processes torchrun starts; launch with torchrun "
+                        "--nproc_per_node=N -m hybridopt distill --fsdp ... (a single process holds the whole "
+                        "student anyway)")
     if dist.active:
         with for_flag("--device"):
             dist.init(dist.device(resolve_device(cfg.device)))

@@ -204,3 +204,101 @@ def wrap_ddp(model: torch.nn.Module, dist: DistEnv) -> torch.nn.Module:
 
     device_ids = [model.device.index] if getattr(model, "device", torch.device("cpu")).type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+# ---------------------------------------------------------------------------- FSDP2
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face causal LM (`model.model.layers`, Llama's layout), each sharded as one
+    unit under FSDP2."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise UserError(f"--fsdp shards a causal LM's decoder layers (model.model.layers); {type(model).__name__} "
+                        "has none")
+    return list(layers)
+
+
+def shard_fsdp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` sharded in place with FSDP2 (`fully_shard`) over the default process group: each decoder layer, then
+    the root (embeddings, final norm, head). Its parameters become DTensors, each process holding a slice; a
+    forward gathers a layer's weights just before it runs and frees them after. On a GPU the forward runs in
+    bfloat16 with gradients reduced in float32 (the mixed-precision policy); on a CPU everything stays float32.
+    Returns `model` (what a training step calls)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+              else MixedPrecisionPolicy())
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters are empty tensors on the meta device (no memory) and whose buffers are
+    copied: the unsharded module a sharded run's weights are loaded back into (`unsharded`). Tied parameters stay
+    tied (one meta tensor for one parameter)."""
+    import copy
+
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def unsharded(skeleton: torch.nn.Module, state: dict, device: torch.device) -> torch.nn.Module:
+    """`skeleton` (from `meta_copy`) holding the full weights `state` on `device`: an ordinary module again."""
+    skeleton.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True)
+    if callable(getattr(skeleton, "tie_weights", None)):
+        skeleton.tie_weights()  # `assign` gave the tied head its own tensor
+    return skeleton
+
+
+def gathered(value, keep: bool = True):
+    """`value` (a state dict, nested dicts and lists of tensors and numbers) with every DTensor replaced by its
+    full tensor on the CPU. Each gather is a collective: every process calls this on a value of the same
+    structure (state dicts are). Processes that do not `keep` get None in place of each gathered tensor (the
+    memory of a whole model is needed only where it is written)."""
+    from hybridopt.optim.trust_region import DTensor
+
+    if isinstance(value, DTensor):
+        full = value.full_tensor()
+        return full.cpu() if keep else None
+    if isinstance(value, dict):
+        return type(value)((k, gathered(v, keep)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(gathered(v, keep) for v in value)
+    return value
+
+
+def sharded_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` cut as the DTensor `like` is (its mesh and placements; every process holds `full`), or `full` on
+    `like`'s device when `like` is an ordinary tensor."""
+    from hybridopt.optim.trust_region import DTensor
+
+    if not isinstance(like, DTensor):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh, like.placements)
+
+
+def sharded_optimizer_state(state_dict: dict, params: list[torch.Tensor]) -> dict:
+    """An optimizer state_dict saved with full tensors (`gathered`) cut for sharded `params` (in the order of the
+    optimizer's param groups, as torch numbers them): every per-parameter tensor of a parameter's shape becomes
+    a DTensor placed as that parameter. Covers torch's optimizers' "state", `HybridOptimizer`'s (the same) and
+    the `hybrid(...)` wrapper's "hybrid" "updates"."""
+    def cut(per_param: dict) -> dict:
+        out = {}
+        for i, entry in per_param.items():
+            p = params[int(i)]
+            if isinstance(entry, dict):
+                out[i] = {k: sharded_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                          for k, v in entry.items()}
+            else:
+                out[i] = sharded_like(entry, p) if torch.is_tensor(entry) and entry.shape == p.shape else entry
+        return out
+
+    result = dict(state_dict)
+    result["state"] = cut(state_dict.get("state", {}))
+    if "hybrid" in state_dict and "updates" in state_dict["hybrid"]:
+        result["hybrid"] = {**state_dict["hybrid"], "updates": cut(state_dict["hybrid"]["updates"])}
+    return result

@@ -26,9 +26,11 @@ from hybridopt.data.sampler import ClusterStratifiedBatchSampler, ShuffledBatchS
 from hybridopt.errors import UserError
 from hybridopt.fileio import remove_stale_temporaries
 from hybridopt.optim.schedules import warmup_cosine
+from hybridopt.optim.trust_region import global_value
 from hybridopt.reporting import Reporter
 from hybridopt.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
-from hybridopt.training.distributed import DistEnv, wrap_ddp
+from hybridopt.training.distributed import (DistEnv, gathered, meta_copy, shard_fsdp, sharded_like,
+                                            sharded_optimizer_state, unsharded, wrap_ddp)
 from hybridopt.training.evaluation import evaluate_lm
 from hybridopt.training.losses import kd_loss
 from hybridopt.training.metrics import MetricsLogger
@@ -101,7 +103,8 @@ class Trainer:
                  metrics_path: Path | None = None, name: str = "", config_dict: dict | None = None,
                  clusters: DataClusters | None = None, sampling: str = "proportional",
                  reporter: Reporter | None = None, max_nonfinite_streak: int = MAX_NONFINITE_STREAK,
-                 dist: DistEnv | None = None, callbacks: Sequence[TrainerCallback] | None = None):
+                 dist: DistEnv | None = None, callbacks: Sequence[TrainerCallback] | None = None,
+                 fsdp: bool = False):
         self.cfg = cfg
         self.model = model
         self.objective = objective or CrossEntropy()
@@ -120,7 +123,12 @@ class Trainer:
         self.autocast = autocast_dtype(cfg.autocast, device)  # None: the student's forward in float32
         if cfg.compile:  # the forward only: the state dict keeps its names, checkpoints and exports are unchanged
             model.forward = torch.compile(model.forward)  # (nn.Module.compile() compiled nothing in torch 2.13)
-        self.train_model = wrap_ddp(model, self.dist)  # what a training step calls: DDP averages the gradients
+        self.fsdp = fsdp
+        if fsdp:  # sharded in place (the parameters become DTensors); `unshard` gives an ordinary module back
+            self._skeleton = meta_copy(model)
+            self.train_model = shard_fsdp(model, device)
+        else:
+            self.train_model = wrap_ddp(model, self.dist)  # what a training step calls: DDP averages the gradients
         # Every rank draws what rank 0 draws from here on (the hybrid controller's initial weights first): the
         # ranks' random histories may differ before (rank 0 alone trains the default teacher, say).
         self.dist.share_rng_state()
@@ -160,9 +168,15 @@ class Trainer:
             self.metrics = MetricsLogger(self.metrics_path, resume_step=self.global_step if resume else None)
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        model_state, optimizer_state = state["model"], state["optimizer"]
+        if self.fsdp:  # the checkpoint holds whole tensors: each process takes its slices (any number of them)
+            current = self.model.state_dict()
+            model_state = {k: sharded_like(v, current[k]) for k, v in model_state.items()}
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer_state = sharded_optimizer_state(optimizer_state, params)
+        self.model.load_state_dict(model_state)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(optimizer_state)
         except (KeyError, ValueError, TypeError) as e:  # another optimizer, or its state from an older hybridopt
             raise UserError(f"cannot resume '{self.out_dir}': its optimizer state does not fit this optimizer "
                             f"({type(e).__name__}: {e}); it was written by another version; start a new run") from None
@@ -265,7 +279,8 @@ class Trainer:
     def _check_finite_weights(self) -> None:
         """A finished run whose weights hold inf or nan (a rate so high that one step overflowed, in a run too short
         for the non-finite streak to stop it) is not handed on to be evaluated, saved and exported."""
-        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad = [name for name, p in self.model.named_parameters()  # under FSDP each process checks its slices
+               if self.dist.any(not bool(torch.isfinite(p.to_local() if self.fsdp else p).all()))]
         if bad:
             raise NonFiniteTraining(
                 f"{self.prefix}training ended with non-finite weights in {len(bad)} of "
@@ -310,7 +325,7 @@ class Trainer:
             loss.backward()
             for callback in self.callbacks:
                 callback.on_backward(step, params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+            grad_norm = float(global_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))))
         if not math.isfinite(grad_norm):
             # A poisoned batch must not reach the weights: skip it and keep the schedule.
             self.optimizer.zero_grad(set_to_none=True)
@@ -394,12 +409,17 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
         """Atomically save model, optimizer, scheduler, sampler, RNG and data position (rank 0 only: every
-        rank holds the same state)."""
+        rank holds the same state; under FSDP every rank gathers its slices to rank 0, which writes whole
+        tensors, so a run resumes on any number of processes)."""
+        model_state, optimizer_state = self.model.state_dict, self.optimizer.state_dict
+        if self.fsdp:
+            model_state = gathered(model_state(), keep=self.dist.is_main)
+            optimizer_state = gathered(optimizer_state(), keep=self.dist.is_main)
         if not self.dist.is_main:
             return self.out_dir / CHECKPOINT_NAME
         return save_checkpoint(self.out_dir, {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state if self.fsdp else model_state(),
+            "optimizer": optimizer_state if self.fsdp else optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "position": {
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
@@ -412,6 +432,16 @@ class Trainer:
             "data": self._data_digest(),
             "config": self.config_dict,
         })
+
+    def unshard(self) -> torch.nn.Module:
+        """Under FSDP: the trained model as an ordinary module with its whole weights, on every process (each
+        gathers every tensor; evaluating, saving and exporting then run as without FSDP), now `self.model`.
+        Without FSDP: `self.model`."""
+        if self.fsdp:
+            with self.averaged():  # Schedule-Free's average, if training ended at the training point
+                state = gathered(self.model.state_dict())
+            self.model, self.fsdp = unsharded(self._skeleton, state, self.device), False
+        return self.model
 
     def _data_digest(self) -> str:
         """The training and validation blocks, as one hash checked on resume."""
