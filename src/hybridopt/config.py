@@ -306,6 +306,7 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
     baseline: bool = _arg(True, "also train the same student without a teacher (CE only, same seed and steps) and report it; --no-baseline skips it", flag="baseline")
     save_metrics: bool = _arg(False, "write per-step and per-epoch metrics (CSV and JSONL)")
     metrics_out: str | None = _arg(None, "per-epoch metrics CSV path (per-step rows go to <stem>_steps.csv, both to <stem>.jsonl); implies --save_metrics")
+    fsdp_teacher: bool = _arg(False, "with --fsdp: shard the frozen teacher too, instead of a whole copy on every process; not with --data_clusters or --teacher_topk (rank 0 runs the teacher alone for those), and with --student teacher only with --no-baseline (the baseline starts from the teacher's weights)")
     fsdp: bool = _arg(False, "under torchrun: shard the student with FSDP2 (each decoder layer and the root), each process holding a slice of its weights, gradients and optimizer state, instead of DistributedDataParallel's whole copy; the teacher stays whole on every process; with --hybrid over adam or schedulefree")
 
     @classmethod
@@ -353,11 +354,22 @@ class DistillConfig(TrainConfig, StudentConfig, QuantConfig, DataConfig, ExportO
         self._check_teacher_start()
         if self.metrics_out:
             self.save_metrics = True
-        if self.fsdp:
+        if self.fsdp or self.fsdp_teacher:
             self._check_fsdp()
 
     def _check_fsdp(self) -> None:
-        """What --fsdp cannot be combined with: what needs whole weight matrices, or swaps layers mid-run."""
+        """What --fsdp cannot be combined with: what needs whole weight matrices, or swaps layers mid-run; what
+        a sharded teacher cannot do: run on rank 0 alone, or give the baseline its weights."""
+        if self.fsdp_teacher:
+            if not self.fsdp:
+                raise UserError("--fsdp_teacher shards the teacher beside the student: it needs --fsdp")
+            for flag, value in (("--data_clusters", self.data_clusters), ("--teacher_topk", self.teacher_topk)):
+                if value:
+                    raise UserError(f"--fsdp_teacher cannot be combined with {flag}: rank 0 runs the teacher alone "
+                                    "for it, and a sharded teacher runs only on every process at once")
+            if self.student == "teacher" and self.baseline:
+                raise UserError("--fsdp_teacher with --student teacher needs --no-baseline: the baseline starts "
+                                "from the teacher's weights, which a sharded teacher no longer holds whole")
         if self.hybrid and self.hybrid_base == "muon":
             raise UserError("--fsdp with --hybrid needs --hybrid_base adam or schedulefree: Muon orthogonalises "
                             "whole weight matrices and under --fsdp each process holds a slice of each")

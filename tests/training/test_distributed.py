@@ -280,8 +280,9 @@ def test_torchrun_precision_plan_matches_one_process(tmp_path, tiny_teacher, cor
 
 @pytest.mark.slow
 def test_torchrun_fsdp_distill_of_a_ternary_teacher_matches_one_process(tmp_path, tiny_teacher, corpus_file):
-    """`torchrun --nproc_per_node=2 -m hybridopt distill --fsdp --student teacher --ternary --qat`: the student
-    sharded over two processes trains as one process trains it (losses, validation), and what it saves and
+    """`torchrun --nproc_per_node=2 -m hybridopt distill --fsdp --fsdp_teacher --student teacher --ternary --qat`:
+    the student and the teacher sharded over two processes train as one process trains (losses, validation,
+    the teacher's validation), and what it saves and
     exports (the HF student, the packed ternary file) is the one-process run's (codes equal, floats to their
     dtype's rounding: torch.testing's default tolerances). With the hybrid optimizer over Adam (AdamW under FSDP is
     covered at the Trainer above; about a minute a run here)."""
@@ -292,11 +293,13 @@ def test_torchrun_fsdp_distill_of_a_ternary_teacher_matches_one_process(tmp_path
                 "--hybrid_base", "adam", *more]
 
     one = _distill(args(tmp_path / "one"), 1)
-    two = _distill(args(tmp_path / "two", "--fsdp"), 2)
+    two = _distill(args(tmp_path / "two", "--fsdp", "--fsdp_teacher"), 2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
-    assert "batch 8 (2 processes x 4)" in two.stdout
+    assert "batch 8 (2 processes x 4; student and teacher sharded)" in two.stdout  # their weights are DTensors
     results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")]
+    assert results[1]["teacher"]["loss"] == pytest.approx(results[0]["teacher"]["loss"], abs=1e-5)
+    assert results[1]["teacher"]["parameters"] == results[0]["teacher"]["parameters"]  # counted whole
     assert results[1]["student"]["loss"] == pytest.approx(results[0]["student"]["loss"], abs=1e-4)
     losses = [[h["loss"] for h in r["student"]["history"]] for r in results]
     assert losses[1] == pytest.approx(losses[0], abs=1e-4) and losses[0][-1] < losses[0][0]
@@ -318,6 +321,9 @@ def test_torchrun_fsdp_distill_of_a_ternary_teacher_matches_one_process(tmp_path
     (["--hybrid"], "--fsdp with --hybrid needs --hybrid_base adam or schedulefree: Muon orthogonalises whole"),
     (["--ternary", "--qat", "--param_clusters", "2"], "--fsdp cannot be combined with --param_clusters"),
     (["--compile"], "--fsdp cannot be combined with --compile"),
+    (["--fsdp_teacher", "--data_clusters", "4"], "--fsdp_teacher cannot be combined with --data_clusters: rank 0"),
+    (["--fsdp_teacher", "--teacher_topk"], "--fsdp_teacher cannot be combined with --teacher_topk: rank 0"),
+    (["--fsdp_teacher", "--student", "teacher"], "--fsdp_teacher with --student teacher needs --no-baseline"),
 ])
 def test_fsdp_refusals_are_one_sentence(tmp_path, capsys, flags, message):
     from hybridopt.cli import main

@@ -29,7 +29,7 @@ from hybridopt.config import DEFAULT_TOPK, DistillConfig, QuantConfig
 from hybridopt.data.splits import corpus_documents, token_splits
 from hybridopt.data.clusters import DataClusters, cluster_data, format_cluster_report
 from hybridopt.data.blocks import NotEnoughTokens, TokenBlocks
-from hybridopt.training.distributed import DistEnv
+from hybridopt.training.distributed import DistEnv, is_sharded, shard_fsdp
 from hybridopt.errors import UserError, first_line, for_flag
 from hybridopt.training.evaluation import evaluate_lm
 from hybridopt.export.packed import export_packed
@@ -115,6 +115,9 @@ class DistillRecipe:
         self.out = out
         with self.dist.main_first():
             self._prepare(out, resuming)
+        if self.cfg.fsdp_teacher:  # every process at once, after everything that runs the teacher on rank 0 alone
+            shard_fsdp(self.teacher, self.data.device)
+            self._evaluate_teacher()
         if self.data.clusters is not None:  # rank 0's k-means (the others read its cache, or redo it): its labels
             c = self.data.clusters
             for name in ("labels", "val_labels"):
@@ -127,9 +130,13 @@ class DistillRecipe:
             self.reporter.line(line)
 
     def _per_rank(self) -> str:
-        """`" (2 processes x 8)"` under torchrun, "" for one process."""
+        """`" (2 processes x 8)"` under torchrun (`"; student sharded"` and `" and teacher"` with --fsdp and
+        --fsdp_teacher), "" for one process."""
         n = self.dist.world_size
-        return f" ({n} processes x {self.cfg.batch_size // n})" if self.dist.active else ""
+        if not self.dist.active:
+            return ""
+        sharded = [what for what, on in (("student", self.trainer.fsdp), ("teacher", is_sharded(self.teacher))) if on]
+        return f" ({n} processes x {self.cfg.batch_size // n}" + (f"; {' and '.join(sharded)} sharded)" if sharded else ")")
 
     def _resolve_run(self) -> tuple[Path, bool, DistillConfig]:
         """Refuse an output or metrics path that is not ours, pick the run folder, and (under torchrun) refuse
@@ -191,10 +198,8 @@ class DistillRecipe:
             say(format_cluster_report(clusters, train, tokenizer, sampling=cfg.cluster_sampling,
                                       batch_size=cfg.batch_size))
             say(f"Cluster sampling: {cfg.cluster_sampling}")
-        self.teacher_eval = evaluate_lm(self.teacher, val, cfg.batch_size, device,
-                                        clusters.val_labels if clusters else None,
-                                        clusters.num_clusters if clusters else None)
-        say(f"Teacher validation loss {self.teacher_eval['loss']:.4f}, perplexity {self.teacher_eval['ppl']:.2f}")
+        if not cfg.fsdp_teacher:  # a sharded teacher runs on every process at once: after this rank-0-first block
+            self._evaluate_teacher()
         if cfg.teacher_topk and cfg.alpha < 1.0:
             self.teacher_cache = self._teacher_cache(train, device)
 
@@ -221,6 +226,15 @@ class DistillRecipe:
             raise UserError(f"the training split has {len(train)} sequences, fewer than --batch_size "
                             f"{cfg.batch_size}; add text or lower --batch_size or --seq_len")
         return tokenizer, train, val, desc
+
+    def _evaluate_teacher(self) -> None:
+        """The teacher's validation loss (per data cluster, with clusters), printed."""
+        d = self.data
+        self.teacher_eval = evaluate_lm(self.teacher, d.val, self.cfg.batch_size, d.device,
+                                        d.clusters.val_labels if d.clusters else None,
+                                        d.clusters.num_clusters if d.clusters else None)
+        self.reporter.line(f"Teacher validation loss {self.teacher_eval['loss']:.4f}, perplexity "
+                           f"{self.teacher_eval['ppl']:.2f}")
 
     def _teacher_cache(self, train: TokenBlocks, device: torch.device) -> TeacherCache:
         """The teacher's top-k targets for `train` (--teacher_topk), read from the cache or built into it."""

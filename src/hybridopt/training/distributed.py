@@ -233,6 +233,13 @@ def shard_fsdp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model
 
 
+def is_sharded(model: torch.nn.Module | None) -> bool:
+    """Whether `model`'s parameters are FSDP2's DTensors."""
+    from hybridopt.optim.trust_region import DTensor
+
+    return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` whose parameters are empty tensors on the meta device (no memory) and whose buffers are
     copied: the unsharded module a sharded run's weights are loaded back into (`unsharded`). Tied parameters stay
