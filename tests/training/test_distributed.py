@@ -21,7 +21,7 @@ from transformers import LlamaConfig
 from conftest import tiny_distill_args
 from hybridopt.config import TrainConfig
 from hybridopt.data.blocks import TokenBlocks
-from hybridopt.training.distributed import DistEnv
+from hybridopt.training.distributed import DistEnv, gathered, shard_fsdp
 from hybridopt.errors import UserError
 from hybridopt.models.modeling import build_model
 from hybridopt.reporting import Reporter
@@ -218,6 +218,57 @@ def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path, two_ranks):
     resumed = _train(run, "fsdp_hybrid", DistEnv(), resume=True)
     for name, expected in single["params"].items():
         torch.testing.assert_close(resumed["params"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _wrapped_adamw_steps(model: torch.nn.Module, batches: list[torch.Tensor], dist: DistEnv) -> dict:
+    """5 steps of `hybrid(AdamW)` (trust-region clips, controller) on `model`, each rank on its slice of each
+    batch, the loss averaged over ranks; the whole parameters after them, and the wrapper's counters."""
+    from hybridopt.optim.wrapper import hybrid
+
+    opt = hybrid(torch.optim.AdamW(model.parameters(), lr=1e-2), trust_radius=0.045, controller=True)
+    for tokens in batches:
+        local = tokens[dist.rank * len(tokens) // dist.world_size:(dist.rank + 1) * len(tokens) // dist.world_size]
+        loss = model(input_ids=local, labels=local).loss
+        loss.backward()
+        opt.step(loss=dist.mean(loss.item())[0])
+        opt.zero_grad()
+    state = opt.state_dict()  # reads the last trust ratio back
+    return {"params": {k: v.detach().clone() for k, v in gathered(model.state_dict()).items()},
+            "scale": opt.scale, "clipped": state["hybrid"]["state"]["clipped_steps"]}
+
+
+def _wrapper_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist = DistEnv.from_env()
+    dist.init(torch.device("cpu"))
+    try:
+        model = shard_fsdp(build_model(LlamaConfig(**MODEL), 3), torch.device("cpu"))
+        result = _wrapped_adamw_steps(model, _wrapper_batches(), dist)
+        if rank == 0:
+            save_file(result.pop("params"), str(Path(out) / "params.safetensors"))
+            (Path(out) / "counters.json").write_text(json.dumps(result))
+    finally:
+        dist.teardown()
+
+
+def _wrapper_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(32, (8, 8), generator=g) for _ in range(5)]
+
+
+def test_the_wrapper_over_sharded_parameters_takes_the_one_process_steps(tmp_path):
+    """`hybrid(AdamW)` over an FSDP2-sharded model on 2 gloo ranks: its norms and hypergradient dot products are
+    reduced over the shards, so the steps, clips and learned scale are the one-process run's."""
+    torch.set_num_threads(1)
+    _spawn(_wrapper_worker, (2, _free_port(), str(tmp_path)), 2)
+    single = _wrapped_adamw_steps(build_model(LlamaConfig(**MODEL), 3), _wrapper_batches(), DistEnv())
+    sharded, counters = load_file(str(tmp_path / "params.safetensors")), json.loads((tmp_path / "counters.json").read_text())
+    assert 0 < single["clipped"] < 5 and counters["clipped"] == single["clipped"]  # the same steps clipped
+    assert counters["scale"] == pytest.approx(single["scale"], rel=1e-5) and single["scale"] != 1.0
+    for name, expected in single["params"].items():
+        torch.testing.assert_close(sharded[name], expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_rank_slices_partition_every_global_batch():

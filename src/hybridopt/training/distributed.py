@@ -17,6 +17,7 @@ N ranks is one step of the single-process run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as tdist
 
 from hybridopt.errors import UserError
+from hybridopt.optim.trust_region import DTensor
 
 T = TypeVar("T")
 
@@ -235,8 +237,6 @@ def shard_fsdp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def is_sharded(model: torch.nn.Module | None) -> bool:
     """Whether `model`'s parameters are FSDP2's DTensors."""
-    from hybridopt.optim.trust_region import DTensor
-
     return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -244,8 +244,6 @@ def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` whose parameters are empty tensors on the meta device (no memory) and whose buffers are
     copied: the unsharded module a sharded run's weights are loaded back into (`unsharded`). Tied parameters stay
     tied (one meta tensor for one parameter)."""
-    import copy
-
     memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
             for p in model.parameters()}
     return copy.deepcopy(model, memo)
@@ -264,8 +262,6 @@ def gathered(value, keep: bool = True):
     full tensor on the CPU. Each gather is a collective: every process calls this on a value of the same
     structure (state dicts are). Processes that do not `keep` get None in place of each gathered tensor (the
     memory of a whole model is needed only where it is written)."""
-    from hybridopt.optim.trust_region import DTensor
-
     if isinstance(value, DTensor):
         full = value.full_tensor()
         return full.cpu() if keep else None
@@ -277,10 +273,8 @@ def gathered(value, keep: bool = True):
 
 
 def sharded_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`full` cut as the DTensor `like` is (its mesh and placements; every process holds `full`), or `full` on
-    `like`'s device when `like` is an ordinary tensor."""
-    from hybridopt.optim.trust_region import DTensor
-
+    """`full` cut as the DTensor `like` is (its mesh and placements; every process holds `full`), or `full` itself
+    when `like` is an ordinary tensor."""
     if not isinstance(like, DTensor):
         return full
     from torch.distributed.tensor import distribute_tensor

@@ -411,15 +411,16 @@ class Trainer:
         """Atomically save model, optimizer, scheduler, sampler, RNG and data position (rank 0 only: every
         rank holds the same state; under FSDP every rank gathers its slices to rank 0, which writes whole
         tensors, so a run resumes on any number of processes)."""
-        model_state, optimizer_state = self.model.state_dict, self.optimizer.state_dict
-        if self.fsdp:
-            model_state = gathered(model_state(), keep=self.dist.is_main)
-            optimizer_state = gathered(optimizer_state(), keep=self.dist.is_main)
+        if self.fsdp:  # a collective: every rank gathers, rank 0 keeps
+            model_state = gathered(self.model.state_dict(), keep=self.dist.is_main)
+            optimizer_state = gathered(self.optimizer.state_dict(), keep=self.dist.is_main)
         if not self.dist.is_main:
             return self.out_dir / CHECKPOINT_NAME
+        if not self.fsdp:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         return save_checkpoint(self.out_dir, {
-            "model": model_state if self.fsdp else model_state(),
-            "optimizer": optimizer_state if self.fsdp else optimizer_state(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "position": {
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
