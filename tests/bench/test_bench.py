@@ -259,6 +259,30 @@ def test_an_interrupted_bench_reports_what_it_measured(tmp_path, monkeypatch):
     assert re.search(r"in 2 sessions \(`[^`]+`, 3 runs in [\d.]+ min; `[^`]+`, 5 runs in [\d.]+ min;", text)
 
 
+def test_resume_refuses_a_bench_whose_teacher_reads_another_loss(tiny_teacher, corpus_file, tmp_path):
+    """A resumed bench whose teacher is not the record's (a default teacher that changed since) is refused
+    before any run, naming both losses; the record is left as it was."""
+    from hybridopt.config import BenchConfig
+    from hybridopt.recipes.bench import run_bench
+    from hybridopt.reporting import Reporter
+
+    cfg = BenchConfig(quick=True, task=["distill"], arms=["adamw_cosine"], steps=2, teacher=str(tiny_teacher),
+                      data=[str(corpus_file)], device="cpu", out=str(tmp_path / "b"), workers=1, no_cost=True)
+    run_bench(cfg, Reporter(quiet=True))
+    path = tmp_path / "b" / "results.json"
+    record = json.loads(path.read_text())
+    teacher = record["tasks"]["distill"]["teacher_val_loss"]
+    record["tasks"]["distill"]["teacher_val_loss"] = teacher + 0.5  # as if another teacher had made it
+    path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match=rf"ran task distill with a teacher whose validation loss was "
+                                        rf"{teacher + 0.5:.4f}; this run's teacher reads {teacher:.4f}"):
+        run_bench(dataclasses.replace(cfg, resume=True), Reporter(quiet=True))
+    assert json.loads(path.read_text()) == record
+    record["tasks"]["distill"]["teacher_val_loss"] = teacher + 0.01  # the same teacher on another CPU
+    path.write_text(json.dumps(record))
+    run_bench(dataclasses.replace(cfg, resume=True), Reporter(quiet=True))
+
+
 def test_worker_processes_give_the_runs_of_one_process(tiny_teacher, corpus_file, tmp_path, monkeypatch, one_thread):
     from hybridopt.config import BenchConfig
     from hybridopt.recipes.bench import run_bench

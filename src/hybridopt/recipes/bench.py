@@ -133,6 +133,8 @@ def _bench(cfg: BenchConfig, reporter: Reporter, command: str | None, out: Path,
            started: float, tasks: list) -> Path:
     """`run_bench` once this process holds the lock on `out`."""
     previous, sessions = _open_output(out, cfg)  # again, under the lock: a bench beside this one may have written there
+    if cfg.resume:
+        _check_same_teachers(out, tasks)
     claim_output(out, "bench")
     grid = log_grid(cfg.lr_min, cfg.lr_max, cfg.grid_points)
     names = cfg.arms or list(ARMS)
@@ -170,6 +172,27 @@ def _bench(cfg: BenchConfig, reporter: Reporter, command: str | None, out: Path,
     if stopped is not None:
         raise stopped
     return out
+
+
+TEACHER_TOLERANCE = 0.02  # nats/token: the same teacher on another CPU moves in the third decimal (RESULTS.md)
+
+
+def _check_same_teachers(out: Path, tasks: list) -> None:
+    """With `--resume`: each distillation task's teacher reads the validation loss the record's did, so a
+    default teacher that changed since (a new hybridopt, or `HYBRIDOPT_CACHE` elsewhere) does not mix its runs
+    with the earlier teacher's.
+
+    Raises:
+        UserError: a task's teacher reads another loss on the same blocks than the record's.
+    """
+    saved = json.loads((out / "results.json").read_text()).get("tasks", {})
+    for task in tasks:
+        before = (saved.get(task.name) or {}).get("teacher_val_loss")
+        now = task.val_loss_teacher
+        if before is not None and now is not None and abs(before - now) > TEACHER_TOLERANCE:
+            raise UserError(f"--resume: the bench in '{out}' ran task {task.name} with a teacher whose validation loss "
+                            f"was {before:.4f}; this run's teacher reads {now:.4f}, another teacher (did the default "
+                            "teacher change?); resume with --teacher naming the record's teacher, or start a new bench")
 
 
 def _open_output(out: Path, cfg: BenchConfig) -> tuple[list[dict], list[dict]]:
