@@ -130,6 +130,18 @@ def tiny_distill_args(teacher: Path, data: Path, out: Path, *extra: str) -> list
             "--max_steps_per_epoch", "5", "--eval_every", "1", "--device", "cpu", *extra]
 
 
+def overwrite_gguf_field(path: Path, key: str, value: int) -> None:
+    """Overwrite the integer field `key` of the GGUF file `path` in place (data untouched): how a test forges a
+    GGUF header."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r+")
+    reader.fields[key].parts[-1][0] = value
+    reader.data.flush()
+    del reader
+    assert gguf.GGUFReader(str(path)).fields[key].contents() == value
+
+
 def rewrite_safetensors_header(path: Path, edit) -> None:
     """Call `edit(header)` on the JSON header of a safetensors file and write it back, data untouched: how a
     test forges or damages a header."""

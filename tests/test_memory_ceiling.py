@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_distill_args
+from conftest import overwrite_gguf_field, tiny_distill_args
 from hybridopt.export.packed import PACKED_NAME, export_packed
 from hybridopt.models.tokenizer import train_bpe_tokenizer
 from hybridopt.training.layout import LOCK_NAME
@@ -127,15 +127,7 @@ def hf_config(**fields):
 
 def gguf_field(key, value):
     """Overwrite an integer field of a GGUF header in place."""
-    def edit(path):
-        import gguf
-
-        reader = gguf.GGUFReader(str(path), "r+")
-        reader.fields[key].parts[-1][0] = value
-        reader.data.flush()
-        del reader
-        assert gguf.GGUFReader(str(path)).fields[key].contents() == value
-    return edit
+    return lambda path: overwrite_gguf_field(path, key, value)
 
 
 def packed(edit):

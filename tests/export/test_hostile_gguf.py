@@ -6,12 +6,11 @@ from __future__ import annotations
 import shutil
 import time
 
-import gguf
 import pytest
 import transformers
 from transformers import LlamaConfig
 
-from conftest import tiny_distill_args
+from conftest import overwrite_gguf_field, tiny_distill_args
 from hybridopt.cli import main
 from hybridopt.export.gguf import export_gguf
 from hybridopt.export.gguf_read import load_gguf
@@ -43,11 +42,7 @@ def no_build(monkeypatch):
 def _forged(good, tmp_path, key, value):
     """A copy of `good` with the integer field `key` overwritten in place."""
     path = shutil.copy(good, tmp_path / "forged.gguf")
-    reader = gguf.GGUFReader(str(path), "r+")
-    reader.fields[key].parts[-1][0] = value
-    reader.data.flush()
-    del reader
-    assert gguf.GGUFReader(str(path)).fields[key].contents() == value
+    overwrite_gguf_field(path, key, value)
     return path
 
 
