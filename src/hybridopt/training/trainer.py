@@ -29,8 +29,8 @@ from hybridopt.optim.schedules import warmup_cosine
 from hybridopt.optim.trust_region import global_value
 from hybridopt.reporting import Reporter
 from hybridopt.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
-from hybridopt.training.distributed import (DistEnv, gathered, meta_copy, shard_fsdp, sharded_like,
-                                            sharded_optimizer_state, unsharded, wrap_ddp)
+from hybridopt.training.distributed import (DistEnv, gathered, meta_copy, shard_fsdp, sharded_optimizer_state,
+                                            unsharded, wrap_ddp)
 from hybridopt.training.evaluation import evaluate_lm
 from hybridopt.training.losses import kd_loss
 from hybridopt.training.metrics import MetricsLogger
@@ -170,11 +170,13 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         model_state, optimizer_state = state["model"], state["optimizer"]
         if self.fsdp:  # the checkpoint holds whole tensors: each process takes its slices (any number of them)
-            current = self.model.state_dict()
-            model_state = {k: sharded_like(v, current[k]) for k, v in model_state.items()}
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, model_state, options=StateDictOptions(full_state_dict=True))
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             optimizer_state = sharded_optimizer_state(optimizer_state, params)
-        self.model.load_state_dict(model_state)
+        else:
+            self.model.load_state_dict(model_state)
         try:
             self.optimizer.load_state_dict(optimizer_state)
         except (KeyError, ValueError, TypeError) as e:  # another optimizer, or its state from an older hybridopt
@@ -411,8 +413,11 @@ class Trainer:
         """Atomically save model, optimizer, scheduler, sampler, RNG and data position (rank 0 only: every
         rank holds the same state; under FSDP every rank gathers its slices to rank 0, which writes whole
         tensors, so a run resumes on any number of processes)."""
-        if self.fsdp:  # a collective: every rank gathers, rank 0 keeps
-            model_state = gathered(self.model.state_dict(), keep=self.dist.is_main)
+        if self.fsdp:  # a collective: every rank gathers, rank 0 keeps (torch's own for the model)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            model_state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
             optimizer_state = gathered(self.optimizer.state_dict(), keep=self.dist.is_main)
         if not self.dist.is_main:
             return self.out_dir / CHECKPOINT_NAME
@@ -439,8 +444,10 @@ class Trainer:
         gathers every tensor; evaluating, saving and exporting then run as without FSDP), now `self.model`.
         Without FSDP: `self.model`."""
         if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
             with self.averaged():  # Schedule-Free's average, if training ended at the training point
-                state = gathered(self.model.state_dict())
+                state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
             self.model, self.fsdp = unsharded(self._skeleton, state, self.device), False
         return self.model
 
