@@ -22,6 +22,7 @@ _API = {
     "AuxiliaryNN": "hybridopt.optim.controller",
     "TrainingState": "hybridopt.optim.controller",
     "hybrid": "hybridopt.optim.wrapper",
+    "MuonAdamW": "hybridopt.optim.muon_adamw",
     # the design document's API, thin over HybridOptimizer
     "HybridTrainingConfig": "hybridopt.manager",
     "HybridOptimizationManager": "hybridopt.manager",
