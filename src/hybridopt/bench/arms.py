@@ -56,6 +56,7 @@ from torch import nn
 
 from hybridopt.models import modeling
 from hybridopt.config import TrainConfig
+from hybridopt.optim.arguments import base_defaults
 from hybridopt.optim.hybrid import HybridOptimizer
 from hybridopt.optim.muon import orthogonalized
 from hybridopt.optim.wrapper import hybrid
@@ -101,11 +102,11 @@ def _wrapper_kwargs(base: str) -> dict:
     """The settings `hybridopt distill --hybrid --hybrid_base base` gives the hybrid optimizer, as the wrapper's
     options (its base-dependent defaults resolved as `HybridOptimizer` resolves them)."""
     d = TrainConfig()
+    min_scale, controller, radius_start = base_defaults(base, d.min_scale, d.controller, d.radius_start)
     return dict(learn_scale=d.learn_scale, scale_lr=d.scale_lr, scale_threshold=d.scale_threshold,
-                min_scale=d.min_scale, trust_radius=d.trust_radius if d.trust_region else None,
-                adapt_radius=d.adapt_radius, controller_lr=d.controller_lr,
-                controller=d.controller if d.controller is not None else base != "schedulefree",
-                radius_start=d.radius_start if d.radius_start is not None else (0.0 if base == "adam" else 0.25))
+                min_scale=min_scale, trust_radius=d.trust_radius if d.trust_region else None,
+                adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, controller=controller,
+                radius_start=radius_start)
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,24 @@ def checked_arguments(*, lr: float, betas: tuple[float, float], eps: float, weig
     check(0 <= trace_decay < 1, f"trace_decay must be in [0, 1), got {trace_decay}")
     check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
     check(0 <= muon_momentum < 1, f"muon_momentum must be in [0, 1), got {muon_momentum}")
+    min_scale, use_controller, radius_start = base_defaults(base, min_scale, use_controller, radius_start)
+    check(0 <= radius_start <= 1, f"radius_start must be in [0, 1], got {radius_start}")
+    check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
+    check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
+    return min_scale, use_controller, radius_start
+
+
+def base_defaults(base: str, min_scale: float | None, use_controller: bool | None, radius_start: float | None
+                  ) -> tuple[float, bool, float]:
+    """(min_scale, use_controller, radius_start) with each None replaced by the base's default: over
+    "schedulefree" a one-sided scale (1) and no controller; `radius_start` 0.25 over "schedulefree" and "muon",
+    0 (off) otherwise."""
     if min_scale is None:
         min_scale = 1.0 if base == "schedulefree" else 1e-4
     if use_controller is None:
         use_controller = base != "schedulefree"
     if radius_start is None:
         radius_start = 0.25 if base in ("schedulefree", "muon") else 0.0
-    check(0 <= radius_start <= 1, f"radius_start must be in [0, 1], got {radius_start}")
-    check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
-    check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
     return min_scale, use_controller, radius_start
 
 

@@ -281,8 +281,11 @@ class Trainer:
     def _check_finite_weights(self) -> None:
         """A finished run whose weights hold inf or nan (a rate so high that one step overflowed, in a run too short
         for the non-finite streak to stop it) is not handed on to be evaluated, saved and exported."""
-        bad = [name for name, p in self.model.named_parameters()  # under FSDP each process checks its slices
-               if self.dist.any(not bool(torch.isfinite(p.to_local() if self.fsdp else p).all()))]
+        named = list(self.model.named_parameters())
+        flags = [float(not bool(torch.isfinite(p.to_local() if self.fsdp else p).all())) for _, p in named]
+        if self.fsdp:  # each process checked its slices: one all-reduce says which tensors are bad anywhere
+            flags = self.dist.mean(*flags)
+        bad = [name for (name, _), flag in zip(named, flags) if flag > 0]
         if bad:
             raise NonFiniteTraining(
                 f"{self.prefix}training ended with non-finite weights in {len(bad)} of "
