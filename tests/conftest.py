@@ -130,6 +130,29 @@ def tiny_distill_args(teacher: Path, data: Path, out: Path, *extra: str) -> list
             "--max_steps_per_epoch", "5", "--eval_every", "1", "--device", "cpu", *extra]
 
 
+def fork_logged(log: Path, body) -> int:
+    """Fork a child that runs `body()` with its stdout and stderr appended to `log`, and exits with what `body`
+    returns (None: 0), or 70 with the traceback in `log` if it raises. Returns the child's pid."""
+    import sys
+    import traceback
+
+    pid = os.fork()
+    if pid == 0:
+        rc = 70
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+            rc = body() or 0
+        except BaseException:  # noqa: BLE001  (the parent reads the log)
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(rc)
+    return pid
+
+
 def overwrite_gguf_field(path: Path, key: str, value: int) -> None:
     """Overwrite the integer field `key` of the GGUF file `path` in place (data untouched): how a test forges a
     GGUF header."""

@@ -9,9 +9,7 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +17,7 @@ from typing import Callable
 import pytest
 import torch
 
+from conftest import fork_logged
 from hybridopt.fileio import entry_lock_path
 from hybridopt.models.tokenizer import train_bpe_tokenizer
 
@@ -117,23 +116,12 @@ def _fork(site: Site, wrap: Callable, out: Path, log: Path) -> int:
     """Fork a process that replaces `site.module.build` by `wrap(original)`, runs `site.run()` and writes its
     result's digest to `out`; its output goes to `log`. Exit 0, or 70 with the traceback in `log`."""
     log.touch()
-    pid = os.fork()
-    if pid == 0:
-        rc = 70
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
-            setattr(site.module, site.build, wrap(getattr(site.module, site.build)))
-            out.write_text(site.digest(site.run()))
-            rc = 0
-        except BaseException:  # noqa: BLE001  (the parent reads the log)
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            os._exit(rc)
-    return pid
+
+    def body() -> None:
+        setattr(site.module, site.build, wrap(getattr(site.module, site.build)))
+        out.write_text(site.digest(site.run()))
+
+    return fork_logged(log, body)
 
 
 def _held(started: Path, go: Path) -> Callable:

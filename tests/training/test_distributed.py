@@ -185,22 +185,16 @@ def test_two_ranks_take_the_single_process_steps(tmp_path, two_ranks, setting):
             assert r["summary"]["constraint_activation_rate"] == s["constraint_activation_rate"]
 
 
-def test_two_ranks_resume_onto_the_same_batches(tmp_path, two_ranks):
-    single = _train(tmp_path, "hybrid", DistEnv())
-    ranks = two_ranks["hybrid_resumed"]
+@pytest.mark.parametrize("setting", ["hybrid", "fsdp_hybrid"])
+def test_two_ranks_resume_onto_the_same_batches(tmp_path, two_ranks, setting):
+    """A run stopped after an epoch and resumed by the same two ranks (data-parallel, or sharded with FSDP): the
+    single-process run's weights, each rank on its half of every batch before and after the resume."""
+    single = _train(tmp_path, setting, DistEnv())
+    ranks = two_ranks[f"{setting}_resumed"]
     for name, expected in single["params"].items():
         torch.testing.assert_close(ranks[0]["params"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"ranks differ on {name}"
-    _assert_ranks_split_the_batches(single["batches"], [r["batches"] for r in ranks])  # before and after the resume
-
-
-def test_two_sharded_ranks_resume_onto_the_same_batches(tmp_path, two_ranks):
-    """An FSDP run stopped after an epoch and resumed by the same two ranks: the single-process run's weights."""
-    single = _train(tmp_path, "fsdp_hybrid", DistEnv())
-    ranks = two_ranks["fsdp_hybrid_resumed"]
-    for name, expected in single["params"].items():
-        torch.testing.assert_close(ranks[0]["params"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
-        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"ranks differ on {name}"
+    _assert_ranks_split_the_batches(single["batches"], [r["batches"] for r in ranks])
 
 
 def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path, two_ranks):
@@ -227,7 +221,7 @@ def _wrapped_adamw_steps(model: torch.nn.Module, batches: list[torch.Tensor], di
 
     opt = hybrid(torch.optim.AdamW(model.parameters(), lr=1e-2), trust_radius=0.045, controller=True)
     for tokens in batches:
-        local = tokens[dist.rank * len(tokens) // dist.world_size:(dist.rank + 1) * len(tokens) // dist.world_size]
+        local = tokens[dist.slice(list(range(len(tokens))))]
         loss = model(input_ids=local, labels=local).loss
         loss.backward()
         opt.step(loss=dist.mean(loss.item())[0])

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-from conftest import tiny_distill_args
+from conftest import fork_logged, tiny_distill_args
 from hybridopt.training import default_teacher
 from hybridopt.fileio import lock_file
 from hybridopt.training.layout import LOCK_NAME, lock_run, occupied
@@ -110,25 +110,19 @@ def test_processes_that_need_the_default_teacher_at_once_train_it_once(tmp_path,
 def _fork_cli(argv: list[str], hold: str, ready: Path, log: Path) -> int:
     """Fork a process running `hybridopt ARGV` in which the function `hold` (`"module:name"`) touches `ready` and
     sleeps instead of running: a writer caught in the middle of its work, holding what it holds. Returns its pid."""
-    pid = os.fork()
-    if pid == 0:
-        rc = 70
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            module, name = hold.split(":")
+    def body() -> int:
+        module, name = hold.split(":")
 
-            def held(*args, **kwargs):
-                ready.touch()
-                time.sleep(120)
+        def held(*args, **kwargs):
+            ready.touch()
+            time.sleep(120)
 
-            setattr(importlib.import_module(module), name, held)
-            from hybridopt.cli import main
+        setattr(importlib.import_module(module), name, held)
+        from hybridopt.cli import main
 
-            rc = main(argv)
-        finally:
-            os._exit(rc)
+        return main(argv)
+
+    pid = fork_logged(log, body)
     deadline = time.monotonic() + 120
     while not ready.exists():
         done, _ = os.waitpid(pid, os.WNOHANG)
