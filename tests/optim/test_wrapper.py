@@ -148,7 +148,10 @@ class ReferenceWrapper:
             self._learn(h, rising)
         before = [p.detach().clone() for p in params]
         factor = math.exp(self.ell)
-        if hasattr(self.base, "train"):  # Schedule-Free: the scale multiplies the base's lr for its step
+        schedule_free = hasattr(self.base, "train")
+        if schedule_free:  # AdamWScheduleFree: the scale multiplies the base's lr for its step, the clip takes z's
+            z_before = [self.base.state[p]["z"].clone() if "z" in self.base.state[p] else p.detach().clone()
+                        for p in params]
             lrs = [g["lr"] for g in self.base.param_groups]
             for g in self.base.param_groups:
                 g["lr"] *= factor
@@ -159,6 +162,8 @@ class ReferenceWrapper:
         else:
             self.base.step()
         d = [p.detach() - b for p, b in zip(params, before)]  # d_t
+        if schedule_free:
+            d = [self.base.state[p]["z"] - z for p, z in zip(params, z_before)]  # z's step
         if self.rho is not None:
             theta_norm = math.sqrt(sum(float((b.double() ** 2).sum()) for b in before))
             d_norm = math.sqrt(sum(float((x.double() ** 2).sum()) for x in d))
@@ -170,8 +175,15 @@ class ReferenceWrapper:
         self.prev = {}
         with torch.no_grad():
             for p, b, x in zip(params, before, d):
-                p.copy_(b + factor * x)
                 self.prev[id(p)] = factor * x
+                if not schedule_free:
+                    p.copy_(b + factor * x)
+            if schedule_free:  # z takes factor times its step; y had taken 1 - beta1 (1 - c) of z's step
+                group = self.base.param_groups[0]
+                c = group["lr_max"] ** 2 / group["weight_sum"]
+                for p, z, x in zip(params, z_before, d):
+                    self.base.state[p]["z"].copy_(z + factor * x)
+                    p.add_((factor - 1) * (1 - group["betas"][0] * (1 - c)) * x)
         self.predicted = -sum(float((p.grad.double() * self.prev[id(p)].double()).sum()) for p in params)
         self.t += 1
 
@@ -208,7 +220,7 @@ REFERENCE_CASES = {
                              dict(trust_radius=0.05, adapt_radius=True, scale_threshold=0.2), dict(warmup=5)),
     "rmsprop_no_trust_region": (lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
                                 dict(trust_radius=None, scale_threshold=0.0, radius_start=0.0), {}),
-    # over Schedule-Free the scale goes into the base's lr (its z and averaging weights), the clip onto y's step;
+    # over Schedule-Free the scale goes into the base's lr (its z and averaging weights), the clip onto z's step;
     # a rate far too low, so the (one-sided) scale rises
     "schedulefree_rising": pytest.param((lambda ps: _schedule_free(ps, 1e-4), dict(trust_radius=0.005, scale_threshold=0.0, min_scale=1.0),
                                          {}), marks=pytest.mark.skipif(schedulefree is None, reason="absent")),

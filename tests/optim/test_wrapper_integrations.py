@@ -62,12 +62,13 @@ def _schedule_free(params, lr: float):
 
 # (make(params, lr), bias-free model, a rate) for each base outside the four built in. At the rate, with radius 0.01
 # and threshold 0, 10 steps both clip and move the scale (measured: RMSprop 1 clip, scale 0.28; Adagrad 1, 0.052;
-# Muon 6, 1.34; Schedule-Free 2, 1.45); at 2x to 4x the rate Muon and Schedule-Free clip every step and keep it at 1.
+# Muon 6, 1.34; Schedule-Free, whose z step is clipped, 3, 2.10); at 2x to 4x the rate Muon and Schedule-Free clip
+# every step and keep it at 1.
 BASES = {
     "rmsprop": (lambda ps, lr: torch.optim.RMSprop(ps, lr=lr, momentum=0.5), True, 1e-3),
     "adagrad": (lambda ps, lr: torch.optim.Adagrad(ps, lr=lr), True, 0.05),
     "muon": pytest.param((lambda ps, lr: torch.optim.Muon(ps, lr=lr), False, 5e-3), marks=needs_muon),
-    "schedulefree": pytest.param((_schedule_free, True, 3e-3), marks=needs_schedulefree),
+    "schedulefree": pytest.param((_schedule_free, True, 1e-3), marks=needs_schedulefree),
 }
 
 

@@ -47,9 +47,11 @@ Limits. The gradient and loss come from the caller (`loss=`, or a closure called
 step), so bases that call a closure themselves (L-BFGS) are not supported. Over Schedule-Free (schedulefree's
 optimizers, `ScheduleFreeWrapper`) the parameters hold y and the base keeps z and the average x in its state,
 both built from its lr: there the scale e^{\ell + c} multiplies every group's lr for the base's step (restored
-after it), so z and the averaging weights take the scaled rate as the built-in Schedule-Free base does, and the
-trust region then clips y's step alone (the built-in base clips z's too: at rates that clip, the wrapper ends
-a little higher, docs/RESULTS.md says by how much); `train()`/`eval()` go to the base. Dense gradients only.
+after it), so z and the averaging weights take the scaled rate. Over schedulefree's `AdamWScheduleFree` the step
+the trust region clips, and h's \Delta\theta, are z's: e_t = \eta' \hat g_t (its normalised gradient, which it
+leaves in `.grad`), z_{t+1} = z_t - F e_t and y takes 1 - \beta_1 (1 - c_t) of that, c_t its averaging weight
+(no snapshot is needed). Over any other Schedule-Free base the trust region clips y's step. `train()`/`eval()`
+go to the base. Dense gradients only.
 
 References: Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient Descent" (ICLR); Cutkosky,
 Defazio & Mehta 2023, "Mechanic: A Learning Rate Tuner" (optax's `contrib.mechanize`: learn the scale of any
@@ -104,6 +106,8 @@ class WrapperState:
     prev_loss: float | None = None  # with adapt_radius: L_{t-1}
     prev_predicted_decrease: float | None = None  # with adapt_radius: -g_{t-1} . Delta theta_{t-1}
     ratio_ema: float | None = None  # with adapt_radius: smoothed actual / predicted decrease
+    cluster_id: int | None = None  # the data cluster of the next batch (`set_cluster`), a controller feature
+    multiplier_sum: float = 0.0  # of e^{\\ell + c} over the steps, for `summary`'s average
 
     @classmethod
     def from_saved(cls, saved: dict) -> WrapperState:
@@ -142,13 +146,60 @@ def rescale_step_(params: Tensors, negated: Tensors, factor: float | torch.Tenso
     """\\theta <- \\theta^{base} + (1 - F) e = \\theta_t + F d, from the buffers e = -d (left as they are).
 
     Written as a correction of the base's result so that F = 1 gives it back exactly (+0 is exact)."""
-    if isinstance(factor, float):
-        if factor != 1.0:
-            torch._foreach_add_(params, negated, alpha=1.0 - factor)
+    if not (isinstance(factor, float) and factor == 1.0):
+        _add_scaled_(params, negated, 1.0 - factor)
+
+
+def z_steps_(buffers: Tensors, params: Tensors, groups: list[dict]) -> None:
+    """buffer <- \\eta' \\hat g, in place, after a Schedule-Free AdamW step at the rate \\eta' (the group's
+    `scheduled_lr`): z's step negated, read from the gradient the base normalised in place (\\hat g, weight
+    decay included)."""
+    for group, mine in _by_group(params, groups):
+        group_buffers = [buffers[i] for i in mine]
+        snapshot_(group_buffers, [params[i].grad for i in mine])
+        torch._foreach_mul_(group_buffers, group["scheduled_lr"])
+
+
+def y_weight(group: dict) -> float:
+    """1 - \\beta_1 (1 - c), with c = w_k / \\sum_i w_i the averaging weight of the step a Schedule-Free AdamW
+    group has just taken (read from its fields after the step): the fraction of z's step that y took."""
+    weight = group["k"] ** group["r"] * group["lr_max"] ** group["weight_lr_power"]
+    c = weight / group["weight_sum"] if group["weight_sum"] else 0.0
+    return 1.0 - group["betas"][0] * (1.0 - c)
+
+
+def rescale_schedule_free_(params: Tensors, zs: Tensors, negated: Tensors, groups: list[dict],
+                           factor: float | torch.Tensor) -> None:
+    """z <- z + (1 - F) e and y <- y + (1 - F) (1 - \\beta_1 (1 - c)) e: Schedule-Free AdamW's step with z's step
+    scaled by F, y taking its fraction of it, from the buffers e = -\\Delta z^{base} (left as they are)."""
+    if isinstance(factor, float) and factor == 1.0:
         return
-    # foreach's add takes alpha as a Python number only (a host sync), and a product list is a copy of the step;
-    # a list of one 0-d tensor broadcasts (on a GPU one kernel per tensor, as a Python loop would launch)
-    torch._foreach_addcmul_(params, negated, [1.0 - factor] * len(params))
+    _add_scaled_(zs, negated, 1.0 - factor)
+    for group, mine in _by_group(params, groups):
+        _add_scaled_([params[i] for i in mine], [negated[i] for i in mine], (1.0 - factor) * y_weight(group))
+
+
+def _by_group(params: Tensors, groups: list[dict]) -> list[tuple[dict, list[int]]]:
+    """(group, the positions in `params` of its tensors) for each group with any."""
+    index = {p: i for i, p in enumerate(params)}
+    mine = [(group, [index[p] for p in group["params"] if p in index]) for group in groups]
+    return [(group, positions) for group, positions in mine if positions]
+
+
+def _add_scaled_(xs: Tensors, ys: Tensors, k: float | torch.Tensor) -> None:
+    """x <- x + k y, in place; k a number or a 0-d tensor (no host sync: foreach's alpha takes numbers only, a
+    list of one 0-d tensor broadcasts)."""
+    if torch.is_tensor(k):
+        torch._foreach_addcmul_(xs, ys, [k] * len(xs))
+    else:
+        torch._foreach_add_(xs, ys, alpha=k)
+
+
+def _clips_z(base) -> bool:
+    """schedulefree's AdamWScheduleFree: its state and group fields are known (z, k, r, lr_max, weight_sum), so the
+    trust region can clip z's step as the built-in Schedule-Free base did; over any other Schedule-Free base it
+    clips y's."""
+    return type(base).__name__ == "AdamWScheduleFree" and type(base).__module__.startswith("schedulefree")
 
 
 def _is_schedule_free(base) -> bool:
@@ -189,14 +240,17 @@ class HybridWrapper(torch.optim.Optimizer):
         trust_radius: \\rho > 0, the largest step relative to the parameters' norm (None: no trust region).
         adapt_radius: adapt \\rho from actual against predicted decrease (needs `loss` at every step; not over
             Schedule-Free, whose step divides the gradient in place).
-        controller: add the design document's controller network (`AuxiliaryNN`), trained online.
+        controller: add the design document's controller network (`AuxiliaryNN`), trained online: True builds
+            one from its own seed (every rank alike); or pass the network itself.
         controller_lr: the Adam learning rate of the controller.
+        num_clusters: the number of data clusters `set_cluster` names (a feature of the controller), 0 if none.
     """
 
     def __init__(self, base_optimizer, *, learn_scale: bool = True, scale_lr: float = 0.1,
                  scale_threshold: float = 0.5, scale_betas: tuple[float, float] = (0.9, 0.99),
                  min_scale: float | None = None, radius_start: float | None = None, trust_radius: float | None = 0.1,
-                 adapt_radius: bool = False, controller: bool = False, controller_lr: float = 1e-3):
+                 adapt_radius: bool = False, controller: bool | torch.nn.Module = False, controller_lr: float = 1e-3,
+                 num_clusters: int = 0):
         base = base_optimizer
         schedule_free = _is_schedule_free(base)
         min_scale = (1.0 if schedule_free else 1e-4) if min_scale is None else min_scale
@@ -214,12 +268,19 @@ class HybridWrapper(torch.optim.Optimizer):
         check(not (adapt_radius and schedule_free), "adapt_radius is not supported over a Schedule-Free base "
               "(its step divides the gradient in place, so the predicted decrease cannot be read after it)")
         check(controller_lr > 0, f"controller_lr must be positive, got {controller_lr}")
+        check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
         self.base = base
         self.learn_scale, self.scale_lr, self.scale_threshold = learn_scale, scale_lr, scale_threshold
         self.scale_betas, self.scale_floor, self.radius_start = tuple(scale_betas), math.log(min_scale), radius_start
         self.use_trust_region, self.adapt_radius = trust_radius is not None, adapt_radius
-        self.controller = _controller() if controller else None
-        self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr) if controller else None
+        if isinstance(controller, torch.nn.Module):
+            self.controller = controller
+        else:
+            self.controller = _controller() if controller else None
+        self.controller_opt = (None if self.controller is None else
+                               torch.optim.Adam(self.controller.parameters(), lr=controller_lr))
+        self.num_clusters = num_clusters
+        self._clips_z = _clips_z(base)
         self.hybrid_state = WrapperState(trust_radius=trust_radius)
         self._buffers: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # p -> {"update": one buffer like p}
         self._moved: Tensors = []  # the tensors the last step moved
@@ -270,6 +331,31 @@ class HybridWrapper(torch.optim.Optimizer):
         """e^{\\ell + c}, the multiplier of the base's step (before the trust region)."""
         return math.exp(self.hybrid_state.scale.log_scale + self.hybrid_state.correction)
 
+    lr_multiplier = scale
+
+    def set_cluster(self, cluster_id: int | None) -> None:
+        """Tell the controller which data cluster the next batch came from (None if mixed)."""
+        if cluster_id is not None and self.num_clusters:
+            check(0 <= cluster_id < self.num_clusters,
+                  f"cluster_id must be in [0, {self.num_clusters}) or None, got {cluster_id}")
+        self.hybrid_state.cluster_id = cluster_id
+
+    def summary(self) -> dict:
+        """Figures of the run so far (the design document's summary block; a host sync when a step is pending).
+
+        Keys: total_steps, avg_lr_multiplier, learned_scale (e^\\ell), constraint_activation_rate, trust_radius
+        (\\rho e^r; None without a trust region), lr_multiplier (e^{\\ell + c}), skipped_steps, clipped (the
+        last step was clipped).
+        """
+        self._settle_pending()
+        s = self.hybrid_state
+        steps = max(1, s.step)
+        radius = s.trust_radius * s.radius_multiplier if self.use_trust_region else None
+        return {"total_steps": s.step, "avg_lr_multiplier": s.multiplier_sum / steps,
+                "learned_scale": math.exp(s.scale.log_scale), "constraint_activation_rate": s.clipped_steps / steps,
+                "trust_radius": radius, "lr_multiplier": self.scale, "skipped_steps": s.skipped_steps,
+                "clipped": s.clipped}
+
     def __getstate__(self) -> dict:  # Optimizer's would keep only defaults, state and param_groups
         return dict(self.__dict__)
 
@@ -308,15 +394,22 @@ class HybridWrapper(torch.optim.Optimizer):
         self._learn(h, loss_value)
         log_multiplier, radius = self._multipliers(loss_value, grad_norm)
         param_norm = norms(params).norm() if radius is not None else None  # \|\theta_t\|, before the base moves it
-        snapshot_(buffers, params)  # \theta_t, over e_{t-1} (h is taken)
-        if _is_schedule_free(self.base):  # the scale goes into the rate the base builds z and its average's weights from
+        self.hybrid_state.multiplier_sum += math.exp(log_multiplier)
+        if self._clips_z:  # Schedule-Free AdamW: the step scaled and clipped is z's, as in the built-in base
             self._base_step_at(math.exp(log_multiplier))
-            log_multiplier = 0.0  # the trust region alone is left to apply, to y's step
+            z_steps_(buffers, params, self.param_groups)  # e_t = -\Delta z^{base} (h is taken)
+            factor, self._pending_ratio = step_factor(buffers, param_norm, 0.0, radius)
+            rescale_schedule_free_(params, [self.state[p]["z"] for p in params], buffers, self.param_groups, factor)
         else:
-            self.base.step()
-        negated_update_(buffers, params)  # e_t = -d_t
-        factor, self._pending_ratio = step_factor(buffers, param_norm, log_multiplier, radius)
-        rescale_step_(params, buffers, factor)
+            snapshot_(buffers, params)  # \theta_t, over e_{t-1} (h is taken)
+            if _is_schedule_free(self.base):  # the scale goes into the rate z and its average's weights are built from
+                self._base_step_at(math.exp(log_multiplier))
+                log_multiplier = 0.0  # the trust region alone is left to apply, to y's step
+            else:
+                self.base.step()
+            negated_update_(buffers, params)  # e_t = -d_t
+            factor, self._pending_ratio = step_factor(buffers, param_norm, log_multiplier, radius)
+            rescale_step_(params, buffers, factor)
         self._update_scale = -factor  # \Delta\theta_t = -F e_t, the buffers left unscaled
         if self.adapt_radius:  # the predicted decrease over -s, read at the next sync
             self._pending_predicted = dot([p.grad for p in params], buffers)
@@ -358,6 +451,12 @@ class HybridWrapper(torch.optim.Optimizer):
         grad_norm = math.sqrt(rest.pop(0)) if self.controller is not None else None
         self._settle(rest[:len(pending)])
         return self._update_scale * read[0], grad_norm, rest[-1]
+
+    def _settle_pending(self) -> None:
+        """Read back what the last step left pending, now (one host sync), outside a step."""
+        pending = self._pending()
+        if pending:
+            self._settle(torch.stack([global_value(t).double() for t in pending]).tolist())
 
     def _settle(self, values: list[float]) -> None:
         """Record the last step's s, trust ratio and predicted decrease, read back (`values` in `_pending`'s
@@ -405,7 +504,7 @@ class HybridWrapper(torch.optim.Optimizer):
         s = self.hybrid_state
         if self.controller is not None:
             s.features = update_feature_stats(s.features, loss, grad_norm)
-            x = self.controller.observe(training_state(s.features, s.step, None, 0).features())
+            x = self.controller.observe(training_state(s.features, s.step, s.cluster_id, self.num_clusters).features())
             lr_correction, s.radius_multiplier = self.controller.multipliers(x)
             s.correction, s.prev_features = math.log(lr_correction), x.tolist()
         radius = s.trust_radius * s.radius_multiplier if self.use_trust_region else None
@@ -427,9 +526,7 @@ class HybridWrapper(torch.optim.Optimizer):
         "wrapper_version". The hooks registered on the wrapper run as torch.optim.Optimizer runs them."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        pending = self._pending()
-        if pending:  # a host sync, as every checkpoint has
-            self._settle(torch.stack([global_value(t).double() for t in pending]).tolist())
+        self._settle_pending()  # a host sync, as every checkpoint has
         index = {p: i for i, p in enumerate(self._params())}
         hybrid = {"state": dataclasses.asdict(self.hybrid_state),
                   "updates": {index[p]: st["update"] for p, st in self._buffers.items() if p in index},
