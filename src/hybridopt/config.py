@@ -122,7 +122,7 @@ class StudentConfig:
 
 
 # The optimizer's names for the flags whose names differ (its messages start with the argument's name).
-_OPTIMIZER_FLAGS = {"trace_decay": "controller_trace", "use_controller": "controller"}
+_OPTIMIZER_FLAGS = {"use_controller": "controller"}
 
 
 @dataclass
@@ -145,7 +145,6 @@ class OptimizerConfig:
     min_scale: float | None = _arg(None, "with --hybrid: the learned scale's lower bound, in [1e-4, 1] (default: 1 over schedulefree, 1e-4 over adam and muon)")
     radius_start: float | None = _arg(None, "with --hybrid: at the first step after warmup, raise the learned scale until the step is at least this fraction of the trust radius, in [0, 1] (default: 0.25 over schedulefree and muon, 0 over adam; 0 turns it off)")
     controller: bool | None = _arg(None, "with --hybrid: apply the meta-learned controller's learning-rate and radius multipliers (default: on over adam and muon, off over schedulefree)")
-    controller_trace: float = _arg(0.0, "with --hybrid: decay of the update trace the hypergradient is credited over (0: the last update only)")
     controller_lr: float = _arg(0.001, "with --hybrid: learning rate of the controller network (the design document's 1e-3)")
 
     def __post_init__(self):
@@ -161,9 +160,9 @@ class OptimizerConfig:
             checked_arguments(
                 lr=self.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=self.weight_decay, base=self.hybrid_base,
                 scale_lr=self.scale_lr, scale_betas=(0.9, 0.999), scale_threshold=self.scale_threshold,
-                use_controller=self.controller, adapt_radius=self.adapt_radius and self.hybrid, trust_mode="global",
-                controller_lr=self.controller_lr, controller_hidden=1, trace_decay=self.controller_trace,
-                num_clusters=0, controller_smoothing=0.0, min_scale=self.min_scale, radius_start=self.radius_start,
+                use_controller=self.controller, adapt_radius=self.adapt_radius and self.hybrid,
+                controller_lr=self.controller_lr, controller_hidden=1, num_clusters=0, min_scale=self.min_scale,
+                radius_start=self.radius_start,
                 muon_momentum=0.95)
         except ValueError as e:
             name, _, rest = str(e).replace("base='schedulefree'", "--hybrid_base schedulefree").partition(" ")
@@ -184,7 +183,7 @@ class LoopConfig:
     seed: int = _arg(0, "random seed for initialisation, shuffling and everything else")
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto", choices=None)
     autocast: str = _arg("auto", "dtype of the trained model's forward and backward under torch.autocast (auto: bfloat16 on a CUDA device that supports it, off on CPU)", choices=["auto", "bfloat16", "off"])
-    compile: bool = _arg(False, "torch.compile the trained model's forward (and, with --hybrid over schedulefree or adam, the optimizer's update)")
+    compile: bool = _arg(False, "torch.compile the trained model's forward")
 
     def __post_init__(self):
         _finite(self, LoopConfig)

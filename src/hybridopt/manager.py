@@ -90,6 +90,7 @@ class HybridOptimizationManager:
         self.model = model
         self.optimizer = HybridOptimizer(
             model.parameters(), lr=c.base_learning_rate, betas=(c.momentum, 0.999), weight_decay=c.weight_decay,
+            base="adam",
             use_controller=c.use_auxiliary_nn, learn_scale=c.use_auxiliary_nn, use_trust_region=c.use_trust_region,
             trust_radius=c.initial_trust_radius, adapt_radius=c.trust_radius_adaptation,
             controller_lr=c.auxiliary_nn_learning_rate, controller_hidden=c.auxiliary_nn_hidden_size,
@@ -128,8 +129,9 @@ def format_summary(summary: dict, final_loss: float | None = None) -> str:
     lines += [f"Avg Learning Rate Multiplier: {summary['avg_lr_multiplier']:.2f}x"]
     if "learned_scale" in summary:
         lines.append(f"Final Learned Scale: {summary['learned_scale']:.3g}x")
+    radius = summary["trust_radius"]
     lines += [f"Constraint Activation Rate: {100 * summary['constraint_activation_rate']:.1f}%",
-              f"Final Trust Radius: {summary['trust_radius']:.6f}", bar]
+              f"Final Trust Radius: {'off' if radius is None else f'{radius:.6f}'}", bar]
     return "\n".join(lines)
 
 
@@ -159,8 +161,8 @@ class ConstrainedOptimizer:
                 p.grad = g
         before = [p.detach().clone() for p in params]
         pnorm = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in params))
-        group = self._opt.param_groups[0]
-        group["lr"], group["trust_radius"] = learning_rate, constraint_radius / max(pnorm, 1e-3)
+        self._opt.param_groups[0]["lr"] = learning_rate
+        self._opt.hybrid_state.trust_radius = constraint_radius / max(pnorm, 1e-3)
         self._opt.step()
         norm = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(params, before)))
         return {"update_norm": norm, "constraint_active": self._opt.summary()["clipped"],

@@ -38,11 +38,10 @@ def _finite(x: float) -> bool:
 class ReferenceHybrid:
     """Same constructor arguments as `HybridOptimizer`; `param_groups` may be edited (lr, trust_radius)."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, base="adam",
-                 use_controller=None, learn_controller=True, use_trust_region=True, trust_radius=0.1,
-                 trust_mode="global", adapt_radius=False, controller_lr=1e-3, controller_hidden=16,
-                 trace_decay=0.0, num_clusters=0, learn_scale=True, scale_lr=0.1, scale_betas=(0.9, 0.99),
-                 scale_threshold=0.5, controller_smoothing=0.0, min_scale=None, radius_start=None, muon_momentum=0.95):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, base="muon",
+                 use_controller=None, use_trust_region=True, trust_radius=0.1, adapt_radius=False,
+                 controller_lr=1e-3, controller_hidden=16, num_clusters=0, learn_scale=True, scale_lr=0.1,
+                 scale_betas=(0.9, 0.99), scale_threshold=0.5, min_scale=None, radius_start=None, muon_momentum=0.95):
         if use_controller is None:  # no controller over Schedule-Free unless asked for
             use_controller = base != "schedulefree"
         params = list(params)
@@ -52,11 +51,10 @@ class ReferenceHybrid:
                         orthogonalize=True)
         self.defaults = defaults
         self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in params]
-        self.base, self.trust_mode, self.num_clusters = base, trust_mode, num_clusters
+        self.base, self.num_clusters = base, num_clusters
         self.nu = muon_momentum
-        self.use_controller, self.learn_controller = use_controller, learn_controller
+        self.use_controller = use_controller
         self.use_trust_region, self.adapt_radius = use_trust_region, adapt_radius
-        self.gamma = trace_decay
         self.learn_scale, self.kappa, self.scale_betas = learn_scale, scale_lr, scale_betas
         self.tau = scale_threshold
         if min_scale is None:  # the scale may only raise Schedule-Free's rate
@@ -73,7 +71,7 @@ class ReferenceHybrid:
         self.t = 0  # applied updates
         self.skipped = 0
         self.m_lr, self.m_r = 1.0, 1.0  # e^{\ell + c_t}, e^{a_{t,2}}
-        self.smoothing, self.c = controller_smoothing, 0.0  # c_t = b c_{t-1} + (1 - b) a_{t,1}
+        self.c = 0.0  # c_t = a_{t,1}
         self.ell = 0.0  # the learned log scale
         self.hm, self.hv, self.hn = 0.0, 0.0, 0  # EMAs of h and h^2, and their count
         self.prev_lr = math.inf  # the first group's lr at the last step
@@ -132,7 +130,7 @@ class ReferenceHybrid:
         # h_t = g_t . s_{t-1}, normalised as Adam normalises a gradient; the scale and the controller learn from it.
         rising = self.param_groups[0]["lr"] > self.prev_lr  # a warmup is raising the rate
         self.prev_lr = self.param_groups[0]["lr"]
-        learns = self.learn_scale or (self.use_controller and self.learn_controller)
+        learns = self.learn_scale or self.use_controller
         if learns and self.t > 0:
             h = 0.0
             for p, _ in items:
@@ -159,7 +157,7 @@ class ReferenceHybrid:
                     self.started = True
                     if self.radius_start > 0 and self.ratio is not None and self.radius_start * self.ratio > 1:
                         self.ell = min(math.log(1e4), self.ell + math.log(self.radius_start * self.ratio))
-            if self.use_controller and self.learn_controller:
+            if self.use_controller:
                 heads = [0, 1] if self.clipped else [0]  # the radius learns on clipped steps
                 with torch.enable_grad():
                     z = self.controller.raw(self.x_prev)
@@ -187,7 +185,7 @@ class ReferenceHybrid:
             self.controller.norm.update(raw)
             x = self.controller.norm(raw)
             a = AuxiliaryNN.clamp(self.controller.raw(x))
-            self.c = self.smoothing * self.c + (1 - self.smoothing) * float(a[0])
+            self.c = float(a[0])
             self.m_lr, self.m_r = math.exp(self.ell + self.c), math.exp(float(a[1]))
             self.x_prev = x.clone()
         elif self.learn_scale:
@@ -201,6 +199,7 @@ class ReferenceHybrid:
             st = self.state.setdefault(id(p), {"n": 0})
             st["n"] += 1
             g = p.grad
+            decay = group["weight_decay"] * p  # decoupled: added to the step (SGD: to the gradient)
             if self.base == "muon" and p.dim() == 2 and group["orthogonalize"]:
                 # Nesterov momentum, orthogonalised, at Adam's RMS: 0.2 sqrt(max(A, B)) O(g + nu (b - g))
                 st["b"] = st.get("b", torch.zeros_like(p)) + (1 - self.nu) * (g - st.get("b", torch.zeros_like(p)))
@@ -214,15 +213,16 @@ class ReferenceHybrid:
             elif self.base == "schedulefree":  # d = g / (sqrt(v_hat) + eps); z starts at the parameters
                 st.setdefault("z", p.detach().clone())
                 st["v"] = beta2 * st.get("v", torch.zeros_like(p)) + (1 - beta2) * g * g
-                d = g / (torch.sqrt(st["v"] / (1 - beta2 ** st["n"])) + group["eps"])
+                # bias-corrected by the group's step count (schedulefree's, which counts every step of the optimizer)
+                d = g / (torch.sqrt(st["v"] / (1 - beta2 ** (group.get("sf_k", 0) + 1))) + group["eps"])
             else:
-                st["b"] = beta1 * st.get("b", torch.zeros_like(p)) + g
-                d = st["b"]
-            updates.append(-group["lr"] * self.m_lr * (d + group["weight_decay"] * p))
+                st["b"] = beta1 * st.get("b", torch.zeros_like(p)) + g + decay
+                d, decay = st["b"], 0.0
+            updates.append(-group["lr"] * self.m_lr * (d + decay))
 
         # Trust region.
         clipped = False
-        if self.use_trust_region and self.trust_mode == "global":
+        if self.use_trust_region:
             mu = self.param_groups[0]["trust_radius"] * self.m_r
             theta_sq, u_sq = 0.0, 0.0
             for (p, _), u in zip(items, updates):
@@ -233,14 +233,6 @@ class ReferenceHybrid:
             if math.sqrt(u_sq) > bound:
                 updates = [u * (bound / math.sqrt(u_sq)) for u in updates]
                 clipped = True
-        elif self.use_trust_region:
-            for i, ((p, group), u) in enumerate(zip(items, updates)):
-                rms = math.sqrt(float((p * p).sum()) / p.numel())
-                bound = group["trust_radius"] * self.m_r * max(rms, 1e-3) * math.sqrt(p.numel())
-                unorm = math.sqrt(float((u * u).sum()))
-                if unorm > bound:
-                    updates[i] = u * (bound / unorm)
-                    clipped = True
         self.clipped = clipped
         self.clipped_count += int(clipped)
         self.m_lr_sum += self.m_lr
@@ -249,22 +241,22 @@ class ReferenceHybrid:
             self.prev_pred = -sum(float((p.grad.float() * u.float()).sum()) for (p, _), u in zip(items, updates))
             self.prev_loss = L if _finite(L) else None
 
-        # Delta theta_t applied; s_t = gamma s_{t-1} + Delta theta_t (kept while something learns), where a tensor
-        # this step did not move has Delta theta_t = 0.
+        # Delta theta_t applied; s_t = Delta theta_t (kept while something learns), where a tensor this step did
+        # not move has Delta theta_t = 0.
         moved = {id(p) for p, _ in items}
         for key, st in self.state.items():
             if key not in moved and "s" in st:
-                st["s"] = self.gamma * st["s"]
-        # Schedule-Free: c = w / sum w with w = (max rate so far)^2, per group;
-        # y <- y + c (z - y) + (1 - beta1 (1 - c)) Delta, z <- z + Delta.
+                st["s"] = 0 * st["s"]
+        # Schedule-Free: c = w / sum w with w = (max rate so far)^2, per group (every group at every step, as
+        # schedulefree counts); y <- y + c (z - y) + (1 - beta1 (1 - c)) Delta, z <- z + Delta.
         weights = {}
         if self.base == "schedulefree":
             for group in self.param_groups:
-                if any(g is group for _, g in items):
-                    rate = group["lr"] * self.m_lr
-                    group["sf_lr_max"] = max(group.get("sf_lr_max", 0.0), rate)
-                    group["sf_weight_sum"] = group.get("sf_weight_sum", 0.0) + group["sf_lr_max"] ** 2
-                    weights[id(group)] = group["sf_lr_max"] ** 2 / group["sf_weight_sum"]
+                group["sf_k"] = group.get("sf_k", 0) + 1
+                rate = group["lr"] * self.m_lr
+                group["sf_lr_max"] = max(group.get("sf_lr_max", 0.0), rate)
+                group["sf_weight_sum"] = group.get("sf_weight_sum", 0.0) + group["sf_lr_max"] ** 2
+                weights[id(group)] = group["sf_lr_max"] ** 2 / group["sf_weight_sum"]
         for (p, group), u in zip(items, updates):
             st = self.state[id(p)]
             if self.base == "schedulefree":
@@ -274,7 +266,7 @@ class ReferenceHybrid:
             else:
                 p.add_(u)
             if learns:
-                st["s"] = self.gamma * st.get("s", torch.zeros_like(p)) + u
+                st["s"] = u
 
     @torch.no_grad()
     def eval(self):
@@ -290,5 +282,6 @@ class ReferenceHybrid:
         return {"total_steps": self.t, "avg_lr_multiplier": self.m_lr_sum / steps,
                 "constraint_activation_rate": self.clipped_count / steps,
                 "learned_scale": math.exp(self.ell),
-                "trust_radius": self.param_groups[0]["trust_radius"] * self.m_r, "lr_multiplier": self.m_lr,
+                "trust_radius": self.param_groups[0]["trust_radius"] * self.m_r if self.use_trust_region else None,
+                "lr_multiplier": self.m_lr,
                 "skipped_steps": self.skipped, "clipped": self.clipped}

@@ -694,7 +694,11 @@ def test_rule_version_is_bumped_with_every_change_of_what_a_step_computes():
     hybrid_optimizer.py and put the new fingerprint here under it."""
     from hybridopt.optim.hybrid import RULE_VERSION
 
+    # 11: the wrapper over torch's AdamW and SGD, schedulefree's AdamWScheduleFree and MuonAdamW: rule 10's figures
+    # over adam, schedulefree and muon to the 6 digits; over sgd the weight decay is now coupled, as torch's SGD's.
     fingerprints = {10: {"adam": (173.745, 33.846), "schedulefree": (45.6048, 160.653), "sgd": (8.00952, 0.0698589),
+                         "muon": (54.2458, 531.266)},
+                    11: {"adam": (173.745, 33.846), "schedulefree": (45.6048, 160.653), "sgd": (7.97972, 1.0),
                          "muon": (54.2458, 531.266)}}
     assert RULE_VERSION in fingerprints, "RULE_VERSION has no fingerprint here: add the one this test prints"
     assert _rule_fingerprint() == fingerprints[RULE_VERSION], (

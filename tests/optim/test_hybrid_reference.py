@@ -19,44 +19,35 @@ CONFIGS = {
     "adam_global": dict(controller_lr=1e-2),
     "adam_global_clip": CLIP,
     "sgd_global_clip": dict(CLIP, base="sgd", lr=0.2),
-    "adam_per_tensor_clip": dict(CLIP, trust_mode="per_tensor"),
-    "sgd_per_tensor": dict(base="sgd", trust_mode="per_tensor", lr=0.1, trust_radius=0.02),
     "no_trust_region": dict(use_trust_region=False, lr=0.01, controller_lr=1e-2, scale_threshold=0.3),
     "adapt_radius": dict(CLIP, adapt_radius=True),
-    "adapt_radius_per_tensor_nan": dict(CLIP, adapt_radius=True, trust_mode="per_tensor", _nan=True),
+    "adapt_radius_nan": dict(CLIP, adapt_radius=True, _nan=True),
     "nan_without_adapt": dict(CLIP, _nan=True),
     # No controller: the non-finite check reads h_t instead of \|g_t\| once every tensor has moved.
     "nan_schedulefree_defaults": dict(base="schedulefree", lr=1e-3, _nan=True),
-    "trace_0.9": dict(CLIP, trace_decay=0.9),
     "clusters": dict(num_clusters=4, controller_lr=1e-2, _clusters=True),
     "weight_decay": dict(CLIP, weight_decay=0.1),
     "two_groups_scheduled": dict(controller_lr=1e-2, weight_decay=0.01, scale_threshold=0.1, _groups=True),
-    "two_groups_per_tensor": dict(CLIP, trust_mode="per_tensor", _groups=True),
     "loss_not_passed": dict(controller_lr=1e-2, _no_loss=True),
     "controller_off": dict(CLIP, use_controller=False),
-    "controller_frozen": dict(CLIP, learn_controller=False),
-    "late_parameter": dict(CLIP, trace_decay=0.9, _late=True),
-    "added_group": dict(controller_lr=1e-2, trace_decay=0.9, _added_group=True),
+    "late_parameter": dict(CLIP, _late=True),
+    "added_group": dict(controller_lr=1e-2, _added_group=True),
     "gaps": dict(CLIP, _gaps=True),  # a tensor without a gradient now and then: its Delta theta is 0 then
-    "gaps_trace_0.9": dict(CLIP, trace_decay=0.9, _gaps=True),
     "reloaded": dict(CLIP, _reload=True),  # state_dict -> a new optimizer mid-run, the pending trust factor too
-    "reloaded_trace_0.5": dict(CLIP, trace_decay=0.5, _reload=True, _gaps=True),
+    "reloaded_gaps": dict(CLIP, _reload=True, _gaps=True),
     "other_hyperparameters": dict(betas=(0.8, 0.99), eps=1e-6, scale_betas=(0.5, 0.9), scale_lr=0.05,
-                                  controller_hidden=8, trace_decay=0.5, controller_lr=3e-3),
+                                  controller_hidden=8, controller_lr=3e-3),
     "scale_only": dict(CLIP, use_controller=False),
     "warmup_holds_the_scale": dict(controller_lr=1e-2, _warmup=True),
     "controller_only": dict(CLIP, learn_scale=False),
     "nothing_learns": dict(CLIP, use_controller=False, learn_scale=False),
     "no_threshold": dict(controller_lr=1e-2, scale_threshold=0.0),  # the scale moves on every step
-    "controller_smoothed": dict(CLIP, controller_smoothing=0.9),
-    "controller_smoothed_reloaded": dict(CLIP, controller_smoothing=0.5, _reload=True),
     # Schedule-Free under the learned scale, here allowed to move both ways (min_scale 1e-4); `_eval`: after the
     # last step both switch to the average x.
     "schedulefree": dict(SF, controller_lr=1e-2, _eval=True),
     "schedulefree_global_clip": dict(CLIP, **SF, _eval=True),
-    "schedulefree_per_tensor_clip": dict(CLIP, **SF, trust_mode="per_tensor"),
     "schedulefree_groups_gaps_reloaded": dict(CLIP, **SF, _groups=True, _gaps=True, _reload=True, _eval=True),
-    "schedulefree_late_parameter": dict(CLIP, **SF, trace_decay=0.9, _late=True),
+    "schedulefree_late_parameter": dict(CLIP, **SF, _late=True),
     # The learned scale's lower bound (`_floor`: the bound, reached after the scale rose above it): Schedule-Free's
     # defaults (one-sided, no controller); and a bound set over Adam.
     "schedulefree_floor": dict(CLIP, base="schedulefree", lr=3e-3, _eval=True, _floor=1.0),
@@ -69,10 +60,12 @@ CONFIGS = {
     # the biases; `_muon_groups`: the output layer's matrix opts out (Adam), as an LM's head does.
     "muon": dict(base="muon", controller_lr=1e-2),
     "muon_global_clip": dict(CLIP, base="muon"),
-    "muon_per_tensor_clip": dict(CLIP, base="muon", trust_mode="per_tensor", muon_momentum=0.8),
     "muon_head_opts_out": dict(base="muon", controller_lr=1e-2, weight_decay=0.01, _muon_groups=True),
     "muon_reloaded_gaps": dict(CLIP, base="muon", _reload=True, _gaps=True),
-    "muon_low_rate": dict(base="muon", lr=1e-5, _started=True),  # radius_start 0.25 by default over Muon
+    # radius_start 0.25 by default over Muon. In float32 the first step (at 1e-5) read back as a difference of
+    # parameters of size ~0.3 carries their rounding: the start scale it sets is 2.4e-4 off the reference's, and
+    # the steps at that scale (~1e-2) differ by ~1e-5.
+    "muon_low_rate": dict(base="muon", lr=1e-5, _started=True, _f32_tolerance=dict(rtol=1e-3, atol=1e-4)),
 }
 
 
@@ -106,7 +99,7 @@ def _groups(model, config):
 
 def run_fast_and_reference(config: dict, steps: int = STEPS, break_fast=None):
     """Yield (step, fast params, reference params, fast summary, reference summary) after every step."""
-    kw = {k: v for k, v in config.items() if not k.startswith("_")}
+    kw = {"base": "adam", **{k: v for k, v in config.items() if not k.startswith("_")}}  # adam where unnamed
     X, y, model, g = _problem()
     ref_model = copy.deepcopy(model)
     torch.manual_seed(1)  # same controller initialisation in both
@@ -173,13 +166,17 @@ TOLERANCE = {torch.float64: dict(rtol=1e-8, atol=1e-10), torch.float32: dict(rto
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_matches_reference(name, default_dtype):
     tol = TOLERANCE[default_dtype]
+    if default_dtype == torch.float32:
+        tol = CONFIGS[name].get("_f32_tolerance", tol)
+    rtol = tol["rtol"]
     clipped, scales = 0, []
     for step, fast_params, ref_params, s_fast, s_ref in run_fast_and_reference(CONFIGS[name]):
         for p, q in zip(fast_params, ref_params):
             assert torch.allclose(p, q, **tol), (name, step, (p - q).abs().max().item())
         assert s_fast["clipped"] == s_ref["clipped"] and s_fast["skipped_steps"] == s_ref["skipped_steps"], (name, step)
         for key in ("trust_radius", "lr_multiplier", "avg_lr_multiplier", "learned_scale"):
-            assert s_fast[key] == pytest.approx(s_ref[key], rel=tol["rtol"]), (name, step, key)
+            same = s_fast[key] is None if s_ref[key] is None else s_fast[key] == pytest.approx(s_ref[key], rel=rtol)
+            assert same, (name, step, key, s_fast[key], s_ref[key])
         clipped += s_fast["clipped"]
         scales.append(s_fast["learned_scale"])
         if step == 0:
@@ -200,7 +197,7 @@ def test_fast_matches_reference(name, default_dtype):
     if name in JOINS:
         assert not torch.equal(fast_params[3], last_bias), name
     controller = CONFIGS[name].get("use_controller", CONFIGS[name].get("base") != "schedulefree")  # its default
-    if controller and CONFIGS[name].get("learn_controller", True):
+    if controller:
         # (a run clipped at every step trains only the radius head, so the lr multiplier may stay at 1)
         assert s_fast["lr_multiplier"] != 1.0 or s_fast["trust_radius"] != CONFIGS[name].get("trust_radius", 0.1)
     if "_floor" in CONFIGS[name]:  # held at the bound, after rising above it (so it may end there)

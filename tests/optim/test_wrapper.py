@@ -115,6 +115,30 @@ def test_frozen_scale_without_clipping_steps_exactly_as_the_base(make, trust_rad
     assert moved and wrapped.hybrid_state.step == 10 and wrapped.hybrid_state.clipped_steps == 0
 
 
+class _OwnRMSprop(torch.optim.RMSprop):
+    """A base the wrapper does not know to be proportional to its lr: its step is scaled as a difference."""
+
+
+@pytest.mark.parametrize("make, by_rate", [(torch.optim.AdamW, True), (_OwnRMSprop, False)], ids=["adamw", "own"])
+def test_a_scaled_step_is_the_base_at_the_scaled_rate(make, by_rate):
+    """A scale of 1000 over a rate of 1e-7 in float32: over AdamW (proportional to its lr) the wrapper steps as AdamW
+    at 1e-4 to the last digits (the scale went into the rate); over an unknown base the difference it read back
+    carries the parameters' rounding times the scale (1e-2 relative measured), and it stays near."""
+    bare_model, wrapped_model = mlp(), mlp()
+    bare = make(bare_model.parameters(), lr=1e-4)
+    wrapped = hybrid(make(wrapped_model.parameters(), lr=1e-7), learn_scale=False, trust_radius=None)
+    wrapped.hybrid_state.scale.log_scale = math.log(1000.0)
+    start = _params(bare_model)
+    for x, y in batches(3):
+        for model, opt in ((bare_model, bare), (wrapped_model, wrapped)):
+            mse(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q, p0 in zip(bare_model.parameters(), wrapped_model.parameters(), start):
+        error = float((q - p).norm() / (p - p0).norm())  # relative to the steps taken
+        assert error < 1e-5 if by_rate else 1e-5 < error < 0.1, error
+
+
 # ---------------------------------------------------------------------- the slow reference
 class ReferenceWrapper:
     """The module docstring's rule line by line: plain Python loops over tensors, float64 sums, no foreach

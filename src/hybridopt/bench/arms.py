@@ -46,6 +46,7 @@ three hybrid arms they are named after.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -82,18 +83,17 @@ class ReplayedMultiplierHybrid(HybridOptimizer):
         self.multipliers = list(multipliers)
 
     @torch.no_grad()
-    def step(self, closure=None, loss=None):
+    def step(self, loss=None, closure=None):
         m = self.multipliers[min(self.hybrid_state.step, len(self.multipliers) - 1)]
-        for group in self.param_groups:
-            group["lr_multiplier"] = m
-        return super().step(closure, loss)
+        self.hybrid_state.scale.log_scale = math.log(m)
+        return super().step(loss, closure)
 
 
 def _hybrid_kwargs() -> dict:
     """The settings `hybridopt distill --hybrid` gives the hybrid optimizer (TrainConfig's defaults)."""
     d = TrainConfig()
     return dict(betas=BETAS, use_trust_region=d.trust_region, trust_radius=d.trust_radius,
-                adapt_radius=d.adapt_radius, controller_lr=d.controller_lr, trace_decay=d.controller_trace,
+                adapt_radius=d.adapt_radius, controller_lr=d.controller_lr,
                 learn_scale=d.learn_scale, scale_lr=d.scale_lr, scale_threshold=d.scale_threshold,
                 min_scale=d.min_scale, radius_start=d.radius_start, use_controller=d.controller)
 
@@ -270,7 +270,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("hybrid_sf", "distill --hybrid --hybrid_base schedulefree: learned scale (one-sided) + trust region over Schedule-Free AdamW, no "
         "controller, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
     Arm("hybrid_frozen", "ablation: hybrid_muon, controller frozen at initialisation (learned scale alone)", "adam",
-        "cosine", _hybrid("muon", learn_controller=False)),
+        "cosine", _hybrid("muon", use_controller=False)),
     Arm("hybrid_random", "ablation: hybrid_muon's multipliers shuffled in time", "adam", "cosine", _hybrid_random),
     Arm("hybrid_no_trust", "ablation: hybrid_muon without the trust region", "adam", "cosine",
         _hybrid("muon", use_trust_region=False)),

@@ -9,9 +9,9 @@ BASES = ("adam", "sgd", "schedulefree", "muon")
 
 def checked_arguments(*, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, base: str,
                        scale_lr: float, scale_betas: tuple[float, float], scale_threshold: float,
-                       use_controller: bool | None, adapt_radius: bool, trust_mode: str, controller_lr: float,
-                       controller_hidden: int, trace_decay: float, num_clusters: int, controller_smoothing: float,
-                       min_scale: float | None, radius_start: float | None, muon_momentum: float
+                       use_controller: bool | None, adapt_radius: bool, controller_lr: float,
+                       controller_hidden: int, num_clusters: int, min_scale: float | None,
+                       radius_start: float | None, muon_momentum: float
                        ) -> tuple[float, bool, float]:
     """Checks `HybridOptimizer`'s arguments (ValueError naming the bad one) and returns (min_scale,
     use_controller, radius_start) with the base's defaults filled in."""
@@ -26,16 +26,13 @@ def checked_arguments(*, lr: float, betas: tuple[float, float], eps: float, weig
     check(base in BASES, f"base must be one of {', '.join(BASES)}, got {base!r}")
     check(not (adapt_radius and base == "schedulefree"),
            "adapt_radius is not supported with base='schedulefree' (its step is not the update it predicts from)")
-    check(trust_mode in ("global", "per_tensor"), f"trust_mode must be 'global' or 'per_tensor', got {trust_mode!r}")
     check(controller_lr > 0, f"controller_lr must be positive, got {controller_lr}")
     check(controller_hidden >= 1, f"controller_hidden must be at least 1, got {controller_hidden}")
-    check(0 <= trace_decay < 1, f"trace_decay must be in [0, 1), got {trace_decay}")
     check(num_clusters >= 0, f"num_clusters must be >= 0, got {num_clusters}")
     check(0 <= muon_momentum < 1, f"muon_momentum must be in [0, 1), got {muon_momentum}")
     min_scale, use_controller, radius_start = base_defaults(base, min_scale, use_controller, radius_start)
     check(0 <= radius_start <= 1, f"radius_start must be in [0, 1], got {radius_start}")
     check(1e-4 <= min_scale <= 1, f"min_scale must be in [1e-4, 1], got {min_scale}")
-    check(0 <= controller_smoothing < 1, f"controller_smoothing must be in [0, 1), got {controller_smoothing}")
     return min_scale, use_controller, radius_start
 
 

@@ -13,10 +13,34 @@ that keep `orthogonalize` (the default), and Adam's \hat m_t / (\sqrt{\hat v_t} 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hybridopt.optim.muon import muon_updates_
-from hybridopt.optim.updates import adam_updates_
+
+Tensors = list[torch.Tensor]
+
+
+def adam_updates_(out: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: list[int],
+                  betas: tuple[float, float], eps: float, scale: float) -> Tensors:
+    """out = scale \\hat m / (\\sqrt{\\hat v} + eps) per tensor at its `steps` (1-based); updates the moments in place.
+
+    Written into `out` with no temporary: with b_k = 1 - \\beta_k^n, \\hat m / (\\sqrt{\\hat v} + eps) equals
+    (\\sqrt{b_2} / b_1) m / (\\sqrt v + eps \\sqrt{b_2}).
+    """
+    beta1, beta2 = betas
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    for o, m, v, n in zip(out, exp_avgs, exp_avg_sqs, steps):
+        bias1, bias2_sqrt = 1 - beta1 ** n, math.sqrt(1 - beta2 ** n)
+        torch.sqrt(v, out=o)
+        o.add_(eps * bias2_sqrt)
+        torch.div(m, o, out=o)
+        o.mul_(scale * bias2_sqrt / bias1)
+    return out
+
 
 
 class MuonAdamW(torch.optim.Optimizer):

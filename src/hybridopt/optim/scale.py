@@ -3,7 +3,7 @@ Rate Adaptation with Hypergradient Descent", in its multiplicative form), with t
 way Adam normalises a gradient, so that the step of \ell depends on neither the size of the loss, the gradients
 nor the learning rate given:
 
-    h_t = g_t \cdot s_{t-1},   s_t = \gamma s_{t-1} + \Delta\theta_t   (h = \partial L_t / \partial \ell_{t-1} at \gamma = 0)
+    h_t = g_t \cdot \Delta\theta_{t-1}   (= \partial L_t / \partial \ell_{t-1})
     m_t = \beta_a m_{t-1} + (1 - \beta_a) h_t,   v_t = \beta_b v_{t-1} + (1 - \beta_b) h_t^2
     \sigma_t = \hat m_t / (\sqrt{\hat v_t} + 10^{-30})
     \ell_{t+1} = \mathrm{clip}(\ell_t - \kappa \sigma_t, [\log m, \log 10^4])   if |\sigma_t| > \tau_t, else \ell_t
@@ -27,7 +27,6 @@ depend on that factor's size. Why each piece (evidence: docs/RESULTS.md):
   rate that is too high still shrinks while the trust region holds the steps, but a rate the trust region
   overrides cannot grow without bound. A lowering then starts from the rate whose step the radius allowed,
   \ell + \log(\rho \max(\|\theta\|, 10^{-3}) / \|u\|), so it shortens the next step at once.
-- \gamma > 0 credits a rate shared by the last ~1/(1 - \gamma) steps instead of the last step alone.
 
 The signal is greedy (one step ahead): under a decaying schedule it pushes \ell up against the decay (the
 short-horizon bias of Wu et al. 2018, "Understanding Short-Horizon Bias in Stochastic Meta-Optimization").
@@ -108,36 +107,10 @@ def started_log_scale(log_scale: float, radius_start: float, radius_ratio: float
     return min(LOG_SCALE_BOUND, log_scale + max(0.0, math.log(radius_start * radius_ratio)))
 
 
-def accumulate_trace_(traces: Tensors, updates: Tensors, decay: float, factor: torch.Tensor | None) -> None:
-    """s = decay s + f u per tensor, in place (f: the global trust-region factor, None when already in u)."""
-    torch._foreach_mul_(traces, decay)
-    for trace, u in zip(traces, updates):
-        if factor is None:
-            trace.add_(u)
-        else:
-            trace.addcmul_(u, factor)
-
-
-def traces(state: dict, params: Tensors) -> Tensors:
-    """Each tensor's trace s from its per-tensor state, created at zero on the tensor's first update."""
-    out = []
-    for p in params:
-        st = state[p]
-        if "trace" not in st:
-            st["trace"] = torch.zeros_like(p)
-        out.append(st["trace"])
-    return out
-
-
-def forget_unmoved_(state: dict, moved: Tensors, params: Tensors, decay: float) -> None:
+def forget_unmoved_(buffers: dict, moved: Tensors, params: Tensors) -> None:
     """A tensor the last step moved (`moved`) but this one does not (`params`): its \\Delta\\theta is 0 from now
-    on, so with `decay` 0 its `update` buffer is zeroed once, and with `decay` > 0 its trace decays."""
+    on, so its buffer (`buffers[p]["update"]`) is zeroed once."""
     now = {id(p) for p in params}
-    if decay:
-        idle = [st["trace"] for p, st in state.items() if id(p) not in now and "trace" in st]
-        if idle:
-            torch._foreach_mul_(idle, decay)
-        return
-    idle = [state[p]["update"] for p in moved if id(p) not in now]
+    idle = [buffers[p]["update"] for p in moved if id(p) not in now]
     if idle:
         torch._foreach_zero_(idle)

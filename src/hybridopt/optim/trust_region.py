@@ -1,8 +1,7 @@
 r"""The trust region: norms and dot products in a safe dtype, the clip factor of a step, and the design
 document's adaptation of the radius from actual against predicted decrease.
 
-A step u is scaled by f = \min(1, \rho \max(\|\theta\|_2, 10^{-3}) / \|u\|_2) over all parameters at once
-(global), or per tensor i by \min(1, \rho_i \max(\mathrm{rms}(\theta^i), 10^{-3}) \sqrt{n_i} / \|u^i\|_2).
+A step u is scaled by f = \min(1, \rho \max(\|\theta\|_2, 10^{-3}) / \|u\|_2) over all parameters at once.
 The floor lets parameters at zero move. Everything here returns tensors without a host sync.
 
 The radius adaptation (`adapt_radius`) smooths r_t = (L_{t-1} - L_t) / (-g_{t-1} \cdot \Delta\theta_{t-1})
@@ -49,39 +48,6 @@ def ratio_of_norms(radius: float | torch.Tensor, param_norm: torch.Tensor, updat
     """radius max(\\|theta\\|, 1e-3) / \\|u\\| from the two norms (1 when u = 0), a 0-d tensor."""
     limit = radius * param_norm.clamp_min(MIN_NORM)
     return torch.where(update_norm > 0, limit / update_norm.clamp_min(1e-30), torch.ones_like(limit))
-
-
-def radius_ratio(updates: Tensors, params: Tensors, radius: float) -> torch.Tensor:
-    """radius max(\\|theta\\|, 1e-3) / \\|u\\| (1 when u = 0), a 0-d tensor (no host sync): how many times
-    longer than u a step may be before the global trust region clips it."""
-    return ratio_of_norms(radius, norms(params).norm(), norms(updates).norm())
-
-
-def tensor_trust_factors(updates: Tensors, params: Tensors, radii: list[float]) -> torch.Tensor:
-    """Per tensor: min(1, radius max(rms(theta), 1e-3) sqrt(n) / \\|u\\|), shape `(n,)`."""
-    sizes = torch.tensor([float(p.numel()) for p in params], device=params[0].device)
-    rms = norms(params) / sizes.sqrt()
-    limit = torch.tensor(radii, device=params[0].device) * rms.clamp_min(MIN_NORM) * sizes.sqrt()
-    return (limit / norms(updates).clamp_min(1e-30)).clamp_max(1.0)
-
-
-def trust_factors_(updates: Tensors, pairs: list[tuple[torch.Tensor, dict]], groups: list[dict], mode: str
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The trust region over `pairs` (tensor, param group) with their `updates`, without a host sync: (the ratio
-    to read back, the factor f to apply with the step).
-
-    "global": (radius max(\\|theta\\|, 1e-3) / \\|u\\| unclamped, a 0-d tensor; f = min(1, that)), with the first
-    group's radius times its `radius_multiplier`. "per_tensor": (each tensor's factor, shape `(n,)`; None), after
-    scaling each `updates[i]` in place by its own factor.
-    """
-    params = [p for p, _ in pairs]
-    if mode == "global":
-        group = groups[0]
-        ratio = radius_ratio(updates, params, group["trust_radius"] * group["radius_multiplier"])
-        return ratio, ratio.clamp_max(1.0)
-    factors = tensor_trust_factors(updates, params, [g["trust_radius"] * g["radius_multiplier"] for _, g in pairs])
-    torch._foreach_mul_(updates, list(factors.unbind()))
-    return factors, None
 
 
 def dot(a: Tensors, b: Tensors) -> torch.Tensor:

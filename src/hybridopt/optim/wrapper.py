@@ -202,6 +202,23 @@ def _clips_z(base) -> bool:
     return type(base).__name__ == "AdamWScheduleFree" and type(base).__module__.startswith("schedulefree")
 
 
+def _scales_by_rate(base) -> bool:
+    """The base's step is proportional to its lr (weight decay included), so the scale can go into the lr for the
+    step: torch's first-order optimizers, their Muon, `MuonAdamW`, and Schedule-Free's (whose z and averaging
+    weights must take it). The step then comes out at its final size, and reading it back as a difference of
+    parameters loses no more digits than the step itself has (a step recovered at a small base rate and then
+    multiplied by a large scale would carry the rounding of the parameters, times that scale). Any other base
+    (one whose lr enters otherwise, such as Prodigy's or D-Adaptation's estimates) steps at its own lr and the
+    difference is scaled."""
+    if _is_schedule_free(base):
+        return True
+    from hybridopt.optim.muon_adamw import MuonAdamW  # noqa: PLC0415 (muon_adamw imports nothing from here)
+
+    linear = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
+              torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, MuonAdamW)
+    return type(base) in linear or type(base) is getattr(torch.optim, "Muon", None)
+
+
 def _is_schedule_free(base) -> bool:
     """schedulefree's optimizers and `ScheduleFreeWrapper` switch the parameters with `train()`/`eval()`."""
     return callable(getattr(base, "train", None)) and callable(getattr(base, "eval", None))
@@ -280,7 +297,7 @@ class HybridWrapper(torch.optim.Optimizer):
         self.controller_opt = (None if self.controller is None else
                                torch.optim.Adam(self.controller.parameters(), lr=controller_lr))
         self.num_clusters = num_clusters
-        self._clips_z = _clips_z(base)
+        self._clips_z, self._by_rate = _clips_z(base), _scales_by_rate(base)
         self.hybrid_state = WrapperState(trust_radius=trust_radius)
         self._buffers: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # p -> {"update": one buffer like p}
         self._moved: Tensors = []  # the tensors the last step moved
@@ -382,7 +399,7 @@ class HybridWrapper(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return loss
-        forget_unmoved_(self._buffers, self._moved, params, 0.0)  # a tensor without a gradient now: its step was 0
+        forget_unmoved_(self._buffers, self._moved, params)  # a tensor without a gradient now: its step was 0
         for p in params:  # zero before a tensor's first step (h_t then counts nothing from it)
             if p not in self._buffers:
                 self._buffers[p] = {"update": torch.zeros_like(p)}
@@ -402,9 +419,9 @@ class HybridWrapper(torch.optim.Optimizer):
             rescale_schedule_free_(params, [self.state[p]["z"] for p in params], buffers, self.param_groups, factor)
         else:
             snapshot_(buffers, params)  # \theta_t, over e_{t-1} (h is taken)
-            if _is_schedule_free(self.base):  # the scale goes into the rate z and its average's weights are built from
+            if self._by_rate:  # the scale goes into the base's rate (Schedule-Free's z and averaging weights too)
                 self._base_step_at(math.exp(log_multiplier))
-                log_multiplier = 0.0  # the trust region alone is left to apply, to y's step
+                log_multiplier = 0.0  # the trust region alone is left to apply
             else:
                 self.base.step()
             negated_update_(buffers, params)  # e_t = -d_t

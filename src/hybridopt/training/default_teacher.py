@@ -43,7 +43,7 @@ def teacher_cache_path(cfg: TeacherConfig, fingerprint: str) -> Path:
     key = {k: values[k] for k in _KEY_FIELDS}
     if cfg.hybrid:
         key.update({k: values[k] for k in ("hybrid", "trust_radius", "trust_region", "adapt_radius", "controller_lr",
-                                           "controller_trace", "learn_scale", "scale_lr", "scale_threshold")})
+                                           "learn_scale", "scale_lr", "scale_threshold")})
         # Options added later join the key only when they differ from what every earlier entry was trained with,
         # so those entries keep their names (and are never taken for a run that set them otherwise).
         key.update({k: values[k] for k, before in _ADDED_HYBRID_FIELDS.items() if values[k] != before})

@@ -16,11 +16,9 @@ HYBRID_BASE_NAMES = {"muon": "Muon (hidden matrices) and AdamW (embeddings, head
                      "schedulefree": "Schedule-Free AdamW", "adam": "AdamW", "sgd": "SGD momentum"}
 
 
-def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, num_clusters: int = 0,
-                    compile: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, num_clusters: int = 0) -> torch.optim.Optimizer:
     """AdamW, or the hybrid optimizer with `cfg.hybrid`; weight decay on matrices only (not norms or biases);
-    over Muon, the embeddings and the output head take Adam's step (`modeling.param_groups`). `compile`: the
-    hybrid's update through `torch.compile` (over adam and schedulefree)."""
+    over Muon, the embeddings and the output head take Adam's step (`modeling.param_groups`)."""
     groups = param_groups(model, cfg.weight_decay, muon=cfg.hybrid and cfg.hybrid_base == "muon")
     if cfg.hybrid:
         return HybridOptimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), base=cfg.hybrid_base,
@@ -30,18 +28,15 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, num_clusters: 
                                scale_threshold=cfg.scale_threshold, min_scale=cfg.min_scale,
                                radius_start=cfg.radius_start,
                                use_controller=cfg.controller,
-                               controller_lr=cfg.controller_lr, trace_decay=cfg.controller_trace,
-                               num_clusters=num_clusters, compile=compile)
+                               controller_lr=cfg.controller_lr, num_clusters=num_clusters)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def step_optimizer(opt: torch.optim.Optimizer, loss: float, cluster: int | None = None) -> None:
     """One update from the gradients in place: the hybrid optimizer also takes the batch's loss (the same on
     every rank under torchrun, so every rank decides alike) and the data cluster it came from (None: mixed)."""
-    if isinstance(opt, HybridOptimizer):
+    if isinstance(opt, HybridWrapper):
         opt.set_cluster(cluster)
-        opt.step(loss=loss)
-    elif isinstance(opt, HybridWrapper):
         opt.step(loss=loss)
     else:
         opt.step()
@@ -50,9 +45,7 @@ def step_optimizer(opt: torch.optim.Optimizer, loss: float, cluster: int | None 
 def lr_multiplier(opt: torch.optim.Optimizer) -> float | None:
     """The hybrid optimizer's current learning-rate multiplier (the wrapper's: its scale of the base's step);
     None for any other optimizer."""
-    if isinstance(opt, HybridWrapper):
-        return opt.scale
-    return opt.lr_multiplier if isinstance(opt, HybridOptimizer) else None
+    return opt.scale if isinstance(opt, HybridWrapper) else None
 
 
 def optimizer_metrics(opt: torch.optim.Optimizer) -> dict:
@@ -73,5 +66,5 @@ def describe_optimizer(opt: torch.optim.Optimizer) -> str | None:
     if not isinstance(opt, HybridOptimizer):
         return None
     on = {True: "on", False: "off"}
-    return (f"Optimizer: hybrid over {HYBRID_BASE_NAMES[opt.base]} (--hybrid_base {opt.base}); learned scale "
+    return (f"Optimizer: hybrid over {HYBRID_BASE_NAMES[opt.base_name]} (--hybrid_base {opt.base_name}); learned scale "
             f"{on[opt.learn_scale]}, controller {on[opt.use_controller]}, trust region {on[opt.use_trust_region]}")

@@ -137,14 +137,13 @@ class Trainer:
                                                          cfg.max_steps_per_epoch)
         else:
             self.sampler = ShuffledBatchSampler(len(train_data), cfg.batch_size, cfg.seed, cfg.max_steps_per_epoch)
-        self.optimizer = build_optimizer(cfg, model, clusters.num_clusters if clusters is not None else 0,
-                                         cfg.compile)
+        self.optimizer = build_optimizer(cfg, model, clusters.num_clusters if clusters is not None else 0)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
         # Schedule-Free trains at one point and evaluates at its average, which takes the place of the decay:
         # warmup, then a constant rate.
-        self.schedule_free = getattr(self.optimizer, "base", None) == "schedulefree"
+        self.schedule_free = getattr(self.optimizer, "base_name", None) == "schedulefree"
         final = 1.0 if self.schedule_free else cfg.min_lr_ratio
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup, self.total_steps, final))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -373,7 +372,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0] * self.lr_multiplier()
         row = {"epoch": self.epoch, "step": self.global_step, "loss": mean_loss, "lr": lr, **self.hybrid_metrics()}
         line = f"{self.prefix}Epoch {self.epoch}, Loss: {mean_loss:.6f}, LR: {lr:.6f}"
-        if cfg.hybrid:
+        if cfg.hybrid and row["trust_radius"] is not None:
             line += f", Trust Radius: {row['trust_radius']:.6f}"
         if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
             ev = self.evaluate()
