@@ -58,6 +58,12 @@ def build_base(params, base: str, lr: float, betas: tuple[float, float], eps: fl
     return opt
 
 
+def _check_group(group) -> None:
+    check(not (isinstance(group, dict) and "trust_radius" in group), "a param group cannot set its own "
+          "trust_radius: the trust region bounds one norm over all parameters, so there is one trust_radius for all "
+          "parameters (the optimizer's argument)")
+
+
 class HybridOptimizer(HybridWrapper):
     """The learned step scale, the design document's controller and the trust region over a base built by name.
 
@@ -93,6 +99,9 @@ class HybridOptimizer(HybridWrapper):
             adapt_radius=adapt_radius, controller_lr=controller_lr, controller_hidden=controller_hidden,
             num_clusters=num_clusters, min_scale=min_scale, radius_start=radius_start, muon_momentum=muon_momentum)
         check(trust_radius > 0, f"trust_radius must be positive, got {trust_radius}")
+        params = list(params)
+        for group in params:
+            _check_group(group)
         # drawn from the caller's random stream even when off, as rule 10 drew it (the runs after it unchanged)
         controller = AuxiliaryNN(controller_hidden)
         super().__init__(build_base(params, base, lr, tuple(betas), eps, weight_decay, muon_momentum),
@@ -102,6 +111,10 @@ class HybridOptimizer(HybridWrapper):
                          controller=controller if use_controller else False, controller_lr=controller_lr,
                          num_clusters=num_clusters)
         self.base_name = base
+
+    def add_param_group(self, param_group: dict) -> None:
+        _check_group(param_group)
+        super().add_param_group(param_group)
 
     @property
     def use_controller(self) -> bool:
