@@ -27,7 +27,7 @@ The arms (the design document's four first, then what practitioners pick, then a
     hybrid_sf            `distill --hybrid --hybrid_base schedulefree`: learned scale and trust region over Schedule-Free
                          AdamW's step, warmup then constant, the scale one-sided (it may raise the rate, not
                          lower it), no controller
-    hybrid_frozen        hybrid_muon with the controller frozen at initialisation (the learned scale alone)
+    hybrid_frozen        hybrid_muon with the controller off (frozen at initialisation it multiplies by exactly 1)
     hybrid_random        hybrid_muon's own multipliers at the same lr and seed, shuffled in time
                          (same spread, no information)
     hybrid_no_trust      hybrid_muon without the trust region
@@ -269,7 +269,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
         "(hidden matrices) and Adam (the rest), warmup-cosine", "adam", "cosine", _hybrid("muon")),
     Arm("hybrid_sf", "distill --hybrid --hybrid_base schedulefree: learned scale (one-sided) + trust region over Schedule-Free AdamW, no "
         "controller, warmup then constant", "adam", "warmup", _hybrid("schedulefree")),
-    Arm("hybrid_frozen", "ablation: hybrid_muon, controller frozen at initialisation (learned scale alone)", "adam",
+    Arm("hybrid_frozen", "ablation: hybrid_muon, controller off (frozen at initialisation: the learned scale alone)", "adam",
         "cosine", _hybrid("muon", use_controller=False)),
     Arm("hybrid_random", "ablation: hybrid_muon's multipliers shuffled in time", "adam", "cosine", _hybrid_random),
     Arm("hybrid_no_trust", "ablation: hybrid_muon without the trust region", "adam", "cosine",
