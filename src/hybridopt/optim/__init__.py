@@ -1,11 +1,13 @@
 """The optimizer: `HybridOptimizer` (a learned learning-rate scale, the design document's meta-learned controller
-and a trust region over an Adam, Schedule-Free, Muon or SGD step) and the pieces of its rule, one file each:
+and a trust region over a Muon, Adam, Schedule-Free or SGD step) and the pieces of its rule, one file each:
 
-- `hybrid.py`: `HybridOptimizer` and its state; the rule in its docstring.
-- `updates.py`: the base updates (Adam, Schedule-Free, SGD momentum), Schedule-Free's averaging, the compiled step.
+- `hybrid.py`: `HybridOptimizer`, the `hybrid(base)` wrapper over a torch optimizer it builds by name (`MuonAdamW`,
+  torch's AdamW or SGD, schedulefree's AdamWScheduleFree); `RULE_VERSION`.
+- `wrapper.py`: `hybrid(base)`, the learned scale, controller and trust region over any torch optimizer's step,
+  and the step's state; the rule in its docstring.
 - `muon.py`: Muon's orthogonalised direction.
-- `muon_adamw.py`: `MuonAdamW`, Muon on the hidden matrices and AdamW on the rest as one torch optimizer.
-- `wrapper.py`: `hybrid(base)`, the learned scale and trust region over any torch optimizer.
+- `muon_adamw.py`: `MuonAdamW`, Muon on the hidden matrices and AdamW on the rest as one torch optimizer, and
+  Adam's update.
 - `scale.py`: the learned scale, hypergradient descent on the log learning rate.
 - `controller.py`: the controller network (`AuxiliaryNN`) and the training-state features it reads.
 - `trust_region.py`: the trust region's norms and clip factors, and the radius adaptation.
