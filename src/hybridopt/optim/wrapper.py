@@ -35,7 +35,10 @@ wrapper's steps are the base's, bit for bit.)
 How. Each parameter gets one buffer e. It holds \theta_t (the snapshot) while the base steps, then
 e_t = \theta_t - \theta_{t+1}^{base} = -d_t (one subtraction in place), and the parameters become
 \theta_{t+1}^{base} + (1 - F) e_t with F = e^{\ell + c} \min(1, \cdot) the step's factor, a 0-d tensor, so a
-factor of exactly 1 leaves the base's result untouched. The buffer is never rescaled: \Delta\theta_t = s_t e_t
+factor of exactly 1 leaves the base's result untouched. A base whose step is proportional to its lr (torch's
+first-order optimizers and Muon, `MuonAdamW`, Schedule-Free's; `_scales_by_rate`) takes its step at the rate
+e^{\ell + c} \eta instead, so d_t comes back at its final size and F = \min(1, \cdot): a difference of
+parameters carries their rounding, which a scale applied afterwards would multiply. The buffer is never rescaled: \Delta\theta_t = s_t e_t
 is kept as the buffer and the number s_t = -F, and h_{t+1} = s_t (g_{t+1} \cdot e_t). Per step that is six
 passes over the parameters' size: h's dot product, \|\theta_t\|, the snapshot, the subtraction, \|e_t\| and the
 correction (four without a trust region). Memory: the base's state plus that buffer. One host sync per step
