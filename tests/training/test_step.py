@@ -20,7 +20,7 @@ def _backward(net: torch.nn.Module) -> float:
 
 def test_the_hybrid_optimizer_gets_the_loss_and_the_cluster():
     net = _net()
-    opt = HybridOptimizer(net.parameters(), lr=1e-2, adapt_radius=True, num_clusters=4)
+    opt = HybridOptimizer(net.parameters(), lr=1e-2, base="adam", adapt_radius=True, num_clusters=4)
     loss = _backward(net)
     step_optimizer(opt, loss, cluster=2)
     assert opt.hybrid_state.cluster_id == 2
