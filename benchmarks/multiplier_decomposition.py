@@ -4,15 +4,14 @@
                                                   [--out benchmarks/results]
 
 The multiplier is e^{l_t + c_t}: the learned scale l_t and the controller's correction c_t = f(W_t, x_t)
-(weights W_t, normalised training-state features x_t; with `controller_smoothing` b the applied correction is
-the EMA c_t = b c_{t-1} + (1 - b) f(W_t, x_t)). Each step's change of f splits exactly into
+(weights W_t, normalised training-state features x_t). Each step's change of f splits exactly into
 
     the learned scale's step        l_t - l_{t-1}
     the controller learning         f(W_t, x_{t-1}) - f(W_{t-1}, x_{t-1})   (weights move, features fixed)
     the features moving             f(W_t, x_t) - f(W_t, x_{t-1})           (features move, weights fixed)
 
-and "applied" is the change of the correction as applied, c_t - c_{t-1} (equal to the sum of the two without
-smoothing).
+and "applied" is the change of the correction as applied, c_t - c_{t-1} (the sum of the two; rule 10's
+`controller_smoothing`, which made it an EMA, is gone).
 
 On the bench's own tasks, budgets, schedule (warmup-cosine) and `distill --hybrid --hybrid_base adam` settings (`hybrid_adam`),
 for every learning rate and seed; reported per part as the RMS per step and the largest single step (in log
@@ -57,11 +56,11 @@ class DecomposedHybrid(HybridOptimizer):
         with torch.no_grad():
             return float(probe(torch.tensor(x))[LR_HEAD])
 
-    def step(self, closure=None, loss=None):
+    def step(self, loss=None, closure=None):
         s = self.hybrid_state
         weights, x, scale, correction = (copy.deepcopy(self.controller.state_dict()), s.prev_features,
                                          s.scale.log_scale, s.correction)
-        out = super().step(closure, loss)
+        out = super().step(loss, closure)
         if x is not None and s.prev_features is not None:
             now = self.controller.state_dict()
             before = self._correction(weights, x)
@@ -76,11 +75,8 @@ class DecomposedHybrid(HybridOptimizer):
 RECORDED: list[DecomposedHybrid] = []
 
 
-OVERRIDES: dict = {}
-
-
 def _build(model, lr, ctx):
-    opt = DecomposedHybrid(param_groups(model), lr=lr, base="adam", **{**_hybrid_kwargs(), **OVERRIDES})
+    opt = DecomposedHybrid(param_groups(model), lr=lr, base="adam", **_hybrid_kwargs())
     RECORDED.append(opt)
     return [opt]
 
@@ -90,13 +86,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["distill", "mlp"], choices=["distill", "mlp"])
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 3.16e-3, 0.1])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--controller_smoothing", type=float, default=None,
-                        help="the optimizer's controller_smoothing (default: distill --hybrid's)")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.controller_smoothing is not None:
-        OVERRIDES["controller_smoothing"] = args.controller_smoothing
     arm = replace(ARMS["hybrid_adam"], build=_build)
     rows = []
     for task in _tasks(BenchConfig(task=args.tasks), torch.device("cpu"), Reporter(quiet=True)):
@@ -110,7 +102,7 @@ def main() -> None:
                     stats[k] += opt.parts[k]
                 finals.append(result.final_loss)
                 multipliers.append(opt.lr_multiplier)
-            row = {"task": task.name, "lr": lr, "seeds": args.seeds, "overrides": OVERRIDES, "steps": len(stats["scale"]),
+            row = {"task": task.name, "lr": lr, "seeds": args.seeds, "steps": len(stats["scale"]),
                    "final_loss_median": statistics.median(finals), "final_multiplier_median": statistics.median(multipliers)}
             for k in PARTS:
                 row[f"{k}_rms"] = math.sqrt(statistics.fmean(v * v for v in stats[k]))
@@ -121,8 +113,7 @@ def main() -> None:
                   + f"  final x{row['final_multiplier_median']:.2f} loss {row['final_loss_median']:.4f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "multiplier_decomposition" + (f"_smoothing{args.controller_smoothing:g}" if OVERRIDES else "")
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    (out / "multiplier_decomposition.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
