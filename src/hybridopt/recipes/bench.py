@@ -311,8 +311,11 @@ def _starter(cfg: BenchConfig, device: torch.device, tasks: list):
         pool.shutdown(wait=False, cancel_futures=True)
         # A worker the pool did not list when it was terminated was seen alive afterwards (Python 3.11, under
         # load): every process started since the pool was made is killed too.
-        for process in set(multiprocessing.active_children()) - before:
+        started = set(multiprocessing.active_children()) - before
+        for process in started:
             process.kill()
+        for process in started:  # gone before the error reaches the caller
+            process.join(timeout=5)
         raise
     pool.shutdown()
 
