@@ -243,6 +243,9 @@ def _wrapper_worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             save_file(result.pop("params"), str(Path(out) / "params.safetensors"))
             (Path(out) / "counters.json").write_text(json.dumps(result))
+        # rank 1 once left the group while rank 0 was still writing, and gloo aborted it ("terminate called
+        # without an active exception", in a CI run): both leave together
+        torch.distributed.barrier()
     finally:
         dist.teardown()
 
