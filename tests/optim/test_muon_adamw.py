@@ -77,3 +77,26 @@ def test_vectors_in_an_orthogonalize_group_take_adams_step_and_bad_arguments_are
                             ({"momentum": 1.0}, "momentum must be in")]:
         with pytest.raises(ValueError, match=message):
             MuonAdamW([w], **kwargs)
+
+
+def test_a_sharded_matrix_is_refused_and_a_sharded_vector_steps():
+    """Muon needs a whole matrix: a DTensor matrix (FSDP2) is refused in one sentence, before anything moves,
+    by MuonAdamW itself (so `HybridOptimizer(base="muon")` and `hybrid(MuonAdamW(...))` alike); a DTensor that
+    takes Adam's step is fine (one gloo process, the mesh of one)."""
+    tdist = pytest.importorskip("torch.distributed")
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        matrix = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Replicate()]))
+        vector = torch.nn.Parameter(distribute_tensor(torch.ones(3), mesh, [Replicate()]))
+        matrix.grad, vector.grad = torch.ones_like(matrix), torch.ones_like(vector)
+        opt = hybrid(MuonAdamW([matrix, vector], lr=0.1))
+        with pytest.raises(ValueError, match="Muon is not supported over sharded parameters"):
+            opt.step()
+        assert torch.equal(matrix.full_tensor(), torch.ones(4, 3)) and torch.equal(vector.full_tensor(), torch.ones(3))
+        MuonAdamW([vector], lr=0.1).step()
+        assert not torch.equal(vector.full_tensor(), torch.ones(3))
+    finally:
+        tdist.destroy_process_group()

@@ -34,7 +34,6 @@ import torch
 from hybridopt.optim.arguments import check, checked_arguments
 from hybridopt.optim.controller import AuxiliaryNN
 from hybridopt.optim.muon_adamw import MuonAdamW
-from hybridopt.optim.trust_region import DTensor
 from hybridopt.optim.wrapper import HybridWrapper
 
 RULE_VERSION = 11  # bumped with every change to what a step computes (names the hybrid-trained teachers' cache entries)
@@ -119,15 +118,6 @@ class HybridOptimizer(HybridWrapper):
     @property
     def use_controller(self) -> bool:
         return self.controller is not None
-
-    def step(self, loss=None, closure=None):
-        """As `HybridWrapper.step`; over sharded parameters (FSDP2) Muon, which needs whole matrices, is refused."""
-        if self.base_name == "muon":
-            first = next((p for group in self.param_groups for p in group["params"]), None)
-            check(not isinstance(first, DTensor), "base='muon' is not supported over sharded parameters (FSDP2): "
-                  "Muon orthogonalises whole matrices and each process holds a slice of each; use base='adam' or "
-                  "'schedulefree' (--hybrid_base adam or schedulefree)")
-        return super().step(loss, closure)
 
     def load_state_dict(self, state_dict: dict) -> None:
         check("wrapper_version" in state_dict or "hybrid" not in state_dict, "this optimizer state was saved by "

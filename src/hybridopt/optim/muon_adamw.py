@@ -18,6 +18,7 @@ import math
 import torch
 
 from hybridopt.optim.muon import muon_updates_
+from hybridopt.optim.trust_region import DTensor
 
 Tensors = list[torch.Tensor]
 
@@ -81,6 +82,10 @@ class MuonAdamW(torch.optim.Optimizer):
             if not params:
                 continue
             orthogonal = [p.dim() == 2 and group["orthogonalize"] for p in params]
+            if any(o and isinstance(p, DTensor) for p, o in zip(params, orthogonal)):
+                raise ValueError("Muon is not supported over sharded parameters (FSDP2): it orthogonalises whole "
+                                 "matrices and each process holds a slice of each; use base='adam' or "
+                                 "'schedulefree' (--hybrid_base adam or schedulefree)")
             muon = [p for p, o in zip(params, orthogonal) if o]
             rest = [p for p, o in zip(params, orthogonal) if not o]
             for p, o in zip(params, orthogonal):
